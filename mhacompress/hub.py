@@ -185,7 +185,8 @@ def _point_to_remote_code(config_file: Path, model) -> None:
     config = json.loads(config_file.read_text())
     base = config["compression"]["base_architecture"]
     module = REMOTE_CODE_FILE.removesuffix(".py")
-    encoder = type(model.base_model).__name__  # BertModel, also for BertForSequenceClassification
+    # BertModel, also for (Collaborative)BertForSequenceClassification and a reloaded CollaborativeBertModel
+    encoder = type(model.base_model).__name__.removeprefix("Collaborative")
     auto = {"AutoModel": f"{module}.Collaborative{encoder}"}
     if "ForSequenceClassification" in base:
         auto["AutoModelForSequenceClassification"] = f"{module}.Collaborative{base}"

@@ -1,0 +1,116 @@
+"""The command line: instant help, one JSON object for scripts, one-line errors for bad input, nothing half-written."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_config
+from mhacompress.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_path):
+    """A tiny random BERT with the bundled tokenizer, saved as a local checkpoint."""
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", [[]] + [[name] for name in main.commands])
+def test_every_command_has_help_with_an_example(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+    assert "mhacompress" in result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from mhacompress.cli import main; print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
+    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"model", "method", "key_dim", "output", "seconds", "params", "layers"} <= report.keys()
+    assert report["method"] == "cp" and report["key_dim"] == 8 and report["output"] == str(tmp_path / "out")
+    assert report["params"]["after"] < report["params"]["before"]
+    assert [x["index"] for x in report["layers"]] == [0, 1]
+    assert all({"index", "relative_error", "key_dim"} <= x.keys() for x in report["layers"])
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_reduce_without_output_is_a_dry_run(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("reduce", tiny_dir, "-k", "8", "--method", "tucker")
+    assert result.exit_code == 0, result.output
+    assert "dry run" in result.output and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,fragments", [
+    ([], ["--key-dim is required"]),
+    (["-k", "0"], ["positive integers"]),
+    (["-k", "33"], ["out of range", "1..32"]),
+    (["-k", "10", "--method", "svd"], ["not a multiple of 4"]),
+    (["-k", "8", "--tol", "-1"], ["non-negative"]),
+])
+def test_reduce_bad_key_dims(tiny_dir, tmp_path, args, fragments):
+    result = invoke("reduce", tiny_dir, *args, "-o", tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reduce_bad_method_is_a_usage_error(tiny_dir):
+    result = invoke("reduce", tiny_dir, "-k", "8", "--method", "pca")
+    assert result.exit_code == 2 and "Invalid value for '--method'" in result.output
+
+
+def test_reduce_missing_folder(tmp_path):
+    assert_one_line_error(invoke("reduce", tmp_path / "nope", "-k", "8"), "no model folder at")
+
+
+def test_reduce_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    result = invoke("reduce", tmp_path / "gpt2", "-k", "8", "-o", tmp_path / "out")
+    assert_one_line_error(result, "'gpt2' is not supported", "bert", "distilbert", "mpnet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reduce_refuses_a_non_empty_output_and_keeps_it(tiny_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    assert_one_line_error(invoke("reduce", tiny_dir, "-k", "8", "-o", tmp_path / "out"), "--force")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-flag", "unreachable"])
+def test_hub_ids_fail_fast_offline_with_a_hint(env, tmp_path):
+    env = {**env, "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    start = time.perf_counter()
+    result = invoke("reduce", "bert-base", "-k", "384", env=env)
+    assert_one_line_error(result, "google-bert/bert-base-uncased", "local model folder")
+    assert time.perf_counter() - start < 15

@@ -1,0 +1,154 @@
+"""The decompositions: exact where they must be, equal to tensorly's reference where they follow it."""
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import parafac, partial_tucker
+
+from mhacompress.compress.decompose import (
+    cp_als, cp_exact, cp_init, cp_relative_error, decompose, head_svd, score_norm2, score_tensor, tucker2,
+)
+
+H, DH, D = 4, 4, 16  # heads, head dim, hidden
+
+
+def random_weights(seed=0, heads=H, head_dim=DH, hidden=D):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (heads * head_dim, hidden)
+    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def weights_of_cp_rank(rank, seed=0):
+    """W_q, W_k whose score tensor has CP rank ``rank`` > dh: head h uses a random subset of dh shared components."""
+    gen = torch.Generator().manual_seed(seed)
+    U, V = torch.randn(D, rank, generator=gen, dtype=torch.float64), torch.randn(D, rank, generator=gen, dtype=torch.float64)
+    wq, wk = [], []
+    for _ in range(H):
+        comps = torch.randperm(rank, generator=gen)[:DH]
+        m = torch.rand(DH, generator=gen, dtype=torch.float64) + 0.5
+        wq.append((U[:, comps] * m).T)  # (dh, d)
+        wk.append(V[:, comps].T)
+    return torch.cat(wq), torch.cat(wk)
+
+
+def dense_cp(f):
+    return torch.einsum("hr,dr,er->hde", f.mixing, f.U, f.V)
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def test_score_tensor_norm_matches_dense():
+    wq, wk = random_weights()
+    T = score_tensor(wq, wk, H)
+    assert T.shape == (H, D, D)
+    torch.testing.assert_close(T[2], wq[8:12].T @ wk[8:12])
+    assert float(score_norm2(wq, wk, H)) == pytest.approx(float((T**2).sum()), rel=1e-12)
+
+
+def test_closed_form_cp_at_full_rank_is_exact():
+    wq, wk = random_weights()
+    f = cp_exact(wq, wk, H)
+    assert f.relative_error == 0.0
+    torch.testing.assert_close(dense_cp(f), score_tensor(wq, wk, H), rtol=0, atol=1e-12)
+    assert cp_als(wq, wk, H, H * DH).relative_error == 0.0  # cp_als takes the closed form at H*dh
+
+
+@pytest.mark.parametrize("init", ["svd", "random"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cp_recovers_a_tensor_of_known_rank(init, seed):
+    wq, wk = weights_of_cp_rank(rank=6, seed=seed)
+    f = cp_als(wq, wk, H, 6, n_iter_max=3000, tol=1e-12, init=init, random_state=seed, compute_dtype=torch.float64)
+    assert f.relative_error < 1e-4
+    assert rel(dense_cp(f), score_tensor(wq, wk, H)) < 1e-4
+
+
+def test_cp_follows_tensorly_parafac_iterate_for_iterate():
+    wq, wk = random_weights(seed=3)
+    T = score_tensor(wq, wk, H).numpy()
+    U0, V0 = cp_init(wq, wk, H, 6)
+    ours = cp_als(wq, wk, H, 6, n_iter_max=15, tol=0, init=(U0, V0), compute_dtype=torch.float64)
+    M0 = cp_als(wq, wk, H, 6, n_iter_max=0, init=(U0, V0), compute_dtype=torch.float64).mixing  # LS mixing for U0, V0
+    ref, errors = parafac(T, 6, init=(np.ones(6), [M0.numpy(), U0.numpy(), V0.numpy()]), n_iter_max=15, tol=0,
+                          return_errors=True)
+    np.testing.assert_allclose(ours.U.numpy(), ref.factors[1], atol=1e-8)
+    np.testing.assert_allclose(ours.V.numpy(), ref.factors[2], atol=1e-8)
+    np.testing.assert_allclose(ours.errors, errors, rtol=1e-9)
+
+
+def test_cp_error_is_the_dense_error_and_no_worse_than_tensorly():
+    wq, wk = random_weights(seed=4)
+    T = score_tensor(wq, wk, H)
+    f = cp_als(wq, wk, H, 8, n_iter_max=500, tol=1e-10)
+    assert f.relative_error == pytest.approx(rel(dense_cp(f), T), abs=1e-10)
+    ref = parafac(T.numpy(), 8, init="random", random_state=0, n_iter_max=500, tol=1e-10)
+    ref_error = float(np.linalg.norm(T.numpy() - tl.cp_to_tensor(ref)) / np.linalg.norm(T.numpy()))
+    assert f.relative_error <= ref_error + 1e-3
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_error_does_not_increase_with_key_dim(method):
+    wq, wk = random_weights(seed=5)
+    errors = [decompose(wq, wk, H, k, method).relative_error for k in (4, 8, 12, 16)]
+    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6
+
+
+def test_same_seed_gives_bit_identical_factors_and_seeds_matter_for_random_init():
+    wq, wk = random_weights(seed=6)
+    a = cp_als(wq, wk, H, 6, init="random", random_state=7)
+    b = cp_als(wq, wk, H, 6, init="random", random_state=7)
+    c = cp_als(wq, wk, H, 6, init="random", random_state=8)
+    assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V) and torch.equal(a.mixing, b.mixing)
+    assert not torch.equal(a.U, c.U)
+
+
+def test_float32_products_reach_the_float64_error():
+    wq, wk = random_weights(seed=7, heads=8, head_dim=8, hidden=64)
+    f32 = cp_als(wq, wk, 8, 24, n_iter_max=60, tol=0)
+    f64 = cp_als(wq, wk, 8, 24, n_iter_max=60, tol=0, compute_dtype=torch.float64)
+    assert f32.relative_error == pytest.approx(f64.relative_error, abs=1e-4)
+    assert f32.relative_error == pytest.approx(cp_relative_error(wq, wk, 8, f32.U, f32.V, f32.mixing), abs=1e-12)
+
+
+def test_tucker_matches_tensorly_partial_tucker():
+    wq, wk = random_weights(seed=8)
+    T = score_tensor(wq, wk, H)
+    f = tucker2(wq, wk, H, 8, n_iter_max=200, tol=1e-12)
+    (core, factors), _ = partial_tucker(T.numpy(), [8, 8], modes=[1, 2], n_iter_max=200, tol=1e-12)
+    ref = tl.tenalg.multi_mode_dot(core, factors, modes=[1, 2])
+    ref_error = float(np.linalg.norm(T.numpy() - ref) / np.linalg.norm(T.numpy()))
+    dense = torch.einsum("dr,hrs,es->hde", f.U, f.mixing, f.V)
+    assert f.relative_error == pytest.approx(rel(dense, T), abs=1e-9)
+    assert f.relative_error == pytest.approx(ref_error, abs=1e-6)
+
+
+def test_tucker_at_full_rank_is_exact():
+    wq, wk = random_weights(seed=9)
+    f = tucker2(wq, wk, H, D)
+    assert f.relative_error < 1e-6
+    torch.testing.assert_close(torch.einsum("dr,hrs,es->hde", f.U, f.mixing, f.V), score_tensor(wq, wk, H))
+
+
+def test_head_svd_is_eckart_young_per_head():
+    wq, wk = random_weights(seed=10)
+    T = score_tensor(wq, wk, H)
+    f = head_svd(wq, wk, H, 8)  # 2 components per head
+    dense = torch.einsum("hdr,her->hde", f.U, f.V)
+    for h in range(H):
+        u, s, vt = torch.linalg.svd(T[h])
+        torch.testing.assert_close(dense[h], (u[:, :2] * s[:2]) @ vt[:2])
+    assert f.relative_error == pytest.approx(rel(dense, T), abs=1e-10)
+    assert head_svd(wq, wk, H, H * DH).relative_error < 1e-7
+
+
+def test_bad_ranks_are_refused():
+    wq, wk = random_weights()
+    with pytest.raises(AssertionError, match="rank must be in 1..16"):
+        cp_als(wq, wk, H, 17)
+    with pytest.raises(AssertionError, match="multiple of 4 heads"):
+        head_svd(wq, wk, H, 6)
+    with pytest.raises(ValueError, match="method must be one of"):
+        decompose(wq, wk, H, 4, "pca")

@@ -1,0 +1,145 @@
+"""A reduced model is an ordinary HF folder: it reloads with one call, both ways, with identical outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mhacompress
+from conftest import padded_batch, tiny_model
+from mhacompress.compress.config import ReductionConfig
+from mhacompress.compress.surgery import reduce_
+from mhacompress.errors import UsageError
+from mhacompress.hub import REMOTE_CODE_FILE, save
+
+
+def reduced(model_type="bert", head=False, key_dim=8, method="cp", seed=0):
+    model = tiny_model(model_type, head=head)
+    reduce_(model, ReductionConfig(key_dim=key_dim, method=method, seed=seed), source="tiny", tool_version="test")
+    return model
+
+
+def run(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type,head,method", [
+    ("bert", False, "cp"), ("bert", True, "tucker"), ("mpnet", False, "cp"), ("distilbert", True, "svd"),
+    ("roberta", True, "cp"), ("electra", False, "cp"), ("xlm-roberta", False, "tucker"),
+])
+def test_save_then_load_gives_identical_outputs(tmp_path, model_type, head, method):
+    model = reduced(model_type, head, method=method)
+    batch = padded_batch()
+    save(model, None, tmp_path / "out")
+    again, _ = mhacompress.load(tmp_path / "out", attn_implementation=model.config._attn_implementation)
+    assert type(again).__name__ == "Collaborative" + type(model).__name__
+    assert torch.equal(run(again, batch), run(model, batch))
+
+
+def test_a_reloaded_model_saves_and_reloads_again(tmp_path):
+    model = reduced(head=True)
+    save(model, None, tmp_path / "a")
+    again, _ = mhacompress.load(tmp_path / "a", attn_implementation="eager")
+    save(again, None, tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mhacompress.CollaborativeBertModel"
+    third, _ = mhacompress.load(tmp_path / "b", attn_implementation="eager")
+    batch = padded_batch()
+    assert torch.equal(run(third, batch), run(model, batch))
+
+
+def test_saved_folder_layout_and_compression_block(tmp_path):
+    model = reduced(head=True)
+    save(model, None, tmp_path / "out")
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors", REMOTE_CODE_FILE} <= files
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    block = config["compression"]
+    assert block["format_version"] == 1 and block["method"] == "cp" and block["key_dim"] == 8
+    assert block["source_model"] == "tiny" and block["tool_version"] == "test" and block["reduction"]["seed"] == 0
+    assert [layer["key_dim"] for layer in block["layers"]] == [8, 8]
+    assert all(0 < layer["relative_error"] < 1 for layer in block["layers"])
+    assert config["auto_map"] == {
+        "AutoModel": "modeling_mhacompress.CollaborativeBertModel",
+        "AutoModelForSequenceClassification": "modeling_mhacompress.CollaborativeBertForSequenceClassification",
+    }
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert "bert.encoder.layer.0.attention.self.mixing" in weights
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in weights
+
+
+REMOTE = """
+import sys, torch
+from transformers import AutoModel, AutoModelForSequenceClassification
+cls = AutoModelForSequenceClassification if sys.argv[2] == "head" else AutoModel
+model = cls.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
+batch = torch.load(sys.argv[1] + "/batch.pt")
+with torch.no_grad():
+    out = model(**batch)
+torch.save(out.logits if sys.argv[2] == "head" else out.last_hidden_state, sys.argv[1] + "/remote.pt")
+assert not any(name.startswith("mhacompress") for name in sys.modules), "remote code imported mhacompress"
+"""
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_automodel_with_remote_code_in_a_process_without_mhacompress(tmp_path, head):
+    model = reduced(head=head)
+    out = tmp_path / "out"
+    save(model, None, out)
+    batch = padded_batch()
+    torch.save(batch, out / "batch.pt")
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", REMOTE, str(out), "head" if head else "encoder"], check=True, cwd=tmp_path,
+                   env=env, timeout=120)
+    assert torch.equal(torch.load(out / "remote.pt"), run(model, batch))
+
+
+def test_same_seed_gives_bit_identical_weights():
+    a, b = reduced(seed=3).state_dict(), reduced(seed=3).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="exists and is not empty; choose another --output or pass --force"):
+        save(reduced(), None, out)
+    assert (out / "keep.txt").read_text() == "precious"
+    save(reduced(), None, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or backup folders left behind
+
+
+def test_a_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
+    model = reduced()
+    out = tmp_path / "out"
+    save(model, None, out)
+    before = sorted(p.name for p in out.iterdir())
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Boom("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", explode)
+    with pytest.raises(Boom):
+        save(model, None, out, force=True)
+    with pytest.raises(Boom):
+        save(model, None, tmp_path / "fresh")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_load_refuses_folders_that_are_not_reduced_models(tmp_path):
+    with pytest.raises(UsageError, match="not a model folder"):
+        mhacompress.load(tmp_path)
+    tiny_model("bert").save_pretrained(tmp_path / "plain")
+    with pytest.raises(UsageError, match="not a reduced model"):
+        mhacompress.load(tmp_path / "plain")
