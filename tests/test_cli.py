@@ -69,7 +69,7 @@ def test_reduce_without_output_is_a_dry_run(tiny_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    ([], ["--key-dim is required"]),
+    ([], ["give exactly one of --key-dim"]),
     (["-k", "0"], ["positive integers"]),
     (["-k", "33"], ["out of range", "1..32"]),
     (["-k", "10", "--method", "svd"], ["not a multiple of 4"]),

@@ -152,3 +152,19 @@ def test_bad_ranks_are_refused():
         head_svd(wq, wk, H, 6)
     with pytest.raises(ValueError, match="method must be one of"):
         decompose(wq, wk, H, 4, "pca")
+
+
+@pytest.mark.parametrize("method,key_dim", [("cp", 6), ("tucker", 6), ("svd", 8)])
+def test_generic_relative_error_is_the_dense_error(method, key_dim):
+    from mhacompress.compress.decompose import relative_error
+
+    wq, wk = random_weights(seed=11)
+    f = decompose(wq, wk, H, key_dim, method)
+    f.U, f.V = f.U * 1.1, f.V * 0.9  # factors the solver did not produce (e.g. mapped back from whitening)
+    if method == "svd":
+        dense = torch.einsum("hdr,her->hde", f.U, f.V)
+    elif method == "tucker":
+        dense = torch.einsum("dr,hrs,es->hde", f.U, f.mixing, f.V)
+    else:
+        dense = dense_cp(f)
+    assert relative_error(wq, wk, H, f) == pytest.approx(rel(dense, score_tensor(wq, wk, H)), abs=1e-10)

@@ -238,6 +238,26 @@ def head_svd(wq: Tensor, wk: Tensor, num_heads: int, rank: int) -> Factors:
     return Factors("svd", U, V, None, _rel((s[:, r:] ** 2).sum(), norm2))
 
 
+def relative_error(wq: Tensor, wk: Tensor, num_heads: int, factors: Factors) -> float:
+    """||T - T_hat|| / ||T|| for factors of any method, without building T (for factors mapped back from a whitened
+    problem, whose own ``relative_error`` is measured in the whitened space)."""
+    if factors.method == "cp":
+        return cp_relative_error(wq, wk, num_heads, factors.U, factors.V, factors.mixing)
+    wq, wk = _heads(wq.to(torch.float64), num_heads), _heads(wk.to(torch.float64), num_heads)  # (H, dh, d)
+    U, V = factors.U.to(torch.float64), factors.V.to(torch.float64)
+    if factors.method == "svd":  # per-head U, V (H, d, r): T_hat[h] = U[h] V[h]^T
+        P, Q = wq @ U, wk @ V  # (H, dh, r)
+        inner = (P * Q).sum()
+        norm_hat = (U.transpose(1, 2) @ U * (V.transpose(1, 2) @ V)).sum()  # sum_h tr(UtU_h VtV_h)
+    else:  # tucker: T_hat[h] = U G[h] V^T
+        G = factors.mixing.to(torch.float64)  # (H, R, R)
+        P, Q = (wq @ U), (wk @ V)  # (H, dh, R)
+        inner = torch.einsum("hir,hrs,his->", P, G, Q)
+        norm_hat = (G.transpose(1, 2) @ (U.T @ U) @ G * (V.T @ V)).sum()  # sum_h tr(G^T UtU G VtV)
+    norm2 = score_norm2(wq.flatten(0, 1), wk.flatten(0, 1), num_heads)
+    return _rel(norm2 - 2 * inner + norm_hat, norm2)
+
+
 def decompose(wq: Tensor, wk: Tensor, num_heads: int, rank: int, method: str = "cp", **options) -> Factors:
     """Dispatch on ``method``: ``cp`` (cp_als), ``tucker`` (tucker2) or ``svd`` (head_svd)."""
     if method == "cp":

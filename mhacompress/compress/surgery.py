@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .config import ReductionConfig, compression_block
-from .decompose import Factors, decompose
+from .calibrate import unwhiten, whitening
+from .decompose import Factors, decompose, relative_error
 from .modeling import COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, collaborate_
 
 
@@ -54,12 +55,16 @@ def fill_(module: CollaborativeSelfAttention, factors: Factors, bias: torch.Tens
 
 
 def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool_version: str = "",
-            on_layer: Callable[[dict], None] | None = None) -> dict:
+            moments: list[torch.Tensor] | None = None, on_layer: Callable[[dict], None] | None = None) -> dict:
     """Replace every self-attention layer of ``model`` by collaborative attention, in place.
 
     Returns the compression block (also stored as ``model.config.compression``): per layer its key dim, the relative
     error of its score tensor, solver iterations, and Q/K parameters before and after. ``on_layer`` is called after
     each layer's decomposition (progress bars).
+
+    ``moments``: per-layer input second moments (calibrate.second_moments). Each layer is then decomposed in the
+    whitened space, which minimises the expected score error on the calibration data; the report adds that error
+    as ``expected_score_error``.
     """
     if getattr(model.config, COMPRESSION_KEY, None):
         raise ValueError("this model is already reduced; reduce the original checkpoint instead")
@@ -67,13 +72,15 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     found = attention_modules(model)
     n_layers, heads, head_dim = model_shape(model)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
+    if moments is not None and len(moments) != n_layers:
+        raise ValueError(f"{len(moments)} second moments given for {n_layers} layers")
     layers, weights = [], []
     for index, ((_, _, old), key_dim) in enumerate(zip(found, dims)):
         q, k = getattr(old, arch.query), getattr(old, arch.key)
-        factors = decompose(q.weight, k.weight, heads, key_dim, config.method, **config.solver_options())
+        factors, report = decompose_layer(q.weight.detach(), k.weight.detach(), heads, key_dim, config,
+                                          None if moments is None else moments[index])
         weights.append((factors, content_bias(k.weight.detach().double(), _bias(q), heads)))
-        layers.append({"index": index, "key_dim": key_dim, "relative_error": factors.relative_error,
-                       "n_iter": factors.n_iter, "qk_params_before": qk_parameters(old, arch)})
+        layers.append({"index": index, "key_dim": key_dim, **report, "qk_params_before": qk_parameters(old, arch)})
         if on_layer:
             on_layer(layers[-1])
     block = compression_block(config, source=source, layers=layers, tool_version=tool_version)
@@ -84,6 +91,22 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
         layer["qk_params_after"] = qk_parameters(new, arch)
     setattr(model.config, COMPRESSION_KEY, block)
     return block
+
+
+def decompose_layer(wq: torch.Tensor, wk: torch.Tensor, heads: int, key_dim: int, config: ReductionConfig,
+                    moment: torch.Tensor | None = None) -> tuple[Factors, dict]:
+    """One layer's factors and report; with a second moment, solved in the whitened space and mapped back."""
+    options = config.solver_options()
+    if moment is None:
+        f = decompose(wq, wk, heads, key_dim, config.method, **options)
+        return f, {"relative_error": f.relative_error, "n_iter": f.n_iter}
+    sqrt, inv_sqrt = whitening(moment)
+    wq, wk = wq.double(), wk.double()
+    f = decompose(wq @ sqrt, wk @ sqrt, heads, key_dim, config.method, **options)
+    expected = f.relative_error
+    f = unwhiten(f, inv_sqrt)
+    return f, {"relative_error": relative_error(wq, wk, heads, f), "expected_score_error": expected,
+               "n_iter": f.n_iter}
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:

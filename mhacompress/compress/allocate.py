@@ -1,0 +1,87 @@
+"""Per-layer key dims under a global budget: measure each layer's error curve, then pick the dims that minimise the
+total (squared) error for the Q/K parameters allowed. The choice is exact (a Pareto-front dynamic programme)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import ConfigError
+
+
+def candidate_dims(heads: int, head_dim: int, method: str, count: int = 8) -> list[int]:
+    """About ``count`` evenly spaced key dims up to H*dh, plus the small powers-of-two fractions (svd: multiples of
+    H only)."""
+    top = heads * head_dim
+    step = max(heads, (top // count) // heads * heads)
+    dims = set(range(step, top + 1, step)) | {top >> j for j in range(1, 6)} | {top}
+    return sorted(k for k in dims if k >= 1 and (method != "svd" or k % heads == 0))
+
+
+def qk_params(method: str, hidden: int, heads: int, key_dim: int) -> int:
+    """Q/K parameters of one collaborative layer: the two projections, the mixing and the content bias."""
+    mixing = {"cp": heads * key_dim, "tucker": heads * key_dim * key_dim}.get(method, 0)
+    return 2 * hidden * key_dim + mixing + heads * hidden
+
+
+def allocate(curves: list[dict[int, float]], cost: Callable[[int], int], budget: int) -> list[int]:
+    """The key dim of each layer minimising sum of squared errors with total ``cost`` <= ``budget``.
+
+    ``curves[l][k]`` is layer l's error at key dim k. Exact: the cheapest way to reach every achievable total error
+    is kept layer by layer (states dominated in both cost and error are dropped)."""
+    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]  # (cost, error, dims so far)
+    for curve in curves:
+        states = [(c + cost(k), e + err**2, dims + (k,)) for c, e, dims in front for k, err in curve.items()]
+        states = sorted((s for s in states if s[0] <= budget), key=lambda s: (s[0], s[1]))
+        front, best = [], float("inf")
+        for state in states:  # increasing cost: keep only states that lower the error
+            if state[1] < best - 1e-15:
+                front.append(state)
+                best = state[1]
+        if not front:
+            smallest = sum(cost(min(c)) for c in curves)
+            raise ConfigError(f"the budget allows {budget:,} Q/K parameters, but the smallest key dims need "
+                              f"{smallest:,}; raise --budget")
+    return list(min(front, key=lambda s: s[1])[2])
+
+
+def error_curves(model, config, moments=None, dims: list[int] | None = None,
+                 on_step: Callable[[], None] | None = None) -> list[dict[int, float]]:
+    """Each layer's error at each candidate key dim: the expected score error with calibration ``moments``, else the
+    weight error. Solved with at most 30 ALS sweeps: curves rank the choices, the final reduction refines them."""
+    from dataclasses import replace
+
+    from .modeling import arch_for, attention_modules
+    from .surgery import decompose_layer, model_shape
+
+    arch = arch_for(model.config)
+    _, heads, head_dim = model_shape(model)
+    dims = dims or candidate_dims(heads, head_dim, config.method)
+    quick = replace(config, n_iter_max=min(config.n_iter_max, 30))
+    curves = []
+    for index, (_, _, module) in enumerate(attention_modules(model)):
+        wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
+        curve = {}
+        for k in dims:
+            _, report = decompose_layer(wq, wk, heads, k, quick, None if moments is None else moments[index])
+            curve[k] = report.get("expected_score_error", report["relative_error"])
+            if on_step:
+                on_step()
+        curves.append(curve)
+    return curves
+
+
+def budget_key_dims(model, config, budget: float, moments=None, on_step=None) -> tuple[list[int], list[dict]]:
+    """Key dims keeping ``budget`` (0 < budget <= 1) of the original Q/K parameters with the smallest total error;
+    also the curves they were chosen from."""
+    from .modeling import arch_for, attention_modules
+    from .surgery import model_shape, qk_parameters
+
+    if not 0 < budget <= 1:
+        raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {budget}")
+    arch = arch_for(model.config)
+    _, heads, head_dim = model_shape(model)
+    original = sum(qk_parameters(m, arch) for _, _, m in attention_modules(model))
+    curves = error_curves(model, config, moments, on_step=on_step)
+    hidden = heads * head_dim
+    dims = allocate(curves, lambda k: qk_params(config.method, hidden, heads, k), int(budget * original))
+    return dims, curves

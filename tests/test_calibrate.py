@@ -1,0 +1,117 @@
+"""Data-aware reduction: exact at full rank, never worse than plain CP on the calibration data it was fitted to."""
+
+import pytest
+import torch
+
+from conftest import padded_batch, tiny_model
+from mhacompress.compress.calibrate import calibration_texts, second_moments, unwhiten, whitening
+from mhacompress.compress.config import ReductionConfig
+from mhacompress.compress.decompose import decompose, relative_error
+from mhacompress.compress.surgery import reduce_
+from mhacompress.errors import UsageError
+
+H, DH, D = 4, 4, 16
+
+
+def anisotropic_problem(seed=0):
+    """Random W_q, W_k and a second moment whose energy sits in a few directions (as real hidden states do)."""
+    gen = torch.Generator().manual_seed(seed)
+    wq, wk = (torch.randn(H * DH, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    basis = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))[0]
+    spectrum = torch.logspace(2, -2, D, dtype=torch.float64)
+    return wq, wk, (basis * spectrum) @ basis.T
+
+
+def expected_score_error(wq, wk, moment, factors):
+    """Relative E[(x^T (A - A_hat) y)^2], computed in the whitened space from unwhitened factors."""
+    sqrt, _ = whitening(moment)
+    whitened = unwhiten(factors, sqrt)  # U <- C^1/2 U maps factors of A to factors of C^1/2 A C^1/2
+    return relative_error(wq @ sqrt, wk @ sqrt, H, whitened)
+
+
+def test_whitening_is_a_square_root_and_its_inverse():
+    _, _, moment = anisotropic_problem()
+    sqrt, inv_sqrt = whitening(moment)
+    torch.testing.assert_close(sqrt @ sqrt, moment)
+    torch.testing.assert_close(sqrt @ inv_sqrt, torch.eye(D, dtype=torch.float64))
+
+
+def test_expected_score_error_matches_a_monte_carlo_estimate():
+    wq, wk, moment = anisotropic_problem(seed=1)
+    f = decompose(wq, wk, H, 6, "cp")
+    gen = torch.Generator().manual_seed(0)
+    chol = torch.linalg.cholesky(moment)
+    x, y = (torch.randn(200_000, D, generator=gen, dtype=torch.float64) @ chol.T for _ in range(2))
+    T = torch.einsum("hid,hie->hde", wq.view(H, DH, D), wk.view(H, DH, D))
+    T_hat = torch.einsum("hr,dr,er->hde", f.mixing, f.U, f.V)
+    err = torch.einsum("nd,hde,ne->nh", x, T - T_hat, y).pow(2).mean()
+    ref = torch.einsum("nd,hde,ne->nh", x, T, y).pow(2).mean()
+    assert expected_score_error(wq, wk, moment, f) == pytest.approx(float((err / ref).sqrt()), rel=0.02)
+
+
+@pytest.mark.parametrize("method,key_dim", [("cp", 6), ("tucker", 6), ("svd", 8)])
+def test_calibrated_error_is_never_worse_on_the_calibration_data(method, key_dim):
+    wq, wk, moment = anisotropic_problem(seed=2)
+    sqrt, inv_sqrt = whitening(moment)
+    plain = decompose(wq, wk, H, key_dim, method)
+    calibrated = unwhiten(decompose(wq @ sqrt, wk @ sqrt, H, key_dim, method), inv_sqrt)
+    assert expected_score_error(wq, wk, moment, calibrated) < expected_score_error(wq, wk, moment, plain)
+    assert relative_error(wq, wk, H, calibrated) >= relative_error(wq, wk, H, plain) - 1e-9  # traded weight error
+
+
+def tiny_with_moments():
+    model = tiny_model("bert")
+    batch = padded_batch(lengths=(9, 4, 7, 1, 8, 6))
+    return model, batch, second_moments(model, [batch])
+
+
+def test_second_moments_count_real_tokens_only():
+    model, batch, moments = tiny_with_moments()
+    assert len(moments) == 2 and moments[0].shape == (32, 32)
+    with torch.no_grad():
+        emb = model.embeddings(input_ids=batch["input_ids"])  # the first layer's input
+    real = emb[batch["attention_mask"].bool()].double()
+    torch.testing.assert_close(moments[0], real.T @ real / real.shape[0])
+
+
+def test_calibrated_reduction_is_exact_at_full_key_dim():
+    model, batch, moments = tiny_with_moments()
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    block = reduce_(model, ReductionConfig(key_dim=32), moments=moments)
+    with torch.no_grad():
+        after = model(**batch).last_hidden_state
+    keep = batch["attention_mask"].bool()
+    assert (after[keep] - before[keep]).abs().max() <= 1e-5
+    assert all(x["expected_score_error"] < 1e-6 for x in block["layers"])
+
+
+def test_calibrated_reduction_reports_expected_score_error():
+    model, _, moments = tiny_with_moments()
+    block = reduce_(model, ReductionConfig(key_dim=8), moments=moments)
+    assert all(0 < x["expected_score_error"] < 1 and 0 < x["relative_error"] for x in block["layers"])
+
+
+def test_calibration_sources(tmp_path, glue_dir):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\nthree\n")
+    assert calibration_texts(str(tmp_path / "a.txt"), 10) == [("one",), ("two",), ("three",)]
+    (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n{"sentence1": "a", "sentence2": "b", "label": 1}\n')
+    assert calibration_texts(str(tmp_path / "b.jsonl"), 10) == [("hello",), ("a", "b")]
+    assert calibration_texts(str(tmp_path / "b.jsonl"), 10, pairs=False) == [("hello",), ("a",), ("b",)]
+    texts = calibration_texts("mrpc", 16, data_dir=str(glue_dir))
+    assert len(texts) == 16 and all(len(t) == 2 for t in texts)
+    assert texts == calibration_texts("mrpc", 16, data_dir=str(glue_dir))  # seeded
+
+
+@pytest.mark.parametrize("source,message", [
+    ("nope.txt", "no calibration file"), ("notatask", "unknown task .notatask.*--calibrate"),
+])
+def test_bad_calibration_sources(source, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        calibration_texts(source, 8)
+
+
+def test_bad_jsonl_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(UsageError, match="c.jsonl:2 is not valid JSON"):
+        calibration_texts(str(tmp_path / "c.jsonl"), 8)
