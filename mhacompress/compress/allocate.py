@@ -60,6 +60,11 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     curves = []
     for index, (_, _, module) in enumerate(attention_modules(model)):
         wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
+        if config.method == "cp" and config.init == "svd":  # same numbers, one init (and whitening) per layer
+            wq, wk = _whitened(wq, wk, None if moments is None else moments[index])
+            curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,
+                                         on_step=on_step))
+            continue
         curve = {}
         for k in dims:
             _, report = decompose_layer(wq, wk, heads, k, quick, None if moments is None else moments[index])
@@ -68,6 +73,38 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
                 on_step()
         curves.append(curve)
     return curves
+
+
+def _whitened(wq, wk, moment):
+    """C^1/2-whitened weights (float64), as ``surgery.decompose_layer`` decomposes them; unchanged without C."""
+    if moment is None:
+        return wq, wk
+    from .calibrate import whitening
+
+    sqrt, _ = whitening(moment)
+    return wq.double() @ sqrt, wk.double() @ sqrt
+
+
+def cp_error_curve(wq, wk, num_heads: int, dims: list[int], *, n_iter_max: int = 30, tol: float = 1e-5,
+                   on_step: Callable[[], None] | None = None) -> dict[int, float]:
+    """CP relative error at each key dim, SVD-initialised, exactly as one ``decompose(..., init="svd")`` per key
+    dim would give, faster: the SVD init of every key dim is a prefix of the largest one's, so T's two (d, d)
+    eigendecompositions are done once instead of once per key dim."""
+    from .decompose import cp_als, cp_exact, cp_init
+
+    full = wq.shape[0]
+    largest = max((k for k in dims if k < full), default=0)
+    U0, V0 = cp_init(wq, wk, num_heads, largest) if largest else (None, None)  # (d, largest) each
+    curve = {}
+    for k in dims:
+        if k == full:  # what cp_als returns at full rank
+            curve[k] = cp_exact(wq, wk, num_heads).relative_error
+        else:
+            init = (U0[:, :k], V0[:, :k])
+            curve[k] = cp_als(wq, wk, num_heads, k, n_iter_max=n_iter_max, tol=tol, init=init).relative_error
+        if on_step:
+            on_step()
+    return curve
 
 
 def budget_key_dims(model, config, budget: float, moments=None, on_step=None) -> tuple[list[int], list[dict]]:

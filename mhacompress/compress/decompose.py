@@ -217,6 +217,15 @@ def _projected_gram(w: Tensor, proj: Tensor) -> Tensor:
 # ---- per-head truncated SVD: the baseline that shrinks heads instead of sharing ----------------------------
 
 
+def head_cores(wq: Tensor, wk: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A_h = Qq[h] C[h] Qk[h]^T with thin QRs of the (d, dh) factors W_q^h^T = Qq Rq, W_k^h^T = Qk Rk and the
+    (dh, dh) core C = Rq Rk^T: A_h's singular values are C[h]'s, for an SVD of a (dh, dh) matrix only.
+    Returns Qq (H, d, dh), C (H, dh, dh), Qk (H, d, dh) in the dtype of the weights."""
+    qq, rq = torch.linalg.qr(_heads(wq, num_heads).transpose(1, 2))  # (H, d, dh), (H, dh, dh)
+    qk, rk = torch.linalg.qr(_heads(wk, num_heads).transpose(1, 2))
+    return qq, rq @ rk.transpose(1, 2), qk
+
+
 def head_svd(wq: Tensor, wk: Tensor, num_heads: int, rank: int) -> Factors:
     """Best rank-``rank // H`` approximation of every A_h separately (Eckart-Young), singular values folded into U.
 
@@ -228,10 +237,8 @@ def head_svd(wq: Tensor, wk: Tensor, num_heads: int, rank: int) -> Factors:
     H = num_heads
     assert rank % H == 0, f"svd rank {rank} must be a multiple of {H} heads"
     r = rank // H
-    # A_h = W_q^h^T W_k^h = Qq (Rq Rk^T) Qk^T with thin QRs of the (d, dh) factors: an SVD of a (dh, dh) core only
-    qq, rq = torch.linalg.qr(_heads(wq, H).transpose(1, 2))  # (H, d, dh), (H, dh, dh)
-    qk, rk = torch.linalg.qr(_heads(wk, H).transpose(1, 2))
-    x, s, yt = torch.linalg.svd(rq @ rk.transpose(1, 2))  # (H, dh, dh), (H, dh), (H, dh, dh)
+    qq, core, qk = head_cores(wq, wk, H)
+    x, s, yt = torch.linalg.svd(core)  # (H, dh, dh), (H, dh), (H, dh, dh)
     U = qq @ (x[:, :, :r] * s[:, None, :r])  # (H, d, r)
     V = qk @ yt[:, :r, :].transpose(1, 2)  # (H, d, r)
     norm2 = (s**2).sum()
