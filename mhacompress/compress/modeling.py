@@ -117,6 +117,8 @@ class CollaborativeSelfAttention(nn.Module):
         self.mixing = nn.Parameter(torch.empty(mixing_shape)) if mixing_shape else None
         self.content_bias = nn.Linear(d, heads, bias=False)  # row h: W_k^h^T b_q^h
         self.dropout = nn.Dropout(getattr(config, arch.dropout, 0.0))
+        self.full_sequence: torch.Tensor | None = None  # keys/values for one call when queries are a prefix
+        self._fused: tuple | None = None  # (weights' identity, fused weight, fused bias), see _fused_weight
         setattr(self, arch.value, value)
         if arch.output:
             setattr(self, arch.output, output)
@@ -124,17 +126,50 @@ class CollaborativeSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method}, heads={self.num_heads}, key_dim={self.key_dim}, head_dim={self.head_dim}"
 
-    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head queries (B, H, T, Rq) and keys (B, H or 1, T, Rq) whose dot products are the bilinear scores."""
-        B, T, _ = x.shape
-        q, k = self.query_proj(x), self.key_proj(x)  # (B, T, R)
+    def queries_keys(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (B, H, Tq, Rq) of ``x`` and keys (B, H or 1, T, Rq) of ``y`` (default ``x``) whose dot
+        products are the bilinear scores."""
+        return self._per_head(self.query_proj(x), self.key_proj(x if y is None else y))
+
+    def _per_head(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared queries (B, Tq, R) and keys (B, T, R) -> per-head (B, H, Tq, Rq) and (B, H|1, T, Rq)."""
+        (B, Tq, _), T = q.shape, k.shape[1]
         if self.method == "cp":
-            q = q[:, None] * self.mixing[None, :, None, :]  # (B, H, T, R)
+            q = q[:, None] * self.mixing[None, :, None, :]  # (B, H, Tq, R)
             return q, k[:, None]  # key shared by all heads: (B, 1, T, R)
         if self.method == "tucker":
-            return torch.einsum("btr,hrs->bhts", q, self.mixing), k[:, None]  # (B, H, T, R), (B, 1, T, R)
+            return torch.einsum("btr,hrs->bhts", q, self.mixing), k[:, None]  # (B, H, Tq, R), (B, 1, T, R)
         r = self.key_dim // self.num_heads
-        return q.view(B, T, self.num_heads, r).transpose(1, 2), k.view(B, T, self.num_heads, r).transpose(1, 2)
+        return q.view(B, Tq, self.num_heads, r).transpose(1, 2), k.view(B, T, self.num_heads, r).transpose(1, 2)
+
+    def _fused_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[U^T; V^T; content bias * scale; W_v] (2R + H + d, d) and its bias: one GEMM instead of four, three narrow
+        (which run several times slower per multiply-add on CPU). Cached in inference; rebuilt when any weight
+        changes (in-place updates bump ``_version``) and whenever autograd or a compiler/exporter is tracing."""
+        value = getattr(self, self.arch.value)
+        parts = (self.query_proj.weight, self.key_proj.weight, self.content_bias.weight, value.weight)
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in parts)
+        key = None if tracing or grad else (torch.is_inference_mode_enabled(),  # inference tensors stay in inference
+                                            *((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in parts))
+        if key is not None and self._fused is not None and self._fused[0] == key:
+            return self._fused[1], self._fused[2]
+        n = 2 * self.key_dim + self.num_heads
+        vb = value.bias if value.bias is not None else value.weight.new_zeros(value.weight.shape[0])
+        scaled = (*parts[:2], parts[2] * self.scaling, parts[3])  # the content bias enters scores scaled
+        weight, bias = torch.cat(scaled), torch.cat([vb.new_zeros(n), vb])  # (2R + H + d, d), (2R + H + d,)
+        if key is not None:
+            self._fused = (key, weight, bias)
+        return weight, bias
+
+    def _project(self, x: torch.Tensor, y: torch.Tensor):
+        """Shared queries (B, Tq, R) of x; keys (B, T, R), scaled content bias (B, T, H) and values (B, T, d) of y."""
+        R, H = self.key_dim, self.num_heads
+        weight, bias = self._fused_weight()
+        if x is y:
+            return torch.split(F.linear(x, weight, bias), [R, R, H, weight.shape[0] - 2 * R - H], dim=-1)
+        q = F.linear(x, weight[:R])  # (B, Tq, R)
+        return (q, *torch.split(F.linear(y, weight[R:], bias[R:]), [R, H, weight.shape[0] - 2 * R - H], dim=-1))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_bias: torch.Tensor | None = None, output_attentions: bool = False, **kwargs):
@@ -142,36 +177,55 @@ class CollaborativeSelfAttention(nn.Module):
             raise ValueError("collaborative attention is encoder-only: a key/value cache is not supported")
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError("collaborative attention replaces self-attention only, not cross-attention")
-        x = hidden_states
-        B, T, _ = x.shape
-        q, k = self.queries_keys(x)  # (B, H, T, Rq), (B, H|1, T, Rq)
-        v = getattr(self, self.arch.value)(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,T,dh)
+        x = hidden_states  # queries: (B, Tq, d)
+        y = x if self.full_sequence is None else self.full_sequence  # keys, values: (B, T, d) (see first_token_only_)
+        (B, Tq, _), T = x.shape, y.shape[1]
+        q, k, c, v = self._project(x, y)  # (B, Tq, R), (B, T, R), (B, T, H), (B, T, d)
+        q, k = self._per_head(q, k)  # (B, H, Tq, Rq), (B, H|1, T, Rq)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
         # key-dependent part of the query bias, constant over queries: (B, H, 1, T)
-        bias = self.content_bias(x).transpose(1, 2)[:, :, None, :] * self.scaling
+        bias = c.transpose(1, 2)[:, :, None, :]  # already scaled by dh**-0.5
         if position_bias is not None:  # MPNet's relative position bias, (B|1, H, T, T)
-            bias = bias + position_bias
+            bias = bias + position_bias[..., :Tq, :]
         mask = _additive_mask(attention_mask, x.dtype)  # (B, 1, T|1, T) or None
         if mask is not None:
-            bias = bias + mask
+            bias = bias + mask[..., :Tq, :]
         head_mask = kwargs.get("head_mask")
         p_drop = self.dropout.p if self.training else 0.0
         weights = None
         if _implementation(self.config) == "sdpa" and head_mask is None and not output_attentions:
-            k = k.expand(B, self.num_heads, T, k.shape[-1])  # broadcast view, no copy
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p_drop,
-                                                 scale=self.scaling)  # (B, H, T, dh)
+            ctx = _sdpa(q, k, v, bias.to(q.dtype), p_drop, self.scaling)  # (B, H, Tq, dh)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias  # (B, H, T, T)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias  # (B, H, Tq, T)
             weights = self.dropout(scores.softmax(dim=-1))
             if head_mask is not None:
                 weights = weights * head_mask
-            ctx = torch.matmul(weights, v)  # (B, H, T, dh)
-        out = ctx.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, d)
+            ctx = torch.matmul(weights, v)  # (B, H, Tq, dh)
+        out = ctx.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)  # (B, Tq, d)
         if self.arch.output:
             out = getattr(self, self.arch.output)(out)
         if self.arch.returns == "mpnet":
             return (out, weights) if output_attentions else (out,)
         return out, weights
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p_drop: float,
+          scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on (B, H, Tq, Rq) queries, (B, H|1, T, Rq) keys and (B, H, T, dh) values.
+
+    PyTorch's fused CPU kernel (flash) needs one head dim for q, k and v and otherwise silently falls back to the math
+    path, which materialises the (B, H, Tq, T) scores. On CPU, zero-pad q and k (Rq < dh) or v (Rq > dh) to a common
+    width: zeros add nothing to a dot product, and padded value columns are sliced off, so the result is exact.
+    """
+    B, H, _, dh = v.shape
+    width = max(q.shape[-1], dh) if q.device.type == "cpu" else 0  # other devices: kernels with two head dims
+    if q.shape[-1] < width:
+        q, k = F.pad(q, (0, width - q.shape[-1])), F.pad(k, (0, width - k.shape[-1]))
+    if dh < width:
+        v = F.pad(v, (0, width - dh))  # (B, H, T, width)
+    k = k.expand(B, H, *k.shape[2:])  # a shared key is broadcast across heads as a view, no copy
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=scale)
+    return ctx[..., :dh]  # (B, H, Tq, dh)
 
 
 def _implementation(config) -> str:
@@ -228,7 +282,43 @@ def collaborate_(model: nn.Module, compression: dict) -> nn.Module:
             value=getattr(old, arch.value), output=getattr(old, arch.output) if arch.output else None,
         )
         ref = getattr(old, arch.value).weight
+        new.train(old.training)  # a fresh module is in training mode: keep eval models deterministic (dropout off)
         setattr(parent, name, new.to(device=ref.device, dtype=ref.dtype))
+    if compression.get("first_token_only"):
+        first_token_only_(model)
+    return model
+
+
+def first_token_only_(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Exact shortcut for heads that read only the first token ([CLS]: every ``*ForSequenceClassification`` head of
+    ARCHITECTURES, and BERT's pooler): the last layer computes attention for that query alone, and its feed-forward
+    for that token alone. In place; recorded in the compression block so a saved model keeps it.
+
+    Afterwards ``last_hidden_state`` has length 1 (the first token, equal to the full model's); pooled outputs and
+    classification logits are unchanged. Do not enable it for models read at every token (mean pooling, tagging).
+    """
+    layers = model.base_model.get_submodule(arch_for(model.config).layers)
+    last, attn = layers[-1], attention_modules(model)[-1][2]
+    if not isinstance(attn, CollaborativeSelfAttention):
+        raise ValueError("the first-token shortcut needs a reduced model (collaborative attention in the last layer)")
+    for handle in getattr(last, "_first_token_hooks", ()):
+        handle.remove()
+    last._first_token_hooks = ()
+    if enabled:
+        def take_first(layer, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+            attn.full_sequence = hidden  # keys and values still see every token
+            first = hidden[:, :1]  # (B, 1, d): the only query, and the residual stream from here on
+            return ((first, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": first})
+
+        def release(layer, args, kwargs, output):
+            attn.full_sequence = None
+
+        last._first_token_hooks = (last.register_forward_pre_hook(take_first, with_kwargs=True),
+                                   last.register_forward_hook(release, with_kwargs=True))
+    block = getattr(model.config, COMPRESSION_KEY, None)
+    if isinstance(block, dict):
+        block["first_token_only"] = enabled
     return model
 
 

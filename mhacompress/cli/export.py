@@ -1,0 +1,74 @@
+"""`mhacompress export`: a reduced model as an ONNX file, checked in onnxruntime before it is written."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import console, emit_json, user_errors
+
+
+@click.command()
+@click.argument("directory", metavar="DIR")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Output format (only onnx).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--opset", type=click.IntRange(17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest |onnxruntime - PyTorch| accepted on the padded check batches.")
+@click.option("--first-token-only", is_flag=True, help="Exact [CLS] shortcut for sequence classifiers: the last "
+              "layer computes the first token only (faster; the logits are unchanged).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
+def export(directory, fmt, output, force, opset, tolerance, first_token_only, as_json):
+    """Export the reduced model in DIR (written by `mhacompress reduce`) to a file that runs without PyTorch.
+
+    The graph takes input_ids and attention_mask with dynamic batch and sequence axes and returns logits
+    (classifiers) or last_hidden_state and pooler_output (encoders). Before the file is written it is run in
+    onnxruntime on padded batches of several shapes and compared with PyTorch; a file that fails or cannot be
+    checked is never written.
+
+    \b
+    Examples:
+      mhacompress export out/minilm-cp96 --output out/minilm-cp96.onnx
+      mhacompress export out/sst2-cp192 -o sst2.onnx --first-token-only --json
+    """
+    with user_errors():
+        result = run_export(directory, fmt=fmt, output=output, force=force, opset=opset, tolerance=tolerance,
+                            first_token_only=first_token_only, show_progress=not as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        render(result)
+
+
+def run_export(directory, *, fmt="onnx", output, force=False, opset=18, tolerance=1e-4, first_token_only=False,
+               show_progress=True) -> dict:
+    from contextlib import nullcontext
+
+    from ..errors import UsageError
+    from ..export import FORMATS, export_onnx
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
+    from ..compress.modeling import first_token_only_
+    from ..hub import load
+
+    status = console().status if show_progress else (lambda *_, **__: nullcontext())
+    with status(f"loading {directory}", spinner="dots"):
+        model, _ = load(directory, attn_implementation="sdpa")
+    if first_token_only:
+        if "ForSequenceClassification" not in type(model).__name__:
+            raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {directory} "
+                             f"holds a {type(model).__name__.removeprefix('Collaborative')}")
+        first_token_only_(model)
+    with status(f"exporting to {output} and checking it in onnxruntime", spinner="dots"):
+        result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+    return {"model": str(directory), "first_token_only": first_token_only, **result}
+
+
+def render(result: dict) -> None:
+    out = console()
+    for r in result["runs"]:
+        out.print(f"checked {r['output']:>17} on a padded batch {r['batch_size']} x {r['seq_len']}: "
+                  f"max |onnxruntime - torch| = {r['max_abs_diff']:.1e}")
+    out.print(f"[green]passed[/green] (<= {result['tolerance']:g}); wrote {result['output']} "
+              f"({result['bytes'] / 2**20:.1f} MiB, opset {result['opset']}, dynamic batch and sequence axes)")

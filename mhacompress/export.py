@@ -1,0 +1,145 @@
+"""Export a reduced model to ONNX, checked in onnxruntime against PyTorch before anything is written.
+
+The file is traced with torch.export (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``) with dynamic
+batch and sequence axes, written to a temporary sibling, run in onnxruntime on padded batches of several shapes, and
+renamed into place only when every output matches PyTorch within ``tol``. Library code: returns the check, never
+prints.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+FORMATS = ("onnx",)
+INPUTS = ("input_ids", "attention_mask")
+CHECK_SHAPES = ((1, 5), (2, 16), (3, 37))  # (batch, seq) of the check: none is the traced example shape
+
+
+def output_names(model) -> list[str]:
+    """What the exported graph returns: logits for classifiers, hidden states (and the pooler's) for encoders."""
+    if "ForSequenceClassification" in type(model).__name__:
+        return ["logits"]
+    return ["last_hidden_state"] + (["pooler_output"] if getattr(model, "pooler", None) is not None else [])
+
+
+def _wrapper(model, names):
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        """(input_ids, attention_mask) -> named output tensors: a plain signature for the tracer."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return tuple(out[n] for n in names)
+
+    return Wrapped().eval()
+
+
+def padded_batch(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 0) -> dict:
+    """Random ids (B, T) whose rows are right-padded to different lengths (row 0 is full)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)  # (B, T)
+    lengths = torch.linspace(seq_len, max(1, seq_len // 3), batch_size).round().long()  # (B,)
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()  # (B, T)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("cannot check the export: onnxruntime is not installed, so nothing was written; "
+                         "pip install 'mhacompress[export]'") from None
+    return onnxruntime
+
+
+def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4, shapes=CHECK_SHAPES) -> dict:
+    """Run the ONNX file in onnxruntime and PyTorch on padded batches; max abs difference per shape and output."""
+    import numpy as np
+    import torch
+
+    ort = _onnxruntime()
+    wrapped, rows = _wrapper(model, names), []
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise UsageError(f"onnxruntime cannot load the exported graph, so nothing was written: "
+                         f"{str(err).splitlines()[0][:200]}") from None
+    for batch_size, seq_len in shapes:
+        batch = padded_batch(model.config.vocab_size, batch_size, seq_len, seed=seq_len)
+        got = session.run(names, {k: v.numpy() for k, v in batch.items()})
+        with torch.inference_mode():
+            want = wrapped(**batch)
+        for name, a, b in zip(names, got, want):
+            b = b.float().numpy()
+            diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+            rows.append({"batch_size": batch_size, "seq_len": seq_len, "output": name, "shape": list(a.shape),
+                         "max_abs_diff": diff})
+    worst = max(r["max_abs_diff"] for r in rows)
+    return {"tolerance": tol, "max_abs_diff": worst, "passed": worst <= tol, "runs": rows}
+
+
+def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float = 1e-4, force: bool = False) -> dict:
+    """Export ``model`` (eval mode, CPU) to ``output``; the file exists afterwards only if the check passed."""
+    import torch
+
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise UsageError("ONNX export needs onnxscript: pip install 'mhacompress[export]'") from None
+    _onnxruntime()  # an export that cannot be checked is not attempted
+    output = Path(output)
+    if output.exists() and (output.is_dir() or not force):
+        raise UsageError(f"{output} exists; choose another --output or pass --force to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    names = output_names(model)
+    model = model.eval()
+    example = padded_batch(model.config.vocab_size, 2, 8)
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=100_000)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.onnx", dir=output.parent)
+    os.close(fd)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _quiet():
+            torch.onnx.export(_wrapper(model, names), (example["input_ids"], example["attention_mask"]), tmp,
+                              dynamo=True, external_data=False, opset_version=opset, input_names=list(INPUTS),
+                              output_names=names, dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS})
+        result = check(tmp, model, names, tol=tol)
+        if not result["passed"]:
+            raise UsageError(f"onnxruntime differs from PyTorch by {result['max_abs_diff']:.2e} > {tol:g}; "
+                             f"nothing was written")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"output": str(output), "format": "onnx", "opset": opset, "inputs": list(INPUTS), "outputs": names,
+            "dynamic_axes": {k: ["batch", "sequence"] for k in INPUTS}, "bytes": output.stat().st_size, **result}
+
+
+def _quiet():
+    """torch.onnx's exporter reports its progress with print and warnings: keep library code silent."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    stack = contextlib.ExitStack()
+    logger = logging.getLogger("torch.onnx")
+    stack.callback(logger.setLevel, logger.level)
+    logger.setLevel(logging.ERROR)
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack

@@ -1,0 +1,164 @@
+"""ONNX export: dynamic axes, checked in onnxruntime against PyTorch, never a file that was not checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import tiny_config, tiny_model
+from mhacompress.cli import main
+from mhacompress.compress.config import ReductionConfig
+from mhacompress.compress.surgery import reduce_
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def run_onnx(path, batch):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in batch.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, minilm_path):
+    """A tiny original BERT (with the bundled tokenizer) and its cp reduction, saved."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from mhacompress.hub import save
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config("bert", vocab_size=tokenizer.vocab_size)).eval()
+    model.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    reduce_(model, ReductionConfig(key_dim=6, n_iter_max=5))
+    save(model, tokenizer, root / "cp6")
+    return root / "bert", root / "cp6"
+
+
+def test_cli_export_round_trip_on_padded_batches(tiny_dirs, tmp_path):
+    from mhacompress.export import padded_batch
+    from mhacompress.hub import load
+
+    _, reduced = tiny_dirs
+    out = tmp_path / "m.onnx"
+    result = invoke("export", reduced, "--output", out, "--first-token-only", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["outputs"] == ["logits"]
+    assert {(r["batch_size"], r["seq_len"]) for r in report["runs"]} == {(1, 5), (2, 16), (3, 37)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
+    model, _ = load(reduced)  # without the shortcut: the exported shortcut must agree with the full model
+    batch = padded_batch(model.config.vocab_size, 5, 23, seed=7)  # a shape the check did not use
+    with torch.no_grad():
+        want = model(**batch).logits.numpy()
+    assert np.abs(run_onnx(out, batch)[0] - want).max() <= 1e-4
+
+
+def test_export_of_an_encoder_returns_hidden_states(tmp_path):
+    from mhacompress.export import export_onnx, padded_batch
+
+    model = tiny_model("bert", attn="sdpa")
+    reduce_(model, ReductionConfig(key_dim=12, method="svd"))
+    report = export_onnx(model, tmp_path / "e.onnx")
+    assert report["outputs"] == ["last_hidden_state", "pooler_output"] and report["passed"]
+    batch = padded_batch(100, 2, 11, seed=3)
+    keep = batch["attention_mask"].bool().numpy()
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state.numpy()
+    assert np.abs(run_onnx(tmp_path / "e.onnx", batch)[0][keep] - want[keep]).max() <= 1e-4
+
+
+def fake_export(monkeypatch):
+    """torch.onnx.export writes a stand-in file (fast): what follows is the check and the rename."""
+    def write(model, args, f, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"not an onnx graph")
+
+    monkeypatch.setattr(torch.onnx, "export", write)
+
+
+def test_a_failed_check_writes_nothing(tiny_dirs, tmp_path, monkeypatch):
+    import mhacompress.export as ex
+
+    _, reduced = tiny_dirs
+    fake_export(monkeypatch)
+    monkeypatch.setattr(ex, "check", lambda path, model, names, tol, **kw: {"max_abs_diff": 0.5, "passed": False})
+    result = invoke("export", reduced, "-o", tmp_path / "m.onnx")
+    assert_one_line_error(result, "differs from PyTorch", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_onnxruntime_cannot_load_writes_nothing(tiny_dirs, tmp_path, monkeypatch):
+    _, reduced = tiny_dirs
+    fake_export(monkeypatch)
+    result = invoke("export", reduced, "-o", tmp_path / "m.onnx")
+    assert_one_line_error(result, "cannot load", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_cannot_be_checked_writes_nothing(tiny_dirs, tmp_path, monkeypatch):
+    import sys
+
+    _, reduced = tiny_dirs
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    result = invoke("export", reduced, "-o", tmp_path / "m.onnx")
+    assert_one_line_error(result, "cannot check", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_one_line_errors(tiny_dirs, tmp_path):
+    original, reduced = tiny_dirs
+    assert_one_line_error(invoke("export", reduced, "--format", "tflite", "-o", tmp_path / "m"), "unsupported",
+                          "onnx")
+    assert_one_line_error(invoke("export", tmp_path / "missing", "-o", tmp_path / "m.onnx"), "not a model folder")
+    assert_one_line_error(invoke("export", original, "-o", tmp_path / "m.onnx"), "not a reduced model")
+    (tmp_path / "taken.onnx").write_text("keep me")
+    assert_one_line_error(invoke("export", reduced, "-o", tmp_path / "taken.onnx"), "exists", "--force")
+    assert (tmp_path / "taken.onnx").read_text() == "keep me"
+
+
+def test_first_token_only_needs_a_classifier(tmp_path):
+    from mhacompress.hub import save
+
+    model = tiny_model("bert")
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    save(model, None, tmp_path / "enc")
+    assert_one_line_error(invoke("export", tmp_path / "enc", "-o", tmp_path / "e.onnx", "--first-token-only"),
+                          "sequence classifiers")
+
+
+@pytest.mark.slow
+def test_minilm_export_round_trip(tmp_path):
+    from mhacompress.hub import load
+
+    assert invoke("reduce", "minilm", "-k", "96", "-o", tmp_path / "m").exit_code == 0
+    result = invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_abs_diff"] <= 1e-4
+    model, tokenizer = load(tmp_path / "m")
+    batch = dict(tokenizer(["a short one", "a somewhat longer sentence to pad the first against"],
+                           padding=True, return_tensors="pt", return_token_type_ids=False))
+    keep = batch["attention_mask"].bool().numpy()
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state.numpy()
+    assert np.abs(run_onnx(tmp_path / "m.onnx", batch)[0][keep] - want[keep]).max() <= 1e-4
