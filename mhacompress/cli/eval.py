@@ -1,0 +1,128 @@
+"""`mhacompress eval`: score a model (original, fine-tuned or reduced) on a GLUE task."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import console, emit_json, progress, user_errors
+
+TASK_NAMES = "cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli"
+
+
+def data_options(f):
+    """--data-dir, shared with `reduce --eval` and `finetune`."""
+    return click.option("--data-dir", type=click.Path(file_okay=False),
+                        help="GLUE folder in the official glue_data layout (DIR/SST-2/dev.tsv, ...). Default: "
+                             "$MHACOMPRESS_GLUE_DIR, else the nyu-mll/glue hub copy (needs network).")(f)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--task", "-t", required=True, help=f"GLUE task: {TASK_NAMES}.")
+@click.option("--split", default="validation", show_default=True, help="train, validation (alias dev) or test.")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N examples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True,
+              help="Truncate inputs to this many tokens.")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps.")
+@data_options
+@click.option("--reference", help="Original model to compare with, label-free: prediction agreement and mean KL "
+              "(classifiers), mean embedding cosine (encoders).")
+@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
+def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, reference, allow_pickle, as_json):
+    """Score MODEL on a GLUE task with the task's official metrics (CoLA Matthews; SST-2, MNLI, QNLI, RTE, WNLI
+    accuracy; MRPC, QQP F1 and accuracy; STS-B Pearson and Spearman).
+
+    MODEL is a sequence-classification checkpoint (e.g. one made by `mhacompress finetune`), a reduced folder, or a
+    plain sentence encoder, which is scored on stsb by cosine similarity of mean-pooled embeddings.
+
+    \b
+    Examples:
+      mhacompress eval minilm --task stsb --data-dir ../glue_data
+      mhacompress eval out/minilm-mrpc --task mrpc --json
+      mhacompress eval out/minilm-mrpc-cp96 --task mrpc --reference out/minilm-mrpc
+    """
+    with user_errors():
+        from ..eval.compare import Scorer, evaluate
+        from ..eval.runner import is_classifier
+        from ..hub import load_pretrained
+
+        scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                                 max_length=max_length, device=device)
+        with _status(f"loading {model}", not as_json):
+            loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
+            ref = load_pretrained(reference, allow_pickle=allow_pickle, device=device)[:2] if reference else None
+        with progress(not as_json) as bar:
+            n = len(scorer.examples) * (1 if is_classifier(loaded) else len(scorer.examples.texts[0])) * (2 if ref else 1)
+            job = bar.add_task(f"{scorer.task.name} [{scorer.examples.split}]", total=n)
+            scorer.on_batch = lambda n: bar.advance(job, n)
+            result = evaluate(loaded, tokenizer, scorer, model_name=model,
+                              reference=(*ref, reference) if ref else None)
+    if as_json:
+        emit_json(result)
+    else:
+        render(result)
+
+
+def _status(text: str, enabled: bool):
+    from contextlib import nullcontext
+
+    return console().status(text, spinner="dots") if enabled else nullcontext()
+
+
+def render(result: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.print(f"{result['model']} on {result['task']} [{result['split']}]: {result['examples']:,} examples")
+    table = Table()
+    table.add_column("metric")
+    table.add_column(result["model"], justify="right")
+    ref = result.get("reference")
+    if ref:
+        table.add_column(ref["model"] + " (reference)", justify="right")
+    for name, value in result["metrics"].items():
+        row = [name, f"{value:.4f}"]
+        if ref:
+            row.append(f"{ref['metrics'][name]:.4f}")
+        table.add_row(*row)
+    if result["metrics"]:
+        out.print(table)
+    else:
+        out.print("no metrics: the split has no labels, or an encoder was compared on a classification task")
+    for name, value in result.get("fidelity", {}).items():
+        out.print(f"fidelity {name}: {value:.4f}")
+    out.print(f"{result['seconds']:.1f} s")
+
+
+# ---- `reduce --eval TASK --max-drop X` (the reduce command stays thin; the work is in mhacompress.eval) ----------
+
+def eval_scorer(task: str | None, data_dir: str | None, max_drop: float | None):
+    """The dev-split scorer for `reduce --eval`, loaded before any work so that data problems show at once."""
+    if task is None:
+        if max_drop is not None:
+            raise click.UsageError("--max-drop needs --eval TASK (the task whose metric it bounds)")
+        return None
+    from ..eval.compare import Scorer
+
+    return Scorer.for_task(task, data_dir=data_dir)
+
+
+def side_by_side(task, original: dict, reduced: dict) -> dict:
+    from ..eval.compare import side_by_side as compare
+
+    return compare(task, original, reduced)
+
+
+def render_eval(block: dict) -> None:
+    console().print(f"{block['task']} {block['metric']}: original {block['original']:.4f}, reduced "
+                    f"{block['reduced']:.4f}, drop {block['drop']:+.4f}")
+
+
+def check_drop(result: dict, max_drop: float | None) -> None:
+    """Exit 1 (one line on stderr) when the reduced model lost more than ``max_drop`` on the main metric."""
+    block = result.get("eval")
+    if max_drop is not None and block and block["drop"] > max_drop:
+        raise click.ClickException(f"the reduced model loses {block['drop']:.4f} {block['metric']} on "
+                                   f"{block['task']}, more than --max-drop {max_drop}")

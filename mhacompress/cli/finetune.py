@@ -1,0 +1,107 @@
+"""`mhacompress finetune`: fine-tune an original or a reduced model on a GLUE task and save it."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ._common import console, emit_json, progress, user_errors
+from .eval import TASK_NAMES, data_options
+
+
+@click.command()
+@click.argument("model")
+@click.option("--task", "-t", required=True, help=f"GLUE task: {TASK_NAMES}.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (atomically).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --output folder.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True,
+              help="Peak learning rate of AdamW.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Fraction of steps of linear warm-up (then linear decay to 0).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head, data order and dropout.")
+@click.option("--limit", type=click.IntRange(min=1), help="Train on a seeded random sample of N examples.")
+@data_options
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps.")
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
+              help="Score the result on the task's dev split.")
+@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
+def finetune(model, task, output, force, epochs, lr, batch_size, max_length, warmup, weight_decay, seed, limit,
+             data_dir, device, do_eval, allow_pickle, as_json):
+    """Fine-tune MODEL on TASK's train split and save it to OUTPUT.
+
+    A plain encoder gets a fresh sequence-classification head (one regression output for stsb). A reduced model
+    keeps its collaborative attention layers, trained along with the rest, and is saved as a reduced folder.
+
+    \b
+    Examples:
+      mhacompress finetune minilm --task mrpc --output out/minilm-mrpc --epochs 3 --lr 5e-5
+      mhacompress finetune out/minilm-mrpc-cp96 --task mrpc --output out/minilm-mrpc-cp96-ft --limit 500 --epochs 1
+    """
+    from pathlib import Path
+
+    with user_errors():
+        from ..eval.data import load_examples
+        from ..eval.finetune import save_finetuned, train, with_head
+        from ..eval.tasks import get_task
+        from ..hub import check_output, load_pretrained
+
+        spec = get_task(task)
+        check_output(Path(output), force)
+        data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
+        if data.labels is None:
+            raise click.ClickException(f"{data.source} has no labels to train on")
+        scorer, skipped = None, None
+        if do_eval:  # load the dev split before training: a missing file shows now, not after the run
+            from ..errors import UsageError
+            from ..eval.compare import Scorer
+
+            try:
+                scorer = Scorer.for_task(spec.name, data_dir=data_dir, max_length=max_length, device=device)
+            except UsageError as err:
+                skipped = str(err)
+        start = time.perf_counter()
+        with console().status(f"loading {model}", spinner="dots") if not as_json else _null():
+            loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
+        loaded = with_head(loaded, spec, seed=seed, name=model)
+        steps = max(1, round(epochs * -(-len(data) // batch_size)))
+        with progress(not as_json) as bar:
+            job = bar.add_task(f"{spec.name}: {len(data):,} examples", total=steps)
+            log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                        warmup=warmup, weight_decay=weight_decay, seed=seed, device=device,
+                        on_step=lambda loss: bar.update(job, advance=1, description=f"{spec.name}: loss {loss:.3f}"))
+        save_finetuned(loaded, tokenizer, output, force=force)
+        result = {"model": model, "task": spec.name, "output": str(output), "examples": len(data),
+                  "steps": log["steps"], "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
+        if scorer is not None:
+            result["eval"] = {"split": "validation", "examples": len(scorer.examples),
+                              "metrics": scorer(loaded, tokenizer, model)}
+        elif skipped:
+            result["eval"] = {"skipped": skipped}
+        result["seconds"] = round(time.perf_counter() - start, 3)
+    if as_json:
+        emit_json(result)
+        return
+    out = console()
+    out.print(f"{result['task']}: {result['steps']} steps on {result['examples']:,} examples, loss "
+              f"{result['loss']['first']:.3f} -> {result['loss']['last']:.3f}; {result['seconds']:.1f} s")
+    if "skipped" in result.get("eval", {}):
+        out.print(f"not evaluated: {result['eval']['skipped']}")
+    for name, value in result.get("eval", {}).get("metrics", {}).items():
+        out.print(f"dev {name}: {value:.4f}")
+    out.print(f"saved to {result['output']}")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()

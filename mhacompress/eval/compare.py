@@ -1,0 +1,61 @@
+"""Score one model, or an original and its reduced version side by side, on a GLUE task (the library half of
+`mhacompress eval` and `mhacompress reduce --eval`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .data import Examples, load_examples
+from .runner import Outputs, fidelity, run, score
+from .tasks import Task, get_task
+
+
+@dataclass
+class Scorer:
+    """A task's split, loaded once, and the inference settings; call it on (model, tokenizer)."""
+
+    task: Task
+    examples: Examples
+    batch_size: int = 64
+    max_length: int = 128
+    device: str = "cpu"
+    on_batch: object = None
+    last: Outputs | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_task(cls, task: str, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":
+        spec = get_task(task)
+        return cls(spec, load_examples(spec, split, data_dir=data_dir, limit=limit), **kw)
+
+    def outputs(self, model, tokenizer, name: str = "the model", **kw) -> Outputs:
+        self.last = run(model, tokenizer, self.examples, name=name, batch_size=self.batch_size,
+                        max_length=self.max_length, device=self.device, on_batch=self.on_batch, **kw)
+        return self.last
+
+    def __call__(self, model, tokenizer, name: str = "the model") -> dict[str, float]:
+        return score(self.examples, self.outputs(model, tokenizer, name))
+
+
+def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=None) -> dict:
+    """The `eval --json` object: model, task, split, examples, metrics, seconds (and fidelity with a reference,
+    given as (model, tokenizer, name))."""
+    start = time.perf_counter()
+    outputs = scorer.outputs(model, tokenizer, model_name, allow_encoder_any_task=reference is not None)
+    scored = lambda out: score(scorer.examples, out) if out.kind == "classifier" or scorer.task.regression else {}  # noqa: E731
+    result = {"model": model_name, "task": scorer.task.name, "split": scorer.examples.split,
+              "examples": len(scorer.examples), "metrics": scored(outputs)}
+    if reference is not None:
+        ref_model, ref_tokenizer, ref_name = reference
+        ref = scorer.outputs(ref_model, ref_tokenizer, ref_name, allow_encoder_any_task=True)
+        result["reference"] = {"model": ref_name, "metrics": scored(ref)}
+        result["fidelity"] = fidelity(outputs, ref)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, float]) -> dict:
+    """The `reduce --json` "eval" block: the main metric before and after, and the drop (positive = worse)."""
+    metric = task.main
+    return {"task": task.name, "metric": metric, "original": original[metric], "reduced": reduced[metric],
+            "drop": original[metric] - reduced[metric], "all": {"original": original, "reduced": reduced}}

@@ -1,0 +1,146 @@
+"""GLUE examples from a local glue_data/ folder (the official TSV layout) or from the `nyu-mll/glue` hub copy."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from .tasks import Task
+
+ENV_DIR = "MHACOMPRESS_GLUE_DIR"
+HUB_DATASET = "nyu-mll/glue"
+
+
+@dataclass
+class Examples:
+    """One split of one task: ``texts[i]`` is a tuple of one or two strings; ``labels`` are class indices (in the
+    task's label order), floats for STS-B, or None when the split has no labels (test files)."""
+
+    task: Task
+    split: str
+    texts: list[tuple[str, ...]]
+    labels: list | None
+    source: str  # the file or hub split read
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, limit: int | None, *, seed: int | None = None) -> "Examples":
+        """The first ``limit`` examples, or a random sample of them when ``seed`` is given."""
+        if limit is None or limit >= len(self):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self)), limit)) if seed is not None else range(limit)
+        labels = None if self.labels is None else [self.labels[i] for i in idx]
+        return Examples(self.task, self.split, [self.texts[i] for i in idx], labels, self.source)
+
+
+def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.PathLike | None = None,
+                  limit: int | None = None, seed: int | None = None) -> Examples:
+    """Read ``task``'s split from ``data_dir``, else from $MHACOMPRESS_GLUE_DIR, else from the hub.
+
+    An explicit ``data_dir`` is never bypassed: a file missing there is an error. ``limit`` keeps the first N
+    examples (a seeded random sample when ``seed`` is given)."""
+    local_name, hub_split = task.split(split)
+    split = {"dev": "validation"}.get(split, split)
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / task.folder / local_name
+        if not path.is_file():
+            raise UsageError(f"no {path}: --data-dir must hold the official glue_data layout "
+                             f"(<dir>/{task.folder}/{local_name})")
+        return read_tsv(task, split, path).subset(limit, seed=seed)
+    env = os.environ.get(ENV_DIR)
+    if env and (Path(env).expanduser() / task.folder / local_name).is_file():
+        return read_tsv(task, split, Path(env).expanduser() / task.folder / local_name).subset(limit, seed=seed)
+    return load_hub(task, split, hub_split, missing_local=env).subset(limit, seed=seed)
+
+
+def read_tsv(task: Task, split: str, path: Path) -> Examples:
+    """Official GLUE TSV: tab-separated, quoting off (quote characters are text), UTF-8 with or without a BOM,
+    CoLA without a header row."""
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # final newline (CoLA dev has none, as in GLUE)
+    rows = [line.rstrip("\r").split("\t") for line in lines]
+    if task.header:
+        if not rows:
+            raise UsageError(f"{path} is empty")
+        header, rows = rows[0], rows[1:]
+        text_cols = [_column(header, c, path) for c in task.text]
+        label_col = _column(header, task.label, path, required=False)
+    else:
+        header, text_cols, label_col = None, list(task.text), task.label
+        if split == "test":  # CoLA test.tsv: index, sentence (with a header, unlike train and dev)
+            header, rows = rows[0], rows[1:]
+            text_cols, label_col = [len(header) - 1], None
+    width = max([*text_cols, label_col if label_col is not None else 0]) + 1
+    texts, labels = [], [] if label_col is not None else None
+    for number, row in enumerate(rows, start=2 if task.header else 1):
+        if len(row) < width or (header is not None and len(row) != len(header)):
+            if task.skip_malformed:
+                continue
+            raise UsageError(f"{path}:{number}: expected {len(header) if header else width} tab-separated fields, "
+                             f"found {len(row)}; is this the official GLUE file?")
+        texts.append(tuple(row[c] for c in text_cols))
+        if labels is not None:
+            labels.append(parse_label(task, row[label_col], f"{path}:{number}"))
+    return Examples(task, split, texts, labels, str(path))
+
+
+def _column(header: list[str], name, path: Path, required: bool = True):
+    if isinstance(name, int):
+        return name
+    if name in header:
+        return header.index(name)
+    if name == "gold_label" and header and header[-1] == "gold_label":
+        return len(header) - 1
+    if required:
+        raise UsageError(f"{path}: no column {name!r} in the header ({', '.join(header)}); "
+                         f"is this the official GLUE file?")
+    return None
+
+
+def parse_label(task: Task, value: str, where: str):
+    """A class index in the task's label order (names or digits), or a float for regression."""
+    value = value.strip()
+    try:
+        if task.regression:
+            return float(value)
+        if value.isdigit() and int(value) < task.num_labels:
+            return int(value)
+        return task.labels.index(value.lower())
+    except ValueError:
+        expected = "a number" if task.regression else ", ".join(task.labels) + f" or 0..{task.num_labels - 1}"
+        raise UsageError(f"{where}: label {value!r} is not {expected}") from None
+
+
+def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | None = None) -> Examples:
+    """The hub copy (``nyu-mll/glue``); fails within seconds, with what to pass instead, when it cannot be had."""
+    from ..hub import _hub_reachable
+
+    where = (f"${ENV_DIR}={missing_local} has no {task.folder}/ file for split {split!r}" if missing_local
+             else f"no local GLUE folder given (--data-dir or ${ENV_DIR})")
+    hint = f"pass --data-dir DIR or set {ENV_DIR} to a folder in the official glue_data layout (DIR/{task.folder}/)"
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline or not _hub_reachable(timeout=2.0):
+        why = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
+        raise UsageError(f"no GLUE data for {task.name}: {where} and {why}; {hint}")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"no GLUE data for {task.name}: {where} and the `datasets` package is not installed "
+                         f"(pip install 'mhacompress[hub]'); {hint}") from None
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise UsageError(f"could not load {HUB_DATASET}/{task.hub_config} [{hub_split}] from the hub "
+                         f"({type(err).__name__}); {hint}") from None
+    texts = list(zip(*(ds[c] for c in task.hub_text)))
+    labels = list(ds["label"])
+    if not task.regression and all(x == -1 for x in labels):
+        labels = None  # hub test splits carry label -1
+    elif task.regression:
+        labels = [float(x) for x in labels]
+    return Examples(task, split, texts, labels, f"hub:{HUB_DATASET}/{task.hub_config}[{hub_split}]")

@@ -1,0 +1,142 @@
+"""Fine-tune an original or a reduced model on a GLUE task's train split (AdamW, linear warm-up and decay), keeping
+collaborative attention layers as they are, and save it atomically."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import Examples
+from .runner import head_order, is_classifier
+from .tasks import Task
+
+
+def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
+    """``model`` itself when it already has a head that fits ``task``; for a plain encoder (original or reduced), a
+    sequence-classification model around the same encoder weights with a fresh head (num_labels of the task, one
+    regression output for STS-B), labelled with the task's label names."""
+    if is_classifier(model):
+        head_order(model, task, name)  # a head that does not fit is a UsageError
+        return model
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from ..compress.modeling import COMPRESSION_KEY, collaborative_model_class
+
+    config = copy.deepcopy(model.config)
+    cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
+    config.num_labels = task.num_labels
+    names = task.labels or ("score",)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
+    config.problem_type = "regression" if task.regression else "single_label_classification"
+    config.architectures = [cls_name]
+    block = getattr(config, COMPRESSION_KEY, None)
+    if block:
+        block = copy.deepcopy(block)
+        block["base_architecture"] = cls_name
+        setattr(config, COMPRESSION_KEY, block)
+        cls = collaborative_model_class(cls_name)
+    else:
+        import transformers
+
+        cls = getattr(transformers, cls_name)
+    torch.manual_seed(seed)
+    new = cls(config)
+    missing, unexpected = new.base_model.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
+    param = next(model.parameters())
+    return new.to(device=param.device, dtype=param.dtype)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, gen: random.Random, group: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar length (HF's group_by_length): shuffle, sort within chunks of ``group`` batches,
+    cut into batches, shuffle the batches. Less padding, same randomness of the data order."""
+    idx = list(range(len(lengths)))
+    gen.shuffle(idx)
+    chunk = batch_size * group
+    out = []
+    for start in range(0, len(idx), chunk):
+        part = sorted(idx[start:start + chunk], key=lambda i: -lengths[i])
+        out += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    gen.shuffle(out)
+    return out
+
+
+def train(model, tokenizer, examples: Examples, *, epochs: float = 3, lr: float = 2e-5, batch_size: int = 32,
+          max_length: int = 128, warmup: float = 0.1, weight_decay: float = 0.01, seed: int = 0, device: str = "cpu",
+          on_step: Callable[[float], None] | None = None) -> dict:
+    """Fine-tune ``model`` (with a head that fits the task) in place; returns the loss of every step."""
+    assert examples.labels is not None, f"{examples.split} has no labels to train on"
+    task = examples.task
+    torch.manual_seed(seed)
+    gen = random.Random(seed)
+    enc = tokenizer(*[list(c) for c in zip(*examples.texts)], truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    lengths = [len(x) for x in enc["input_ids"]]
+    per_epoch = math.ceil(len(examples) / batch_size)
+    total = max(1, round(epochs * per_epoch))
+    order = head_order(model, task)  # task label j is head column order[j]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n)]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr)
+    warm = int(warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    model.to(device).train()
+    losses, batches = [], []
+    while len(losses) < total:
+        if not batches:
+            batches = length_grouped_batches(lengths, batch_size, gen)
+        idx = batches.pop(0)
+        batch = tokenizer.pad([{k: enc[k][i] for k in keys} for i in idx], return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if task.regression:
+            labels = torch.tensor([examples.labels[i] for i in idx], dtype=torch.float, device=device)
+        else:
+            labels = torch.tensor([order[examples.labels[i]] for i in idx], device=device)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step:
+            on_step(losses[-1])
+    model.eval()
+    return {"steps": total, "examples": len(examples), "losses": losses}
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+def save_finetuned(model, tokenizer, output: str | os.PathLike, *, force: bool = False) -> Path:
+    """Reduced models through ``hub.save`` (compression block, remote code); originals with save_pretrained into a
+    temporary sibling folder that replaces ``output`` when complete (hub's atomic helpers)."""
+    from .. import hub
+    from ..compress.modeling import COMPRESSION_KEY
+
+    if getattr(model.config, COMPRESSION_KEY, None):
+        return hub.save(model, tokenizer, output, force=force)
+    output = Path(output)
+    hub.check_output(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        hub._replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,149 @@
+"""Batched inference for GLUE: length-sorted batches with dynamic padding, under torch.inference_mode.
+
+Two kinds of model: a sequence-classification checkpoint (its head's labels mapped to the task's through
+``id2label``) and a plain sentence encoder (STS-B only: cosine similarity of mean-pooled embeddings, the
+sentence-transformers convention)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import UsageError
+from . import metrics as M
+from .data import Examples
+from .tasks import Task
+
+
+@dataclass
+class Outputs:
+    """What a model made of a split: ``scores`` (N, C) logits in the task's label order, (N,) regression values or
+    (N,) cosine similarities; ``preds`` what the metrics compare to labels; ``embeddings`` (2, N, d) for encoders."""
+
+    kind: str  # "classifier" or "encoder"
+    scores: torch.Tensor
+    preds: list
+    embeddings: torch.Tensor | None = None
+
+
+def is_classifier(model) -> bool:
+    """A sequence-classification head (original or reduced: CollaborativeBertForSequenceClassification)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def head_order(model, task: Task, name: str = "the model") -> list[int] | None:
+    """For each of the task's labels, the column of the model's head that scores it; a head that does not fit the
+    task is a UsageError. Default names (LABEL_0, ...) are taken to be in the task's order."""
+    n = model.config.num_labels
+    if task.regression:
+        if n != 1:
+            raise UsageError(f"{name} has a {n}-label classification head; {task.name} needs a 1-output regression "
+                             f"head (fine-tune one: mhacompress finetune MODEL --task {task.name} --output DIR)")
+        return None
+    if n != task.num_labels:
+        raise UsageError(f"{name} has a {n}-label head; {task.name} needs {task.num_labels} labels "
+                         f"({', '.join(task.labels)}): fine-tune one with mhacompress finetune MODEL --task "
+                         f"{task.name} --output DIR")
+    norm = lambda s: str(s).strip().lower().replace(" ", "_").replace("-", "_")  # noqa: E731
+    names = [norm(model.config.id2label[i]) for i in range(n)]
+    if all(x in (f"label_{i}", str(i)) for i, x in enumerate(names)):
+        return list(range(n))
+    try:
+        return [names.index(norm(label)) for label in task.labels]
+    except ValueError:
+        raise UsageError(f"{name}'s head labels ({', '.join(names)}) do not match {task.name}'s "
+                         f"({', '.join(task.labels)})") from None
+
+
+def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
+            sort: bool = True, pad_to_max: bool = False):
+    """Yield (indices, encoding): longest-first length-sorted batches padded to their own longest sequence
+    (``sort=False, pad_to_max=True`` is the naive scheme, kept for the speed benchmark)."""
+    columns = list(zip(*texts))  # one tuple per text field
+    enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i])) if sort else list(range(len(texts)))
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        feats = [{k: enc[k][i] for k in keys} for i in idx]
+        padding = "max_length" if pad_to_max else "longest"
+        yield idx, tokenizer.pad(feats, padding=padding, max_length=max_length, return_tensors="pt")
+
+
+@torch.inference_mode()
+def forward_all(model, tokenizer, texts, *, fn, batch_size=32, max_length=128, device="cpu",
+                on_batch: Callable[[int], None] | None = None, **kw) -> torch.Tensor:
+    """Run ``fn(model, encoding) -> (B, ...)`` over all texts in sorted batches; results in the input order."""
+    out = None
+    for idx, enc in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, **kw):
+        enc = {k: v.to(device) for k, v in enc.items()}
+        y = fn(model, enc).float().cpu()
+        if out is None:
+            out = torch.empty((len(texts), *y.shape[1:]))
+        out[idx] = y
+        if on_batch:
+            on_batch(len(idx))
+    return out if out is not None else torch.empty(0)
+
+
+def _logits(model, enc):
+    return model(**enc).logits  # (B, C)
+
+
+def _mean_pooled(model, enc):
+    hidden = model(**enc).last_hidden_state  # (B, T, d)
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, d)
+
+
+def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_encoder_any_task: bool = False,
+        **kw) -> Outputs:
+    """Score a split. kw: batch_size, max_length, device, on_batch (called with the batch size)."""
+    task = examples.task
+    if is_classifier(model):
+        order = head_order(model, task, name)
+        logits = forward_all(model, tokenizer, examples.texts, fn=_logits, **kw)  # (N, C)
+        if task.regression:
+            scores = logits[:, 0]
+            return Outputs("classifier", scores, scores.tolist())
+        scores = logits[:, order]
+        return Outputs("classifier", scores, scores.argmax(-1).tolist())
+    if not task.regression and not allow_encoder_any_task:
+        raise UsageError(f"{name} is a plain encoder without a classification head: it can only be scored on stsb "
+                         f"(cosine similarity); fine-tune it first: mhacompress finetune MODEL --task {task.name} "
+                         f"--output DIR")
+    fields = list(zip(*examples.texts))  # (F, N)
+    flat = [(s,) for field in fields for s in field]
+    emb = forward_all(model, tokenizer, flat, fn=_mean_pooled, **kw).view(len(fields), len(examples), -1)  # (F, N, d)
+    if len(fields) == 2:
+        scores = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=-1)  # (N,)
+    else:
+        scores = torch.zeros(len(examples))
+    return Outputs("encoder", scores, scores.tolist(), emb)
+
+
+def score(examples: Examples, outputs: Outputs) -> dict[str, float]:
+    """The task's official metrics, or {} when the split has no labels."""
+    if examples.labels is None:
+        return {}
+    return M.compute(examples.task, outputs.preds, examples.labels)
+
+
+def fidelity(outputs: Outputs, reference: Outputs) -> dict[str, float]:
+    """Label-free agreement with the reference model on the same inputs: prediction agreement and mean
+    KL(reference || model) for classifiers, Pearson and mean absolute difference for regression heads, mean cosine
+    of embeddings for encoders."""
+    if outputs.kind != reference.kind:
+        raise UsageError(f"cannot compare a {outputs.kind} with a {reference.kind} reference")
+    if outputs.kind == "encoder":
+        a, b = outputs.embeddings.flatten(0, 1), reference.embeddings.flatten(0, 1)  # (F*N, d)
+        return {"embedding_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
+    if outputs.scores.dim() == 1:
+        diff = (outputs.scores - reference.scores).abs().mean()
+        return {"pearson": M.pearson(outputs.scores.numpy(), reference.scores.numpy()), "mean_abs_diff": float(diff)}
+    logp, logq = reference.scores.log_softmax(-1), outputs.scores.log_softmax(-1)  # (N, C)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    agree = (outputs.scores.argmax(-1) == reference.scores.argmax(-1)).float().mean()
+    return {"agreement": float(agree), "kl": float(kl)}

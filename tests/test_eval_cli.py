@@ -1,0 +1,142 @@
+"""`mhacompress eval`, `finetune` and `reduce --eval` end to end on tiny random models and the fixture GLUE files;
+bad inputs give one-line errors without a traceback."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mhacompress.cli import main
+
+FIXTURES = str(Path(__file__).parent / "fixtures" / "glue")
+
+
+def _save_tiny(folder: Path, head_labels=None) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from mhacompress.hub import bundled_model_path
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    if head_labels:
+        config.num_labels, config.id2label = len(head_labels), dict(enumerate(head_labels))
+        config.label2id = {n: i for i, n in enumerate(head_labels)}
+    model = (BertForSequenceClassification if head_labels else BertModel)(config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny") / "encoder")
+
+
+@pytest.fixture(scope="module")
+def mnli_classifier(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny") / "mnli", ["entailment", "neutral", "contradiction"])
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code not in (0, None), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_eval_json_on_fixtures(encoder):
+    result = invoke("eval", encoder, "--task", "stsb", "--data-dir", FIXTURES, "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert set(obj) == {"model", "task", "split", "examples", "metrics", "seconds"}
+    assert obj["task"] == "stsb" and obj["split"] == "validation" and obj["examples"] == 6
+    assert set(obj["metrics"]) == {"spearman", "pearson"}
+
+
+def test_eval_classifier_and_reference(mnli_classifier):
+    result = invoke("eval", mnli_classifier, "-t", "mnli-mm", "--data-dir", FIXTURES, "--limit", "1",
+                    "--reference", mnli_classifier, "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert obj["examples"] == 1 and set(obj["metrics"]) == {"accuracy"}
+    assert obj["fidelity"]["agreement"] == 1.0 and obj["fidelity"]["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_eval_encoder_fidelity_on_any_task(encoder):
+    result = invoke("eval", encoder, "-t", "mrpc", "--data-dir", FIXTURES, "--reference", encoder, "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert obj["metrics"] == {} and obj["fidelity"]["embedding_cosine"] == pytest.approx(1.0)
+
+
+def test_eval_table(encoder):
+    result = invoke("eval", encoder, "--task", "stsb", "--data-dir", FIXTURES)
+    assert result.exit_code == 0 and "spearman" in result.output
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--task", "glue"], ["unknown task 'glue'", "cola"]),
+    (["--task", "qqp", "--data-dir", "."], ["QQP/dev.tsv", "glue_data layout"]),
+    (["--task", "mrpc", "--data-dir", FIXTURES], ["plain encoder", "mhacompress finetune"]),
+    (["--task", "rte", "--split", "tset", "--data-dir", FIXTURES], ["no split 'tset'"]),
+])
+def test_eval_bad_inputs(encoder, args, fragments):
+    one_line_error(invoke("eval", encoder, *args), *fragments)
+
+
+def test_eval_wrong_head(mnli_classifier, glue_dir):
+    one_line_error(invoke("eval", mnli_classifier, "--task", "rte", "--data-dir", glue_dir),
+                   "3-label head; rte needs 2 labels")
+
+
+def test_eval_no_data_offline(encoder, monkeypatch):
+    monkeypatch.delenv("MHACOMPRESS_GLUE_DIR", raising=False)
+    one_line_error(invoke("eval", encoder, "--task", "qqp", env={"HF_HUB_OFFLINE": "1"}),
+                   "no GLUE data for qqp", "--data-dir")
+
+
+def test_eval_missing_model():
+    one_line_error(invoke("eval", "./no/such/model", "--task", "stsb", "--data-dir", FIXTURES), "no model folder")
+
+
+def test_finetune_end_to_end(encoder, tmp_path):
+    out = tmp_path / "qnli"
+    result = invoke("finetune", encoder, "--task", "qnli", "--output", out, "--data-dir", FIXTURES, "--epochs", 2,
+                    "--batch-size", 2, "--lr", "1e-3", "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert obj["steps"] == 4 and obj["examples"] == 3 and set(obj["eval"]["metrics"]) == {"accuracy"}
+    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    one_line_error(invoke("finetune", encoder, "--task", "qnli", "--output", out, "--data-dir", FIXTURES),
+                   "exists and is not empty")
+    again = invoke("eval", out, "--task", "qnli", "--data-dir", FIXTURES, "--json")
+    assert json.loads(again.stdout)["metrics"] == obj["eval"]["metrics"]
+
+
+def test_finetune_without_train_split(encoder, tmp_path):
+    one_line_error(invoke("finetune", encoder, "--task", "wnli", "--output", tmp_path / "x", "--data-dir", FIXTURES),
+                   "WNLI/train.tsv")
+
+
+def test_reduce_eval_and_max_drop(encoder):
+    args = ["reduce", encoder, "-k", "4", "--iterations", "5", "--eval", "stsb", "--data-dir", FIXTURES]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    block = json.loads(result.stdout)["eval"]
+    assert block["task"] == "stsb" and block["metric"] == "spearman"
+    assert block["drop"] == pytest.approx(block["original"] - block["reduced"])
+    gate = invoke(*args, "--max-drop", -1)  # every drop exceeds -1: the gate must fire
+    one_line_error(gate, "more than --max-drop -1")
+    assert gate.exit_code == 1
+    assert invoke(*args, "--max-drop", 2).exit_code == 0
+    assert invoke("reduce", encoder, "-k", "4", "--max-drop", "0.1").exit_code != 0

@@ -1,0 +1,105 @@
+"""Batched inference: sorted dynamic-padding batches equal naive padding, heads mapped through id2label, fidelity;
+and (slow) the bundled MiniLM's STS-B dev Spearman."""
+
+import pytest
+import torch
+
+from mhacompress.errors import UsageError
+from mhacompress.eval import runner
+from mhacompress.eval.data import Examples, load_examples
+from mhacompress.eval.tasks import get_task
+
+
+def tiny(head_labels=None, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    if head_labels is None:
+        return BertModel(config).eval()
+    config.num_labels = len(head_labels)
+    config.id2label = dict(enumerate(head_labels))
+    config.label2id = {n: i for i, n in enumerate(head_labels)}
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def examples(task, n=13):
+    words = "the a cat dog sat ran on under mat house quickly red blue very big".split()
+    texts = [tuple(" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(1 + (i * 5 + j) % 11))
+                   for j in range(2)) for i in range(n)]
+    spec = get_task(task)
+    labels = [float(i % 6) for i in range(n)] if spec.regression else [i % spec.num_labels for i in range(n)]
+    return Examples(spec, "validation", texts, labels, "synthetic")
+
+
+def test_sorted_batches_match_naive_padding(tokenizer):
+    model, ex = tiny(["entailment", "not_entailment"]), examples("rte")
+    fast = runner.forward_all(model, tokenizer, ex.texts, fn=runner._logits, batch_size=4)
+    naive = runner.forward_all(model, tokenizer, ex.texts, fn=runner._logits, batch_size=4, sort=False,
+                               pad_to_max=True, max_length=64)
+    one = torch.cat([runner.forward_all(model, tokenizer, [t], fn=runner._logits) for t in ex.texts])
+    torch.testing.assert_close(fast, one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(naive, one, atol=1e-5, rtol=1e-5)
+
+
+def test_head_labels_are_mapped_through_id2label(tokenizer):
+    ex = examples("rte")
+    named = tiny(["not_entailment", "entailment"])  # the reverse of the task's order
+    out = runner.run(named, tokenizer, ex)
+    raw = runner.forward_all(named, tokenizer, ex.texts, fn=runner._logits)
+    torch.testing.assert_close(out.scores, raw[:, [1, 0]])
+    assert out.preds == raw[:, [1, 0]].argmax(-1).tolist()
+    default = tiny(["LABEL_0", "LABEL_1"])
+    assert runner.head_order(default, get_task("rte")) == [0, 1]
+    upper = tiny(["CONTRADICTION", "NEUTRAL", "ENTAILMENT"])
+    assert runner.head_order(upper, get_task("mnli")) == [2, 1, 0]
+
+
+@pytest.mark.parametrize("labels,task,match", [
+    (["a", "b", "c"], "rte", "3-label head; rte needs 2"),
+    (["positive", "negative"], "rte", "do not match"),
+    (["x", "y"], "stsb", "regression head"),
+    (["score"], "sst2", "1-label head"),
+])
+def test_heads_that_do_not_fit(labels, task, match):
+    with pytest.raises(UsageError, match=match):
+        runner.head_order(tiny(labels), get_task(task))
+
+
+def test_encoder_scores_stsb_and_refuses_the_rest(tokenizer):
+    model = tiny()
+    out = runner.run(model, tokenizer, examples("stsb"))
+    assert out.kind == "encoder" and out.scores.shape == (13,) and out.embeddings.shape == (2, 13, 32)
+    assert float(out.scores.abs().max()) <= 1 + 1e-6
+    with pytest.raises(UsageError, match="fine-tune it first"):
+        runner.run(model, tokenizer, examples("mrpc"))
+
+
+def test_fidelity(tokenizer):
+    ex = examples("mnli")
+    a, b = tiny(["entailment", "neutral", "contradiction"]), tiny(["entailment", "neutral", "contradiction"], seed=1)
+    same = runner.fidelity(runner.run(a, tokenizer, ex), runner.run(a, tokenizer, ex))
+    assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    other = runner.fidelity(runner.run(b, tokenizer, ex), runner.run(a, tokenizer, ex))
+    assert other["kl"] > 0
+    enc = runner.fidelity(runner.run(tiny(), tokenizer, examples("stsb")), runner.run(tiny(), tokenizer, examples("stsb")))
+    assert enc["embedding_cosine"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_minilm_stsb_spearman(glue_dir):
+    from mhacompress.hub import load_pretrained
+
+    model, tok, _ = load_pretrained("minilm")
+    ex = load_examples(get_task("stsb"), data_dir=glue_dir)
+    assert len(ex) == 1500
+    metrics = runner.score(ex, runner.run(model, tok, ex))
+    assert metrics["spearman"] == pytest.approx(0.867, abs=0.003)
