@@ -114,3 +114,49 @@ def test_hub_ids_fail_fast_offline_with_a_hint(env, tmp_path):
     result = invoke("reduce", "bert-base", "-k", "384", env=env)
     assert_one_line_error(result, "google-bert/bert-base-uncased", "local model folder")
     assert time.perf_counter() - start < 15
+
+
+@pytest.fixture
+def calibration_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(f"sentence number {i} about attention heads and their keys" for i in range(24)))
+    return path
+
+
+def test_reduce_calibrated_reports_expected_score_error(tiny_dir, calibration_file):
+    result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--samples", "16", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration"] == {"source": str(calibration_file), "samples": 16}
+    assert all(0 < x["expected_score_error"] < 1 for x in report["layers"])
+
+
+def test_reduce_budget_chooses_per_layer_dims_within_budget(tiny_dir, tmp_path):
+    result = invoke("reduce", tiny_dir, "--budget", "0.5", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["key_dim"] is None and len(report["key_dims"]) == 2
+    assert report["params"]["after"] <= 0.5 * report["params"]["before"]
+    import mhacompress
+
+    model, _ = mhacompress.load(tmp_path / "out")
+    from mhacompress.compress.modeling import attention_modules
+
+    assert [m.key_dim for _, _, m in attention_modules(model)] == report["key_dims"]
+
+
+def test_reduce_refine_reports_output_errors(tiny_dir, calibration_file):
+    result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--refine", "5", "--json")
+    assert result.exit_code == 0, result.output
+    assert all("output_error_after" in x for x in json.loads(result.stdout)["layers"])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-k", "8", "--refine", "5"], "give --calibrate SOURCE too"),
+    (["-k", "8", "--budget", "0.5"], "give exactly one of --key-dim"),
+    (["--key-dims", "8,x"], "comma-separated integers"),
+    (["--budget", "1.5"], "0 < F <= 1"),
+    (["-k", "8", "--calibrate", "nope.txt"], "no calibration file"),
+])
+def test_reduce_bad_calibration_and_budget_options(tiny_dir, args, fragment):
+    assert_one_line_error(invoke("reduce", tiny_dir, *args), fragment)
