@@ -1,0 +1,53 @@
+"""`sweep`: every (method, key dim) scored beside the original in one run, a table, JSON and a plot."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_config
+from mhacompress.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, minilm_path):
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sweep_json_and_plot(tiny_encoder, glue_dir, tmp_path):
+    plot = tmp_path / "sweep.png"
+    result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "--task", "stsb", "--data-dir", str(glue_dir),
+                                       "--limit", "40", "--key-dims", "32,8", "--methods", "cp,svd",
+                                       "--plot", str(plot), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["method"], r["key_dim"]) for r in report["results"]] == [("cp", 32), ("cp", 8), ("svd", 32), ("svd", 8)]
+    full = report["results"][0]
+    assert full["score"] == pytest.approx(report["original"]["score"], abs=1e-4)  # full key dim is exact
+    assert report["results"][1]["qk_params"] < report["original"]["qk_params"]
+    assert plot.stat().st_size > 10_000
+
+
+def test_sweep_calibrated(tiny_encoder, glue_dir):
+    result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir),
+                                       "--limit", "20", "--key-dims", "8", "--methods", "cp",
+                                       "--calibrate", "mrpc", "--samples", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert 0 < row["mean_expected_score_error"] < 1
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--methods", "cp,pca"], "--methods takes cp, tucker, svd"),
+    (["--key-dims", "8,x"], "comma-separated integers"),
+    (["--key-dims", "10", "--methods", "svd"], "not a multiple of 4"),
+])
+def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
+    result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), *args])
+    assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
