@@ -140,3 +140,52 @@ def test_reduce_eval_and_max_drop(encoder):
     assert gate.exit_code == 1
     assert invoke(*args, "--max-drop", 2).exit_code == 0
     assert invoke("reduce", encoder, "-k", "4", "--max-drop", "0.1").exit_code != 0
+
+
+# ---- the exact [CLS] shortcut on reduce and eval ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reduced_pair(mnli_classifier, tmp_path_factory):
+    """The same reduction saved twice: plain, and with --first-token-only (scored by --eval on the way)."""
+    root = tmp_path_factory.mktemp("cls")
+    args = ("reduce", mnli_classifier, "-k", "8", "--eval", "mnli", "--data-dir", FIXTURES, "--json")
+    plain, shortcut = invoke(*args, "-o", root / "plain"), invoke(*args, "-o", root / "cls", "--first-token-only")
+    assert plain.exit_code == 0 and shortcut.exit_code == 0, plain.output + shortcut.output
+    return root / "plain", root / "cls", json.loads(plain.stdout), json.loads(shortcut.stdout)
+
+
+def test_reduce_first_token_only_is_saved_and_scores_the_same(reduced_pair):
+    plain_dir, cls_dir, plain, shortcut = reduced_pair
+    assert shortcut["first_token_only"] is True and plain["first_token_only"] is False
+    assert shortcut["eval"]["reduced"] == pytest.approx(plain["eval"]["reduced"], abs=1e-12)
+    saved = json.loads((cls_dir / "config.json").read_text())["compression"]
+    assert saved["first_token_only"] is True
+
+    from mhacompress import load
+
+    with_shortcut, tok = load(cls_dir)
+    without, _ = load(plain_dir)
+    batch = tok(["a short one", "a somewhat longer sentence with padding after it"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        got = with_shortcut.eval()(**batch, output_hidden_states=True)
+        want = without.eval()(**batch)
+    assert got.hidden_states[-1].shape[1] == 1  # the last layer really ran for [CLS] alone
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=0)
+
+
+def test_eval_first_token_only_agrees_with_the_full_model(reduced_pair):
+    plain_dir, *_ = reduced_pair
+    result = invoke("eval", plain_dir, "-t", "mnli", "--data-dir", FIXTURES, "--first-token-only",
+                    "--reference", plain_dir, "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert obj["fidelity"]["agreement"] == 1.0 and obj["fidelity"]["kl"] == pytest.approx(0, abs=1e-9)
+
+
+def test_first_token_only_bad_inputs(encoder, mnli_classifier, tmp_path):
+    out = tmp_path / "never"
+    one_line_error(invoke("reduce", encoder, "-k", "8", "-o", out, "--first-token-only"), "sequence classifiers")
+    assert not out.exists()
+    one_line_error(invoke("eval", mnli_classifier, "-t", "mnli", "--data-dir", FIXTURES, "--first-token-only"),
+                   "reduced model")

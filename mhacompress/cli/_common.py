@@ -43,6 +43,35 @@ def user_errors():
         sys.exit(130)
 
 
+def first_token_option(help_tail: str):
+    """--first-token-only, shared by reduce, eval, report and export."""
+    return click.option("--first-token-only", is_flag=True, help="Exact [CLS] shortcut for reduced sequence "
+                        "classifiers: the last layer computes attention and feed-forward for the first token only "
+                        "(logits unchanged). " + help_tail)
+
+
+def require_classifier(model, name) -> None:
+    """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
+    from ..errors import UsageError
+
+    kind = type(model).__name__.removeprefix("Collaborative")
+    if "ForSequenceClassification" not in kind:
+        raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
+                         f"holds a {kind}")
+
+
+def first_token_shortcut(model, name) -> None:
+    """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
+    from ..compress.modeling import first_token_only_
+    from ..errors import UsageError
+
+    require_classifier(model, name)
+    try:
+        first_token_only_(model)
+    except ValueError as err:
+        raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None
+
+
 def progress(enabled: bool = True):
     """A rich progress bar on stderr (hidden when stderr is not a terminal and nothing would be shown)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

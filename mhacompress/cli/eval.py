@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, progress, user_errors
+from ._common import console, emit_json, first_token_option, first_token_shortcut, progress, user_errors
 
 TASK_NAMES = "cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli"
 
@@ -28,9 +28,11 @@ def data_options(f):
 @data_options
 @click.option("--reference", help="Original model to compare with, label-free: prediction agreement and mean KL "
               "(classifiers), mean embedding cosine (encoders).")
+@first_token_option("MODEL must be a reduced classifier.")
 @click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
-def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, reference, allow_pickle, as_json):
+def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, reference, first_token_only,
+          allow_pickle, as_json):
     """Score MODEL on a GLUE task with the task's official metrics (CoLA Matthews; SST-2, MNLI, QNLI, RTE, WNLI
     accuracy; MRPC, QQP F1 and accuracy; STS-B Pearson and Spearman).
 
@@ -53,6 +55,8 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
         with _status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
             ref = load_pretrained(reference, allow_pickle=allow_pickle, device=device)[:2] if reference else None
+        if first_token_only:
+            first_token_shortcut(loaded, model)
         with progress(not as_json) as bar:
             n = len(scorer.examples) * (1 if is_classifier(loaded) else len(scorer.examples.texts[0])) * (2 if ref else 1)
             job = bar.add_task(f"{scorer.task.name} [{scorer.examples.split}]", total=n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, user_errors
+from ._common import console, emit_json, first_token_option, first_token_shortcut, user_errors
 
 
 @click.command()
@@ -15,8 +15,7 @@ from ._common import console, emit_json, user_errors
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest |onnxruntime - PyTorch| accepted on the padded check batches.")
-@click.option("--first-token-only", is_flag=True, help="Exact [CLS] shortcut for sequence classifiers: the last "
-              "layer computes the first token only (faster; the logits are unchanged).")
+@first_token_option("The exported graph keeps it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
 def export(directory, fmt, output, force, opset, tolerance, first_token_only, as_json):
     """Export the reduced model in DIR (written by `mhacompress reduce`) to a file that runs without PyTorch.
@@ -49,17 +48,13 @@ def run_export(directory, *, fmt="onnx", output, force=False, opset=18, toleranc
 
     if fmt not in FORMATS:
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
-    from ..compress.modeling import first_token_only_
     from ..hub import load
 
     status = console().status if show_progress else (lambda *_, **__: nullcontext())
     with status(f"loading {directory}", spinner="dots"):
         model, _ = load(directory, attn_implementation="sdpa")
     if first_token_only:
-        if "ForSequenceClassification" not in type(model).__name__:
-            raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {directory} "
-                             f"holds a {type(model).__name__.removeprefix('Collaborative')}")
-        first_token_only_(model)
+        first_token_shortcut(model, directory)
     with status(f"exporting to {output} and checking it in onnxruntime", spinner="dots"):
         result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
     return {"model": str(directory), "first_token_only": first_token_only, **result}

@@ -7,7 +7,8 @@ from contextlib import nullcontext
 
 import click
 
-from ._common import console, emit_json, progress, user_errors
+from ._common import (console, emit_json, first_token_option, first_token_shortcut, progress, require_classifier,
+                      user_errors)
 from .eval import check_drop, data_options, eval_scorer, render_eval, side_by_side
 
 
@@ -42,10 +43,10 @@ from .eval import check_drop, data_options, eval_scorer, render_eval, side_by_si
 @data_options
 @click.option("--max-drop", type=float, help="With --eval: exit 1 when the reduced model loses more than this on the "
               "task's main metric (absolute, e.g. 0.01), for CI gates.")
+@first_token_option("Saved with the model (reloads keep it); --eval scores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, refine, method, output, force, seed, init,
-           n_iter_max, tol, allow_pickle, eval_task, data_dir,
-           max_drop, as_json):
+           n_iter_max, tol, allow_pickle, eval_task, data_dir, max_drop, first_token_only, as_json):
     """Share one query/key projection of size KEY_DIM across the heads of every self-attention layer of MODEL.
 
     MODEL is a local folder, a Hugging Face hub id, or an alias: bert-base, bert-large, roberta-base, distilbert,
@@ -82,7 +83,8 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, refine, 
         scorer = eval_scorer(eval_task, data_dir, max_drop)  # data problems show before any work
         texts = load_calibration(calibration, seed, data_dir)
         result = run_reduce(model, config, output=output, force=force, allow_pickle=allow_pickle,
-                            show_progress=not as_json, scorer=scorer, calibration=texts)
+                            show_progress=not as_json, scorer=scorer, calibration=texts,
+                            first_token_only=first_token_only)
     if as_json:
         emit_json(result)
     else:
@@ -110,7 +112,7 @@ def load_calibration(calibration: dict | None, seed: int, data_dir) -> list | No
 
 
 def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickle=False, show_progress=True,
-               scorer=None, calibration: list | None = None) -> dict:
+               scorer=None, calibration: list | None = None, first_token_only: bool = False) -> dict:
     """Load, (calibrate, allocate,) reduce, save; the JSON report of the run."""
     from .. import __version__
     from ..compress.surgery import reduce_
@@ -119,6 +121,8 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
     start = time.perf_counter()
     with console().status(f"loading {model_name}", spinner="dots") if show_progress else nullcontext():
         model, tokenizer, source = load_pretrained(model_name, allow_pickle=allow_pickle)
+    if first_token_only:
+        require_classifier(model, model_name)  # before any work
     params_before = sum(p.numel() for p in model.parameters())
     original = scorer(model, tokenizer, model_name) if scorer else None  # before reduce_, which works in place
     moments = collect_moments(model, tokenizer, calibration, show_progress) if calibration else None
@@ -134,6 +138,8 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
                         on_layer=lambda layer: bar.advance(task))
     if steps:
         refine_layers(model, calls, steps, block, config.seed, show_progress)
+    if first_token_only:
+        first_token_shortcut(model, model_name)
     evaluated = side_by_side(scorer.task, original, scorer(model, tokenizer, "the reduced model")) if scorer else None
     if output:
         save(model, tokenizer, output, force=force)
@@ -153,6 +159,7 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
         "model_params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
         "cost": _cost_totals(model),
         "layers": layers,
+        "first_token_only": first_token_only,
         **({"eval": evaluated} if evaluated else {}),
     }
 
