@@ -184,7 +184,9 @@ class CollaborativeSelfAttention(nn.Module):
         q, k = self._per_head(q, k)  # (B, H, Tq, Rq), (B, H|1, T, Rq)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
         # key-dependent part of the query bias, constant over queries: (B, H, 1, T)
-        bias = c.transpose(1, 2)[:, :, None, :]  # already scaled by dh**-0.5
+        # already scaled by dh**-0.5; made contiguous, because a mask with c's (B, T, H) strides makes the CPU flash
+        # kernel copy an expanded (B, H, Tq, T) mask on every call
+        bias = c.transpose(1, 2).contiguous()[:, :, None, :]
         if position_bias is not None:  # MPNet's relative position bias, (B|1, H, T, T)
             bias = bias + position_bias[..., :Tq, :]
         mask = _additive_mask(attention_mask, x.dtype)  # (B, 1, T|1, T) or None
