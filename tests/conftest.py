@@ -72,3 +72,15 @@ def minilm_path() -> str:
     from mhacompress.hub import bundled_model_path
 
     return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_path) -> Path:
+    """A tiny random BERT with the bundled tokenizer, saved as a local checkpoint (read-only for tests)."""
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,20 +8,12 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_config
 from mhacompress.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT with the bundled tokenizer, saved as a local checkpoint."""
-    from transformers import AutoTokenizer, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    path = tmp_path_factory.mktemp("tiny") / "bert"
-    BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_bert_dir):
+    return tiny_bert_dir
 
 
 def invoke(*args, env=None):

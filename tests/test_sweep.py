@@ -5,19 +5,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_config
 from mhacompress.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory, minilm_path):
-    from transformers import AutoTokenizer, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    path = tmp_path_factory.mktemp("tiny") / "bert"
-    BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_encoder(tiny_bert_dir):
+    return tiny_bert_dir
 
 
 def test_sweep_json_and_plot(tiny_encoder, glue_dir, tmp_path):
