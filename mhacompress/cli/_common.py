@@ -72,6 +72,13 @@ def first_token_shortcut(model, name) -> None:
         raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None
 
 
+def status(text: str, enabled: bool = True):
+    """A spinner with ``text`` on stderr while a step without a count runs (loading, exporting, timing)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return console().status(text, spinner="dots")
+
+
 def progress(enabled: bool = True):
     """A rich progress bar on stderr (hidden when stderr is not a terminal and nothing would be shown)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
-from ._common import console, emit_json, progress, user_errors
+from ._common import console, emit_json, progress, status, user_errors
 
 FIGURES = ("head_spectra.png", "unfolding_spectra.png", "cp_error.png")
 
@@ -83,7 +82,7 @@ def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pi
     from ..hub import load_pretrained
 
     start = time.perf_counter()
-    with console().status(f"loading {model_name}", spinner="dots") if show_progress else nullcontext():
+    with status(f"loading {model_name}", show_progress):
         model, _, source = load_pretrained(model_name, allow_pickle=allow_pickle)
     layers, heads, head_dim = model_shape(model)
     steps = layers * (1 + (len(set(dims or candidate_dims(heads, head_dim, "cp"))) if curve else 0))

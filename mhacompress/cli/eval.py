@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, first_token_option, first_token_shortcut, progress, user_errors
+from ._common import (console, emit_json, first_token_option, first_token_shortcut, progress, status,
+                      user_errors)
 
 TASK_NAMES = "cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli"
 
@@ -52,7 +53,7 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
 
         scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                                  max_length=max_length, device=device)
-        with _status(f"loading {model}", not as_json):
+        with status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
             ref = load_pretrained(reference, allow_pickle=allow_pickle, device=device)[:2] if reference else None
         if first_token_only:
@@ -67,12 +68,6 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
         emit_json(result)
     else:
         render(result)
-
-
-def _status(text: str, enabled: bool):
-    from contextlib import nullcontext
-
-    return console().status(text, spinner="dots") if enabled else nullcontext()
 
 
 def render(result: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, first_token_option, first_token_shortcut, user_errors
+from ._common import console, emit_json, first_token_option, first_token_shortcut, status, user_errors
 
 
 @click.command()
@@ -41,8 +41,6 @@ def export(directory, fmt, output, force, opset, tolerance, first_token_only, as
 
 def run_export(directory, *, fmt="onnx", output, force=False, opset=18, tolerance=1e-4, first_token_only=False,
                show_progress=True) -> dict:
-    from contextlib import nullcontext
-
     from ..errors import UsageError
     from ..export import FORMATS, export_onnx
 
@@ -50,12 +48,11 @@ def run_export(directory, *, fmt="onnx", output, force=False, opset=18, toleranc
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     from ..hub import load
 
-    status = console().status if show_progress else (lambda *_, **__: nullcontext())
-    with status(f"loading {directory}", spinner="dots"):
+    with status(f"loading {directory}", show_progress):
         model, _ = load(directory, attn_implementation="sdpa")
     if first_token_only:
         first_token_shortcut(model, directory)
-    with status(f"exporting to {output} and checking it in onnxruntime", spinner="dots"):
+    with status(f"exporting to {output} and checking it in onnxruntime", show_progress):
         result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
     return {"model": str(directory), "first_token_only": first_token_only, **result}
 

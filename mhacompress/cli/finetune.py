@@ -6,7 +6,7 @@ import time
 
 import click
 
-from ._common import console, emit_json, progress, user_errors
+from ._common import console, emit_json, progress, status, user_errors
 from .eval import TASK_NAMES, data_options
 
 
@@ -66,7 +66,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
             except UsageError as err:
                 skipped = str(err)
         start = time.perf_counter()
-        with console().status(f"loading {model}", spinner="dots") if not as_json else _null():
+        with status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
         loaded = with_head(loaded, spec, seed=seed, name=model)
         steps = max(1, round(epochs * -(-len(data) // batch_size)))
@@ -100,8 +100,3 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
 def _mean(xs):
     return sum(xs) / len(xs)
 
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()

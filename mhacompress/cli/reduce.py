@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 
 import click
 
 from ._common import (console, emit_json, first_token_option, first_token_shortcut, progress, require_classifier,
-                      user_errors)
+                      status, user_errors)
 from .eval import check_drop, data_options, eval_scorer, render_eval, side_by_side
 
 
@@ -119,7 +118,7 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
     from ..hub import load_pretrained, save
 
     start = time.perf_counter()
-    with console().status(f"loading {model_name}", spinner="dots") if show_progress else nullcontext():
+    with status(f"loading {model_name}", show_progress):
         model, tokenizer, source = load_pretrained(model_name, allow_pickle=allow_pickle)
     if first_token_only:
         require_classifier(model, model_name)  # before any work

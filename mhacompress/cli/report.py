@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, user_errors
+from ._common import console, emit_json, status, user_errors
 
 
 @click.command()
@@ -80,16 +80,13 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
 def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="cp", repeats=7, latency=True,
                first_token_only=False, attn_implementation="sdpa", show_progress=True) -> dict:
     """The JSON report: counts per layer and total, and (``latency``) measured medians with ratios."""
-    from contextlib import nullcontext
-
     import torch
 
     from .. import bench
     from ..compress import cost
     from ..compress.modeling import first_token_only_
 
-    status = console().status if show_progress else (lambda *_, **__: nullcontext())
-    with status(f"loading {name}", spinner="dots"):
+    with status(f"loading {name}", show_progress):
         original, reduced, info = load_pair(name, key_dim=key_dim, method=method,
                                             attn_implementation=attn_implementation)
     if first_token_only:
@@ -98,7 +95,7 @@ def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="c
               "first_token_only": first_token_only,
               **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
     if latency:
-        with status(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side", spinner="dots"):
+        with status(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side", show_progress):
             batch = bench.inputs(original.config.vocab_size, batch_size, seq_len)
             cpu_model, cpu_layer = {}, {}
             model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model)
