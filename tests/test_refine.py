@@ -5,7 +5,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from mhacompress.compress.calibrate import second_moments
 from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.refine import output_error, record_calls, refine_
+from mhacompress.compress.refine import input_moments, output_error, record_calls, refine_
 from mhacompress.compress.surgery import reduce_
 
 
@@ -25,6 +25,13 @@ def test_recorded_outputs_are_the_original_layers_outputs():
         x = model.embeddings(input_ids=batch["input_ids"])
     assert len(calls) == 2 and len(calls[0]) == 1
     torch.testing.assert_close(calls[0][0].args[0] if calls[0][0].args else calls[0][0].kwargs["hidden_states"], x)
+
+
+def test_recorded_calls_give_the_calibration_moments_without_a_second_pass():
+    model = tiny_model("bert")
+    batches = [padded_batch(lengths=(9, 4, 7, 1), seed=s) for s in range(3)]
+    for got, want in zip(input_moments(record_calls(model, batches)), second_moments(model, batches), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_refinement_lowers_every_layers_output_error():

@@ -114,6 +114,7 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
                scorer=None, calibration: list | None = None, first_token_only: bool = False) -> dict:
     """Load, (calibrate, allocate,) reduce, save; the JSON report of the run."""
     from .. import __version__
+    from ..compress.refine import input_moments
     from ..compress.surgery import reduce_
     from ..hub import load_pretrained, save
 
@@ -124,9 +125,11 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
         require_classifier(model, model_name)  # before any work
     params_before = sum(p.numel() for p in model.parameters())
     original = scorer(model, tokenizer, model_name) if scorer else None  # before reduce_, which works in place
-    moments = collect_moments(model, tokenizer, calibration, show_progress) if calibration else None
     steps = config.extra.get("calibration", {}).get("refine_steps", 0)
-    calls = record(model, tokenizer, calibration) if steps else None  # the ORIGINAL layers' outputs
+    calls = record(model, tokenizer, calibration, show_progress) if steps else None  # the ORIGINAL layers' calls
+    moments = None
+    if calibration:  # one forward pass over the calibration data either way
+        moments = input_moments(calls) if calls else collect_moments(model, tokenizer, calibration, show_progress)
     curves = None
     if "budget" in config.extra:
         config, curves = _allocate(model, config, moments, show_progress)
@@ -180,10 +183,13 @@ def _encodings(model, tokenizer, texts: list):
     return len(texts), (enc for _, enc in batches(tokenizer, texts, batch_size=32, max_length=128))
 
 
-def record(model, tokenizer, texts: list):
+def record(model, tokenizer, texts: list, show_progress: bool):
     from ..compress.refine import record_calls
 
-    return record_calls(model, _encodings(model, tokenizer, texts)[1])
+    count, encodings = _encodings(model, tokenizer, texts)
+    with progress(show_progress) as bar:
+        task = bar.add_task("recording the original layers", total=count)
+        return record_calls(model, encodings, on_batch=lambda n: bar.advance(task, n))
 
 
 def refine_layers(model, calls, steps: int, block: dict, seed: int, show_progress: bool) -> None:

@@ -27,7 +27,8 @@ class Call:
 
 
 @torch.no_grad()
-def record_calls(model, encodings: Iterable[dict]) -> list[list[Call]]:
+def record_calls(model, encodings: Iterable[dict], on_batch: Callable[[int], None] | None = None
+                 ) -> list[list[Call]]:
     """For every self-attention layer of the (original) model, its calls over ``encodings``."""
     found = attention_modules(model)
     calls: list[list[Call]] = [[] for _ in found]
@@ -44,10 +45,23 @@ def record_calls(model, encodings: Iterable[dict]) -> list[list[Call]]:
         for enc in encodings:
             tokens["mask"] = enc["attention_mask"].bool()
             model(**enc)
+            if on_batch:
+                on_batch(enc["attention_mask"].shape[0])
     finally:
         for h in handles:
             h.remove()
     return calls
+
+
+def input_moments(calls: list[list[Call]]) -> list[torch.Tensor]:
+    """Each layer's input second moment over real tokens, from recorded calls: what calibrate.second_moments gives
+    for the same encodings, without a second forward pass of the model."""
+    moments = []
+    for layer_calls in calls:
+        inputs = [(c.args[0] if c.args else c.kwargs["hidden_states"])[c.tokens].double() for c in layer_calls]
+        total = sum(x.T.cpu() @ x.cpu() for x in inputs)  # (d, d), summed batch by batch like second_moments
+        moments.append(total / max(sum(x.shape[0] for x in inputs), 1))
+    return moments
 
 
 def refine_(model, calls: list[list[Call]], steps: int, *, lr: float = 1e-3, seed: int = 0,
