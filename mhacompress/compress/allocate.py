@@ -50,6 +50,7 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     weight error. Solved with at most 30 ALS sweeps: curves rank the choices, the final reduction refines them."""
     from dataclasses import replace
 
+    from .calibrate import whiten
     from .modeling import arch_for, attention_modules
     from .surgery import decompose_layer, model_shape
 
@@ -61,7 +62,8 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     for index, (_, _, module) in enumerate(attention_modules(model)):
         wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
         if config.method == "cp" and config.init == "svd":  # same numbers, one init (and whitening) per layer
-            wq, wk = _whitened(wq, wk, None if moments is None else moments[index])
+            if moments is not None:
+                wq, wk, _ = whiten(wq, wk, moments[index])
             curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,
                                          on_step=on_step))
             continue
@@ -73,16 +75,6 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
                 on_step()
         curves.append(curve)
     return curves
-
-
-def _whitened(wq, wk, moment):
-    """C^1/2-whitened weights (float64), as ``surgery.decompose_layer`` decomposes them; unchanged without C."""
-    if moment is None:
-        return wq, wk
-    from .calibrate import whitening
-
-    sqrt, _ = whitening(moment)
-    return wq.double() @ sqrt, wk.double() @ sqrt
 
 
 def cp_error_curve(wq, wk, num_heads: int, dims: list[int], *, n_iter_max: int = 30, tol: float = 1e-5,

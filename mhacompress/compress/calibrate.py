@@ -114,6 +114,13 @@ def whitening(moment: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, to
     return (vecs * evals.sqrt()) @ vecs.T, (vecs * evals.rsqrt()) @ vecs.T
 
 
+def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whitened problem: W_q C^1/2 and W_k C^1/2 (float64), whose score tensor's error is the expected score
+    error on the calibration data, and C^-1/2 to map its factors back (``unwhiten``)."""
+    sqrt, inv_sqrt = whitening(moment)
+    return wq.double() @ sqrt, wk.double() @ sqrt, inv_sqrt
+
+
 def unwhiten(factors: Factors, inv_sqrt: torch.Tensor) -> Factors:
     """Map factors of C^1/2 A C^1/2 back to A: U <- C^-1/2 U, V <- C^-1/2 V (per head for svd)."""
     return replace(factors, U=inv_sqrt @ factors.U, V=inv_sqrt @ factors.V)

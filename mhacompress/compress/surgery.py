@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import ReductionConfig, compression_block
-from .calibrate import unwhiten, whitening
+from .calibrate import unwhiten, whiten
 from .decompose import Factors, decompose, relative_error
 from .modeling import COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, collaborate_
 
@@ -100,12 +100,11 @@ def decompose_layer(wq: torch.Tensor, wk: torch.Tensor, heads: int, key_dim: int
     if moment is None:
         f = decompose(wq, wk, heads, key_dim, config.method, **options)
         return f, {"relative_error": f.relative_error, "n_iter": f.n_iter}
-    sqrt, inv_sqrt = whitening(moment)
-    wq, wk = wq.double(), wk.double()
-    f = decompose(wq @ sqrt, wk @ sqrt, heads, key_dim, config.method, **options)
+    wq_white, wk_white, inv_sqrt = whiten(wq, wk, moment)
+    f = decompose(wq_white, wk_white, heads, key_dim, config.method, **options)
     expected = f.relative_error
     f = unwhiten(f, inv_sqrt)
-    return f, {"relative_error": relative_error(wq, wk, heads, f), "expected_score_error": expected,
+    return f, {"relative_error": relative_error(wq.double(), wk.double(), heads, f), "expected_score_error": expected,
                "n_iter": f.n_iter}
 
 
