@@ -50,10 +50,10 @@ def attention_latency(original, reduced, batch_size: int, seq_len: int, *, layer
     """Median seconds of one self-attention module of each model on random hidden states (B, T, d), no mask."""
     import torch
 
-    from .compress.modeling import attention_modules
+    from .compress.modeling import arch_for, attention_modules
 
     a, b = attention_modules(original)[layer][2], attention_modules(reduced)[layer][2]
-    d = a.config.hidden_size if hasattr(a.config, "hidden_size") else a.config.dim
+    d = getattr(original.config, arch_for(original.config).hidden)
     x = torch.randn(batch_size, seq_len, d, generator=torch.Generator().manual_seed(0))  # (B, T, d)
     return time_side_by_side({"original": lambda: a(x), "reduced": lambda: b(x)}, **kwargs)
 

@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import tiny_model
-from mhacompress.compress.allocate import allocate, budget_key_dims, candidate_dims, qk_params
+from mhacompress.compress.allocate import allocate, budget_key_dims, candidate_dims
+from mhacompress.compress.cost import LayerShape, qk_params
 from mhacompress.compress.config import ConfigError, ReductionConfig
 from mhacompress.compress.surgery import reduce_
 
@@ -48,7 +49,7 @@ def test_budget_on_a_model_and_reload_shapes():
     config = ReductionConfig(key_dim=1)
     dims, curves = budget_key_dims(model, config, 0.5)
     original = 2 * (2 * (32 * 32 + 32))
-    assert sum(qk_params("cp", 32, 4, k) for k in dims) <= 0.5 * original
+    assert sum(qk_params(LayerShape(32, 4, "cp", k)) for k in dims) <= 0.5 * original
     assert len(curves) == 2 and all(curve[32] < 1e-9 for curve in curves)
     block = reduce_(model, ReductionConfig(key_dims=tuple(dims)))
     assert [x["key_dim"] for x in block["layers"]] == dims

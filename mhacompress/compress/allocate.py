@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import ConfigError
+from .cost import LayerShape, qk_params
 
 
 def candidate_dims(heads: int, head_dim: int, method: str, count: int = 8) -> list[int]:
@@ -15,12 +16,6 @@ def candidate_dims(heads: int, head_dim: int, method: str, count: int = 8) -> li
     step = max(heads, (top // count) // heads * heads)
     dims = set(range(step, top + 1, step)) | {top >> j for j in range(1, 6)} | {top}
     return sorted(k for k in dims if k >= 1 and (method != "svd" or k % heads == 0))
-
-
-def qk_params(method: str, hidden: int, heads: int, key_dim: int) -> int:
-    """Q/K parameters of one collaborative layer: the two projections, the mixing and the content bias."""
-    mixing = {"cp": heads * key_dim, "tucker": heads * key_dim * key_dim}.get(method, 0)
-    return 2 * hidden * key_dim + mixing + heads * hidden
 
 
 def allocate(curves: list[dict[int, float]], cost: Callable[[int], int], budget: int) -> list[int]:
@@ -112,5 +107,5 @@ def budget_key_dims(model, config, budget: float, moments=None, on_step=None) ->
     original = sum(qk_parameters(m, arch) for _, _, m in attention_modules(model))
     curves = error_curves(model, config, moments, on_step=on_step)
     hidden = heads * head_dim
-    dims = allocate(curves, lambda k: qk_params(config.method, hidden, heads, k), int(budget * original))
+    dims = allocate(curves, lambda k: qk_params(LayerShape(hidden, heads, config.method, k)), int(budget * original))
     return dims, curves

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UsageError
 from .decompose import Factors
-from .modeling import attention_modules
+from .modeling import arch_for, attention_modules
 
 
 def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool = True,
@@ -80,7 +80,7 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     layer, from one forward pass over ``encodings`` (tokenizer outputs with an attention_mask) of the model, which
     must still be the ORIGINAL."""
     found = attention_modules(model)
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.dim
+    d = getattr(model.config, arch_for(model.config).hidden)
     sums = [torch.zeros(d, d, dtype=torch.float64) for _ in found]
     counts = [0] * len(found)
     mask: dict[str, torch.Tensor] = {}
