@@ -111,9 +111,9 @@ def part_a(args, cache):
 def finetuned(args, task):
     """The fine-tuned MiniLM for ``task``: from the cache folder, or trained now and saved there."""
     from mhacompress.eval.data import load_examples
-    from mhacompress.eval.finetune import save_finetuned, train, with_head
+    from mhacompress.eval.finetune import train, with_head
     from mhacompress.eval.tasks import get_task
-    from mhacompress.hub import load_pretrained
+    from mhacompress.hub import load_pretrained, save
 
     folder = Path(args.cache) / f"minilm-{task}-n{args.train_limit}-e{args.epochs:g}-lr{args.lr:g}-b{args.batch_size}"
     if not (folder / "config.json").is_file():
@@ -126,7 +126,7 @@ def finetuned(args, task):
                     max_length=args.max_length)
         print(f"fine-tuned {task} on {len(data)} examples, {log['steps']} steps, {time.perf_counter() - t0:.0f} s, "
               f"loss {_mean(log['losses'][:10]):.3f} -> {_mean(log['losses'][-10:]):.3f}", flush=True)
-        save_finetuned(model, tok, folder, force=True)
+        save(model, tok, folder, force=True)
     return str(folder)
 
 

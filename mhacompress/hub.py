@@ -137,8 +137,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
 
 
 def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a reduced model as an ordinary HF folder, atomically: everything goes to a temporary sibling folder
-    that replaces ``output`` only when complete. An existing non-empty ``output`` is refused unless ``force``."""
+    """Write a model as an ordinary HF folder, atomically: everything goes to a temporary sibling folder that
+    replaces ``output`` only when complete. An existing non-empty ``output`` is refused unless ``force``. A reduced
+    model also gets its modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
     from .compress import modeling
 
     output = Path(output)
@@ -149,8 +150,9 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False) ->
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.copyfile(modeling.__file__, tmp / REMOTE_CODE_FILE)
-        _point_to_remote_code(tmp / "config.json", model)
+        if getattr(model.config, modeling.COMPRESSION_KEY, None):
+            shutil.copyfile(modeling.__file__, tmp / REMOTE_CODE_FILE)
+            _point_to_remote_code(tmp / "config.json", model)
         _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from mhacompress.eval import finetune as F
 from mhacompress.eval import runner
 from mhacompress.eval.data import load_examples
 from mhacompress.eval.tasks import get_task
+from mhacompress.hub import save
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 
@@ -48,7 +49,7 @@ def test_loss_goes_down_and_reloads(tokenizer, glue_dir, tmp_path):
     assert log["steps"] == 32 and len(log["losses"]) == 32
     first, last = sum(log["losses"][:4]) / 4, sum(log["losses"][-4:]) / 4
     assert last < 0.7 * first, log["losses"]
-    out = F.save_finetuned(model, tokenizer, tmp_path / "ft")
+    out = save(model, tokenizer, tmp_path / "ft")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     from mhacompress.hub import load_pretrained
 
@@ -83,7 +84,7 @@ def test_reduced_model_keeps_collaborative_layers(tokenizer, tmp_path):
     data = load_examples(task, "train", data_dir=FIXTURES)
     F.train(model, tokenizer, data, epochs=2, batch_size=2, lr=1e-3)
     assert not torch.equal(before, collab[0].query_proj.weight)  # the collaborative projections are trained too
-    out = F.save_finetuned(model, tokenizer, tmp_path / "reduced-ft")
+    out = save(model, tokenizer, tmp_path / "reduced-ft")
     block = json.loads((out / "config.json").read_text())["compression"]
     assert block["base_architecture"] == "BertForSequenceClassification"
     again, tok, _ = load_pretrained(str(out))

@@ -47,9 +47,9 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
 
     with user_errors():
         from ..eval.data import load_examples
-        from ..eval.finetune import save_finetuned, train, with_head
+        from ..eval.finetune import train, with_head
         from ..eval.tasks import get_task
-        from ..hub import check_output, load_pretrained
+        from ..hub import check_output, load_pretrained, save
 
         spec = get_task(task)
         check_output(Path(output), force)
@@ -75,7 +75,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
             log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                         warmup=warmup, weight_decay=weight_decay, seed=seed, device=device,
                         on_step=lambda loss: bar.update(job, advance=1, description=f"{spec.name}: loss {loss:.3f}"))
-        save_finetuned(loaded, tokenizer, output, force=force)
+        save(loaded, tokenizer, output, force=force)
         result = {"model": model, "task": spec.name, "output": str(output), "examples": len(data),
                   "steps": log["steps"], "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
         if scorer is not None:

@@ -1,15 +1,11 @@
 """Fine-tune an original or a reduced model on a GLUE task's train split (AdamW, linear warm-up and decay), keeping
-collaborative attention layers as they are, and save it atomically."""
+collaborative attention layers as they are (save the result with ``hub.save``)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -118,25 +114,3 @@ def train(model, tokenizer, examples: Examples, *, epochs: float = 3, lr: float 
 
 def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
-
-
-def save_finetuned(model, tokenizer, output: str | os.PathLike, *, force: bool = False) -> Path:
-    """Reduced models through ``hub.save`` (compression block, remote code); originals with save_pretrained into a
-    temporary sibling folder that replaces ``output`` when complete (hub's atomic helpers)."""
-    from .. import hub
-    from ..compress.modeling import COMPRESSION_KEY
-
-    if getattr(model.config, COMPRESSION_KEY, None):
-        return hub.save(model, tokenizer, output, force=force)
-    output = Path(output)
-    hub.check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        hub._replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
