@@ -52,10 +52,11 @@ def first_token_option(help_tail: str):
 
 def require_classifier(model, name) -> None:
     """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
+    from ..compress.modeling import is_classifier
     from ..errors import UsageError
 
-    kind = type(model).__name__.removeprefix("Collaborative")
-    if "ForSequenceClassification" not in kind:
+    if not is_classifier(model):
+        kind = type(model).__name__.removeprefix("Collaborative")
         raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
                          f"holds a {kind}")
 

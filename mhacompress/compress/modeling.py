@@ -79,6 +79,12 @@ def arch_for(config) -> Arch:
     return ARCHITECTURES[model_type]
 
 
+def is_classifier(model: nn.Module) -> bool:
+    """A sequence-classification head (original, or reduced: CollaborativeBertForSequenceClassification): it reads
+    only the first token of the last layer."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """``(parent, attribute, self_attention)`` for every layer, in order."""
     arch = arch_for(model.config)

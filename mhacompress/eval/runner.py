@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..compress.modeling import is_classifier
 from ..errors import UsageError
 from . import metrics as M
 from .data import Examples
@@ -26,11 +27,6 @@ class Outputs:
     scores: torch.Tensor
     preds: list
     embeddings: torch.Tensor | None = None
-
-
-def is_classifier(model) -> bool:
-    """A sequence-classification head (original or reduced: CollaborativeBertForSequenceClassification)."""
-    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def head_order(model, task: Task, name: str = "the model") -> list[int] | None:
