@@ -74,11 +74,13 @@ def test_cli_export_round_trip_on_padded_batches(tiny_dirs, tmp_path):
     assert np.abs(run_onnx(out, batch)[0] - want).max() <= 1e-4
 
 
-def test_export_of_an_encoder_returns_hidden_states(tmp_path):
+# svd pads q and k to the head dim (8); cp at 20 is checked against the blocked CPU path, which export never traces
+@pytest.mark.parametrize("method,key_dim", [("svd", 12), ("cp", 20)])
+def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim):
     from mhacompress.export import export_onnx, padded_batch
 
     model = tiny_model("bert", attn="sdpa")
-    reduce_(model, ReductionConfig(key_dim=12, method="svd"))
+    reduce_(model, ReductionConfig(key_dim=key_dim, method=method, n_iter_max=5))
     report = export_onnx(model, tmp_path / "e.onnx")
     assert report["outputs"] == ["last_hidden_state", "pooler_output"] and report["passed"]
     batch = padded_batch(100, 2, 11, seed=3)

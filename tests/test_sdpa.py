@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import padded_batch, tiny_model
 from mhacompress.compress.config import ReductionConfig
+from mhacompress.compress import modeling
 from mhacompress.compress.modeling import attention_modules, first_token_only_
 from mhacompress.compress.surgery import reduce_
 
@@ -20,15 +21,58 @@ def hidden(model, batch, **kwargs):
         return model(**batch, **kwargs).last_hidden_state
 
 
-@pytest.mark.parametrize("method,key_dim", CASES)
-def test_sdpa_equals_eager_in_the_fused_kernel(method, key_dim):
+def reduced_and_eager(method, key_dim):
     model = tiny_model("bert", attn="sdpa")
     reduce_(model, ReductionConfig(key_dim=key_dim, method=method, n_iter_max=5))
-    batch, keep = padded_batch(), padded_batch()["attention_mask"].bool()
+    batch = padded_batch()
+    model.config._attn_implementation = "eager"
+    want = hidden(model, batch)
+    model.config._attn_implementation = "sdpa"
+    return model, batch, batch["attention_mask"].bool(), want
+
+
+@pytest.mark.parametrize("method,key_dim", CASES)
+def test_sdpa_equals_eager_in_inference(method, key_dim):
+    model, batch, keep, want = reduced_and_eager(method, key_dim)
+    assert (hidden(model, batch)[keep] - want[keep]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method,key_dim", CASES)
+def test_sdpa_equals_eager_in_the_fused_kernel(method, key_dim, monkeypatch):
+    model, batch, keep, want = reduced_and_eager(method, key_dim)
+    monkeypatch.setattr(modeling, "_shared_key_is_faster", lambda *args: False)  # as when exporting
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the fused CPU kernel cannot take these shapes
         fast = hidden(model, batch)
-    model.config._attn_implementation = "eager"
-    assert (fast[keep] - hidden(model, batch)[keep]).abs().max() <= 1e-5
+    assert (fast[keep] - want[keep]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method,key_dim", CASES)
+def test_sdpa_equals_eager_when_autograd_records(method, key_dim):
+    model, batch, keep, want = reduced_and_eager(method, key_dim)
+    fast = model(**batch).last_hidden_state  # not the in-place shared-key blocks
+    assert fast.requires_grad and (fast.detach()[keep] - want[keep]).abs().max() <= 1e-5
+
+
+def test_inference_with_a_wide_shared_key_does_not_pad_values(monkeypatch):
+    model = tiny_model("bert", attn="sdpa")
+    reduce_(model, ReductionConfig(key_dim=20, n_iter_max=5))  # cp, key dim 20 > head dim 8
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel would need values padded to the key dim")
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", refuse)
+    hidden(model, padded_batch())
+
+
+@pytest.mark.parametrize("block", [1 << 19, 5 * 7 * 11, 7 * 11, 30])  # all at once, examples, heads, a head per block
+@pytest.mark.parametrize("bias_shape", [(5, 3, 1, 11), (1, 3, 7, 11), (5, 1, 1, 11)])
+def test_shared_key_attention_is_softmax_attention_in_any_blocking(monkeypatch, block, bias_shape):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 3, 7, 12), torch.randn(5, 1, 11, 12), torch.randn(5, 3, 11, 4)  # Tq 7, T 11, dh 4
+    bias = torch.randn(bias_shape)
+    want = ((q @ k.transpose(-1, -2)) * 0.3 + bias).softmax(dim=-1) @ v  # (5, 3, 7, 4)
+    monkeypatch.setattr(modeling, "SCORE_BLOCK", block)
+    torch.testing.assert_close(modeling._shared_key_attention(q, k, v, bias, 0.3), want, atol=1e-6, rtol=0)
 
 
 def test_fused_projection_is_rebuilt_when_weights_change():
@@ -56,9 +100,10 @@ def test_training_mode_gets_gradients_through_the_fused_projection():
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "mpnet", "electra"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_first_token_shortcut_is_exact(model_type, attn):
+@pytest.mark.parametrize("key_dim", [6, 12])  # below and above the head dim (8)
+def test_first_token_shortcut_is_exact(model_type, attn, key_dim):
     model = tiny_model(model_type, head=True, attn=attn)
-    reduce_(model, ReductionConfig(key_dim=6, n_iter_max=5))
+    reduce_(model, ReductionConfig(key_dim=key_dim, n_iter_max=5))
     batch = padded_batch()
     with torch.no_grad():
         full = model(**batch, output_hidden_states=True)
