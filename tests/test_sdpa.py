@@ -64,38 +64,23 @@ def test_inference_with_a_wide_shared_key_does_not_pad_values(monkeypatch):
     hidden(model, padded_batch())
 
 
-@pytest.mark.parametrize("block", [1 << 19, 5 * 7 * 11, 7 * 11, 30])  # all at once, examples, heads, a head per block
-@pytest.mark.parametrize("bias_shape", [(5, 3, 1, 11), (1, 3, 7, 11), (5, 1, 1, 11)])
-def test_shared_key_attention_is_softmax_attention_in_any_blocking(monkeypatch, block, bias_shape):
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+# H 4 heads, Tq 7, T 11: all at once; examples 2 + 2 + 1; heads 3 + 1; one head per block
+@pytest.mark.parametrize("block", [1 << 19, 2 * 4 * 7 * 11, 3 * 7 * 11, 30])
+@pytest.mark.parametrize("bias_shape", [(5, 4, 1, 11), (1, 4, 7, 11), (5, 1, 1, 11)])
+def test_shared_key_attention_is_softmax_attention_in_any_blocking(monkeypatch, method, block, bias_shape):
+    model = tiny_model("bert", attn="sdpa")  # 4 heads of dim 8
+    reduce_(model, ReductionConfig(key_dim=12, method=method, n_iter_max=3))
+    layer = attention_modules(model)[0][2]
     torch.manual_seed(0)
-    q, k, v = torch.randn(5, 3, 7, 12), torch.randn(5, 1, 11, 12), torch.randn(5, 3, 11, 4)  # Tq 7, T 11, dh 4
-    bias = torch.randn(bias_shape)
-    want = ((q @ k.transpose(-1, -2)) * 0.3 + bias).softmax(dim=-1) @ v  # (5, 3, 7, 4)
-    monkeypatch.setattr(modeling, "SCORE_BLOCK", block)
-    torch.testing.assert_close(modeling._shared_key_attention(q, k, v, bias, 0.3), want, atol=1e-6, rtol=0)
-
-
-def test_fused_projection_is_rebuilt_when_weights_change():
-    model = tiny_model("bert", attn="sdpa")
-    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=5))
-    batch = padded_batch()
-    before = hidden(model, batch)
-    layer = attention_modules(model)[0][2]
+    q, k = torch.randn(5, 7, 12), torch.randn(5, 11, 20)[..., 2:14]  # keys strided, as slices of the projection
+    v, bias = torch.randn(5, 11, 40)[..., 3:35].view(5, 11, 4, 8), torch.randn(bias_shape)
     with torch.no_grad():
-        layer.key_proj.weight.mul_(2)  # in place: same storage, new version
-    after = hidden(model, batch)
-    model.config._attn_implementation = "eager"
-    assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, hidden(model, batch), atol=1e-5, rtol=0)
-
-
-def test_training_mode_gets_gradients_through_the_fused_projection():
-    model = tiny_model("bert", attn="sdpa")
-    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=5))
-    model.train()
-    model(**padded_batch()).last_hidden_state.sum().backward()
-    layer = attention_modules(model)[0][2]
-    assert all(p.grad is not None for p in (layer.query_proj.weight, layer.key_proj.weight, layer.mixing))
+        qh, kh = layer._per_head(q, k)  # (5, 4, 7, 12), (5, 1, 11, 12)
+        want = ((qh @ kh.transpose(-1, -2)) * layer.scaling + bias).softmax(dim=-1) @ v.transpose(1, 2)
+        monkeypatch.setattr(modeling, "SCORE_BLOCK", block)
+        got = layer._shared_key_attention(q, k, v, bias)  # (5, 7, 32)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(5, 7, 32), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "mpnet", "electra"])

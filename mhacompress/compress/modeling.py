@@ -140,13 +140,49 @@ class CollaborativeSelfAttention(nn.Module):
     def _per_head(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared queries (B, Tq, R) and keys (B, T, R) -> per-head (B, H, Tq, Rq) and (B, H|1, T, Rq)."""
         (B, Tq, _), T = q.shape, k.shape[1]
-        if self.method == "cp":
-            q = q[:, None] * self.mixing[None, :, None, :]  # (B, H, Tq, R)
-            return q, k[:, None]  # key shared by all heads: (B, 1, T, R)
-        if self.method == "tucker":
-            return torch.einsum("btr,hrs->bhts", q, self.mixing), k[:, None]  # (B, H, Tq, R), (B, 1, T, R)
+        if self.method != "svd":
+            return self._head_queries(q), k[:, None]  # key shared by all heads: (B, 1, T, R)
         r = self.key_dim // self.num_heads
         return q.view(B, Tq, self.num_heads, r).transpose(1, 2), k.view(B, T, self.num_heads, r).transpose(1, 2)
+
+    def _head_queries(self, q: torch.Tensor, heads: slice = slice(None), out: torch.Tensor | None = None):
+        """cp and tucker: shared queries (B, Tq, R) -> queries (B, hh, Tq, R) of the heads in ``heads``; into ``out``
+        when given. cp: q * m_h; tucker: q M_h."""
+        if self.method == "cp":
+            return torch.mul(q[:, None], self.mixing[None, heads, None, :], out=out)
+        return torch.matmul(q[:, None], self.mixing[None, heads], out=out)  # (B, 1, Tq, R) x (1, hh, R, R)
+
+    def _shared_key_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              bias: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, Tq, H * dh) of shared queries (B, Tq, R), the shared key (B, T, R), values
+        (B, T, H, dh) and an additive bias (B, H, Tq|1, T), exact, for CPU inference (see ``_shared_key_is_faster``).
+
+        Works through blocks of examples x heads whose per-head queries and scores stay in cache: the block's
+        per-head queries are formed in a buffer (never all (B, H, Tq, R) at once), one GEMM scores all its heads
+        against their shared key, and values keep their own head dim. Blocks are written in place, so no autograd.
+        """
+        (B, Tq, R), T, (H, dh) = q.shape, k.shape[1], v.shape[2:]
+        out = v.new_empty(B, Tq, H, dh)
+        heads = max(1, min(H, SCORE_BLOCK // (Tq * T)))
+        examples = min(B, max(1, SCORE_BLOCK // (H * Tq * T)) if heads == H else 1)
+        bias = bias.expand(B, H, *bias.shape[2:])  # (B, H, Tq|1, T), a view
+        keys = k.transpose(1, 2)  # (B, R, T)
+        queries, scores = q.new_empty(examples * heads * Tq * R), q.new_empty(examples * heads * Tq * T)
+        for b in range(0, B, examples):
+            e = min(examples, B - b)
+            for h in range(0, H, heads):
+                hh = min(heads, H - h)
+                qh = self._head_queries(q[b:b + e], slice(h, h + hh), out=queries[:e * hh * Tq * R].view(e, hh, Tq, R))
+                s = scores[:e * hh * Tq * T].view(e, hh * Tq, T)
+                torch.baddbmm(s, qh.view(e, hh * Tq, R), keys[b:b + e], beta=0, alpha=self.scaling, out=s)
+                s = s.view(e, hh, Tq, T).add_(bias[b:b + e, h:h + hh])
+                torch.softmax(s, dim=-1, out=s)
+                vh = v[b:b + e, :, h:h + hh].transpose(1, 2)  # (e, hh, T, dh)
+                if e == 1:  # straight into the (Tq, hh, dh) slice of the output
+                    torch.bmm(s[0], vh[0], out=out[b, :, h:h + hh].transpose(0, 1))
+                else:
+                    out[b:b + e, :, h:h + hh] = torch.matmul(s, vh).transpose(1, 2)
+        return out.view(B, Tq, H * dh)
 
     def _fused_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[U^T; V^T; content bias * scale; W_v; zero rows] (N, d) and its bias, N = 2R + H + d rounded up to a
@@ -190,8 +226,7 @@ class CollaborativeSelfAttention(nn.Module):
         y = x if self.full_sequence is None else self.full_sequence  # keys, values: (B, T, d) (see first_token_only_)
         (B, Tq, _), T = x.shape, y.shape[1]
         q, k, c, v = self._project(x, y)  # (B, Tq, R), (B, T, R), (B, T, H), (B, T, d)
-        q, k = self._per_head(q, k)  # (B, H, Tq, Rq), (B, H|1, T, Rq)
-        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
+        v = v.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, dh)
         # key-dependent part of the query bias, constant over queries: (B, H, 1, T)
         # already scaled by dh**-0.5; made contiguous, because a mask with c's (B, T, H) strides makes the CPU flash
         # kernel copy an expanded (B, H, Tq, T) mask on every call
@@ -203,16 +238,21 @@ class CollaborativeSelfAttention(nn.Module):
             bias = bias + mask[..., :Tq, :]
         head_mask = kwargs.get("head_mask")
         p_drop = self.dropout.p if self.training else 0.0
-        weights = None
-        if _implementation(self.config) == "sdpa" and head_mask is None and not output_attentions:
-            ctx = _sdpa(q, k, v, bias.to(q.dtype), p_drop, self.scaling)  # (B, H, Tq, dh)
+        weights, sdpa = None, _implementation(self.config) == "sdpa" and head_mask is None and not output_attentions
+        if sdpa and _shared_key_is_faster(self, q, p_drop):
+            out = self._shared_key_attention(q, k, v, bias.to(q.dtype))  # (B, Tq, d)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias  # (B, H, Tq, T)
-            weights = self.dropout(scores.softmax(dim=-1))
-            if head_mask is not None:
-                weights = weights * head_mask
-            ctx = torch.matmul(weights, v)  # (B, H, Tq, dh)
-        out = ctx.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)  # (B, Tq, d)
+            q, k = self._per_head(q, k)  # (B, H, Tq, Rq), (B, H|1, T, Rq)
+            v = v.transpose(1, 2)  # (B, H, T, dh)
+            if sdpa:
+                ctx = _sdpa(q, k, v, bias.to(q.dtype), p_drop, self.scaling)  # (B, H, Tq, dh)
+            else:
+                scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias  # (B, H, Tq, T)
+                weights = self.dropout(scores.softmax(dim=-1))
+                if head_mask is not None:
+                    weights = weights * head_mask
+                ctx = torch.matmul(weights, v)  # (B, H, Tq, dh)
+            out = ctx.transpose(1, 2).reshape(B, Tq, self.num_heads * self.head_dim)  # (B, Tq, d)
         if self.arch.output:
             out = getattr(self, self.arch.output)(out)
         if self.arch.returns == "mpnet":
@@ -227,12 +267,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     PyTorch's fused CPU kernel (flash) needs one head dim for q, k and v and otherwise silently falls back to the math
     path, which materialises the (B, H, Tq, T) scores. On CPU, zero-pad q and k (Rq < dh) or v (Rq > dh) to a common
     width: zeros add nothing to a dot product, and padded value columns are sliced off, so the result is exact.
-    Padding v to Rq multiplies the weighted-value work by Rq / dh, so in CPU inference a shared key wider than the
-    head dim (cp and tucker above dh) goes to :func:`_shared_key_attention` instead.
+    Padding v to Rq multiplies the weighted-value work by Rq / dh, which is why CPU inference with a shared key wider
+    than the head dim goes to ``CollaborativeSelfAttention._shared_key_attention`` instead.
     """
     B, H, _, dh = v.shape
-    if _shared_key_is_faster(q, k, v, p_drop):
-        return _shared_key_attention(q, k, v, bias, scale)
     width = max(q.shape[-1], dh) if q.device.type == "cpu" else 0  # other devices: kernels with two head dims
     if q.shape[-1] < width:
         q, k = _zero_pad(q, width), _zero_pad(k, width)
@@ -243,42 +281,16 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     return ctx[..., :dh]  # (B, H, Tq, dh)
 
 
-def _shared_key_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_drop: float) -> bool:
-    """CPU inference with one key for all heads, wider than the value head dim. Measured (benchmarks/latency.py and
-    docs/performance.md): 1.5 to 3 times faster than the fused kernel with padded values at Rq = 1.5 dh to 3 dh, on
-    1 and 2 threads, 32 to 512 tokens. Not when tracing (the block loop would fix the batch size in the graph), with
-    dropout, or when autograd records (the blocks are written in place)."""
-    return (q.device.type == "cpu" and k.shape[1] == 1 and q.shape[-1] > v.shape[-1] and p_drop == 0.0
-            and not (torch.is_grad_enabled() and q.requires_grad) and not _tracing())
-
-
 SCORE_BLOCK = 1 << 19  # score elements per block (2 MiB in float32): 2**18 to 2**20 measured within 10% of each other
 
 
-def _shared_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v for queries (B, H, Tq, R), one key per example (B, 1, T, R) and values
-    (B, H, T, dh), exact. Works through blocks of examples x heads whose scores stay in cache: one GEMM scores all
-    the block's heads against their shared key (a (heads * Tq, R) x (R, T) product), and values keep their own head
-    dim. Inference only: blocks are written in place."""
-    B, H, Tq, R = q.shape
-    T = k.shape[2]
-    out = v.new_empty(B, H, Tq, v.shape[-1])  # (B, H, Tq, dh)
-    heads = max(1, min(H, SCORE_BLOCK // (Tq * T)))
-    examples = max(1, SCORE_BLOCK // (H * Tq * T)) if heads == H else 1
-    keys = k[:, 0].transpose(1, 2)  # (B, R, T)
-    bias = bias.expand(B, H, *bias.shape[2:])  # (B, H, Tq|1, T), a view
-    buffer = q.new_empty(min(examples, B) * heads * Tq * T)
-    for b in range(0, B, examples):
-        for h in range(0, H, heads):
-            block = q[b:b + examples, h:h + heads]  # (e, hh, Tq, R)
-            e, hh = block.shape[:2]
-            scores = buffer[:e * hh * Tq * T].view(e, hh * Tq, T)
-            torch.baddbmm(scores, block.reshape(e, hh * Tq, R), keys[b:b + e], beta=0, alpha=scale, out=scores)
-            scores = scores.view(e, hh, Tq, T).add_(bias[b:b + e, h:h + hh])
-            torch.softmax(scores, dim=-1, out=scores)
-            torch.matmul(scores, v[b:b + e, h:h + hh], out=out[b:b + e, h:h + hh])
-    return out
+def _shared_key_is_faster(layer: CollaborativeSelfAttention, q: torch.Tensor, p_drop: float) -> bool:
+    """CPU inference with one key for all heads (cp, tucker), wider than the head dim. Measured against the fused
+    kernel with values padded to the key dim (docs/performance.md): 1.3 to 3 times faster per attention core at key
+    dims 1.5 to 6 times the head dim, 1 and 2 threads, 32 to 512 tokens. Not when tracing (the block loop would fix
+    the batch size in the graph), with dropout, or when autograd records (blocks are written in place)."""
+    return (q.device.type == "cpu" and layer.method != "svd" and layer.key_dim > layer.head_dim and p_drop == 0.0
+            and not (torch.is_grad_enabled() and q.requires_grad) and not _tracing())
 
 
 def _tracing() -> bool:
