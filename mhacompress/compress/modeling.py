@@ -177,11 +177,8 @@ class CollaborativeSelfAttention(nn.Module):
                 torch.baddbmm(s, qh.view(e, hh * Tq, R), keys[b:b + e], beta=0, alpha=self.scaling, out=s)
                 s = s.view(e, hh, Tq, T).add_(bias[b:b + e, h:h + hh])
                 torch.softmax(s, dim=-1, out=s)
-                vh = v[b:b + e, :, h:h + hh].transpose(1, 2)  # (e, hh, T, dh)
-                if e == 1:  # straight into the (Tq, hh, dh) slice of the output
-                    torch.bmm(s[0], vh[0], out=out[b, :, h:h + hh].transpose(0, 1))
-                else:
-                    out[b:b + e, :, h:h + hh] = torch.matmul(s, vh).transpose(1, 2)
+                # (e, hh, Tq, dh); a GEMM into a strided slice of the output ran 30% slower than this copy
+                out[b:b + e, :, h:h + hh] = torch.matmul(s, v[b:b + e, :, h:h + hh].transpose(1, 2)).transpose(1, 2)
         return out.view(B, Tq, H * dh)
 
     def _fused_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
