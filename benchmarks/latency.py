@@ -6,10 +6,11 @@ d = 768, 12 heads; random weights: speed does not depend on them). Grid: sequenc
 Reduced models get random factors of the right shapes (speed does not depend on the fit), so the run is the timing.
 
 The default run skips configurations whose original forward pass costs more than --max-gmacs (60 billion multiply-adds;
-the run took 11 minutes on 2 CPU cores shared with other jobs); --full runs everything (several times longer).
-Bigger configurations get fewer repeats.
+about 2.5 minutes on 2 idle CPU cores); --full runs everything (about 15 minutes, 8 of them BERT-base size at
+batch 32 x 512). Bigger configurations get fewer repeats (--repeats overrides).
 
     python benchmarks/latency.py                       # markdown tables on stdout
+    python benchmarks/latency.py --runs 3              # 3 fresh processes: medians over runs, with their range
     python benchmarks/latency.py --json out/latency.json --full
 """
 
@@ -18,8 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -81,7 +86,7 @@ def gmacs(model, batch_size: int, seq_len: int) -> float:
 
 def repeats_for(g: float) -> tuple[int, int]:
     """(warm-up, repeats): fewer for bigger configurations."""
-    return (1, 7) if g < 3 else (1, 3) if g < 30 else (1, 2) if g < 100 else (1, 1)
+    return (2, 25) if g < 3 else (1, 5) if g < 60 else (1, 2) if g < 400 else (1, 1)
 
 
 def run(args) -> dict:
@@ -96,6 +101,7 @@ def run(args) -> dict:
                     results["configs"].append({**row, "skipped": f"> {args.max_gmacs:g} GMACs (--full runs it)"})
                     continue
                 warmup, repeats = repeats_for(g)
+                repeats = args.repeats or repeats
                 batch = bench.inputs(model.config.vocab_size, batch_size, seq_len)
                 start = time.perf_counter()
                 cpu: dict = {}
@@ -110,6 +116,33 @@ def run(args) -> dict:
     return results
 
 
+def repeated(args) -> dict:
+    """The grid run ``args.runs`` times, each in a fresh process (so that memory layout and core placement vary as
+    they do between real runs); every cell becomes the median over runs, with the range."""
+    flags = ["--seq-lens", *map(str, args.seq_lens), "--batch-sizes", *map(str, args.batch_sizes),
+             "--max-gmacs", str(args.max_gmacs), *(["--full"] if args.full else []),
+             *(["--repeats", str(args.repeats)] if args.repeats else [])]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            path = os.path.join(tmp, f"{i}.json")
+            print(f"run {i + 1} of {args.runs}", file=sys.stderr)
+            subprocess.run([sys.executable, __file__, *flags, "--json", path], check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                runs.append(json.load(f))
+    merged = {"machine": runs[0]["machine"], "runs": args.runs, "configs": []}
+    for cells in zip(*(r["configs"] for r in runs)):
+        row = dict(cells[0])
+        if "ratio" in row:
+            row["original_ms"] = statistics.median(c["original_ms"] for c in cells)
+            for key in ("ratio", "cpu_ratio"):
+                row[key] = {k: statistics.median(c[key][k] for c in cells) for k in row[key]}
+            row["ratio_range"] = {k: (min(c["ratio"][k] for c in cells), max(c["ratio"][k] for c in cells))
+                                  for k in row["ratio"]}
+        merged["configs"].append(row)
+    return merged
+
+
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -121,11 +154,12 @@ def machine() -> dict:
 
 
 def markdown(results: dict) -> str:
-    m = results["machine"]
+    m, runs = results["machine"], results.get("runs", 1)
+    note = (f"the median over {runs} runs, in parentheses the lowest and highest run" if runs > 1 else
+            "in parentheses the same ratio of process CPU time (steadier when other jobs share the cores)")
     lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} (CPU), sdpa attention. Cells are "
-             f"reduced/original latency of the whole forward pass (median of interleaved runs; below 1.00 = faster, "
-             f"**bold** = slower): wall clock, and in parentheses process CPU time (steadier when other jobs share "
-             f"the cores)."]
+             f"reduced/original latency of the whole forward pass (median of interleaved repeats; below 1.00 = "
+             f"faster, **bold** = slower), wall clock: {note}."]
     for name in dict.fromkeys(c["model"] for c in results["configs"]):
         rows = [c for c in results["configs"] if c["model"] == name]
         labels = next((list(c["ratio"]) for c in rows if "ratio" in c), [])
@@ -136,8 +170,9 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {c['seq_len']} | {c['batch_size']} | skipped ({c['gmacs']:.0f} GMACs) |"
                              + " |" * len(labels))
                 continue
-            cells = [(f"**{r:.2f}**" if r > 1 else f"{r:.2f}") + f" ({c['cpu_ratio'][k]:.2f})"
-                     for k, r in c["ratio"].items()]
+            spread = ({k: f"{lo:.2f}-{hi:.2f}" for k, (lo, hi) in c["ratio_range"].items()} if "ratio_range" in c
+                      else {k: f"{r:.2f}" for k, r in c["cpu_ratio"].items()})
+            cells = [(f"**{r:.2f}**" if r > 1 else f"{r:.2f}") + f" ({spread[k]})" for k, r in c["ratio"].items()]
             lines.append(f"| {c['seq_len']} | {c['batch_size']} | {c['original_ms']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,9 +183,11 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument("--max-gmacs", type=float, default=60.0, help="skip bigger configurations unless --full")
     parser.add_argument("--full", action="store_true", help="run every configuration (long)")
+    parser.add_argument("--repeats", type=int, help="timed runs per cell (default: 7, fewer for big cells)")
+    parser.add_argument("--runs", type=int, default=1, help="fresh processes to run the grid in (medians, ranges)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
-    results = run(args)
+    results = repeated(args) if args.runs > 1 else run(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
