@@ -74,14 +74,24 @@ def test_cli_export_round_trip_on_padded_batches(tiny_dirs, tmp_path):
     assert np.abs(run_onnx(out, batch)[0] - want).max() <= 1e-4
 
 
-# svd pads q and k to the head dim (8); cp at 20 is checked against the blocked CPU path, which export never traces
+# svd heads (3) are narrower than the head dim (8), cp's shared key (20) wider; in PyTorch on CPU both are padded
+# or blocked for the fused kernel, which the exported graph does not need: it computes at the heads' own widths
 @pytest.mark.parametrize("method,key_dim", [("svd", 12), ("cp", 20)])
-def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim):
+def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim, monkeypatch):
+    from mhacompress.compress import modeling
     from mhacompress.export import export_onnx, padded_batch
 
     model = tiny_model("bert", attn="sdpa")
     reduce_(model, ReductionConfig(key_dim=key_dim, method=method, n_iter_max=5))
+    zero_pad, padded_in_export = modeling._zero_pad, []
+
+    def recorded(x, width):
+        padded_in_export.append(torch.onnx.is_in_onnx_export())
+        return zero_pad(x, width)
+
+    monkeypatch.setattr(modeling, "_zero_pad", recorded)
     report = export_onnx(model, tmp_path / "e.onnx")
+    assert not any(padded_in_export)
     assert report["outputs"] == ["last_hidden_state", "pooler_output"] and report["passed"]
     batch = padded_batch(100, 2, 11, seed=3)
     keep = batch["attention_mask"].bool().numpy()

@@ -265,10 +265,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     path, which materialises the (B, H, Tq, T) scores. On CPU, zero-pad q and k (Rq < dh) or v (Rq > dh) to a common
     width: zeros add nothing to a dot product, and padded value columns are sliced off, so the result is exact.
     Padding v to Rq multiplies the weighted-value work by Rq / dh, which is why CPU inference with a shared key wider
-    than the head dim goes to ``CollaborativeSelfAttention._shared_key_attention`` instead.
+    than the head dim goes to ``CollaborativeSelfAttention._shared_key_attention`` instead. An ONNX export is not
+    padded: the exporter writes sdpa as matrix products, which take two head dims.
     """
     B, H, _, dh = v.shape
-    width = max(q.shape[-1], dh) if q.device.type == "cpu" else 0  # other devices: kernels with two head dims
+    pad = q.device.type == "cpu" and not torch.onnx.is_in_onnx_export()  # GPU kernels take two head dims
+    width = max(q.shape[-1], dh) if pad else 0
     if q.shape[-1] < width:
         q, k = _zero_pad(q, width), _zero_pad(k, width)
     if dh < width:
