@@ -285,8 +285,8 @@ SCORE_BLOCK = 1 << 19  # score elements per block (2 MiB in float32): 2**18 to 2
 
 def _shared_key_is_faster(layer: CollaborativeSelfAttention, q: torch.Tensor, p_drop: float) -> bool:
     """CPU inference with one key for all heads (cp, tucker), wider than the head dim. Measured against the fused
-    kernel with values padded to the key dim (docs/performance.md): 1.3 to 3 times faster per attention core at key
-    dims 1.5 to 6 times the head dim, 1 and 2 threads, 32 to 512 tokens. Not when tracing (the block loop would fix
+    kernel with values padded to the key dim (docs/performance.md): 1.2 to 3 times faster per attention core at key
+    dims 1.5 to 3 times the head dim, 1 and 2 threads, 32 to 512 tokens. Not when tracing (the block loop would fix
     the batch size in the graph), with dropout, or when autograd records (blocks are written in place)."""
     return (q.device.type == "cpu" and layer.method != "svd" and layer.key_dim > layer.head_dim and p_drop == 0.0
             and not (torch.is_grad_enabled() and q.requires_grad) and not _tracing())
