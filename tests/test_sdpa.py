@@ -123,3 +123,12 @@ def test_first_token_shortcut_survives_save_and_load(tmp_path):
 def test_first_token_shortcut_needs_a_reduced_model():
     with pytest.raises(ValueError, match="reduced model"):
         first_token_only_(tiny_model("bert", head=True))
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+def test_shared_key_attention_is_exact_in_double_precision(method):
+    model, batch, keep, _ = reduced_and_eager(method, 20)  # key dim 20 > head dim 8: the blocked path
+    model.double()
+    fast = hidden(model, batch)
+    model.config._attn_implementation = "eager"
+    assert fast.dtype == torch.float64 and (fast[keep] - hidden(model, batch)[keep]).abs().max() <= 1e-12
