@@ -34,6 +34,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
 
     with user_errors():
         from ..compress.config import ConfigError
+        from ..compress.modeling import METHODS
         from ..eval.compare import Scorer
         from ..hub import load_pretrained
         from ..sweep import check_grid, plot, sweep as run_sweep
@@ -41,8 +42,8 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         dims = list(_parse_dims(key_dims))
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         for m in method_list:
-            if m not in ("cp", "tucker", "svd"):
-                raise ConfigError(f"--methods takes cp, tucker, svd; got {m!r}")
+            if m not in METHODS:
+                raise ConfigError(f"--methods takes {', '.join(METHODS)}; got {m!r}")
         scorer = Scorer.for_task(task, data_dir=data_dir, limit=limit)
         calibration = {"source": calibrate_source, "samples": samples} if calibrate_source else None
         texts = load_calibration(calibration, seed, data_dir)
