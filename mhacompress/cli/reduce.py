@@ -176,7 +176,8 @@ def collect_moments(model, tokenizer, texts: list, show_progress: bool) -> list:
 
 
 def _encodings(model, tokenizer, texts: list):
-    from ..eval.runner import batches, is_classifier
+    from ..compress.modeling import is_classifier
+    from ..eval.runner import batches
 
     if not is_classifier(model):  # sentence encoders see one sentence at a time
         texts = [(t,) for pair in texts for t in pair]
