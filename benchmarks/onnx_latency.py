@@ -25,8 +25,9 @@ VARIANTS = (("cp", 4), ("cp", 8), ("svd", 4), ("svd", 8))  # method, key dim d /
 SHAPES = ((1, 128), (32, 128))  # batch, sequence length
 
 
-def sessions(tmp: str, threads: int | None) -> dict:
-    """``{label: onnxruntime session}``: the original MiniLM and its reductions, exported and checked."""
+def sessions(tmp: str, threads: int | None) -> tuple[dict, int]:
+    """``{label: onnxruntime session}`` of the original MiniLM and its reductions (exported and checked), and the
+    vocabulary size."""
     import onnxruntime as ort
 
     from mhacompress.export import export_onnx
@@ -43,15 +44,15 @@ def sessions(tmp: str, threads: int | None) -> dict:
         path = os.path.join(tmp, label.replace(" ", "_").replace("/", "_") + ".onnx")
         export_onnx(m, path)
         out[label] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return out
+    return out, model.config.vocab_size
 
 
 def run(args) -> dict:
     results = {"machine": machine(), "threads": args.threads or "onnxruntime default", "cells": []}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = sessions(tmp, args.threads)
+        runs, vocab_size = sessions(tmp, args.threads)
         for batch_size, seq_len in SHAPES:
-            feed = {k: v.numpy() for k, v in bench.inputs(30522, batch_size, seq_len).items()}
+            feed = {k: v.numpy() for k, v in bench.inputs(vocab_size, batch_size, seq_len).items()}
             ratios = {label: [] for label in runs if label != "original"}
             originals = []
             for _ in range(args.runs):
