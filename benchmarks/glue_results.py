@@ -84,7 +84,7 @@ def calibrated(args, folder, task, dim):
     """The fine-tuned model reduced at ``dim`` with calibration on its task's TRAIN sentences (what
     `mhacompress reduce FOLDER -k DIM --calibrate TASK --samples N` does); the tokenizer too."""
     from mhacompress.cli.reduce import collect_moments
-    from mhacompress.compress.calibrate import calibration_texts
+    from mhacompress.calibration import calibration_texts
     from mhacompress.hub import load_pretrained
 
     model, tok, _ = load_pretrained(folder)

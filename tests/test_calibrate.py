@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import padded_batch, tiny_model
-from mhacompress.compress.calibrate import calibration_texts, second_moments, unwhiten, whitening
+from mhacompress.calibration import calibration_texts
+from mhacompress.compress.calibrate import second_moments, unwhiten, whitening
 from mhacompress.compress.config import ReductionConfig
 from mhacompress.compress.decompose import decompose, relative_error
 from mhacompress.compress.surgery import reduce_

@@ -105,7 +105,7 @@ def load_calibration(calibration: dict | None, seed: int, data_dir) -> list | No
     are kept together and split later for sentence encoders."""
     if not calibration:
         return None
-    from ..compress.calibrate import calibration_texts
+    from ..calibration import calibration_texts
 
     return calibration_texts(calibration["source"], calibration["samples"], seed=seed, data_dir=data_dir)
 

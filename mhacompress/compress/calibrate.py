@@ -9,68 +9,13 @@ error in the whitened space is that expected error, relative to E[(x^T A y)^2].
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from ..errors import UsageError
 from .decompose import Factors
 from .modeling import arch_for, attention_modules
-
-
-def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool = True,
-                      data_dir: str | None = None) -> list[tuple[str, ...]]:
-    """``samples`` texts from a GLUE task's TRAIN split, a text file (one sequence a line) or a jsonl file (``text``,
-    or ``sentence1``/``sentence2``, or ``question``/``sentence``... : every string field of a record, in order).
-    ``pairs=False`` splits sentence pairs into single sentences (for sentence encoders)."""
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {samples}")
-    path = Path(source).expanduser()
-    if path.is_file():
-        texts = _read_file(path)
-    elif path.suffix in (".txt", ".jsonl", ".json") or "/" in source:
-        raise UsageError(f"no calibration file at {source!r}; pass a GLUE task name, a .txt or a .jsonl file")
-    else:
-        from ..eval.data import load_examples
-        from ..eval.tasks import get_task
-
-        try:
-            task = get_task(source)
-        except UsageError as err:
-            raise UsageError(f"{err} (or pass a .txt / .jsonl file to --calibrate)") from None
-        texts = load_examples(task, "train", data_dir=data_dir, limit=samples, seed=seed).texts
-    if not pairs:
-        texts = [(t,) for pair in texts for t in pair]
-    if not texts:
-        raise UsageError(f"no calibration text in {source!r}")
-    if len(texts) > samples:
-        texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), samples))]
-    return texts
-
-
-def _read_file(path: Path) -> list[tuple[str, ...]]:
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return [(line,) for line in lines]
-    texts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path}:{n} is not valid JSON; a .jsonl file holds one JSON object a line") from None
-        if isinstance(record, str):
-            texts.append((record,))
-            continue
-        fields = [record["text"]] if isinstance(record.get("text"), str) else [
-            v for v in record.values() if isinstance(v, str)]
-        if not fields:
-            raise UsageError(f"{path}:{n} has no text field (expected e.g. {{\"text\": \"...\"}})")
-        texts.append(tuple(fields[:2]))
-    return texts
 
 
 @torch.no_grad()
