@@ -73,8 +73,8 @@ class Cache:
 
 
 def reduced(model, dim, method="cp", n_iter_max=100, moments=None):
-    from mhacompress.compress.config import ReductionConfig
-    from mhacompress.compress.surgery import reduce_
+    from mhacompress.reduction.config import ReductionConfig
+    from mhacompress.reduction.surgery import reduce_
 
     reduce_(model, ReductionConfig(key_dim=dim, method=method, n_iter_max=n_iter_max), moments=moments)
     return model

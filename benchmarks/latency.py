@@ -30,7 +30,7 @@ import time
 import torch
 
 from mhacompress import bench
-from mhacompress.compress.modeling import attention_modules, collaborate_, first_token_only_
+from mhacompress.reduction.modeling import attention_modules, collaborate_, first_token_only_
 
 SEQ_LENS = (32, 128, 512)
 BATCH_SIZES = (1, 32)

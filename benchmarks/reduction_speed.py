@@ -27,9 +27,9 @@ def main() -> None:
 
     from transformers import BertConfig, BertModel
 
-    from mhacompress.compress.config import ReductionConfig
-    from mhacompress.compress.decompose import cp_als, head_svd, score_tensor, tucker2
-    from mhacompress.compress.surgery import reduce_
+    from mhacompress.reduction.config import ReductionConfig
+    from mhacompress.reduction.decompose import cp_als, head_svd, score_tensor, tucker2
+    from mhacompress.reduction.surgery import reduce_
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(num_hidden_layers=args.layers)).eval()

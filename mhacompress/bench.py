@@ -50,7 +50,7 @@ def attention_latency(original, reduced, batch_size: int, seq_len: int, *, layer
     """Median seconds of one self-attention module of each model on random hidden states (B, T, d), no mask."""
     import torch
 
-    from .compress.modeling import arch_for, attention_modules
+    from .reduction.modeling import arch_for, attention_modules
 
     a, b = attention_modules(original)[layer][2], attention_modules(reduced)[layer][2]
     d = getattr(original.config, arch_for(original.config).hidden)

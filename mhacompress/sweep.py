@@ -1,57 +1,112 @@
-"""Reduce and score one model at many (method, key dim) settings in one run: the original is loaded, calibrated and
-scored once; every setting reduces a fresh copy of it."""
+"""Reduce and score one model at many settings: every (method, key dim) cell is one ``compress`` call on a fresh
+copy of the model, scored on a task's dev split beside the original. Cells are plain dicts and ``run_cell`` is a
+top-level function, so an executor can run them anywhere (this process, or Ray workers)."""
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Callable
 
-from .compress.config import ReductionConfig
-from .compress.surgery import model_shape, reduce_
+from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 
-def check_grid(model, methods: list[str], key_dims: list[int]) -> None:
-    """Refuse impossible settings before any work (key dims out of range, svd dims not a multiple of H)."""
-    layers, heads, head_dim = model_shape(model)
-    for method in methods:
-        for k in key_dims:
-            ReductionConfig(key_dim=k, method=method).layer_key_dims(layers, heads, head_dim)
-
-
-def sweep(model, tokenizer, scorer, methods: list[str], key_dims: list[int], *, moments=None, seed: int = 0,
-          on_step: Callable[[str], None] | None = None) -> dict:
-    """Score the original, then each (method, key dim) reduction of a copy of ``model``. ``scorer`` is an
-    eval.compare.Scorer; ``moments`` calibration second moments (from the original) or None."""
-    check_grid(model, methods, key_dims)
-    metric = scorer.task.main
-    start = time.perf_counter()
-    original = scorer(model, tokenizer, "the original")
-    qk_before = None
-    rows = []
+def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
+         seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "cpu") -> list[dict]:
+    """The cells of a sweep: the original first, then every (method, key dim), each a JSON-able dict."""
+    if not methods:
+        raise ConfigError("--methods is empty; give at least one method, e.g. --methods cp,svd")
+    if not key_dims:
+        raise ConfigError("--key-dims is empty; give at least one key dim, e.g. --key-dims 96,48")
+    common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
+              "calibration": None if calibration is None else calibration.__dict__.copy()}
+    cells = [{**common, "method": None, "key_dim": None}]
     for method in methods:
         for key_dim in key_dims:
-            t = time.perf_counter()
-            reduced = copy.deepcopy(model)
-            block = reduce_(reduced, ReductionConfig(key_dim=key_dim, method=method, seed=seed), moments=moments)
-            scores = scorer(reduced, tokenizer, f"{method} at key dim {key_dim}")
-            layers = block["layers"]
-            qk_before = sum(x["qk_params_before"] for x in layers)
-            rows.append({
-                "method": method, "key_dim": key_dim, "metric": metric, "score": scores[metric],
-                "drop": original[metric] - scores[metric], "metrics": scores,
-                "qk_params": sum(x["qk_params_after"] for x in layers),
-                "mean_relative_error": sum(x["relative_error"] for x in layers) / len(layers),
-                **({"mean_expected_score_error": sum(x["expected_score_error"] for x in layers) / len(layers)}
-                   if moments is not None else {}),
-                "seconds": round(time.perf_counter() - t, 3),
-            })
-            del reduced
-            if on_step:
-                on_step(f"{method} {key_dim}")
-    return {"task": scorer.task.name, "metric": metric, "examples": len(scorer.examples),
-            "original": {"score": original[metric], "metrics": original, "qk_params": qk_before},
-            "results": rows, "seconds": round(time.perf_counter() - start, 3)}
+            ReductionConfig(key_dim=key_dim, method=method)  # refuse bad settings before any work
+            cells.append({**common, "method": method, "key_dim": key_dim})
+    return cells
+
+
+def cell_config(cell: dict) -> ReductionConfig:
+    calibration = None if cell["calibration"] is None else Calibration(**cell["calibration"])
+    return ReductionConfig(key_dim=cell["key_dim"], method=cell["method"], seed=cell["seed"], calibration=calibration)
+
+
+def run_cell(cell: dict) -> dict:
+    """Score one cell: the original (method None), or the model reduced as the cell says."""
+    from .eval.compare import Scorer
+    from .hub import load_pretrained
+    from .pipeline import compress
+
+    start = time.perf_counter()
+    scorer = Scorer.for_task(cell["task"], data_dir=cell["data_dir"], limit=cell["limit"], device=cell["device"])
+    model, tokenizer, _ = load_pretrained(cell["model"], device=cell["device"])
+    if cell["method"] is None:
+        from .reduction.cost import layer_shapes, qk_params
+
+        scores = scorer(model, tokenizer, "the original")
+        return {"metrics": scores, "examples": len(scorer.examples), "qk_params": sum(map(qk_params, layer_shapes(model))),
+                "seconds": round(time.perf_counter() - start, 3)}
+    result = compress(model, tokenizer=tokenizer, config=cell_config(cell), data_dir=cell["data_dir"],
+                      device=cell["device"])
+    scores = scorer(result.model, tokenizer, f"{cell['method']} at key dim {cell['key_dim']}")
+    layers = result.report["layers"]
+    row = {"metrics": scores, "examples": len(scorer.examples), "qk_params": result.report["params"]["after"],
+           "mean_relative_error": sum(x["relative_error"] for x in layers) / len(layers),
+           "seconds": round(time.perf_counter() - start, 3)}
+    if all("expected_score_error" in x for x in layers):
+        row["mean_expected_score_error"] = sum(x["expected_score_error"] for x in layers) / len(layers)
+    return row
+
+
+def run_local(cells: list[dict], fn: Callable[[dict], dict], on_result=None) -> list[dict]:
+    """Run the cells one after another in this process; a failing cell is reported, never fatal to the rest."""
+    done = []
+    for cell in cells:
+        start = time.perf_counter()
+        try:
+            out = {"cell": cell, "ok": True, "result": fn(cell), "error": None}
+        except Exception as err:  # noqa: BLE001  a cell's failure is data in the sweep's table
+            out = {"cell": cell, "ok": False, "result": None, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
+        out["seconds"] = round(time.perf_counter() - start, 3)
+        done.append(out)
+        if on_result:
+            on_result(out)
+    return done
+
+
+def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:
+    """The `sweep --json` object from the outcomes (in cell order): the original, one row per reduction (its drop
+    is original minus reduced on the task's main metric: positive = worse), and the failed cells."""
+    from .eval.tasks import get_task
+
+    metric = get_task(task).main
+    original = outcomes[0]
+    if not original["ok"]:
+        raise ConfigError(f"scoring the original failed: {original['error']}")
+    base = original["result"]
+    rows, failed = [], []
+    for cell, out in zip(cells[1:], outcomes[1:]):
+        if not out["ok"]:
+            failed.append({"method": cell["method"], "key_dim": cell["key_dim"], "error": out["error"]})
+            continue
+        r = out["result"]
+        rows.append({"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
+                     "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
+                     **{k: v for k, v in r.items() if k != "examples"}})
+    return {"model": model, "task": get_task(task).name, "metric": metric, "examples": base["examples"],
+            "calibration": cells[0]["calibration"],
+            "original": {"score": base["metrics"][metric], "metrics": base["metrics"], "qk_params": base["qk_params"]},
+            "results": rows, "failed": failed, "seconds": round(seconds, 3)}
+
+
+def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
+          seed: int = 0, data_dir=None, limit=None, device: str = "cpu", on_result=None) -> dict:
+    """Every (method, key dim) of ``model`` scored on ``task`` beside the original, in this process."""
+    start = time.perf_counter()
+    cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
+                 device=device)
+    return table(cells, run_local(cells, run_cell, on_result), model, task, time.perf_counter() - start)
 
 
 def plot(result: dict, path) -> None:
@@ -62,7 +117,7 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    methods = sorted({r["method"] for r in result["results"]}, key=["cp", "tucker", "svd"].index)
+    methods = list(dict.fromkeys(r["method"] for r in result["results"]))
     for method in methods:
         rows = sorted((r for r in result["results"] if r["method"] == method), key=lambda r: r["key_dim"])
         axes[0].plot([r["key_dim"] for r in rows], [r["score"] for r in rows], "o-", label=method)
@@ -80,4 +135,3 @@ def plot(result: dict, path) -> None:
     fig.suptitle(f"{result.get('model', '')}: {result['task']} ({result['examples']} examples), no retraining")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import tiny_model
-from mhacompress.compress.allocate import allocate, budget_key_dims, candidate_dims
-from mhacompress.compress.cost import LayerShape, qk_params
-from mhacompress.compress.config import ConfigError, ReductionConfig
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.allocate import allocate, budget_key_dims, candidate_dims
+from mhacompress.reduction.cost import LayerShape, qk_params
+from mhacompress.reduction.config import ConfigError, ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 
 
 def test_candidate_dims():

@@ -9,11 +9,11 @@ from click.testing import CliRunner
 
 from conftest import tiny_model
 from mhacompress.cli import main
-from mhacompress.compress.allocate import cp_error_curve
-from mhacompress.compress.analysis import (
+from mhacompress.reduction.allocate import cp_error_curve
+from mhacompress.reduction.analysis import (
     effective_rank, head_spectra, shared_bound, svd_error_curve, unfolding_spectra,
 )
-from mhacompress.compress.decompose import head_svd, score_tensor
+from mhacompress.reduction.decompose import head_svd, score_tensor
 
 H, DH, D = 3, 4, 10  # heads, head dim, hidden (d > H*dh: the unfoldings are not square)
 
@@ -66,9 +66,9 @@ def test_svd_curve_and_the_shared_bound():
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_cp_curve_equals_one_decomposition_per_key_dim(calibrated):
     """allocate.error_curves computes the SVD init (and whitening) once per layer: the numbers must not change."""
-    from mhacompress.compress.allocate import error_curves
-    from mhacompress.compress.config import ReductionConfig
-    from mhacompress.compress.surgery import decompose_layer
+    from mhacompress.reduction.allocate import error_curves
+    from mhacompress.reduction.config import ReductionConfig
+    from mhacompress.reduction.surgery import decompose_layer
 
     model = tiny_model("bert")
     config = ReductionConfig(key_dim=1, n_iter_max=30)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import TINY, padded_batch, tiny_config, tiny_model
-from mhacompress.compress.config import ConfigError, ReductionConfig
-from mhacompress.compress.modeling import (
+from mhacompress.reduction.config import ConfigError, ReductionConfig
+from mhacompress.reduction.modeling import (
     ARCHITECTURES, CollaborativeSelfAttention, UnsupportedModelError, arch_for, attention_modules,
 )
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.surgery import reduce_
 
 FULL = 32  # H * dh of the tiny models
 

@@ -5,10 +5,10 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
-from mhacompress.compress.calibrate import second_moments, unwhiten, whitening
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.decompose import decompose, relative_error
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.calibrate import second_moments, unwhiten, whitening
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.decompose import decompose, relative_error
+from mhacompress.reduction.surgery import reduce_
 from mhacompress.errors import UsageError
 
 H, DH, D = 4, 4, 16

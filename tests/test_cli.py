@@ -65,7 +65,9 @@ def test_reduce_without_output_is_a_dry_run(tiny_dir, tmp_path, monkeypatch):
     (["-k", "0"], ["positive integers"]),
     (["-k", "33"], ["out of range", "1..32"]),
     (["-k", "10", "--method", "svd"], ["not a multiple of 4"]),
-    (["-k", "8", "--tol", "-1"], ["non-negative"]),
+    (["-k", "8", "--tol", "-1"], ["--tol", "finite number >= 0"]),
+    (["-k", "8", "--tol", "nan"], ["--tol", "finite number >= 0"]),
+    (["-k", "8", "--iterations", "0"], ["--iterations", ">= 1"]),
 ])
 def test_reduce_bad_key_dims(tiny_dir, tmp_path, args, fragments):
     result = invoke("reduce", tiny_dir, *args, "-o", tmp_path / "out")
@@ -119,7 +121,8 @@ def test_reduce_calibrated_reports_expected_score_error(tiny_dir, calibration_fi
     result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--samples", "16", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["calibration"] == {"source": str(calibration_file), "samples": 16}
+    assert report["calibration"]["source"] == str(calibration_file) and report["calibration"]["samples"] == 16
+    assert report["calibration"]["sequential"] is True  # the default data-aware path
     assert all(0 < x["expected_score_error"] < 1 for x in report["layers"])
 
 
@@ -132,7 +135,7 @@ def test_reduce_budget_chooses_per_layer_dims_within_budget(tiny_dir, tmp_path):
     import mhacompress
 
     model, _ = mhacompress.load(tmp_path / "out")
-    from mhacompress.compress.modeling import attention_modules
+    from mhacompress.reduction.modeling import attention_modules
 
     assert [m.key_dim for _, _, m in attention_modules(model)] == report["key_dims"]
 
@@ -146,7 +149,7 @@ def test_reduce_refine_reports_output_errors(tiny_dir, calibration_file):
 @pytest.mark.parametrize("args,fragment", [
     (["-k", "8", "--refine", "5"], "give --calibrate SOURCE too"),
     (["-k", "8", "--budget", "0.5"], "give exactly one of --key-dim"),
-    (["--key-dims", "8,x"], "comma-separated integers"),
+    (["--key-dims", "8,x"], "comma-separated positive integers"),
     (["--budget", "1.5"], "0 < F <= 1"),
     (["-k", "8", "--calibrate", "nope.txt"], "no calibration file"),
 ])

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from conftest import tiny_config, tiny_model
 from mhacompress.cli import main
-from mhacompress.compress import cost
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.modeling import arch_for, attention_modules
-from mhacompress.compress.surgery import qk_parameters, reduce_
+from mhacompress.reduction import cost
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.modeling import arch_for, attention_modules
+from mhacompress.reduction.surgery import qk_parameters, reduce_
 
 # tiny BERT: d = 32, H = 4, dh = 8; key dim R = 8
 HAND = {  # (Q/K params, projection MACs per token, score MACs per token pair)

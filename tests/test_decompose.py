@@ -6,7 +6,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import parafac, partial_tucker
 
-from mhacompress.compress.decompose import (
+from mhacompress.reduction.decompose import (
     cp_als, cp_exact, cp_init, cp_relative_error, decompose, head_svd, score_norm2, score_tensor, tucker2,
 )
 
@@ -156,7 +156,7 @@ def test_bad_ranks_are_refused():
 
 @pytest.mark.parametrize("method,key_dim", [("cp", 6), ("tucker", 6), ("svd", 8)])
 def test_generic_relative_error_is_the_dense_error(method, key_dim):
-    from mhacompress.compress.decompose import relative_error
+    from mhacompress.reduction.decompose import relative_error
 
     wq, wk = random_weights(seed=11)
     f = decompose(wq, wk, H, key_dim, method)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from conftest import tiny_config, tiny_model
 from mhacompress.cli import main
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -78,18 +78,18 @@ def test_cli_export_round_trip_on_padded_batches(tiny_dirs, tmp_path):
 # or blocked for the fused kernel, which the exported graph does not need: it computes at the heads' own widths
 @pytest.mark.parametrize("method,key_dim", [("svd", 12), ("cp", 20)])
 def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim, monkeypatch):
-    from mhacompress.compress import modeling
     from mhacompress.export import export_onnx, padded_batch
+    from mhacompress.reduction.modeling import kernels
 
     model = tiny_model("bert", attn="sdpa")
     reduce_(model, ReductionConfig(key_dim=key_dim, method=method, n_iter_max=5))
-    zero_pad, padded_in_export = modeling._zero_pad, []
+    zero_pad, padded_in_export = kernels.zero_pad, []
 
     def recorded(x, width):
         padded_in_export.append(torch.onnx.is_in_onnx_export())
         return zero_pad(x, width)
 
-    monkeypatch.setattr(modeling, "_zero_pad", recorded)
+    monkeypatch.setattr(kernels, "zero_pad", recorded)
     report = export_onnx(model, tmp_path / "e.onnx")
     assert not any(padded_in_export)
     assert report["outputs"] == ["last_hidden_state", "pooler_output"] and report["passed"]

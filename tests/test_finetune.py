@@ -67,9 +67,9 @@ def test_training_is_seeded(tokenizer):
 
 
 def test_reduced_model_keeps_collaborative_layers(tokenizer, tmp_path):
-    from mhacompress.compress.config import ReductionConfig
-    from mhacompress.compress.modeling import CollaborativeSelfAttention
-    from mhacompress.compress.surgery import reduce_
+    from mhacompress.reduction.config import ReductionConfig
+    from mhacompress.reduction.modeling import CollaborativeSelfAttention
+    from mhacompress.reduction.surgery import reduce_
     from mhacompress.hub import load_pretrained
 
     encoder = tiny_encoder()

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 import mhacompress
 from mhacompress.cli import main
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 from mhacompress.hub import load_pretrained
 
 SENTENCES = [

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import mhacompress
 from conftest import padded_batch, tiny_model
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 from mhacompress.errors import UsageError
 from mhacompress.hub import REMOTE_CODE_FILE, save
 
@@ -37,7 +37,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, model_type, head, meth
     batch = padded_batch()
     save(model, None, tmp_path / "out")
     again, _ = mhacompress.load(tmp_path / "out", attn_implementation=model.config._attn_implementation)
-    assert type(again).__name__ == "Collaborative" + type(model).__name__
+    assert type(again).__name__ == type(model).__name__ == "Collaborative" + type(tiny_model(model_type, head)).__name__
     assert torch.equal(run(again, batch), run(model, batch))
 
 
@@ -60,11 +60,15 @@ def test_saved_folder_layout_and_compression_block(tmp_path):
     assert {"config.json", "model.safetensors", REMOTE_CODE_FILE} <= files
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     block = config["compression"]
-    assert block["format_version"] == 1 and block["method"] == "cp" and block["key_dim"] == 8
+    assert block["format_version"] == 2 and block["method"] == "cp" and block["key_dim"] == 8
+    assert block["layout"] == "diagonal" and block["base_model_type"] == "bert" and block["modified"] == []
+    assert config["model_type"] == "mhacompress-bert"  # plain transformers refuses it instead of loading random Q/K
+    assert config["architectures"] == ["CollaborativeBertForSequenceClassification"]
     assert block["source_model"] == "tiny" and block["tool_version"] == "test" and block["reduction"]["seed"] == 0
     assert [layer["key_dim"] for layer in block["layers"]] == [8, 8]
     assert all(0 < layer["relative_error"] < 1 for layer in block["layers"])
     assert config["auto_map"] == {
+        "AutoConfig": "modeling_mhacompress.CollaborativeBertConfig",
         "AutoModel": "modeling_mhacompress.CollaborativeBertModel",
         "AutoModelForSequenceClassification": "modeling_mhacompress.CollaborativeBertForSequenceClassification",
     }
@@ -86,17 +90,52 @@ assert not any(name.startswith("mhacompress") for name in sys.modules), "remote 
 """
 
 
-@pytest.mark.parametrize("head", [False, True])
-def test_automodel_with_remote_code_in_a_process_without_mhacompress(tmp_path, head):
+@pytest.mark.parametrize("head,writer", [(False, "hub.save"), (True, "hub.save"), (False, "save_pretrained"),
+                                         (True, "save_pretrained")])
+def test_automodel_with_remote_code_in_a_process_without_mhacompress(tmp_path, head, writer):
     model = reduced(head=head)
     out = tmp_path / "out"
-    save(model, None, out)
+    save(model, None, out) if writer == "hub.save" else model.save_pretrained(out)  # the model saves itself
     batch = padded_batch()
     torch.save(batch, out / "batch.pt")
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", REMOTE, str(out), "head" if head else "encoder"], check=True, cwd=tmp_path,
                    env=env, timeout=120)
     assert torch.equal(torch.load(out / "remote.pt"), run(model, batch))
+
+
+def test_plain_save_pretrained_reloads_as_the_reduced_model(tmp_path):
+    model = reduced(head=True)
+    model.save_pretrained(tmp_path / "out")
+    again, _ = mhacompress.load(tmp_path / "out", attn_implementation="eager")
+    batch = padded_batch()
+    assert torch.equal(run(again, batch), run(model, batch))
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"modeling_mhacompress.py", "attention.py", "kernels.py",
+                                                              "architectures.py"}
+
+
+def test_plain_transformers_refuses_a_reduced_folder_instead_of_loading_random_weights(tmp_path):
+    from transformers import AutoModel
+
+    reduced().save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModel.from_pretrained(tmp_path / "out")
+
+
+def test_a_format_1_folder_still_loads(tmp_path):
+    model = reduced()
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    block = config["compression"]
+    for key in ("layout", "base_model_type", "modified", "first_token_only"):
+        del block[key]
+    block["format_version"], config["model_type"] = 1, "bert"
+    block["reduction"] = {"key_dim": 8, "method": "cp", "key_dims": None, "n_iter_max": 100, "tol": 1e-5,
+                          "init": "svd", "seed": 0, "extra": {}}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    again, _ = mhacompress.load(tmp_path / "old", attn_implementation="eager")
+    batch = padded_batch()
+    assert torch.equal(run(again, batch), run(model, batch))
 
 
 def test_same_seed_gives_bit_identical_weights():

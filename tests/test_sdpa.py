@@ -7,10 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import padded_batch, tiny_model
-from mhacompress.compress.config import ReductionConfig
-from mhacompress.compress import modeling
-from mhacompress.compress.modeling import attention_modules, first_token_only_
-from mhacompress.compress.surgery import reduce_
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.modeling import attention_modules, first_token_only_, kernels
+from mhacompress.reduction.surgery import reduce_
 
 # key dims below, at and above the head dim (8): the fused kernel needs q, k and v padded to one width
 CASES = [("cp", 4), ("cp", 8), ("cp", 20), ("tucker", 6), ("tucker", 16), ("svd", 4), ("svd", 16), ("svd", 32)]
@@ -40,7 +39,7 @@ def test_sdpa_equals_eager_in_inference(method, key_dim):
 @pytest.mark.parametrize("method,key_dim", CASES)
 def test_sdpa_equals_eager_in_the_fused_kernel(method, key_dim, monkeypatch):
     model, batch, keep, want = reduced_and_eager(method, key_dim)
-    monkeypatch.setattr(modeling, "_shared_key_is_faster", lambda *args: False)  # as when exporting
+    monkeypatch.setattr(kernels, "shared_key_is_faster", lambda *args: False)  # as when exporting
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the fused CPU kernel cannot take these shapes
         fast = hidden(model, batch)
     assert (fast[keep] - want[keep]).abs().max() <= 1e-5
@@ -60,7 +59,7 @@ def test_inference_with_a_wide_shared_key_does_not_pad_values(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the fused kernel would need values padded to the key dim")
 
-    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", refuse)
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", refuse)
     hidden(model, padded_batch())
 
 
@@ -76,10 +75,10 @@ def test_shared_key_attention_is_softmax_attention_in_any_blocking(monkeypatch, 
     q, k = torch.randn(5, 7, 12), torch.randn(5, 11, 20)[..., 2:14]  # keys strided, as slices of the projection
     v, bias = torch.randn(5, 11, 40)[..., 3:35].view(5, 11, 4, 8), torch.randn(bias_shape)
     with torch.no_grad():
-        qh, kh = layer._per_head(q, k)  # (5, 4, 7, 12), (5, 1, 11, 12)
+        qh, kh = layer.head_queries(q), layer.head_keys(k)  # (5, 4, 7, 12), (5, 1, 11, 12)
         want = ((qh @ kh.transpose(-1, -2)) * layer.scaling + bias).softmax(dim=-1) @ v.transpose(1, 2)
-        monkeypatch.setattr(modeling, "SCORE_BLOCK", block)
-        got = layer._shared_key_attention(q, k, v, bias)  # (5, 7, 32)
+        monkeypatch.setattr(kernels, "SCORE_BLOCK", block)
+        got = kernels.shared_key_attention(layer, q, k, v, bias)  # (5, 7, 32)
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(5, 7, 32), atol=1e-6, rtol=0)
 
 
@@ -132,3 +131,36 @@ def test_shared_key_attention_is_exact_in_double_precision(method):
     fast = hidden(model, batch)
     model.config._attn_implementation = "eager"
     assert fast.dtype == torch.float64 and (fast[keep] - hidden(model, batch)[keep]).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_one_model_served_from_eight_threads_gives_the_serial_outputs(attn):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model("bert", head=True, attn=attn)
+    reduce_(model, ReductionConfig(key_dim=12, n_iter_max=5))
+    first_token_only_(model)  # the path that once passed keys through a shared attribute
+    batches = [padded_batch(lengths=(9, 4, 7, 1)[: 1 + i % 4], seed=i) for i in range(200)]
+
+    def serve(batch):
+        with torch.inference_mode():  # per thread: grad mode is thread-local
+            return model(**batch).logits
+
+    serial = [serve(b) for b in batches]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(serve, batches))
+    assert all(torch.equal(a, b) for a, b in zip(serial, threaded))
+
+
+def test_a_forward_that_raises_leaves_no_state_behind():
+    model = tiny_model("bert", head=True, attn="sdpa")
+    reduce_(model, ReductionConfig(key_dim=12, n_iter_max=5))
+    first_token_only_(model)
+    batch = padded_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+        with pytest.raises(Exception):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][:, :3])  # mismatched mask
+        torch.testing.assert_close(model(**batch).logits, want, atol=0, rtol=0)
+    layer = attention_modules(model)[-1][2]
+    assert not any(isinstance(v, torch.Tensor) and v.dim() == 3 for v in vars(layer).values())  # no stashed hidden states

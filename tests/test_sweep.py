@@ -38,7 +38,9 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--methods", "cp,pca"], "--methods takes cp, tucker, svd"),
-    (["--key-dims", "8,x"], "comma-separated integers"),
+    (["--methods", ""], "--methods takes cp, tucker, svd"),
+    (["--methods", ","], "--methods takes cp, tucker, svd"),
+    (["--key-dims", "8,x"], "comma-separated positive integers"),
     (["--key-dims", "10", "--methods", "svd"], "not a multiple of 4"),
 ])
 def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):

@@ -32,8 +32,8 @@ def user_errors():
     except UsageError as err:
         raise click.ClickException(str(err)) from None
     except ValueError as err:
-        from ..compress.config import ConfigError
-        from ..compress.modeling import UnsupportedModelError
+        from ..reduction.config import ConfigError
+        from ..reduction.modeling import UnsupportedModelError
 
         if isinstance(err, (ConfigError, UnsupportedModelError)):
             raise click.ClickException(str(err)) from None
@@ -52,7 +52,7 @@ def first_token_option(help_tail: str):
 
 def require_classifier(model, name) -> None:
     """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
-    from ..compress.modeling import is_classifier
+    from ..reduction.modeling import is_classifier
     from ..errors import UsageError
 
     if not is_classifier(model):
@@ -63,7 +63,7 @@ def require_classifier(model, name) -> None:
 
 def first_token_shortcut(model, name) -> None:
     """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
-    from ..compress.modeling import first_token_only_
+    from ..reduction.modeling import first_token_only_
     from ..errors import UsageError
 
     require_classifier(model, name)
@@ -86,3 +86,52 @@ def progress(enabled: bool = True):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console(), transient=True, disable=not enabled)
+
+
+def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
+    """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
+    from ..errors import UsageError
+
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(k < 1 for k in dims):
+        raise UsageError(f"{option} takes comma-separated positive integers, e.g. 48,96,192; got {text!r}")
+    return dims
+
+
+def method_choice():
+    """--method choices from the registry (which imports no torch)."""
+    from ..reduction import methods
+
+    return click.Choice(methods.names())
+
+
+def method_help() -> str:
+    from ..reduction import methods
+
+    return "; ".join(f"{name}: {summary}" for name, summary in methods.summaries().items()) + "."
+
+
+class ProgressBars:
+    """Render ``mhacompress.Progress`` events: one bar per stage family (the text before ':'), a spinner for steps
+    without a count. A context manager; hidden when ``enabled`` is False (--json)."""
+
+    def __init__(self, enabled: bool = True):
+        self.bars = progress(enabled)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        family = event.stage.split(":")[0]
+        if family not in self.tasks:
+            self.tasks[family] = self.bars.add_task(event.stage, total=event.total or None)
+        self.bars.update(self.tasks[family], description=event.stage, completed=event.done,
+                         total=event.total or None)

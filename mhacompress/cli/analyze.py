@@ -76,9 +76,9 @@ def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pi
     """Load MODEL and analyze it: the JSON report."""
     import time
 
-    from ..compress.allocate import candidate_dims
-    from ..compress.analysis import analyze_model
-    from ..compress.surgery import model_shape
+    from ..reduction.allocate import candidate_dims
+    from ..reduction.analysis import analyze_model
+    from ..reduction.surgery import model_shape
     from ..hub import load_pretrained
 
     start = time.perf_counter()

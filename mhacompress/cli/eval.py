@@ -95,23 +95,7 @@ def render(result: dict) -> None:
     out.print(f"{result['seconds']:.1f} s")
 
 
-# ---- `reduce --eval TASK --max-drop X` (the reduce command stays thin; the work is in mhacompress.eval) ----------
-
-def eval_scorer(task: str | None, data_dir: str | None, max_drop: float | None):
-    """The dev-split scorer for `reduce --eval`, loaded before any work so that data problems show at once."""
-    if task is None:
-        if max_drop is not None:
-            raise click.UsageError("--max-drop needs --eval TASK (the task whose metric it bounds)")
-        return None
-    from ..eval.compare import Scorer
-
-    return Scorer.for_task(task, data_dir=data_dir)
-
-
-def side_by_side(task, original: dict, reduced: dict) -> dict:
-    from ..eval.compare import side_by_side as compare
-
-    return compare(task, original, reduced)
+# ---- what `reduce --eval TASK --max-drop X` prints and gates on -----------------------------------------------
 
 
 def render_eval(block: dict) -> None:

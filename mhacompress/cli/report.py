@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, status, user_errors
+from ._common import console, emit_json, first_token_option, method_choice, status, user_errors
 
 
 @click.command()
@@ -13,13 +13,12 @@ from ._common import console, emit_json, status, user_errors
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Sequences per batch.")
 @click.option("--key-dim", "-k", type=click.IntRange(1), help="With an ORIGINAL model: reduce it in memory to this "
               "key dim for the comparison (a reduced folder already has one).")
-@click.option("--method", type=click.Choice(["cp", "tucker", "svd"]), default="cp", show_default=True,
+@click.option("--method", type=method_choice(), default="cp", show_default=True,
               help="With --key-dim: the reduction method.")
 @click.option("--repeats", type=click.IntRange(1), default=7, show_default=True,
               help="Timed runs of each side (median reported), after 2 warm-up runs.")
 @click.option("--no-latency", is_flag=True, help="Counts only; skip the timing.")
-@click.option("--first-token-only", is_flag=True, help="Time the reduced model with the exact [CLS] shortcut: its "
-              "last layer computes the first token only (for heads that read only [CLS]).")
+@first_token_option("Times the reduced classifier with the shortcut.")
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention kernels of both models.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
@@ -52,13 +51,13 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     """(original, reduced, description): a reduced folder and its source, or an original reduced in memory."""
     import copy
 
-    from ..compress.config import ReductionConfig
-    from ..compress.modeling import COMPRESSION_KEY
-    from ..compress.surgery import reduce_
     from ..errors import UsageError
     from ..hub import load_pretrained
+    from ..pipeline import compress
+    from ..reduction.config import ReductionConfig
+    from ..reduction.modeling import COMPRESSION_KEY
 
-    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation)
+    model, tokenizer, _ = load_pretrained(name, attn_implementation=attn_implementation)
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
@@ -72,8 +71,8 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     if key_dim is None:
         raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "
                          f"written by `mhacompress reduce`")
-    reduced = copy.deepcopy(model)
-    reduce_(reduced, ReductionConfig(key_dim=key_dim, method=method))
+    config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
+    reduced = compress(copy.deepcopy(model), config, tokenizer=tokenizer).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
 
 
@@ -83,14 +82,14 @@ def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="c
     import torch
 
     from .. import bench
-    from ..compress import cost
-    from ..compress.modeling import first_token_only_
+    from ..reduction import cost
+    from ._common import first_token_shortcut
 
     with status(f"loading {name}", show_progress):
         original, reduced, info = load_pair(name, key_dim=key_dim, method=method,
                                             attn_implementation=attn_implementation)
     if first_token_only:
-        first_token_only_(reduced)
+        first_token_shortcut(reduced, name)
     result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
               "first_token_only": first_token_only,
               **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, progress, user_errors
+from ._common import console, emit_json, parse_dims, progress, user_errors
 from .eval import data_options
 
 
@@ -12,17 +12,19 @@ from .eval import data_options
 @click.argument("model")
 @click.option("--task", "-t", required=True, help="GLUE task to score on (dev split), e.g. stsb.")
 @click.option("--key-dims", default="384,192,96,48", show_default=True, help="Comma-separated key dims.")
-@click.option("--methods", default="cp,svd", show_default=True, help="Comma-separated methods: cp, tucker, svd.")
+@click.option("--methods", default="cp,svd", show_default=True, help="Comma-separated registered methods.")
 @click.option("--calibrate", "calibrate_source", metavar="SOURCE",
               help="Calibrate every reduction on this GLUE task's train split, .txt or .jsonl file.")
-@click.option("--samples", type=int, default=256, show_default=True, help="Calibration sequences.")
+@click.option("--samples", type=int, default=512, show_default=True, help="Calibration sequences.")
 @data_options
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N dev examples (quick looks).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device of every cell: cpu, cuda, mps, auto.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG: score vs key dim and vs Q/K "
               "parameters, one line per method.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
-def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, plot_file, as_json):
+def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, device, plot_file,
+          as_json):
     """Reduce MODEL at every (method, key dim) and score each on TASK beside the original, without retraining.
 
     \b
@@ -30,38 +32,40 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
       mhacompress sweep minilm --task stsb --key-dims 384,192,96,48 --methods cp,svd --plot sweep.png
       mhacompress sweep minilm -t stsb --calibrate mrpc --key-dims 96,48 --methods cp --json
     """
-    from .reduce import _parse_dims, collect_moments, load_calibration
-
     with user_errors():
-        from ..compress.config import ConfigError
-        from ..compress.modeling import METHODS
-        from ..eval.compare import Scorer
-        from ..hub import load_pretrained
-        from ..sweep import check_grid, plot, sweep as run_sweep
+        from ..eval.data import load_examples
+        from ..eval.tasks import get_task
+        from ..reduction import methods as registry
+        from ..reduction.config import Calibration, ConfigError
+        from ..sweep import grid, run_cell, run_local, table
 
-        dims = list(_parse_dims(key_dims))
+        dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        for m in method_list:
-            if m not in METHODS:
-                raise ConfigError(f"--methods takes {', '.join(METHODS)}; got {m!r}")
-        scorer = Scorer.for_task(task, data_dir=data_dir, limit=limit)
-        calibration = {"source": calibrate_source, "samples": samples} if calibrate_source else None
-        texts = load_calibration(calibration, seed, data_dir)
-        original, tokenizer, _ = load_pretrained(model)
-        check_grid(original, method_list, dims)
-        moments = collect_moments(original, tokenizer, texts, not as_json) if texts else None
+        unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
+        if unknown:
+            raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
+        load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
+        calibration = Calibration(calibrate_source, samples=samples, seed=seed) if calibrate_source else None
+        cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
+                     limit=limit, device=device)
+        import time
+
+        start = time.perf_counter()
         with progress(not as_json) as bar:
-            step = bar.add_task("sweep", total=len(dims) * len(method_list))
-            result = run_sweep(original, tokenizer, scorer, method_list, dims, moments=moments, seed=seed,
-                               on_step=lambda name: bar.advance(step))
-        result = {"model": model, **({"calibration": calibration} if calibration else {}), **result}
+            step = bar.add_task("sweep", total=len(cells))
+            outcomes = run_local(cells, run_cell, on_result=lambda out: bar.advance(step))
+        result = table(cells, outcomes, model, task, time.perf_counter() - start)
         if plot_file:
+            from ..sweep import plot
+
             plot(result, plot_file)
             result["plot"] = plot_file
     if as_json:
         emit_json(result)
     else:
         render(result)
+    if result["failed"]:
+        raise SystemExit(1)
 
 
 def render(result: dict) -> None:
@@ -76,6 +80,9 @@ def render(result: dict) -> None:
     for r in result["results"]:
         table.add_row(r["method"], str(r["key_dim"]), f"{r['score']:.4f}", f"{r['drop']:+.4f}", f"{r['qk_params']:,}",
                       f"{r['mean_relative_error']:.3f}", f"{r['seconds']:.1f}")
-    console().print(table)
+    out = console()
+    out.print(table)
+    for f in result["failed"]:
+        out.print(f"[red]failed[/red]: {f['method']} at key dim {f['key_dim']}: {f['error']}")
     if result.get("plot"):
-        console().print(f"plot written to {result['plot']}")
+        out.print(f"plot written to {result['plot']}")

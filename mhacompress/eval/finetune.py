@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UsageError
 from .data import Examples
 from .runner import head_order, is_classifier
 from .tasks import Task
@@ -24,10 +25,10 @@ def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
         return model
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    from ..compress.modeling import COMPRESSION_KEY, collaborative_model_class
+    from ..reduction.modeling import COMPRESSION_KEY, base_model_type, collaborative_model_class
 
     config = copy.deepcopy(model.config)
-    cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
+    cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[base_model_type(config)]
     config.num_labels = task.num_labels
     names = task.labels or ("score",)
     config.id2label = dict(enumerate(names))
@@ -47,7 +48,9 @@ def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
     torch.manual_seed(seed)
     new = cls(config)
     missing, unexpected = new.base_model.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
+    if unexpected or not all(k.startswith("pooler.") for k in missing):
+        raise UsageError(f"{name}'s weights do not fit a {cls_name} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); fine-tune the original checkpoint instead")
     param = next(model.parameters())
     return new.to(device=param.device, dtype=param.dtype)
 

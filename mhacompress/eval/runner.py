@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..compress.modeling import is_classifier
+from ..reduction.modeling import is_classifier
 from ..errors import UsageError
 from . import metrics as M
 from .data import Examples

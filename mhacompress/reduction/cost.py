@@ -16,7 +16,9 @@ every head still scores in the full key dim. The pure functions below take numbe
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from . import methods
 
 
 @dataclass(frozen=True)
@@ -35,27 +37,23 @@ class LayerShape:
 
 def qk_params(s: LayerShape) -> int:
     """Parameters that score tokens (matches surgery.qk_parameters on the module)."""
-    d, H, R = s.hidden, s.heads, s.key_dim
     if s.method is None:
-        return 2 * d * d + 2 * d
-    extra = {"cp": H * R, "tucker": H * R * R, "svd": 0}[s.method]
-    return 2 * d * R + extra + H * d
+        return 2 * s.hidden * s.hidden + 2 * s.hidden
+    return methods.get(s.method).qk_params(s.hidden, s.heads, s.key_dim)
 
 
 def projection_macs(s: LayerShape) -> int:
     """Multiply-adds per token of the query/key side: projections, mixing (cp, tucker) and content bias."""
-    d, H, R = s.hidden, s.heads, s.key_dim
     if s.method is None:
-        return 2 * d * d
-    extra = {"cp": H * R, "tucker": H * R * R, "svd": 0}[s.method]
-    return 2 * d * R + extra + H * d
+        return 2 * s.hidden * s.hidden
+    return methods.get(s.method).projection_macs(s.hidden, s.heads, s.key_dim)
 
 
 def score_macs(s: LayerShape) -> int:
     """Multiply-adds per (query, key) pair of the score computation, all heads."""
     if s.method is None:
         return s.hidden
-    return s.key_dim if s.method == "svd" else s.heads * s.key_dim
+    return methods.get(s.method).score_macs(s.hidden, s.heads, s.key_dim)
 
 
 def layer_cost(s: LayerShape, seq_len: int, batch_size: int = 1) -> dict:
@@ -84,14 +82,15 @@ def compare(original: list[LayerShape], reduced: list[LayerShape], seq_len: int,
 
 def layer_shapes(model) -> list[LayerShape]:
     """The LayerShape of every self-attention layer of a (reduced or original) model."""
-    from .modeling import CollaborativeSelfAttention, arch_for, attention_modules
+    from .modeling import COMPRESSION_KEY, CollaborativeSelfAttention, arch_for, attention_modules
 
     arch = arch_for(model.config)
     d, H = getattr(model.config, arch.hidden), getattr(model.config, arch.heads)
+    method = (getattr(model.config, COMPRESSION_KEY, None) or {}).get("method")
     shapes = []
     for _, _, module in attention_modules(model):
         if isinstance(module, CollaborativeSelfAttention):
-            shapes.append(LayerShape(d, H, module.method, module.key_dim))
+            shapes.append(LayerShape(d, H, method, module.key_dim))
         else:
             shapes.append(LayerShape(d, H, None, d))
     return shapes
@@ -100,7 +99,3 @@ def layer_shapes(model) -> list[LayerShape]:
 def original_shapes(reduced: list[LayerShape]) -> list[LayerShape]:
     """The shapes of the model a reduced model was made from."""
     return [LayerShape(s.hidden, s.heads, None, s.hidden) for s in reduced]
-
-
-def shapes_to_dicts(shapes: list[LayerShape]) -> list[dict]:
-    return [asdict(s) for s in shapes]

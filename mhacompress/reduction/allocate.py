@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+from . import methods
 from .config import ConfigError
 from .cost import LayerShape, qk_params
 
 
 def candidate_dims(heads: int, head_dim: int, method: str, count: int = 8) -> list[int]:
-    """About ``count`` evenly spaced key dims up to H*dh, plus the small powers-of-two fractions (svd: multiples of
-    H only)."""
+    """About ``count`` evenly spaced key dims up to H*dh, plus the small powers-of-two fractions (only those the
+    method accepts: svd takes multiples of H)."""
     top = heads * head_dim
     step = max(heads, (top // count) // heads * heads)
     dims = set(range(step, top + 1, step)) | {top >> j for j in range(1, 6)} | {top}
-    return sorted(k for k in dims if k >= 1 and (method != "svd" or k % heads == 0))
+    spec = methods.get(method)
+    return sorted(k for k in dims if k >= 1 and spec.check_key_dim(k, heads, head_dim) is None)
 
 
 def allocate(curves: list[dict[int, float]], cost: Callable[[int], int], budget: int) -> list[int]:
@@ -56,9 +58,9 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     curves = []
     for index, (_, _, module) in enumerate(attention_modules(model)):
         wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
-        if config.method == "cp" and config.init == "svd":  # same numbers, one init (and whitening) per layer
+        if config.method == "cp" and config.init == "svd" and config.solver == "structured":  # same numbers, one init (and whitening) per layer
             if moments is not None:
-                wq, wk, _ = whiten(wq, wk, moments[index])
+                wq, wk, _, _ = whiten(wq, wk, moments[index])
             curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,
                                          on_step=on_step))
             continue

@@ -59,13 +59,16 @@ def whitening(moment: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, to
     return (vecs * evals.sqrt()) @ vecs.T, (vecs * evals.rsqrt()) @ vecs.T
 
 
-def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The whitened problem: W_q C^1/2 and W_k C^1/2 (float64), whose score tensor's error is the expected score
-    error on the calibration data, and C^-1/2 to map its factors back (``unwhiten``)."""
-    sqrt, inv_sqrt = whitening(moment)
-    return wq.double() @ sqrt, wk.double() @ sqrt, inv_sqrt
+def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whitened problem: W_q Cq^1/2 and W_k Ck^1/2 (float64), whose score tensor's error is the expected score
+    error on the calibration data (query inputs with second moment Cq = ``moment``, key inputs with Ck =
+    ``key_moment``, by default the same), and Cq^-1/2, Ck^-1/2 to map its factors back (``unwhiten``)."""
+    sqrt_q, inv_q = whitening(moment)
+    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment)
+    return wq.double() @ sqrt_q, wk.double() @ sqrt_k, inv_q, inv_k
 
 
-def unwhiten(factors: Factors, inv_sqrt: torch.Tensor) -> Factors:
-    """Map factors of C^1/2 A C^1/2 back to A: U <- C^-1/2 U, V <- C^-1/2 V (per head for svd)."""
-    return replace(factors, U=inv_sqrt @ factors.U, V=inv_sqrt @ factors.V)
+def unwhiten(factors: Factors, inv_q: torch.Tensor, inv_k: torch.Tensor | None = None) -> Factors:
+    """Map factors of Cq^1/2 A Ck^1/2 back to A: U <- Cq^-1/2 U, V <- Ck^-1/2 V (per head for svd)."""
+    return replace(factors, U=inv_q @ factors.U, V=(inv_q if inv_k is None else inv_k) @ factors.V)

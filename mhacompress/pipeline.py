@@ -1,0 +1,243 @@
+"""The library's one call: ``mhacompress.compress(model_or_name, config)`` loads, calibrates, allocates, reduces,
+refines and installs the [CLS] shortcut, in that order, and returns a ``Compressed`` (model, tokenizer, report).
+
+The CLI's ``reduce``, ``sweep`` and ``report`` are thin faces over this. Progress is reported through a callback;
+nothing here prints, and nothing here imports mhacompress.cli.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .reduction.config import Calibration, ConfigError, ReductionConfig
+
+Texts = Sequence["str | tuple[str, ...]"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: ``stage`` (e.g. "loading", "calibrating", "layer 3: reduced"), ``done`` of ``total``
+    (total 0: a step without a count)."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class Compressed:
+    """What ``compress`` returns: the reduced model, its tokenizer, and the report (the JSON of ``reduce --json``)."""
+
+    model: object
+    tokenizer: object
+    report: dict
+    config: ReductionConfig
+    source: str | None = None  # the folder the original was read from (files to carry over when saving)
+    _saved: list = field(default_factory=list, repr=False)
+
+    def save(self, directory, force: bool = False) -> Path:
+        """Write an ordinary HF folder (atomically): weights, config with the compression block, modelling code,
+        tokenizer and every file of the source that the reduction does not change."""
+        from .hub import save
+
+        path = save(self.model, self.tokenizer, directory, force=force, source=self.source)
+        self._saved.append(str(path))
+        return path
+
+
+def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibration: Texts | None = None,
+             on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
+             allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,
+             eval_batch_size: int = 64) -> Compressed:
+    """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
+
+    model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
+      a local folder / hub id / alias (``minilm`` is bundled), loaded here.
+    calibration: the calibration sequences themselves (strings, or tuples for sentence pairs); by default they are
+      read from ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
+    evaluate: a GLUE task whose dev split scores the original and the reduced model (report["eval"]).
+    on_progress: called with ``Progress`` events.
+    """
+    start = time.perf_counter()
+    notify = on_progress or (lambda event: None)
+    texts = _calibration_texts(config, calibration, data_dir)
+    scorer = _scorer(evaluate, data_dir, eval_batch_size, device)
+    model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)
+    from .reduction.modeling import is_classifier
+    from .reduction.surgery import check_reducible, model_shape
+
+    check_reducible(model)
+    if config.first_token_only and not is_classifier(model):
+        raise ConfigError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
+                          f"holds a {type(model).__name__}")
+    warnings = []
+    if config.calibration is None and is_classifier(model):
+        warnings.append("reducing a fine-tuned classifier from the weights alone loses accuracy; calibrate on its "
+                        "task's unlabelled train sentences: --calibrate TASK (compress: config.calibration)")
+    params_before = sum(p.numel() for p in model.parameters())
+    original_scores = scorer(model, tokenizer, "the original") if scorer else None
+    batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
+    curves = None
+    if config.budget is not None:
+        dims, curves = _allocate(model, config, batches, notify)
+    else:
+        dims = config.layer_key_dims(*model_shape(model))
+    layers, modified = _reduce(model, config, dims, batches, notify)
+    from . import __version__
+    from .reduction.surgery import finish_
+
+    block = finish_(model, config, layers, source=source or name, tool_version=__version__, modified=modified)
+    evaluated = None
+    if scorer:
+        from .eval.compare import side_by_side
+
+        evaluated = side_by_side(scorer.task, original_scores, scorer(model, tokenizer, "the reduced model"))
+    report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
+                     time.perf_counter() - start)
+    return Compressed(model, tokenizer, report, config, source=source)
+
+
+# ---- steps ------------------------------------------------------------------------------------------------
+
+
+def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -> list[tuple[str, ...]] | None:
+    """Calibration sequences, read before the model loads so that a bad source fails at once."""
+    if texts is not None:
+        if config.calibration is None:
+            raise ConfigError("calibration texts were given but the config has no calibration: pass "
+                              "ReductionConfig(..., calibration=Calibration(source='python'))")
+        texts = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
+        if not texts or not all(t and all(isinstance(s, str) for s in t) for t in texts):
+            raise ConfigError("calibration texts must be a non-empty list of strings or tuples of strings")
+        return texts
+    if config.calibration is None:
+        return None
+    from .calibration import calibration_texts
+
+    c = config.calibration
+    return calibration_texts(c.source, c.samples, seed=c.seed, data_dir=data_dir)
+
+
+def _scorer(task: str | None, data_dir, batch_size: int, device):
+    if task is None:
+        return None
+    from .eval.compare import Scorer
+
+    return Scorer.for_task(task, data_dir=data_dir, batch_size=batch_size, device=device or "cpu")
+
+
+def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
+    """(model, tokenizer, source folder or hub id, name): load a name, or take a model object as it is."""
+    if isinstance(model_or_name, (str, Path)):
+        from .hub import load_pretrained
+
+        name = str(model_or_name)
+        notify(Progress(f"loading {name}"))
+        model, loaded_tokenizer, source = load_pretrained(name, allow_pickle=allow_pickle, device=device or "cpu")
+        return model, tokenizer or loaded_tokenizer, source.location, name
+    model = model_or_name
+    if tokenizer is None:
+        raise ConfigError("pass the tokenizer with a model object: compress(model, config, tokenizer=tokenizer)")
+    if device is not None:
+        model.to(device)
+    path = getattr(model.config, "_name_or_path", "") or ""
+    source = path if path and Path(path).is_dir() else None
+    return model.eval(), tokenizer, source, path or type(model).__name__
+
+
+def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibration) -> list[dict]:
+    """Tokenized calibration batches on the model's device: whole examples for a classifier; for a sentence encoder
+    the sentences of the pairs, one sequence each, ``samples`` of them (seeded)."""
+    from .reduction.modeling import is_classifier
+    from .eval.runner import batches
+
+    if not is_classifier(model):
+        texts = [(s,) for t in texts for s in t]
+        if len(texts) > calibration.samples:
+            keep = sorted(random.Random(calibration.seed).sample(range(len(texts)), calibration.samples))
+            texts = [texts[i] for i in keep]
+    device = next(model.parameters()).device
+    return [{k: v.to(device) for k, v in enc.items()}
+            for _, enc in batches(tokenizer, texts, batch_size=calibration.batch_size,
+                                  max_length=calibration.max_length)]
+
+
+def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:
+    """Per-layer key dims for ``config.budget``."""
+    from .reduction.allocate import budget_key_dims, candidate_dims
+    from .reduction.calibrate import second_moments
+    from .reduction.surgery import model_shape
+
+    moments = second_moments(model, batches) if batches is not None else None
+    layers, heads, head_dim = model_shape(model)
+    total, done = layers * len(candidate_dims(heads, head_dim, config.method)), [0]
+
+    def step():
+        done[0] += 1
+        notify(Progress("error curves", done[0], total))
+
+    dims, curves = budget_key_dims(model, config, config.budget, moments, on_step=step)
+    return dims, [{str(k): e for k, e in c.items()} for c in curves]
+
+
+def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
+    """Decompose every layer in place: from the weights, from the original's moments, or sequentially."""
+    from .reduction.modeling import is_classifier
+    from .reduction.surgery import reduce_layer_
+
+    c = config.calibration
+    if c is not None and c.sequential:
+        from .reduction.sequential import Plan, reduce_sequential_
+
+        plan = Plan(compensate=c.compensate, refine_steps=c.refine_steps, first_token_last=is_classifier(model))
+        reduce_sequential_(model, config, dims, batches,
+                           plan, on_progress=lambda stage, done, total: notify(Progress(stage, done, total)))
+        return plan.reports, plan.modified
+    moments = None
+    if c is not None:
+        from .reduction.calibrate import second_moments
+
+        notify(Progress("calibrating"))
+        moments = second_moments(model, batches)
+    layers = []
+    for index, key_dim in enumerate(dims):
+        layers.append(reduce_layer_(model, index, config, key_dim, None if moments is None else moments[index]))
+        notify(Progress("layers", index + 1, len(dims)))
+    return layers, []
+
+
+def _report(name, source, config: ReductionConfig, block: dict, params_before: int, model, curves, evaluated,
+            warnings, seconds: float) -> dict:
+    """The ``reduce --json`` object."""
+    from .reduction import cost
+
+    layers = block["layers"]
+    shapes = cost.layer_shapes(model)
+    totals = cost.compare(cost.original_shapes(shapes), shapes, 128)["total"]
+    out = {
+        "model": name,
+        "source": source or name,
+        "method": config.method,
+        "solver": config.solver,
+        "key_dim": config.key_dim,
+        "key_dims": [x["key_dim"] for x in layers],
+        "calibration": None if config.calibration is None else asdict(config.calibration),
+        "budget": None if curves is None else {"fraction": config.budget, "curves": curves},
+        "seconds": round(seconds, 3),
+        "params": {"before": sum(x["qk_params_before"] for x in layers),
+                   "after": sum(x["qk_params_after"] for x in layers)},
+        "model_params": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
+        "cost": {"seq_len": 128, **totals},
+        "layers": layers,
+        "modified": block["modified"],
+        "first_token_only": config.first_token_only,
+        "config": config.to_dict(),
+        "warnings": warnings,
+    }
+    if evaluated:
+        out["eval"] = evaluated
+    return out

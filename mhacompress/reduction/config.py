@@ -1,0 +1,188 @@
+"""One validated description of a reduction, saved with the weights so that a model says exactly how it was made.
+
+Every field is typed and checked on creation; an impossible value raises ``ConfigError`` (a ValueError) whose
+message is what the CLI prints. ``to_dict`` / ``from_dict`` round-trip through the saved compression block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import UsageError
+from . import methods
+from .modeling.architectures import FORMAT_VERSION
+
+INITS = ("svd", "random")
+
+
+class ConfigError(UsageError, ValueError):
+    """An impossible reduction setting (the message says which and what is allowed)."""
+
+
+def _int(name: str, value, low: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Data-aware reduction: which unlabelled sequences the layers are fitted on, and how.
+
+    source:       a GLUE task name (its TRAIN split), a .txt file (one sequence a line) or a .jsonl file; ``"python"``
+                  when the texts were handed to ``compress(..., calibration=[...])`` directly.
+    samples:      sequences the model sees (sentences for a sentence encoder, whole examples for a classifier).
+    sequential:   reduce bottom-up, each layer fitted on the inputs the already-reduced layers produce, with the
+                  ORIGINAL model's activations as targets (False: every layer from the original's inputs at once).
+    compensate:   also refit each layer's attention output projection (and bias) by ridge least squares, so the
+                  residual sum matches the original's; recorded in the block's ``modified`` list.
+    refine_steps: Adam steps per layer fitting the reduced layer's attention output to the original's (0: none).
+    """
+
+    source: str
+    samples: int = 512
+    seed: int = 0
+    sequential: bool = True
+    compensate: bool = False
+    refine_steps: int = 0
+    max_length: int = 128
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
+        _int("--samples", self.samples, 1)
+        _int("the calibration seed", self.seed)
+        _int("--refine", self.refine_steps)
+        _int("the calibration max length", self.max_length, 8)
+        _int("the calibration batch size", self.batch_size, 1)
+        _flag("sequential", self.sequential)
+        _flag("compensate", self.compensate)
+
+
+@dataclass(frozen=True)
+class ReductionConfig:
+    """How to reduce every self-attention layer of a model.
+
+    Exactly one of:
+      key_dim   shared query/key width D~k for every layer (1 .. H*dh; a multiple of H for ``svd``);
+      key_dims  one key dim per layer;
+      budget    a fraction 0 < F <= 1 of the original Q/K parameters, spread over layers where it costs least.
+    method:      a registered method (``mhacompress.reduction.methods.names()``: cp, tucker, svd).
+    solver:      ``structured`` (fast, never builds the score tensor) or ``tensorly`` (the reference: tensorly's
+                 parafac / partial_tucker on the dense, whitened when calibrated, tensor).
+    n_iter_max, tol, init, seed: the solver's settings (tensorly's names); the same seed gives bit-identical weights.
+    calibration: a ``Calibration``, or None to reduce from the weights alone.
+    first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
+    """
+
+    key_dim: int | None = None
+    key_dims: tuple[int, ...] | None = None
+    budget: float | None = None
+    method: str = "cp"
+    solver: str = "structured"
+    n_iter_max: int = 100
+    tol: float = 1e-5
+    init: str = "svd"
+    seed: int = 0
+    calibration: Calibration | None = None
+    first_token_only: bool = False
+
+    def __post_init__(self):
+        if self.method not in methods.names():
+            raise ConfigError(f"method must be one of {', '.join(methods.names())}; got {self.method!r}")
+        if self.solver not in methods.SOLVERS:
+            raise ConfigError(f"solver must be one of {', '.join(methods.SOLVERS)}; got {self.solver!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if sum(x is not None for x in (self.key_dim, self.key_dims, self.budget)) != 1:
+            raise ConfigError("give exactly one of --key-dim (e.g. --key-dim 96), --key-dims or --budget")
+        if self.key_dims is not None:
+            if isinstance(self.key_dims, (str, bytes)) or not len(self.key_dims):
+                raise ConfigError(f"--key-dims takes one positive integer per layer; got {self.key_dims!r}")
+            object.__setattr__(self, "key_dims", tuple(self.key_dims))
+        for k in self.key_dims or (() if self.key_dim is None else (self.key_dim,)):
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ConfigError(f"key dims must be positive integers; got {k!r}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not 0 < self.budget <= 1):
+            raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {self.budget!r}")
+        _int("--iterations", self.n_iter_max, 1)
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
+                or self.tol < 0:
+            raise ConfigError(f"--tol must be a finite number >= 0; got {self.tol!r}")
+        _int("--seed", self.seed)
+        _flag("first_token_only", self.first_token_only)
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
+
+    def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
+        """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
+        if self.budget is not None:
+            raise ConfigError("with --budget the key dims are chosen by allocation (mhacompress.reduction.allocate)")
+        dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
+        if len(dims) != num_layers:
+            raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers")
+        method = methods.get(self.method)
+        for k in dims:
+            problem = method.check_key_dim(k, num_heads, head_dim)
+            if problem:
+                raise ConfigError(problem)
+        return dims
+
+    def solver_options(self) -> dict:
+        return {"solver": self.solver, "n_iter_max": self.n_iter_max, "tol": self.tol, "init": self.init,
+                "seed": self.seed}
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["key_dims"] = list(self.key_dims) if self.key_dims is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReductionConfig":
+        """The config saved in a compression block (format 1 or 2); unknown settings are an error."""
+        data = dict(data)
+        extra = data.pop("extra", None) or {}  # format 1 kept calibration and budget here
+        if "calibration" in extra and data.get("calibration") is None:
+            old = extra["calibration"]
+            data["calibration"] = {"source": old["source"], "samples": old["samples"],
+                                   "refine_steps": old.get("refine_steps", 0), "sequential": False}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown reduction settings {sorted(unknown)} (written by a newer mhacompress?)")
+        calibration = data.get("calibration")
+        if isinstance(calibration, dict):
+            names = {f.name for f in fields(Calibration)}
+            if set(calibration) - names:
+                raise ConfigError(f"unknown calibration settings {sorted(set(calibration) - names)}")
+            data["calibration"] = Calibration(**calibration)
+        if isinstance(data.get("key_dims"), list):
+            data["key_dims"] = tuple(data["key_dims"])
+        return cls(**data)
+
+
+def compression_block(config: ReductionConfig, *, source: str, layers: list[dict], tool_version: str,
+                      base_architecture: str, base_model_type: str, modified: list[str] = ()) -> dict:
+    """The ``compression`` entry of a saved config.json."""
+    method = methods.get(config.method)
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "mhacompress",
+        "tool_version": tool_version,
+        "source_model": source,
+        "base_architecture": base_architecture,
+        "base_model_type": base_model_type,
+        "method": config.method,
+        "layout": method.layout,
+        "key_dim": config.key_dim,
+        "reduction": config.to_dict(),
+        "layers": layers,  # [{"index", "key_dim", "relative_error", ...}]
+        "modified": list(modified),  # weights changed beyond query/key (e.g. compensated output projections)
+        "first_token_only": config.first_token_only,
+    }

@@ -1,0 +1,16 @@
+"""cp: collaborative heads. T[h] ~ U diag(m_h) V^T, one shared U, V (d x R) and a mixing M (H x R)."""
+
+from .. import decompose
+from .base import Method
+
+
+class CP(Method):
+    def mixing_params(self, d, heads, key_dim):
+        return heads * key_dim
+
+
+def _tensorly(*args, **kwargs):
+    return decompose.cp_tensorly(*args, **kwargs)
+
+
+METHOD = CP(name="cp", layout="diagonal", solvers={"structured": decompose.cp_als, "tensorly": _tensorly})

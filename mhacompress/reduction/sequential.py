@@ -1,0 +1,340 @@
+"""Sequential (bottom-up) data-aware reduction: each layer is fitted on the inputs that the already-reduced layers
+below it actually produce, with the ORIGINAL model's activations as targets, so errors are corrected rather than
+compounded (Kwon et al. 2022's layer-wise reconstruction, SVD-LLM's sequential update).
+
+Two activation streams advance one layer at a time: x, the original model's hidden states, and x~, the reduced
+model's. For layer l, one pass over the calibration batches accumulates second moments (never the activations
+themselves) and runs the ORIGINAL layer on x; the layer is then solved in closed form and installed; a second pass
+runs the REDUCED layer on x~. Hidden states that must outlive a pass are spilled to a temporary folder, so memory does
+not grow with the number of calibration sequences. The total cost is about one forward pass of each model.
+
+Per layer (d hidden, H heads; see docs/method.md for the derivation):
+  * query/key: the least-squares input map P = E[x x~^T] E[x~ x~^T]^-1 (x ~ P x~) turns the original scores
+    x^T A_h y into x~^T (P^T A_h P) y~; the reduced layer is the method's decomposition of (W_q P, W_k P), whitened
+    by the reduced stream's own second moments (query side Cq, key side Ck), which minimises the expected score error
+    E[(x~^T A~_h y~ - x^T A_h y)^2] over independent query/key tokens. The content bias maps through P as well.
+  * compensation (optional): a ridge least-squares refit of the attention output projection W_O, b so that the
+    residual sum x~ + W_O' ctx~ + b' matches the original's x + W_O ctx + b.
+  * refinement (optional): Adam steps on the query/key parameters against the same residual-sum target.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ReductionConfig
+from .modeling import arch_for, attention_modules, layers as model_layers
+from .surgery import content_bias, decompose_layer, install_, model_shape, qk_parameters, qk_weights
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early, once the hook has what it needs."""
+
+
+# ---- running one layer on stored hidden states ------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One calibration batch: the tokenizer's output and its real-token mask (B, T)."""
+
+    encoding: dict
+    tokens: torch.Tensor
+
+
+def layer_inputs(model: nn.Module, encoding: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """What the model passes to its first layer for ``encoding``: hidden states (B, T, d) and the other arguments
+    (attention mask, position bias, ...), which every layer of these encoders receives alike. Only the embeddings
+    run: a hook stops the forward pass at the first layer."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = model_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**encoding)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    args, kwargs = captured["args"], dict(captured["kwargs"])
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    return hidden, args[1:], kwargs
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """One layer's output hidden states (B, T, d)."""
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of ``module`` (a submodule of ``layer``) when ``layer`` runs on ``hidden``; the rest is skipped."""
+    captured = {}
+
+    def grab(mod, inputs):
+        captured["x"] = inputs[0]
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        run_layer(layer, hidden, args, kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+class Spill:
+    """Hidden states of every calibration batch at one depth, kept in a temporary folder (safetensors files), so
+    that memory holds one batch at a time whatever the number of sequences."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def write(self, stream: str, index: int, x: torch.Tensor) -> None:
+        save_file({"x": x.detach().to("cpu").contiguous()}, str(self.folder / f"{stream}-{index}.safetensors"))
+
+    def read(self, stream: str, index: int, device) -> torch.Tensor:
+        return load_file(str(self.folder / f"{stream}-{index}.safetensors"))["x"].to(device)
+
+    def rename(self, old: str, new: str, count: int) -> None:
+        for i in range(count):
+            (self.folder / f"{old}-{i}.safetensors").replace(self.folder / f"{new}-{i}.safetensors")
+
+
+# ---- statistics -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerMoments:
+    """Sums over real tokens, float64: x~ x~^T over query and key positions, and x x~^T (the input map)."""
+
+    d: int
+    query: torch.Tensor = None  # sum x~_i x~_i^T over query positions (d, d)
+    key: torch.Tensor = None  # sum y~ y~^T over key positions (d, d)
+    cross: torch.Tensor = None  # sum x y~^T over key positions (d, d)
+    n_query: int = 0
+    n_key: int = 0
+
+    def __post_init__(self):
+        self.query, self.key, self.cross = (torch.zeros(self.d, self.d, dtype=torch.float64) for _ in range(3))
+
+    def add(self, x: torch.Tensor, xr: torch.Tensor, tokens: torch.Tensor, queries: torch.Tensor) -> None:
+        """x, xr (B, T, d): original and reduced inputs; tokens, queries (B, T) bool: real and query positions."""
+        k, kr = x[tokens].double().cpu(), xr[tokens].double().cpu()  # (N, d)
+        q = xr[queries].double().cpu()  # (Nq, d)
+        self.key += kr.T @ kr
+        self.cross += k.T @ kr
+        self.query += q.T @ q
+        self.n_key += k.shape[0]
+        self.n_query += q.shape[0]
+
+    def input_map(self, ridge: float = 1e-6) -> torch.Tensor:
+        """P (d, d) with x ~ P x~ in least squares: E[x x~^T] (E[x~ x~^T] + ridge * mean eigenvalue I)^-1."""
+        c = self.key / self.n_key
+        c = c + ridge * c.trace() / self.d * torch.eye(self.d, dtype=c.dtype)
+        return torch.linalg.solve(c, (self.cross / self.n_key).T).T  # cross C^-1, C symmetric
+
+    def query_moment(self) -> torch.Tensor:
+        return self.query / max(self.n_query, 1)
+
+    def key_moment(self) -> torch.Tensor:
+        return self.key / max(self.n_key, 1)
+
+
+@dataclass
+class Ridge:
+    """Normal equations of a ridge least-squares refit of a linear map z -> W z + b, accumulated batch by batch."""
+
+    d_in: int
+    d_out: int
+    gram: torch.Tensor = None  # sum [z; 1][z; 1]^T (d_in + 1, d_in + 1)
+    rhs: torch.Tensor = None  # sum [z; 1] t^T (d_in + 1, d_out)
+    count: int = 0
+
+    def __post_init__(self):
+        self.gram = torch.zeros(self.d_in + 1, self.d_in + 1, dtype=torch.float64)
+        self.rhs = torch.zeros(self.d_in + 1, self.d_out, dtype=torch.float64)
+
+    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
+        """z (N, d_in) inputs, t (N, d_out) targets."""
+        z = torch.cat([z.double().cpu(), torch.ones(z.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, d_in + 1)
+        self.gram += z.T @ z
+        self.rhs += z.T @ t.double().cpu()
+        self.count += z.shape[0]
+
+    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """W', b' minimising sum ||W' z + b' - t||^2 + lam ||[W' b'] - [W b]||^2, lam = strength * mean diagonal
+        of the Gram matrix (a pull towards the original weights, scale-free)."""
+        prior = torch.cat([weight.double().cpu().T, (bias.double().cpu() if bias is not None else
+                                                     torch.zeros(weight.shape[0], dtype=torch.float64))[None]])
+        lam = strength * self.gram.diagonal().mean()
+        eye = torch.eye(self.d_in + 1, dtype=torch.float64)
+        solution = torch.linalg.solve(self.gram + lam * eye, self.rhs + lam * prior)  # (d_in + 1, d_out)
+        return solution[:-1].T, solution[-1]
+
+
+# ---- the driver -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What the sequential reduction does besides the query/key decomposition."""
+
+    compensate: bool = False
+    compensation_strength: float = 1e-3
+    refine_steps: int = 0
+    refine_lr: float = 1e-3
+    first_token_last: bool = False  # the head reads only the first token of the last layer (classifiers)
+    reports: list[dict] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int], batches: list[dict], plan: Plan,
+                       on_progress: Progress | None = None, workdir: str | None = None) -> Plan:
+    """Reduce every layer of ``model`` in place, bottom up, on the calibration ``batches`` (tokenizer outputs with
+    an attention mask, on the model's device). Fills ``plan.reports`` (one per layer) and ``plan.modified``."""
+    arch = arch_for(model.config)
+    n_layers, heads, _ = model_shape(model)
+    d = getattr(model.config, arch.hidden)
+    device = next(model.parameters()).device
+    progress = on_progress or (lambda stage, done, total: None)
+    data = [Batch(b, b["attention_mask"].bool()) for b in batches]
+    with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
+        spill = Spill(Path(folder))
+        for i, batch in enumerate(data):  # depth 0: the embeddings, the same for both models
+            spill.write("x", i, layer_inputs(model, batch.encoding)[0])
+        same = True  # x~ == x until the first reduced layer
+        for index in range(n_layers):
+            layer = model_layers(model)[index]
+            last = index == n_layers - 1
+            moments, targets = LayerMoments(d), plan.compensate or plan.refine_steps > 0
+            norm = layer.get_submodule(arch.norm)
+            for i, batch in enumerate(data):  # pass 1: the ORIGINAL layer on x, statistics of x~
+                _, args, kwargs = layer_inputs(model, batch.encoding)
+                x = spill.read("x", i, device)
+                xr = x if same else spill.read("xr", i, device)
+                moments.add(x, xr, batch.tokens, _queries(batch.tokens, last and plan.first_token_last))
+                if targets:
+                    spill.write("s", i, run_until(layer, norm, x, args, kwargs))  # the original residual sum
+                spill.write("x_next", i, run_layer(layer, x, args, kwargs))
+                progress(f"layer {index}: original", i + 1, len(data))
+            report = _solve_qk(model, index, config, dims[index], moments, identity=same)
+            if plan.compensate:
+                _compensate(model, index, data, spill, moments.d, plan, same, device, progress)
+            if plan.refine_steps:
+                with torch.enable_grad():
+                    report.update(_refine(model, index, data, spill, plan, same, device))
+            for i, batch in enumerate(data):  # pass 2: the REDUCED layer on x~
+                _, args, kwargs = layer_inputs(model, batch.encoding)
+                xr = spill.read("x" if same else "xr", i, device)
+                spill.write("xr_next", i, run_layer(layer, xr, args, kwargs))
+                progress(f"layer {index}: reduced", i + 1, len(data))
+            spill.rename("x_next", "x", len(data))
+            spill.rename("xr_next", "xr", len(data))
+            same = False
+            plan.reports.append(report)
+            progress("layers", index + 1, n_layers)
+    return plan
+
+
+def _queries(tokens: torch.Tensor, first_only: bool) -> torch.Tensor:
+    """Query positions (B, T): every real token, or only the first when the head reads nothing else."""
+    if not first_only:
+        return tokens
+    first = torch.zeros_like(tokens)
+    first[:, 0] = True
+    return first
+
+
+def _solve_qk(model, index: int, config: ReductionConfig, key_dim: int, moments: LayerMoments, identity: bool) -> dict:
+    """Decompose layer ``index``'s mapped, whitened query/key problem and install the collaborative module."""
+    arch = arch_for(model.config)
+    _, heads, _ = model_shape(model)
+    old = attention_modules(model)[index][2]
+    wq, wk, bq = qk_weights(old, arch)
+    wq, wk = wq.double().cpu(), wk.double().cpu()
+    if not identity:
+        p = moments.input_map()  # (d, d): x ~ P x~
+        wq, wk = wq @ p, wk @ p
+    factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(), moments.key_moment())
+    bias = content_bias(wk, None if bq is None else bq.double().cpu(), heads)
+    before = qk_parameters(old, arch)
+    new = install_(model, index, config, key_dim, factors, bias)
+    return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,
+            "qk_params_after": qk_parameters(new, arch)}
+
+
+def _compensate(model, index, data, spill, d, plan: Plan, same: bool, device, progress) -> None:
+    """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
+    original residual sum s, by ridge least squares (streamed normal equations)."""
+    arch = arch_for(model.config)
+    layer = model_layers(model)[index]
+    proj = layer.get_submodule(arch.out_proj)
+    ridge = Ridge(proj.in_features, proj.out_features)
+    last = index == len(model_layers(model)) - 1
+    for i, batch in enumerate(data):
+        _, args, kwargs = layer_inputs(model, batch.encoding)
+        xr = spill.read("x" if same else "xr", i, device)
+        ctx = run_until(layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
+        rows = _queries(batch.tokens, last and plan.first_token_last)
+        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows])
+        progress(f"layer {index}: compensation", i + 1, len(data))
+    weight, bias = ridge.solve(proj.weight, proj.bias, plan.compensation_strength)
+    proj.weight.copy_(weight.to(proj.weight.dtype))
+    if proj.bias is not None:
+        proj.bias.copy_(bias.to(proj.bias.dtype))
+    plan.modified.append(f"{arch.layers}.{index}.{arch.out_proj}")
+
+
+def _refine(model, index, data, spill, plan: Plan, same: bool, device) -> dict:
+    """Adam steps on the layer's query/key parameters so that its residual sum matches the original's."""
+    arch = arch_for(model.config)
+    layer = model_layers(model)[index]
+    module, norm = attention_modules(model)[index][2], layer.get_submodule(arch.norm)
+    params = [module.query_proj.weight, module.key_proj.weight, module.content_bias.weight]
+    params += [module.mixing] if module.mixing is not None else []
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=plan.refine_lr)
+
+    def loss_of(i):
+        batch = data[i]
+        _, args, kwargs = layer_inputs(model, batch.encoding)
+        xr = spill.read("x" if same else "xr", i, device)
+        out = run_until(layer, norm, xr, args, kwargs)
+        target = spill.read("s", i, device)
+        rows = batch.tokens
+        return (out - target)[rows].pow(2).sum() / (target - xr)[rows].pow(2).sum().clamp_min(1e-30)
+
+    try:
+        with torch.no_grad():
+            before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+        for step in range(plan.refine_steps):
+            loss = loss_of(step % len(data))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return {"output_error_before": before ** 0.5, "output_error_after": after ** 0.5}

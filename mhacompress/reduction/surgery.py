@@ -1,0 +1,156 @@
+"""In-place model surgery: decompose a layer's W_q, W_k and install collaborative attention in its place (torchao
+style: ``reduce_(model, config)``), layer by layer so that the original query/key weights are freed as we go."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from . import methods
+from .calibrate import unwhiten, whiten
+from .config import ReductionConfig, compression_block
+from .decompose import Factors, relative_error
+from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules,
+                       base_model_type, collaborative_module, first_token_only_, promote_)
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of a supported model."""
+    arch = arch_for(model.config)
+    heads, hidden = getattr(model.config, arch.heads), getattr(model.config, arch.hidden)
+    return len(attention_modules(model)), heads, hidden // heads
+
+
+class AlreadyReducedError(UsageError, ValueError):
+    """The model (or one of its layers) is already collaborative."""
+
+
+def check_reducible(model: nn.Module) -> None:
+    """A model that is already reduced (wholly or partly) is refused: reduce the original instead."""
+    arch_for(model.config)  # unsupported architectures fail here
+    if getattr(model.config, COMPRESSION_KEY, None) or any(
+            isinstance(m, CollaborativeSelfAttention) for _, _, m in attention_modules(model)):
+        raise AlreadyReducedError("this model is already reduced; reduce the original checkpoint instead")
+
+
+def content_bias(wk: torch.Tensor, bq: torch.Tensor | None, num_heads: int) -> torch.Tensor:
+    """Row h: W_k^h^T b_q^h (H, d), the key-dependent part of the query bias, kept exactly."""
+    d_out, d = wk.shape
+    if bq is None:
+        return wk.new_zeros(num_heads, d)
+    return torch.einsum("hid,hi->hd", wk.reshape(num_heads, d_out // num_heads, d), bq.reshape(num_heads, -1))
+
+
+def qk_weights(module: nn.Module, arch: Arch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """W_q, W_k (H*dh, d) and b_q of an original self-attention module, detached."""
+    q, k = getattr(module, arch.query), getattr(module, arch.key)
+    return q.weight.detach(), k.weight.detach(), None if q.bias is None else q.bias.detach()
+
+
+def qk_parameters(module: nn.Module, arch: Arch) -> int:
+    """Parameters that score tokens: W_q, W_k and their biases, or the collaborative projections, mixing and
+    content bias."""
+    if isinstance(module, CollaborativeSelfAttention):
+        parts = [module.query_proj, module.key_proj, module.content_bias]
+        mixing = module.mixing.numel() if module.mixing is not None else 0
+        return sum(p.numel() for m in parts for p in m.parameters()) + mixing
+    return sum(p.numel() for name in (arch.query, arch.key) for p in getattr(module, name).parameters())
+
+
+@torch.no_grad()
+def fill_(module: CollaborativeSelfAttention, method: str, factors: Factors, bias: torch.Tensor) -> None:
+    """Copy a layer's factors and content bias (H, d) into its (freshly built) collaborative module."""
+    query, key, mixing = methods.get(method).module_weights(factors)
+    dtype = module.query_proj.weight.dtype
+    module.query_proj.weight.copy_(query.to(dtype))
+    module.key_proj.weight.copy_(key.to(dtype))
+    module.content_bias.weight.copy_(bias.to(dtype))
+    if module.mixing is not None:
+        module.mixing.copy_(mixing.to(dtype))
+
+
+def decompose_layer(wq: torch.Tensor, wk: torch.Tensor, heads: int, key_dim: int, config: ReductionConfig,
+                    moment: torch.Tensor | None = None,
+                    key_moment: torch.Tensor | None = None) -> tuple[Factors, dict]:
+    """One layer's factors and report; with second moments, solved in the whitened space and mapped back
+    (``moment`` whitens the query side, ``key_moment`` the key side; default: the same for both)."""
+    method = methods.get(config.method)
+    if moment is None:
+        f = method.solve(wq, wk, heads, key_dim, **config.solver_options())
+        return f, {"relative_error": f.relative_error, "n_iter": f.n_iter}
+    wq_white, wk_white, inv_q, inv_k = whiten(wq, wk, moment, key_moment)
+    f = method.solve(wq_white, wk_white, heads, key_dim, **config.solver_options())
+    expected = f.relative_error
+    f = unwhiten(f, inv_q, inv_k)
+    return f, {"relative_error": relative_error(wq.double(), wk.double(), heads, f), "expected_score_error": expected,
+               "n_iter": f.n_iter}
+
+
+def install_(model: nn.Module, index: int, config: ReductionConfig, key_dim: int, factors: Factors,
+             bias: torch.Tensor) -> CollaborativeSelfAttention:
+    """Swap layer ``index``'s self-attention for a collaborative module holding ``factors`` and the content bias."""
+    parent, name, old = attention_modules(model)[index]
+    new = collaborative_module(old, model.config, methods.get(config.method).layout, key_dim)
+    fill_(new, config.method, factors, bias)
+    setattr(parent, name, new)
+    return new
+
+
+def reduce_layer_(model: nn.Module, index: int, config: ReductionConfig, key_dim: int,
+                  moment: torch.Tensor | None = None) -> dict:
+    """Decompose and replace one layer in place; its report (key dim, errors, iterations, Q/K parameters)."""
+    arch = arch_for(model.config)
+    _, heads, _ = model_shape(model)
+    old = attention_modules(model)[index][2]
+    wq, wk, bq = qk_weights(old, arch)
+    factors, report = decompose_layer(wq, wk, heads, key_dim, config, moment)
+    before = qk_parameters(old, arch)
+    new = install_(model, index, config, key_dim, factors, content_bias(wk.double(), _double(bq), heads))
+    return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,
+            "qk_params_after": qk_parameters(new, arch)}
+
+
+def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool_version: str = "",
+            moments: list[torch.Tensor] | None = None, on_layer: Callable[[dict], None] | None = None) -> dict:
+    """Replace every self-attention layer of ``model`` by collaborative attention, in place.
+
+    Returns the compression block (also stored as ``model.config.compression``): per layer its key dim, the relative
+    error of its score tensor, solver iterations, and Q/K parameters before and after. Afterwards
+    ``model.save_pretrained(dir)`` writes a folder that reloads as the reduced model. ``on_layer`` is called after
+    each layer (progress).
+
+    ``moments``: per-layer input second moments (calibrate.second_moments) of the ORIGINAL model; each layer is then
+    decomposed in the whitened space, which minimises the expected score error on the calibration data (the report
+    adds it as ``expected_score_error``). For the sequential, output-aware path use ``mhacompress.compress(...)``.
+    """
+    check_reducible(model)
+    n_layers, heads, head_dim = model_shape(model)
+    dims = config.layer_key_dims(n_layers, heads, head_dim)
+    if moments is not None and len(moments) != n_layers:
+        raise ValueError(f"{len(moments)} second moments given for {n_layers} layers")
+    layers = []
+    for index, key_dim in enumerate(dims):
+        layers.append(reduce_layer_(model, index, config, key_dim, None if moments is None else moments[index]))
+        if on_layer:
+            on_layer(layers[-1])
+    return finish_(model, config, layers, source=source, tool_version=tool_version)
+
+
+def finish_(model: nn.Module, config: ReductionConfig, layers: list[dict], *, source: str, tool_version: str,
+            modified: list[str] = ()) -> dict:
+    """Record the compression block on the model and give it the classes of a reduced model; the block."""
+    block = compression_block(config, source=source, layers=layers, tool_version=tool_version,
+                              base_architecture=type(model).__name__, base_model_type=base_model_type(model.config),
+                              modified=modified)
+    setattr(model.config, COMPRESSION_KEY, block)
+    promote_(model)
+    if config.first_token_only:
+        first_token_only_(model)
+    return block
+
+
+def _double(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()

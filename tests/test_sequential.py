@@ -1,0 +1,129 @@
+"""Sequential, output-aware reduction: exact at full key dim, closed-form steps equal brute-force solves, and bottom-up
+fitting beats fitting every layer on the original's inputs."""
+
+import pytest
+import torch
+
+from conftest import padded_batch, tiny_model
+from mhacompress.reduction.calibrate import second_moments
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.modeling import attention_modules, layers
+from mhacompress.reduction.sequential import LayerMoments, Plan, Ridge, Spill, layer_inputs, reduce_sequential_, run_layer
+from mhacompress.reduction.surgery import finish_, reduce_
+
+
+def calibration(n=6, seed=0):
+    return [padded_batch(lengths=(9, 4, 7, 1, 8, 6), seed=seed + i) for i in range(n)]
+
+
+def final_error(model, original, batches):
+    """Relative error of the last hidden states on real tokens, reduced against original."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            keep = b["attention_mask"].bool()
+            a, o = model(**b).last_hidden_state[keep], original(**b).last_hidden_state[keep]
+            num, den = num + float((a - o).pow(2).sum()), den + float(o.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def sequential(model, key_dim, batches, **plan):
+    config = ReductionConfig(key_dim=key_dim, n_iter_max=30)
+    p = reduce_sequential_(model, config, [key_dim] * 2, batches, Plan(**plan))
+    finish_(model, config, p.reports, source="tiny", tool_version="test", modified=p.modified)
+    return p
+
+
+def test_layer_inputs_are_the_embeddings_and_run_layer_is_the_model():
+    model, batch = tiny_model("bert"), padded_batch()
+    hidden, args, kwargs = layer_inputs(model, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, model.embeddings(input_ids=batch["input_ids"]))
+        for layer in layers(model):
+            hidden = run_layer(layer, hidden, args, kwargs)
+        torch.testing.assert_close(hidden, model(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])
+@pytest.mark.parametrize("compensate", [False, True])
+def test_sequential_reduction_is_exact_at_full_key_dim(model_type, compensate):
+    model, original, batches = tiny_model(model_type), tiny_model(model_type), calibration()
+    sequential(model, 32, batches, compensate=compensate, compensation_strength=1e-9)
+    assert final_error(model, original, batches) < 1e-4
+
+
+def test_sequential_beats_parallel_on_the_final_layer():
+    batches, held_out = calibration(30), calibration(10, seed=1000)  # enough tokens for a 32 x 32 input map
+    original = tiny_model("bert")
+    parallel = tiny_model("bert")
+    reduce_(parallel, ReductionConfig(key_dim=8, n_iter_max=30), moments=second_moments(parallel, batches))
+    bottom_up = tiny_model("bert")
+    sequential(bottom_up, 8, batches)
+    assert final_error(bottom_up, original, batches) < final_error(parallel, original, batches)
+    assert final_error(bottom_up, original, held_out) < final_error(parallel, original, held_out)
+
+
+def test_compensation_lowers_the_error_and_is_recorded(tmp_path):
+    batches, original = calibration(), tiny_model("bert")
+    plain, compensated = tiny_model("bert"), tiny_model("bert")
+    sequential(plain, 4, batches)
+    plan = sequential(compensated, 4, batches, compensate=True)
+    assert final_error(compensated, original, batches) < final_error(plain, original, batches)
+    assert plan.modified == ["encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"]
+    assert compensated.config.compression["modified"] == plan.modified
+    changed = compensated.encoder.layer[0].attention.output.dense.weight
+    assert not torch.equal(changed, original.encoder.layer[0].attention.output.dense.weight)
+
+
+def test_refinement_lowers_every_layers_output_error():
+    model = tiny_model("bert")
+    plan = sequential(model, 4, calibration(), refine_steps=40, refine_lr=1e-2)
+    assert all(r["output_error_after"] < r["output_error_before"] for r in plan.reports), plan.reports
+
+
+def test_the_input_map_is_the_least_squares_solution():
+    gen = torch.Generator().manual_seed(0)
+    xr = torch.randn(1, 500, 6, generator=gen, dtype=torch.float64)  # the reduced stream
+    x = xr @ torch.randn(6, 6, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(1, 500, 6, generator=gen,
+                                                                                            dtype=torch.float64)
+    tokens = torch.ones(1, 500, dtype=torch.bool)
+    m = LayerMoments(6)
+    m.add(x, xr, tokens, tokens)
+    want = torch.linalg.lstsq(xr[0], x[0]).solution.T  # x ~ P x~
+    torch.testing.assert_close(m.input_map(ridge=0.0), want)
+
+
+def test_the_ridge_refit_is_the_regularised_least_squares_solution():
+    gen = torch.Generator().manual_seed(0)
+    z, t = torch.randn(300, 5, generator=gen, dtype=torch.float64), torch.randn(300, 3, generator=gen,
+                                                                                  dtype=torch.float64)
+    w0, b0 = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    ridge = Ridge(5, 3)
+    ridge.add(z[:100], t[:100])
+    ridge.add(z[100:], t[100:])  # streamed in two batches
+    w, b = ridge.solve(w0, b0, strength=0.5)
+    za = torch.cat([z, torch.ones(300, 1, dtype=torch.float64)], 1)
+    lam = 0.5 * (za.T @ za).diagonal().mean()
+    # brute force: stack the data rows and sqrt(lam) * (I, prior) rows, solve by lstsq
+    rows = torch.cat([za, lam.sqrt() * torch.eye(6, dtype=torch.float64)])
+    rhs = torch.cat([t, lam.sqrt() * torch.cat([w0.T, b0[None]])])
+    want = torch.linalg.lstsq(rows, rhs).solution
+    torch.testing.assert_close(w, want[:-1].T)
+    torch.testing.assert_close(b, want[-1])
+
+
+def test_spill_round_trips_and_renames(tmp_path):
+    spill = Spill(tmp_path)
+    x = torch.randn(2, 3, 4)
+    spill.write("x_next", 0, x)
+    spill.rename("x_next", "x", 1)
+    assert torch.equal(spill.read("x", 0, "cpu"), x) and [p.name for p in tmp_path.iterdir()] == ["x-0.safetensors"]
+
+
+def test_the_temporary_activations_are_removed(tmp_path):
+    sequential(tiny_model("bert"), 4, calibration(2))
+    model = tiny_model("bert")
+    config = ReductionConfig(key_dim=4, n_iter_max=5)
+    reduce_sequential_(model, config, [4, 4], calibration(2), Plan(), workdir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    assert all(type(m).__name__.startswith("Collaborative") for _, _, m in attention_modules(model))
