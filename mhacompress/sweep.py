@@ -78,6 +78,9 @@ def plot(result: dict, path) -> None:
     if original.get("qk_params"):
         axes[1].axvline(original["qk_params"] / 1e6, color="gray", ls=":")
     fig.suptitle(f"{result.get('model', '')}: {result['task']} ({result['examples']} examples), no retraining")
-    fig.savefig(path, dpi=120)
+    from .fsio import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 

@@ -59,8 +59,6 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, refine, 
       mhacompress reduce minilm -k 96 --eval stsb --data-dir ../glue_data --max-drop 0.02
       mhacompress reduce minilm --budget 0.25 --calibrate mrpc --samples 256 -o out/minilm-b25
     """
-    from pathlib import Path
-
     with user_errors():
         from ..compress.config import ConfigError, ReductionConfig
 
@@ -75,10 +73,10 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, refine, 
         extra = {k: v for k, v in (("calibration", calibration), ("budget", budget)) if v is not None}
         config = ReductionConfig(key_dim=key_dim if budget is None else 1, key_dims=dims, method=method, seed=seed,
                                  init=init, n_iter_max=n_iter_max, tol=tol, extra=extra)
-        if output:
+        if output is not None:
             from ..hub import check_output
 
-            check_output(Path(output), force)
+            check_output(output, force, sources=[model, data_dir, calibrate_source])
         scorer = eval_scorer(eval_task, data_dir, max_drop)  # data problems show before any work
         texts = load_calibration(calibration, seed, data_dir)
         result = run_reduce(model, config, output=output, force=force, allow_pickle=allow_pickle,
@@ -144,7 +142,7 @@ def run_reduce(model_name: str, config, *, output=None, force=False, allow_pickl
         first_token_shortcut(model, model_name)
     evaluated = side_by_side(scorer.task, original, scorer(model, tokenizer, "the reduced model")) if scorer else None
     if output:
-        save(model, tokenizer, output, force=force)
+        save(model, tokenizer, output, force=force, source=source.location)
     layers = block["layers"]
     return {
         "model": model_name,

@@ -58,14 +58,14 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from ..errors import UsageError
     from ..hub import load_pretrained
 
-    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation)
+    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
             raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop --key-dim")
         source = block.get("source_model") or ""
         try:
-            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation)
+            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
         except UsageError as err:
             raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}

@@ -44,6 +44,10 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         for m in method_list:
             if m not in METHODS:
                 raise ConfigError(f"--methods takes {', '.join(METHODS)}; got {m!r}")
+        if plot_file:
+            from ..hub import check_output
+
+            check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
         scorer = Scorer.for_task(task, data_dir=data_dir, limit=limit)
         calibration = {"source": calibrate_source, "samples": samples} if calibrate_source else None
         texts = load_calibration(calibration, seed, data_dir)
