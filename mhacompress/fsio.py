@@ -159,25 +159,23 @@ def follow_umask(root: Path) -> None:
         os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-@contextlib.contextmanager
 def temp_dir(target: Path):
     """A new empty folder beside ``target`` (umask permissions), removed on the way out unless it was moved into
     place meanwhile."""
     path = sibling(target, TMP)
     os.mkdir(path, 0o777)
-    try:
-        yield path
-    finally:
-        if os.path.lexists(path):
-            with deferred_signals():
-                remove(path)
+    return _removed_unless_moved(path)
 
 
-@contextlib.contextmanager
 def temp_file(target: Path, suffix: str = ""):
     """A new empty file beside ``target`` (umask permissions), removed on the way out unless moved into place."""
     path = sibling(target, TMP, suffix)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return _removed_unless_moved(path)
+
+
+@contextlib.contextmanager
+def _removed_unless_moved(path: Path):
     try:
         yield path
     finally:

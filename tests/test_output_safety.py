@@ -117,22 +117,31 @@ def test_force_never_deletes_the_current_folder(tmp_path, monkeypatch):
 
 # ---- checked before any work -----------------------------------------------------------------------------------
 
-def test_a_file_in_the_path_fails_before_any_work(src, tmp_path):
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command gets as far as loading the model: the refusal must come first."""
+    def work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("mhacompress.hub.load_pretrained", work)
+
+
+def test_a_file_in_the_path_fails_before_any_work(src, tmp_path, no_work):
     (tmp_path / "a-file").write_text("x")
     one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "a-file" / "out"), "a-file is a file")
 
 
-def test_a_too_long_name_fails_with_its_length(src, tmp_path):
+def test_a_too_long_name_fails_with_its_length(src, tmp_path, no_work):
     one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / ("x" * 300)), "300 bytes", "shorter")
     one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / ("x" * 240)), "too long", "temporary name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_an_empty_output_is_refused_not_a_silent_dry_run(src):
+def test_an_empty_output_is_refused_not_a_silent_dry_run(src, no_work):
     one_line_error(invoke("reduce", src, "-k", "8", "-o", ""), "--output is empty")
 
 
-def test_an_unwritable_parent_fails_before_any_work(src, tmp_path, monkeypatch):
+def test_an_unwritable_parent_fails_before_any_work(src, tmp_path, monkeypatch, no_work):
     """Read-only file systems and permissions (root ignores mode bits, so the refusal is simulated)."""
     real = os.mkdir
 
@@ -143,13 +152,14 @@ def test_an_unwritable_parent_fails_before_any_work(src, tmp_path, monkeypatch):
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(os, "mkdir", read_only)
-    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "out"), "Read-only file system")
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "out"), "cannot write in",
+                   "Read-only file system")
     one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "new" / "out"), "cannot create the folder")
     assert list((tmp_path / "ro").iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_parent_fails_before_any_work(src, tmp_path):
+def test_a_read_only_parent_fails_before_any_work(src, tmp_path, no_work):
     (tmp_path / "ro").mkdir(mode=0o555)
     one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "out"), "Permission denied")
 
