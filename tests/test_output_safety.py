@@ -219,3 +219,13 @@ def test_a_forced_save_removes_stale_leftovers_of_killed_runs(tmp_path):
     (tmp_path / ".out.mhacompress-lock").write_text(f"{proc.pid}\n")
     save(reduced(), None, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    save(reduced(), None, tmp_path / "m")
+    for tolerance in ("-1", "nan"):
+        one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--tolerance", tolerance),
+                       "--tolerance must be a non-negative number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

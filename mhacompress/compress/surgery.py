@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ReductionConfig, compression_block
+from .config import ConfigError, ReductionConfig, compression_block
 from .calibrate import unwhiten, whiten
 from .decompose import Factors, decompose, relative_error
 from .modeling import COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, collaborate_
@@ -67,7 +67,7 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     as ``expected_score_error``.
     """
     if getattr(model.config, COMPRESSION_KEY, None):
-        raise ValueError("this model is already reduced; reduce the original checkpoint instead")
+        raise ConfigError("this model is already reduced; reduce the original checkpoint instead")
     arch = arch_for(model.config)
     found = attention_modules(model)
     n_layers, heads, head_dim = model_shape(model)
