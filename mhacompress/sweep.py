@@ -4,6 +4,7 @@ scored once; every setting reduces a fresh copy of it."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Callable
 
@@ -80,7 +81,7 @@ def plot(result: dict, path) -> None:
     fig.suptitle(f"{result.get('model', '')}: {result['task']} ({result['examples']} examples), no retraining")
     from .fsio import atomic_file
 
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:  # the format from the name the user gave, not the temporary one's
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
 

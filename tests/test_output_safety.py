@@ -229,3 +229,15 @@ def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
         one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--tolerance", tolerance),
                        "--tolerance must be a non-negative number")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("name,magic", [("sweep.png", b"\x89PNG"), ("sweep.pdf", b"%PDF"), ("sweep", b"\x89PNG")])
+def test_sweep_figures_are_written_whole_in_the_format_of_their_name(tmp_path, name, magic):
+    pytest.importorskip("matplotlib")
+    from mhacompress.sweep import plot
+
+    rows = [{"method": "cp", "key_dim": k, "score": 0.8 - 0.1 / k, "qk_params": 100 * k} for k in (8, 16)]
+    plot({"results": rows, "original": {"score": 0.8, "qk_params": 3200}, "task": "stsb", "metric": "spearman",
+          "examples": 10}, tmp_path / name)
+    assert (tmp_path / name).read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
