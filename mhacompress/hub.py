@@ -196,6 +196,16 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     _check_existing(target, force, kind, option)
     _check_writable(target, option, kind)
     try:
+        _lock(target, output, option)
+    except UsageError:
+        fsio.release(target)  # the folders just created, if any
+        raise
+    fsio.clean_stale(target)
+    return target
+
+
+def _lock(target: Path, output, option: str) -> None:
+    try:
         fsio.acquire(target)
     except fsio.OutputBusy as busy:
         who = f"process {busy.pid}" if busy.pid else "another process"
@@ -203,8 +213,6 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
                          f"finish or choose another {option}") from None
     except OSError as err:
         raise UsageError(f"cannot lock {option} {output}: {_reason(err)}; choose another {option}") from None
-    fsio.clean_stale(target)
-    return target
 
 
 def _reason(err: BaseException) -> str:
@@ -323,11 +331,14 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
         _check_safetensors(folder / name)
 
 
-def _json_file(path: Path):
+def _json_file(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(f"{path} is not valid JSON; save the checkpoint again") from None
+        data = None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object; save the checkpoint again")
+    return data
 
 
 def _check_safetensors(path: Path) -> None:
