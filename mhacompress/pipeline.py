@@ -67,6 +67,9 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     texts = _calibration_texts(config, calibration, data_dir)
     scorer = _scorer(evaluate, data_dir, eval_batch_size, device)
     model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)
+    if tokenizer is None and (texts is not None or scorer is not None):
+        raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
+                          "compress(model, config, tokenizer=tokenizer)")
     from .reduction.modeling import is_classifier
     from .reduction.surgery import check_reducible, model_shape
 
@@ -140,8 +143,6 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
         model, loaded_tokenizer, source = load_pretrained(name, allow_pickle=allow_pickle, device=device or "cpu")
         return model, tokenizer or loaded_tokenizer, source.location, name
     model = model_or_name
-    if tokenizer is None:
-        raise ConfigError("pass the tokenizer with a model object: compress(model, config, tokenizer=tokenizer)")
     if device is not None:
         model.to(device)
     path = getattr(model.config, "_name_or_path", "") or ""

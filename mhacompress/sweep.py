@@ -4,6 +4,7 @@ top-level function, so an executor can run them anywhere (this process, or Ray w
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -133,5 +134,8 @@ def plot(result: dict, path) -> None:
     if original.get("qk_params"):
         axes[1].axvline(original["qk_params"] / 1e6, color="gray", ls=":")
     fig.suptitle(f"{result.get('model', '')}: {result['task']} ({result['examples']} examples), no retraining")
-    fig.savefig(path, dpi=120)
+    from .fsio import atomic_file
+
+    with atomic_file(path) as tmp:  # the format from the name the user gave, not the temporary one's
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)

@@ -91,7 +91,7 @@ def test_missing_file_in_data_dir(tmp_path):
 
 def test_offline_fails_fast_with_a_hint(monkeypatch):
     monkeypatch.delenv(D.ENV_DIR, raising=False)
-    monkeypatch.setattr("mhacompress.hub._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("mhacompress.hub.hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(UsageError, match="unreachable.*--data-dir") as err:
         D.load_examples(get_task("qqp"))
     assert "\n" not in str(err.value)
@@ -133,7 +133,7 @@ def test_hub_copy_is_read_through_datasets(monkeypatch):
     monkeypatch.delenv(D.ENV_DIR, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("mhacompress.hub._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("mhacompress.hub.hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ex = D.load_examples(get_task("mnli-mm"))
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]

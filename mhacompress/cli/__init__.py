@@ -3,9 +3,12 @@ stdout). Heavy imports (torch, transformers) happen inside commands so that `mha
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
-from .. import __version__
+from .. import __version__, fsio
 from .analyze import analyze
 from .eval import eval_
 from .export import export
@@ -15,7 +18,35 @@ from .report import report
 from .sweep import sweep
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """The command group, run so that SIGTERM, SIGHUP and Ctrl-C end a command through its cleanup code (temporary
+    folders removed, previous outputs kept, locks released) with one line on stderr and exit 128 + signal."""
+
+    def main(self, *args, **kwargs):
+        with fsio.signals_as_exceptions():
+            try:
+                return super().main(*args, **kwargs)
+            except (KeyboardInterrupt, fsio.Terminated) as err:  # arrived outside a command (while parsing)
+                sys.exit(_stopped(err))
+            finally:
+                fsio.release_all()
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, fsio.Terminated) as err:
+            raise click.exceptions.Exit(_stopped(err)) from None
+
+
+def _stopped(err: BaseException) -> int:
+    """One line on stderr for a run stopped by a signal; its exit status (130 for Ctrl-C, 143 for SIGTERM)."""
+    signum = getattr(err, "signum", signal.SIGINT)
+    done = f"{', '.join(fsio.WRITTEN)} was written before that" if fsio.WRITTEN else "nothing was written"
+    click.echo(f"stopped by {fsio.signal_name(signum)}; {done}, no partial output left", err=True)
+    return 128 + signum
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="mhacompress")
 def main():
     """Compress the self-attention of Hugging Face encoders without retraining.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 
 import click
 
@@ -22,7 +21,8 @@ def emit_json(obj: dict) -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn expected failures (bad input, unsupported models) into a one-line ClickException: exit 1, no traceback."""
+    """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1, no
+    traceback. Ctrl-C and SIGTERM pass through to the command group, which reports them (see cli.main)."""
     from ..errors import UsageError
 
     try:
@@ -30,17 +30,22 @@ def user_errors():
     except click.ClickException:
         raise
     except UsageError as err:
-        raise click.ClickException(str(err)) from None
+        raise click.ClickException(one_line(str(err))) from None
     except ValueError as err:
         from ..reduction.config import ConfigError
         from ..reduction.modeling import UnsupportedModelError
 
         if isinstance(err, (ConfigError, UnsupportedModelError)):
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(one_line(str(err))) from None
         raise
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
+    except OSError as err:  # the file system refused (disk full, permissions changed mid-run): nothing was replaced
+        where = f" {err.filename}" if err.filename else ""
+        raise click.ClickException(f"cannot access{where}: {err.strerror or err}; nothing was replaced (check the "
+                                   f"path, its permissions and free space)") from None
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
 
 
 def first_token_option(help_tail: str):

@@ -37,6 +37,10 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
     """
     with user_errors():
         dims = _parse_dims(key_dims) if key_dims else None
+        if plot_dir:
+            from ..hub import check_output
+
+            check_output(plot_dir, sources=[model], kind="contents", option="--plot")
         plots = _check_plot_dir(plot_dir) if plot_dir else None
         result = run_analyze(model, dims=dims, seq_len=seq_len, curve=not no_curve, allow_pickle=allow_pickle,
                              show_progress=not as_json)
@@ -83,7 +87,7 @@ def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pi
 
     start = time.perf_counter()
     with status(f"loading {model_name}", show_progress):
-        model, _, source = load_pretrained(model_name, allow_pickle=allow_pickle)
+        model, _, source = load_pretrained(model_name, allow_pickle=allow_pickle, tokenizer=False)
     layers, heads, head_dim = model_shape(model)
     steps = layers * (1 + (len(set(dims or candidate_dims(heads, head_dim, "cp"))) if curve else 0))
     with progress(show_progress) as bar:
@@ -119,8 +123,11 @@ def _label_edges(axes, xlabel: str, ylabel: str) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    from ..fsio import atomic_file
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 

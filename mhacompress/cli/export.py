@@ -46,10 +46,11 @@ def run_export(directory, *, fmt="onnx", output, force=False, opset=18, toleranc
 
     if fmt not in FORMATS:
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
-    from ..hub import load
+    from ..hub import check_output, load
 
+    check_output(output, force, kind="file", sources=[directory])  # before any work
     with status(f"loading {directory}", show_progress):
-        model, _ = load(directory, attn_implementation="sdpa")
+        model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
     if first_token_only:
         first_token_shortcut(model, directory)
     with status(f"exporting to {output} and checking it in onnxruntime", show_progress):

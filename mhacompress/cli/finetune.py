@@ -43,8 +43,6 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
       mhacompress finetune minilm --task mrpc --output out/minilm-mrpc --epochs 3 --lr 5e-5
       mhacompress finetune out/minilm-mrpc-cp96 --task mrpc --output out/minilm-mrpc-cp96-ft --limit 500 --epochs 1
     """
-    from pathlib import Path
-
     with user_errors():
         from ..eval.data import load_examples
         from ..eval.finetune import train, with_head
@@ -52,7 +50,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
         from ..hub import check_output, load_pretrained, save
 
         spec = get_task(task)
-        check_output(Path(output), force)
+        check_output(output, force, sources=[model, data_dir])
         data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
         if data.labels is None:
             raise click.ClickException(f"{data.source} has no labels to train on")
@@ -75,7 +73,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
             log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                         warmup=warmup, weight_decay=weight_decay, seed=seed, device=device,
                         on_step=lambda loss: bar.update(job, advance=1, description=f"{spec.name}: loss {loss:.3f}"))
-        save(loaded, tokenizer, output, force=force)
+        save(loaded, tokenizer, output, force=force, source=model)
         result = {"model": model, "task": spec.name, "output": str(output), "examples": len(data),
                   "steps": log["steps"], "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
         if scorer is not None:

@@ -73,8 +73,6 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
 
         if max_drop is not None and eval_task is None:
             raise ConfigError("--max-drop needs --eval TASK (the task whose metric it bounds)")
-        if output is not None and not output.strip():
-            raise ConfigError("--output is empty; give a folder to write, or leave --output out for a dry run")
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
         if source is None and (refine or compensate):
             raise ConfigError("--refine and --compensate fit layers to calibration data: give --calibrate SOURCE too")
@@ -84,12 +82,10 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
                                  budget=budget, method=method, solver=solver, seed=seed, init=init,
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
                                  first_token_only=first_token_only)
-        if output:
-            from pathlib import Path
-
+        if output is not None:  # refused at once: the source, an unwritable place, a run already writing there
             from ..hub import check_output
 
-            check_output(Path(output), force)
+            check_output(output, force, sources=[model, data_dir, calibrate_source])
         with ProgressBars(not as_json) as bars:
             result = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
                               data_dir=data_dir, evaluate=eval_task)

@@ -57,14 +57,14 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from ..reduction.config import ReductionConfig
     from ..reduction.modeling import COMPRESSION_KEY
 
-    model, tokenizer, _ = load_pretrained(name, attn_implementation=attn_implementation)
+    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
             raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop --key-dim")
         source = block.get("source_model") or ""
         try:
-            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation)
+            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
         except UsageError as err:
             raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
@@ -72,7 +72,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
         raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "
                          f"written by `mhacompress reduce`")
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
-    reduced = compress(copy.deepcopy(model), config, tokenizer=tokenizer).model
+    reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
 
 

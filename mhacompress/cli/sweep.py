@@ -44,6 +44,10 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
+        if plot_file:
+            from ..hub import check_output
+
+            check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
         calibration = Calibration(calibrate_source, samples=samples, seed=seed) if calibrate_source else None
         cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,

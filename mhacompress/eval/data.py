@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..fsio import read_text
 from .tasks import Task
 
 ENV_DIR = "MHACOMPRESS_GLUE_DIR"
@@ -60,13 +61,12 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
 def read_tsv(task: Task, split: str, path: Path) -> Examples:
     """Official GLUE TSV: tab-separated, quoting off (quote characters are text), UTF-8 with or without a BOM,
     CoLA without a header row."""
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    hint = f"pass the official GLUE {task.folder}/{path.name} (tab-separated UTF-8 text)"
+    lines = read_text(path, hint=hint).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # final newline (CoLA dev has none, as in GLUE)
     rows = [line.rstrip("\r").split("\t") for line in lines]
     if task.header:
-        if not rows:
-            raise UsageError(f"{path} is empty")
         header, rows = rows[0], rows[1:]
         text_cols = [_column(header, c, path) for c in task.text]
         label_col = _column(header, task.label, path, required=False)
@@ -86,6 +86,9 @@ def read_tsv(task: Task, split: str, path: Path) -> Examples:
         texts.append(tuple(row[c] for c in text_cols))
         if labels is not None:
             labels.append(parse_label(task, row[label_col], f"{path}:{number}"))
+    if not texts:
+        what = "a header but no examples" if rows == [] else "no well-formed rows"
+        raise UsageError(f"{path} has {what}; {hint}")
     return Examples(task, split, texts, labels, str(path))
 
 
@@ -118,13 +121,13 @@ def parse_label(task: Task, value: str, where: str):
 
 def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | None = None) -> Examples:
     """The hub copy (``nyu-mll/glue``); fails within seconds, with what to pass instead, when it cannot be had."""
-    from ..hub import _hub_reachable
+    from ..hub import hub_reachable
 
     where = (f"${ENV_DIR}={missing_local} has no {task.folder}/ file for split {split!r}" if missing_local
              else f"no local GLUE folder given (--data-dir or ${ENV_DIR})")
     hint = f"pass --data-dir DIR or set {ENV_DIR} to a folder in the official glue_data layout (DIR/{task.folder}/)"
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if offline or not _hub_reachable(timeout=2.0):
+    if offline or not hub_reachable(timeout=2.0):
         why = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
         raise UsageError(f"no GLUE data for {task.name}: {where} and {why}; {hint}")
     try:

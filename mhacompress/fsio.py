@@ -1,0 +1,369 @@
+"""Writing outputs safely: nothing half-written, nothing left behind, the previous output kept until the new one is
+complete, and one writer per output at a time.
+
+- Work happens in a temporary sibling named ``.NAME.mhacompress-tmp-<pid>-<hex>``; the output it replaces is moved
+  aside to ``.NAME.mhacompress-old-<pid>-<hex>`` and deleted only once the new one is in place (put back if that
+  fails). Leftovers of a killed run are recognisable by these names and removed by the next run into the same place
+  once their pid is dead (an old folder whose replacement never arrived is put back instead).
+- ``.NAME.mhacompress-lock`` beside the output holds an exclusive ``flock`` for the whole run: a second run into the
+  same output fails at once instead of mixing files.
+- ``signals_as_exceptions`` turns SIGTERM (and SIGHUP) into a ``Terminated`` exception in the main thread, so that a
+  terminated run unwinds through ``finally`` blocks like an interrupted one; ``deferred_signals`` holds both back
+  during the few renames that must not be split.
+
+Everything is created with the process umask, like any ordinary tool. Library code: raises, never prints.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there go unlocked
+    fcntl = None
+
+TMP, OLD, LOCK = "mhacompress-tmp", "mhacompress-old", "mhacompress-lock"
+LONGEST_SUFFIX = len(f".{TMP}-{2**22}-{'0' * 8}.onnx") + 1  # what temporary names add to an output's name
+WRITTEN: list[str] = []  # outputs completed by this process (for the one-line report of an interrupted run)
+
+_HELD: dict[Path, int] = {}  # output -> open descriptor holding the flock of its lock file
+_CREATED: dict[Path, list[Path]] = {}  # output -> parent folders created for it (removed again if still empty)
+
+
+class Terminated(BaseException):
+    """A termination signal (SIGTERM, SIGHUP), raised in the main thread so that cleanup code runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class OutputBusy(Exception):
+    """Another live process holds the lock of this output."""
+
+    def __init__(self, target: Path, pid: int | None):
+        super().__init__(f"{target} is being written by process {pid}")
+        self.target, self.pid = target, pid
+
+
+# ---- names ------------------------------------------------------------------------------------------------------
+
+def sibling(target: Path, tag: str, suffix: str = "") -> Path:
+    """A fresh, recognisable name beside ``target``: ``.NAME.TAG-<pid>-<hex>SUFFIX``."""
+    return target.with_name(f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{LOCK}")
+
+
+def _leftover_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(target.name)}\.mhacompress-(tmp|old)-(\d+)-[0-9a-f]{{8}}(\.\w+)?")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link or a folder tree (never what a link points to); missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove what killed runs into ``target`` left beside it (their pid is dead); an old output that was moved aside
+    and never replaced is put back first. Returns the paths handled."""
+    pattern, handled = _leftover_pattern(target), []
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return handled
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or pid_alive(int(match.group(2))):
+            continue
+        try:
+            if match.group(1) == "old" and not os.path.lexists(target):
+                os.rename(entry, target)  # the previous output, restored
+            else:
+                remove(entry)
+        except OSError:  # best effort: a leftover we cannot touch is not this run's problem
+            continue
+        handled.append(entry)
+    return handled
+
+
+# ---- creating and replacing ---------------------------------------------------------------------------------------
+
+def make_parents(target: Path) -> list[Path]:
+    """Create the missing folders above ``target`` (umask permissions); remembered so that a run that ends without
+    writing removes them again. Raises OSError."""
+    missing = []
+    parent = target.parent
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        os.mkdir(folder, 0o777)
+    _CREATED.setdefault(target, []).extend(missing)
+    return missing
+
+
+def probe(target: Path) -> None:
+    """Create and remove a temporary folder beside ``target``: the real test of writability (read-only file
+    systems, permissions, ACLs, name length), done before any work. Raises OSError."""
+    path = sibling(target, TMP, ".onnx")
+    os.mkdir(path, 0o777)
+    os.rmdir(path)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (another thread may create files meanwhile)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give everything under ``root`` (and itself) the permissions a plain ``open``/``mkdir`` would: libraries that
+    write through private temporary files (transformers' safetensors writer does) leave 0600 behind."""
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def temp_dir(target: Path):
+    """A new empty folder beside ``target`` (umask permissions), removed on the way out unless it was moved into
+    place meanwhile."""
+    path = sibling(target, TMP)
+    os.mkdir(path, 0o777)
+    return _removed_unless_moved(path)
+
+
+def temp_file(target: Path, suffix: str = ""):
+    """A new empty file beside ``target`` (umask permissions), removed on the way out unless moved into place."""
+    path = sibling(target, TMP, suffix)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return _removed_unless_moved(path)
+
+
+@contextlib.contextmanager
+def _removed_unless_moved(path: Path):
+    try:
+        yield path
+    finally:
+        if os.path.lexists(path):
+            with deferred_signals():
+                remove(path)
+
+
+def replace(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` (a file or a folder) in ``target``'s place. A file replaces atomically. An existing folder is
+    moved aside first, deleted only after ``tmp`` is in place, and moved back if that rename fails. Signals wait
+    until the renames are done."""
+    with deferred_signals():
+        if tmp.is_file() or not os.path.lexists(target):
+            os.replace(tmp, target)
+            WRITTEN.append(str(target))
+            return
+        old = sibling(target, OLD)
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        WRITTEN.append(str(target))
+        remove(old)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str | None = None):
+    """``with atomic_file(path) as tmp: write(tmp)``: ``path`` appears, complete, only when the block succeeds (for
+    figures and other single files; ``suffix`` defaults to the path's, so writers that read it still see it)."""
+    target = Path(path).expanduser().resolve()
+    with temp_file(target, target.suffix if suffix is None else suffix) as tmp:
+        yield tmp
+        replace(tmp, target)
+
+
+# ---- the output lock ----------------------------------------------------------------------------------------------
+
+def acquire(target: Path) -> None:
+    """Hold the exclusive lock of ``target`` until ``release`` (or exit); reentrant within a process. Raises
+    OutputBusy when another live process holds it, OSError when the lock file cannot be made."""
+    if target in _HELD or fcntl is None:
+        return
+    path = lock_path(target)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise OutputBusy(target, holder) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[target] = fd
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def release(target: Path) -> None:
+    """Give up ``target``'s lock: the lock file is deleted (while still locked), then closed; folders created for the
+    output and still empty are removed."""
+    fd = _HELD.pop(target, None)
+    if fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path(target))
+        os.close(fd)
+    for folder in _CREATED.pop(target, []):  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+def release_all() -> None:
+    for target in {*_HELD, *_CREATED}:
+        release(target)
+
+
+atexit.register(release_all)
+
+
+# ---- signals ------------------------------------------------------------------------------------------------------
+
+_depth = 0  # nesting of deferred_signals in the main thread
+_CAUGHT = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT, SIGTERM and SIGHUP back for the duration of the block, then deliver the first that came to the
+    handler that was in place (which raises, or ends the process). A no-op outside the main thread, where Python
+    never runs signal handlers anyway."""
+    global _depth
+    if not _main_thread():
+        yield
+        return
+    if _depth:  # nested: the outermost block delivers
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in _CAUGHT}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: installed from C, leave it alone
+    for s in previous:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def signals_as_exceptions():
+    """For a command-line run: SIGTERM and SIGHUP raise ``Terminated``, SIGINT ``KeyboardInterrupt``, so that every
+    ``finally`` block (temporary folders, locks) runs before the process ends. Main thread only."""
+    if not _main_thread():
+        yield
+        return
+    wanted = {s: _terminate for s in _CAUGHT if s != signal.SIGINT}
+    wanted[signal.SIGINT] = signal.default_int_handler
+    previous = {s: signal.signal(s, h) for s, h in wanted.items()}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# ---- reading text data --------------------------------------------------------------------------------------------
+
+def read_text(path: Path, *, hint: str) -> str:
+    """The UTF-8 text of a data file (a BOM is dropped). Empty, binary, UTF-16 or undecodable files are a
+    UsageError that names ``path:line`` and ends with ``hint`` (what the file should be)."""
+    from .errors import UsageError
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}; {hint}") from None
+    if not data.strip():
+        raise UsageError(f"{path} is empty; {hint}")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"{path} is UTF-16 text; save it as UTF-8 ({hint})")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UsageError(f"{path}:{_line_of(data, nul)}: binary data (a NUL byte), not text; {hint}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}:{_line_of(data, err.start)}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
+                         f"as UTF-8 ({hint})") from None
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1

@@ -1,0 +1,91 @@
+"""Saved folders keep every file of the source that the tool does not rewrite, so that the ecosystem's loaders work on
+them as on the original: sentence-transformers (modules.json, pooling, normalisation) and transformers' pipeline."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
+from mhacompress.hub import load_pretrained, save
+
+SENTENCES = ["A man is playing a guitar.", "Attention heads can share their keys.", "short"]
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def minilm_reduced(tmp_path_factory):
+    """The bundled MiniLM (a sentence-transformers folder), reduced in memory and saved with its source."""
+    model, tokenizer, source = load_pretrained("minilm")
+    reduce_(model, ReductionConfig(key_dim=96, method="svd"))  # the fastest method: the point is the folder
+    out = tmp_path_factory.mktemp("ecosystem") / "minilm-cp96"
+    save(model, tokenizer, out, source=source.location)
+    return model, tokenizer, out, source.location
+
+
+def test_the_files_the_tool_does_not_change_are_carried_over_unchanged(minilm_reduced):
+    from pathlib import Path
+
+    _, _, out, source = minilm_reduced
+    original, saved = tree(Path(source)), tree(out)
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "vocab.txt", "special_tokens_map.json", "README.md"):
+        assert saved.get(name) == original[name], name
+    assert saved["model.safetensors"] != original["model.safetensors"]  # the reduced weights, not the original's
+
+
+def mean_pooled(model, tokenizer, sentences):
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # (B, T, d)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, d)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def test_sentence_transformers_loads_the_reduced_folder_whole(minilm_reduced):
+    st = pytest.importorskip("sentence_transformers")
+    model, tokenizer, out, _ = minilm_reduced
+    encoder = st.SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    assert [type(m).__name__ for m in encoder] == ["Transformer", "Pooling", "Normalize"]
+    got = encoder.encode(SENTENCES, convert_to_tensor=True)  # (B, d)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, mean_pooled(model, tokenizer, SENTENCES), atol=1e-5, rtol=0)
+
+
+def test_the_feature_extraction_pipeline_round_trip(minilm_reduced):
+    from transformers import pipeline
+
+    model, tokenizer, out, _ = minilm_reduced
+    extract = pipeline("feature-extraction", model=str(out), trust_remote_code=True, device="cpu")
+    got = torch.tensor(extract(SENTENCES[1]))  # (1, T, d)
+    with torch.no_grad():
+        want = model(**tokenizer(SENTENCES[1], return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stale_weights_of_the_original_are_never_carried_over(tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    src = shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    stale = ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.safetensors.index.json",
+             "model-00001-of-00002.safetensors", "onnx/model.onnx", "openvino/openvino_model.xml", "rust_model.ot",
+             "checkpoint-500/optimizer.pt", ".git/HEAD"]
+    kept = ["modules.json", "1_Pooling/config.json", "2_Dense/model.safetensors", "2_Dense/config.json",
+            "README.md", ".gitattributes", "sentence_bert_config.json"]
+    for name in stale + kept:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"from the source: " + name.encode())
+    model = tiny_model("bert")
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    save(model, AutoTokenizer.from_pretrained(src), tmp_path / "out", source=src)
+    saved = tree(tmp_path / "out")
+    assert not [name for name in stale if name in saved]
+    assert all(saved[name] == b"from the source: " + name.encode() for name in kept)
+    assert not saved["model.safetensors"].startswith(b"from the source")  # its own weights, not the source's
+    assert b"compression" in saved["config.json"]  # what the save writes wins over the source's copy

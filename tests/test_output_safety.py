@@ -1,0 +1,243 @@
+"""A source is never modified or deleted; outputs are checked (writable, not a source, not busy) before any work, and
+saved with the umask's permissions, leaving nothing beside them."""
+
+import errno
+import os
+import shutil
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_model
+from mhacompress import fsio
+from mhacompress.cli import main
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
+from mhacompress.errors import UsageError
+from mhacompress.hub import check_output, save
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def src(tiny_bert_dir, tmp_path):
+    """A writable copy of the tiny checkpoint, so that a test that failed to protect it harms only the copy."""
+    return shutil.copytree(tiny_bert_dir, tmp_path / "src")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def reduced():
+    model = tiny_model("bert")
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    return model
+
+
+# ---- the source is never the output -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where,how", [
+    (lambda src: src, "is the source"),
+    (lambda src: src / "sub", "lies inside the source"),
+    (lambda src: src / "model.safetensors", "is the source"),  # (a folder output at a file: also its own check)
+    (lambda src: src.parent, "contains the source"),
+    (lambda src: src / ".." / src.name, "is the source"),
+])
+def test_check_output_refuses_the_source_in_every_relation(src, where, how):
+    output = where(src)
+    if output.name == "model.safetensors":
+        with pytest.raises(UsageError, match="lies inside the source"):
+            check_output(output, force=True, sources=[src], kind="file")
+        return
+    with pytest.raises(UsageError, match=how):
+        check_output(output, force=True, sources=[src])
+
+
+def test_check_output_sees_through_symlinks(src, tmp_path):
+    (tmp_path / "link").symlink_to(src)
+    with pytest.raises(UsageError, match="is the source"):
+        check_output(tmp_path / "link", force=True, sources=[src])
+    with pytest.raises(UsageError, match="is the source"):
+        check_output(src, force=True, sources=[tmp_path / "link"])
+
+
+@pytest.mark.parametrize("args", [
+    ["reduce", "{src}", "-k", "8", "-o", "{src}", "--force"],
+    ["reduce", "{src}", "-k", "8", "-o", "{parent}", "--force"],
+    ["reduce", "{src}", "-k", "8", "-o", "{src}/reduced"],
+    ["finetune", "{src}", "--task", "mrpc", "--data-dir", "{glue}", "-o", "{src}", "--force", "--limit", "4"],
+    ["export", "{src}", "-o", "{src}/model.safetensors", "--force"],
+    ["analyze", "{src}", "--plot", "{src}", "--no-curve"],
+    ["sweep", "{src}", "--task", "stsb", "--data-dir", "{glue}", "--plot", "{src}/sweep.png"],
+])
+def test_every_writing_command_refuses_to_touch_its_source(src, glue_dir, args):
+    before = tree(src.parent)
+    fill = {"src": src, "parent": src.parent, "glue": glue_dir}
+    one_line_error(invoke(*[a.format(**fill) for a in args]), "the source", "choose")
+    assert tree(src.parent) == before
+
+
+def test_save_itself_refuses_the_folder_the_model_was_loaded_from(src):
+    """Defence in depth: even a caller that passes no source cannot overwrite the checkpoint it loaded."""
+    from mhacompress.hub import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(str(src))
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    before = tree(src)
+    with pytest.raises(UsageError, match="is the source"):
+        save(model, tokenizer, src, force=True)
+    with pytest.raises(UsageError, match="contains the source"):
+        save(model, tokenizer, src.parent, force=True)
+    assert tree(src) == before
+
+
+def test_force_never_deletes_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(UsageError, match="current folder"):
+        check_output(".", force=True)
+    with pytest.raises(UsageError, match="current folder"):
+        check_output("..", force=True)
+
+
+# ---- checked before any work -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command gets as far as loading the model: the refusal must come first."""
+    def work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("mhacompress.hub.load_pretrained", work)
+
+
+def test_a_file_in_the_path_fails_before_any_work(src, tmp_path, no_work):
+    (tmp_path / "a-file").write_text("x")
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "a-file" / "out"), "a-file is a file")
+
+
+def test_a_too_long_name_fails_with_its_length(src, tmp_path, no_work):
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / ("x" * 300)), "300 bytes", "shorter")
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / ("x" * 240)), "too long", "temporary name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_empty_output_is_refused_not_a_silent_dry_run(src, no_work):
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", ""), "--output is empty")
+
+
+def test_an_unwritable_parent_fails_before_any_work(src, tmp_path, monkeypatch, no_work):
+    """Read-only file systems and permissions (root ignores mode bits, so the refusal is simulated)."""
+    real = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "mkdir", read_only)
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "out"), "cannot write in",
+                   "Read-only file system")
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "new" / "out"), "cannot create the folder")
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_parent_fails_before_any_work(src, tmp_path, no_work):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    one_line_error(invoke("reduce", src, "-k", "8", "-o", tmp_path / "ro" / "out"), "Permission denied")
+
+
+def test_a_run_that_fails_removes_the_parents_it_created(src, tmp_path):
+    one_line_error(invoke("reduce", src, "-k", "33", "-o", tmp_path / "a" / "b" / "out"), "out of range")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_output_being_written_by_another_run_is_refused(src, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    holder = os.open(fsio.lock_path(out), os.O_RDWR | os.O_CREAT)  # its own open file: a lock like another process's
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.write(holder, b"4242\n")
+    try:
+        one_line_error(invoke("reduce", src, "-k", "8", "-o", out), "being written by another mhacompress run",
+                       "4242", "wait")
+    finally:
+        os.close(holder)
+    assert not out.exists()
+
+
+# ---- what a save leaves ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_saved_folders_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save(reduced(), None, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    for f in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+
+
+def test_force_over_a_symlinked_output_replaces_its_target_and_leaves_nothing(tmp_path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "old.txt").write_text("old")
+    (tmp_path / "latest").symlink_to(tmp_path / "v1")
+    save(reduced(), None, tmp_path / "latest", force=True)
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest" / "model.safetensors").is_file()
+    assert not (tmp_path / "v1" / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]
+
+
+def test_a_forced_save_removes_stale_leftovers_of_killed_runs(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / f".out.mhacompress-tmp-{proc.pid}-deadbeef").mkdir()
+    (tmp_path / f".out.mhacompress-tmp-{proc.pid}-deadbeef" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.mhacompress-lock").write_text(f"{proc.pid}\n")
+    save(reduced(), None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    save(reduced(), None, tmp_path / "m")
+    for tolerance in ("-1", "nan"):
+        one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--tolerance", tolerance),
+                       "--tolerance must be a non-negative number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("name,magic", [("sweep.png", b"\x89PNG"), ("sweep.pdf", b"%PDF"), ("sweep", b"\x89PNG")])
+def test_sweep_figures_are_written_whole_in_the_format_of_their_name(tmp_path, name, magic):
+    pytest.importorskip("matplotlib")
+    from mhacompress.sweep import plot
+
+    rows = [{"method": "cp", "key_dim": k, "score": 0.8 - 0.1 / k, "qk_params": 100 * k} for k in (8, 16)]
+    plot({"results": rows, "original": {"score": 0.8, "qk_params": 3200}, "task": "stsb", "metric": "spearman",
+          "examples": 10}, tmp_path / name)
+    assert (tmp_path / name).read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -1,0 +1,189 @@
+"""Loading refuses, with one line naming the problem and the fix, every checkpoint transformers would load wrongly or
+fail on with a traceback: damaged files, configs that disagree with the weights, weights that do not cover the model,
+missing tokenizers, names no file system can hold. Nothing is unpickled without allow_pickle."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import mhacompress
+from conftest import tiny_model
+from mhacompress.cli import main
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
+from mhacompress.errors import UsageError
+from mhacompress.hub import load_pretrained, save
+
+
+@pytest.fixture(scope="module")
+def reduced_master(tmp_path_factory, tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    model = tiny_model("bert")
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    path = tmp_path_factory.mktemp("strict") / "reduced"
+    save(model, AutoTokenizer.from_pretrained(tiny_bert_dir), path)
+    return path
+
+
+@pytest.fixture
+def original(tiny_bert_dir, tmp_path):
+    return shutil.copytree(tiny_bert_dir, tmp_path / "original")
+
+
+@pytest.fixture
+def reduced(reduced_master, tmp_path):
+    return shutil.copytree(reduced_master, tmp_path / "reduced")
+
+
+def edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(folder, change):
+    weights = load_file(folder / "model.safetensors")
+    change(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def loaders(folder):
+    """Both entry points: load_pretrained (any checkpoint) and, for reduced folders, mhacompress.load."""
+    calls = [lambda: load_pretrained(str(folder))]
+    if "compression" in (folder / "config.json").read_text(errors="ignore"):
+        calls.append(lambda: mhacompress.load(folder))
+    return calls
+
+
+def refused(folder, *fragments):
+    for call in loaders(folder):
+        with pytest.raises(UsageError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message
+        for fragment in fragments:
+            assert fragment in message, message
+
+
+def truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "truncated weights": (truncate, ["model.safetensors is corrupt or truncated", "save the checkpoint again"]),
+    "garbage weights": (lambda f: (f / "model.safetensors").write_bytes(b"\x00garbage" * 9),
+                        ["corrupt or truncated"]),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), ["holds no model weights"]),
+    "empty config": (lambda f: (f / "config.json").write_text(""), ["config.json is empty", "restore"]),
+    "invalid config": (lambda f: (f / "config.json").write_text('{"model_type": "bert",\n oops}'),
+                       ["config.json:2: not valid JSON", "restore"]),
+    "config is a list": (lambda f: (f / "config.json").write_text("[1, 2]"), ["not an object"]),
+    "binary config": (lambda f: (f / "config.json").write_bytes(b"\xff\xfe\x00x"), ["not UTF-8"]),
+    "no model_type": (lambda f: edit_config(f, lambda c: c.pop("model_type")), ['no "model_type"', "bert"]),
+    "no tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "vocab.txt") if (f / n).exists()],
+                     ["no tokenizer files", "tokenizer.save_pretrained"]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+@pytest.mark.parametrize("kind", ["original", "reduced"])
+def test_damaged_folders_are_refused_in_one_line(damage, kind, request):
+    folder = request.getfixturevalue(kind)
+    change, fragments = DAMAGE[damage]
+    change(folder)
+    refused(folder, *fragments)
+
+
+def test_weights_whose_shapes_disagree_with_the_config(original):
+    edit_config(original, lambda c: c.update(intermediate_size=48))
+    refused(original, "intermediate.dense.bias has shape (64,) in the weights but config.json needs (48,)", "restore")
+
+
+def test_a_config_promising_more_layers_than_the_weights_hold(original):
+    edit_config(original, lambda c: c.update(num_hidden_layers=3))
+    refused(original, "do not cover the model", "encoder.layer.2.", "missing", "complete checkpoint")
+
+
+def test_misnamed_tensors_are_named(original):
+    def rename(w):
+        w["encoder.layer.0.attention.self.qry.weight"] = w.pop("encoder.layer.0.attention.self.query.weight")
+
+    edit_weights(original, rename)
+    refused(original, "encoder.layer.0.attention.self.query.weight is missing", "attention.self.qry.weight")
+
+
+def test_a_missing_pooler_is_tolerated(original):
+    """Sentence encoders often ship without pooler weights (they pool by mean): transformers' usual case."""
+    edit_weights(original, lambda w: [w.pop(k) for k in list(w) if k.startswith("pooler.")])
+    model, _, _ = load_pretrained(str(original))
+    assert model.config.num_hidden_layers == 2
+
+
+def test_an_edited_key_dim_is_refused(reduced):
+    edit_config(reduced, lambda c: c["compression"].update(key_dim=12))
+    refused(reduced, "says key_dim 12 but its layers have [8]")
+
+
+def test_an_edited_layer_key_dim_disagrees_with_the_weights(reduced):
+    def change(config):
+        config["compression"]["key_dim"] = None
+        config["compression"]["layers"][0]["key_dim"] = 12
+
+    edit_config(reduced, change)
+    refused(reduced, "in the weights but config.json needs")
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda b: b.update(method="pca"), "method 'pca'"),
+    (lambda b: b.update(layers=b["layers"][:1]), "describes 1 layers"),
+    (lambda b: b["layers"][1].update(key_dim="8"), "positive integer key_dim"),
+    (lambda b: b.pop("base_architecture"), "base architecture"),
+])
+def test_broken_compression_blocks_are_refused(reduced, change, fragment):
+    edit_config(reduced, lambda c: change(c["compression"]))
+    refused(reduced, fragment)
+
+
+def test_tokenizer_false_loads_a_folder_without_tokenizer_files(reduced):
+    (reduced / "tokenizer.json").unlink()
+    (reduced / "vocab.txt").unlink(missing_ok=True)
+    model, tokenizer = mhacompress.load(reduced, tokenizer=False)
+    assert tokenizer is None and model.config.compression["key_dim"] == 8
+
+
+def test_pickled_weights_are_never_unpickled_without_allow_pickle(original, monkeypatch):
+    model = load_pretrained(str(original))[0]
+    (original / "model.safetensors").unlink()
+    torch.save(model.state_dict(), original / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    refused(original, "no safetensors weights", "--allow-pickle")
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("x" * 300, "more than a file name can be"),
+    ("/tmp/" + "a/" * 2100, "more than a path can be"),
+    ("not a hub id!", "neither a model folder nor a hub id"),
+    ("", "no model given"),
+])
+def test_impossible_names_are_refused(name, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        load_pretrained(name)
+
+
+def test_the_cli_shows_loading_problems_as_one_line(original, tmp_path):
+    truncate(original)
+    result = CliRunner().invoke(main, ["reduce", str(original), "-k", "8", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "corrupt or truncated" in lines[0], result.output
+    assert not (tmp_path / "out").exists()
