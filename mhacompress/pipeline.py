@@ -153,8 +153,8 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
 def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibration) -> list[dict]:
     """Tokenized calibration batches on the model's device: whole examples for a classifier; for a sentence encoder
     the sentences of the pairs, one sequence each, ``samples`` of them (seeded)."""
-    from .reduction.modeling import is_classifier
     from .eval.runner import batches
+    from .reduction.modeling import is_classifier
 
     if not is_classifier(model):
         texts = [(s,) for t in texts for s in t]

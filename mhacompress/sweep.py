@@ -46,8 +46,8 @@ def run_cell(cell: dict) -> dict:
         from .reduction.cost import layer_shapes, qk_params
 
         scores = scorer(model, tokenizer, "the original")
-        return {"metrics": scores, "examples": len(scorer.examples), "qk_params": sum(map(qk_params, layer_shapes(model))),
-                "seconds": round(time.perf_counter() - start, 3)}
+        return {"metrics": scores, "examples": len(scorer.examples),
+                "qk_params": sum(map(qk_params, layer_shapes(model))), "seconds": round(time.perf_counter() - start, 3)}
     result = compress(model, tokenizer=tokenizer, config=cell_config(cell), data_dir=cell["data_dir"],
                       device=cell["device"])
     scores = scorer(result.model, tokenizer, f"{cell['method']} at key dim {cell['key_dim']}")

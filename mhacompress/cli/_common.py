@@ -48,6 +48,19 @@ def one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+def allow_pickle_option(f):
+    """--allow-pickle, shared by every command that loads a checkpoint."""
+    return click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights, which can run code "
+                        "when loaded. Only for checkpoints you trust.")(f)
+
+
+def task_names() -> str:
+    """The GLUE tasks, from the task table (eval/tasks.py imports no torch)."""
+    from ..eval.tasks import TASKS
+
+    return ", ".join(TASKS)
+
+
 def first_token_option(help_tail: str):
     """--first-token-only, shared by reduce, eval, report and export."""
     return click.option("--first-token-only", is_flag=True, help="Exact [CLS] shortcut for reduced sequence "
@@ -57,8 +70,8 @@ def first_token_option(help_tail: str):
 
 def require_classifier(model, name) -> None:
     """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
-    from ..reduction.modeling import is_classifier
     from ..errors import UsageError
+    from ..reduction.modeling import is_classifier
 
     if not is_classifier(model):
         kind = type(model).__name__.removeprefix("Collaborative")
@@ -68,8 +81,8 @@ def require_classifier(model, name) -> None:
 
 def first_token_shortcut(model, name) -> None:
     """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
-    from ..reduction.modeling import first_token_only_
     from ..errors import UsageError
+    from ..reduction.modeling import first_token_only_
 
     require_classifier(model, name)
     try:

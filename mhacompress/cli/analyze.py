@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import console, emit_json, progress, status, user_errors
+from ._common import allow_pickle_option, console, emit_json, progress, status, user_errors
 
 FIGURES = ("head_spectra.png", "unfolding_spectra.png", "cp_error.png")
 
@@ -20,7 +20,7 @@ FIGURES = ("head_spectra.png", "unfolding_spectra.png", "cp_error.png")
 @click.option("--no-curve", is_flag=True, help="Skip the CP error curve (the only slow part: a few ALS runs a layer).")
 @click.option("--plot", "plot_dir", type=click.Path(), metavar="DIR",
               help=f"Write PNG figures into DIR (created): {', '.join(FIGURES)}.")
-@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json):
     """Spectra of every self-attention layer of MODEL: per head, the singular values of A_h = W_q^h^T W_k^h; for
@@ -80,10 +80,10 @@ def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pi
     """Load MODEL and analyze it: the JSON report."""
     import time
 
+    from ..hub import load_pretrained
     from ..reduction.allocate import candidate_dims
     from ..reduction.analysis import analyze_model
     from ..reduction.surgery import model_shape
-    from ..hub import load_pretrained
 
     start = time.perf_counter()
     with status(f"loading {model_name}", show_progress):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (console, emit_json, first_token_option, first_token_shortcut, progress, status,
-                      user_errors)
-
-TASK_NAMES = "cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli"
+from ._common import (allow_pickle_option, console, emit_json, first_token_option, first_token_shortcut, progress,
+                      status, task_names, user_errors)
 
 
 def data_options(f):
@@ -19,7 +17,7 @@ def data_options(f):
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--task", "-t", required=True, help=f"GLUE task: {TASK_NAMES}.")
+@click.option("--task", "-t", required=True, help=f"GLUE task: {task_names()}.")
 @click.option("--split", default="validation", show_default=True, help="train, validation (alias dev) or test.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N examples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -30,7 +28,7 @@ def data_options(f):
 @click.option("--reference", help="Original model to compare with, label-free: prediction agreement and mean KL "
               "(classifiers), mean embedding cosine (encoders).")
 @first_token_option("MODEL must be a reduced classifier.")
-@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
 def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, reference, first_token_only,
           allow_pickle, as_json):

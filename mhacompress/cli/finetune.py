@@ -6,13 +6,13 @@ import time
 
 import click
 
-from ._common import console, emit_json, progress, status, user_errors
-from .eval import TASK_NAMES, data_options
+from ._common import allow_pickle_option, console, emit_json, progress, status, task_names, user_errors
+from .eval import data_options
 
 
 @click.command()
 @click.argument("model")
-@click.option("--task", "-t", required=True, help=f"GLUE task: {TASK_NAMES}.")
+@click.option("--task", "-t", required=True, help=f"GLUE task: {task_names()}.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --output folder.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
@@ -29,7 +29,7 @@ from .eval import TASK_NAMES, data_options
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Score the result on the task's dev split.")
-@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
 def finetune(model, task, output, force, epochs, lr, batch_size, max_length, warmup, weight_decay, seed, limit,
              data_dir, device, do_eval, allow_pickle, as_json):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (ProgressBars, console, emit_json, first_token_option, method_choice, method_help, parse_dims,
-                      user_errors)
+from ._common import (ProgressBars, allow_pickle_option, console, emit_json, first_token_option, method_choice,
+                      method_help, parse_dims, task_names, user_errors)
 from .eval import check_drop, data_options, render_eval
 
 
@@ -42,9 +42,9 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Stop when the relative error improves by less than this between sweeps.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps, auto.")
-@click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights. Only for checkpoints you trust.")
+@allow_pickle_option
 @click.option("--eval", "eval_task", metavar="TASK", help="Score the original and the reduced model on this GLUE "
-              "task's dev split (cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli) and print both. "
+              f"task's dev split ({task_names()}) and print both. "
               "Without --calibrate, calibrates on the task's train sentences.")
 @data_options
 @click.option("--max-drop", type=float, help="With --eval: exit 1 when the reduced model loses more than this on the "

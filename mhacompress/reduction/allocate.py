@@ -58,7 +58,8 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     curves = []
     for index, (_, _, module) in enumerate(attention_modules(model)):
         wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
-        if config.method == "cp" and config.init == "svd" and config.solver == "structured":  # same numbers, one init (and whitening) per layer
+        # same numbers as one decomposition per key dim, with one init (and whitening) per layer
+        if config.method == "cp" and config.init == "svd" and config.solver == "structured":
             if moments is not None:
                 wq, wk, _, _ = whiten(wq, wk, moments[index])
             curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ReductionConfig
-from .modeling import arch_for, attention_modules, layers as model_layers
+from .modeling import arch_for, attention_modules
+from .modeling import layers as model_layers
 from .surgery import content_bias, decompose_layer, install_, model_shape, qk_parameters, qk_weights
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -176,7 +177,8 @@ class Ridge:
         self.rhs += z.T @ t.double().cpu()
         self.count += z.shape[0]
 
-    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None,
+              strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """W', b' minimising sum ||W' z + b' - t||^2 + lam ||[W' b'] - [W b]||^2, lam = strength * mean diagonal
         of the Gram matrix (a pull towards the original weights, scale-free)."""
         prior = torch.cat([weight.double().cpu().T, (bias.double().cpu() if bias is not None else

@@ -13,8 +13,8 @@ from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ReductionConfig, compression_block
 from .decompose import Factors, relative_error
-from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules,
-                       base_model_type, collaborative_module, first_token_only_, promote_)
+from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, base_model_type,
+                       collaborative_module, first_token_only_, promote_)
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:

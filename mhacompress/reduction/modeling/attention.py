@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import attend, usable
 from .architectures import Arch
+from .kernels import attend, usable
 
 LAYOUTS = ("diagonal", "core", "per-head")
 
@@ -36,7 +36,7 @@ class CollaborativeSelfAttention(nn.Module):
 
     def __init__(self, *, arch: Arch, config, layout: str, key_dim: int, value: nn.Linear,
                  output: nn.Linear | None = None):
-        nn.Module.__init__(self)  # not super(): subclasses also derive from the replaced class (see collaborative_class)
+        nn.Module.__init__(self)  # not super(): subclasses also derive from the replaced class
         d, heads = getattr(config, arch.hidden), getattr(config, arch.heads)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")

@@ -44,7 +44,7 @@ def collaborate_(model: nn.Module, compression: dict) -> nn.Module:
     ``compression`` is the block saved in config.json: its layout and per-layer ``key_dim`` fix the shapes. The
     weights are filled by the reduction or by loading a saved state dict.
     """
-    arch = arch_for(model.config)
+    arch_for(model.config)  # unsupported architectures fail here
     version = compression.get("format_version", 1)
     if version > FORMAT_VERSION:
         raise ValueError(f"compression format {version} is newer than this code understands ({FORMAT_VERSION}); "
