@@ -153,7 +153,7 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
 def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibration) -> list[dict]:
     """Tokenized calibration batches on the model's device: whole examples for a classifier; for a sentence encoder
     the sentences of the pairs, one sequence each, ``samples`` of them (seeded)."""
-    from .eval.runner import batches
+    from .eval.runner import batches, usable_length
     from .reduction.modeling import is_classifier
 
     if not is_classifier(model):
@@ -164,7 +164,7 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
     device = next(model.parameters()).device
     return [{k: v.to(device) for k, v in enc.items()}
             for _, enc in batches(tokenizer, texts, batch_size=calibration.batch_size,
-                                  max_length=calibration.max_length)]
+                                  max_length=usable_length(model, calibration.max_length))]
 
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:
@@ -213,13 +213,16 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
 
 def _report(name, source, config: ReductionConfig, block: dict, params_before: int, model, curves, evaluated,
             warnings, seconds: float) -> dict:
-    """The ``reduce --json`` object."""
+    """The ``reduce --json`` object (without ``output``, which the caller adds when it saves)."""
     from .reduction import cost
+    from .schema import envelope
 
     layers = block["layers"]
     shapes = cost.layer_shapes(model)
     totals = cost.compare(cost.original_shapes(shapes), shapes, 128)["total"]
+    device = next(model.parameters()).device
     out = {
+        **envelope("reduce", device),
         "model": name,
         "source": source or name,
         "method": config.method,

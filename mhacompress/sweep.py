@@ -95,7 +95,9 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
         rows.append({"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
                      "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
                      **{k: v for k, v in r.items() if k != "examples"}})
-    return {"model": model, "task": get_task(task).name, "metric": metric, "examples": base["examples"],
+    from .schema import envelope
+
+    return {**envelope("sweep", cells[0]["device"]), "model": model, "task": get_task(task).name, "metric": metric, "examples": base["examples"],
             "calibration": cells[0]["calibration"],
             "original": {"score": base["metrics"][metric], "metrics": base["metrics"], "qk_params": base["qk_params"]},
             "results": rows, "failed": failed, "seconds": round(seconds, 3)}

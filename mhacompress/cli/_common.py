@@ -14,9 +14,11 @@ def console():
     return Console(stderr=True)
 
 
-def emit_json(obj: dict) -> None:
-    """Exactly one JSON object on stdout."""
-    click.echo(json.dumps(obj, default=float))
+def emit_json(obj: dict, command: str, device=None) -> None:
+    """Exactly one JSON object on stdout: the envelope (schema_version, versions, device; see schema.json) first."""
+    from ..schema import envelope
+
+    click.echo(json.dumps({**envelope(command, device), **obj}, default=float))
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
         if plots:
             result["figures"] = [str(p) for p in write_figures(result, plots)]
     if as_json:
-        emit_json(result)
+        emit_json(result, "analyze", None)
     else:
         render(result)
 

@@ -63,7 +63,7 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
             result = evaluate(loaded, tokenizer, scorer, model_name=model,
                               reference=(*ref, reference) if ref else None)
     if as_json:
-        emit_json(result)
+        emit_json(result, "eval", device)
     else:
         render(result)
 

@@ -34,7 +34,7 @@ def export(directory, fmt, output, force, opset, tolerance, first_token_only, as
         result = run_export(directory, fmt=fmt, output=output, force=force, opset=opset, tolerance=tolerance,
                             first_token_only=first_token_only, show_progress=not as_json)
     if as_json:
-        emit_json(result)
+        emit_json(result, "export", None)
     else:
         render(result)
 

@@ -83,7 +83,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
             result["eval"] = {"skipped": skipped}
         result["seconds"] = round(time.perf_counter() - start, 3)
     if as_json:
-        emit_json(result)
+        emit_json(result, "finetune", device)
         return
     out = console()
     out.print(f"{result['task']}: {result['steps']} steps on {result['examples']:,} examples, loss "

@@ -93,7 +93,7 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
                 result.save(output, force=force)
         report = {**result.report, "output": str(output) if output else None}
     if as_json:
-        emit_json(report)
+        emit_json(report, "reduce", device)
     else:
         render(report)
     check_drop(report, max_drop)

@@ -42,7 +42,7 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
                             repeats=repeats, latency=not no_latency, first_token_only=first_token_only,
                             attn_implementation=attn_implementation, show_progress=not as_json)
     if as_json:
-        emit_json(result)
+        emit_json(result, "report", None)
     else:
         render(result)
 

@@ -65,7 +65,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
             plot(result, plot_file)
             result["plot"] = plot_file
     if as_json:
-        emit_json(result)
+        emit_json(result, "sweep", device)
     else:
         render(result)
     if result["failed"]:

@@ -53,6 +53,13 @@ def head_order(model, task: Task, name: str = "the model") -> list[int] | None:
                          f"({', '.join(task.labels)})") from None
 
 
+def usable_length(model, max_length: int) -> int:
+    """``max_length`` capped to the positions the model has (RoBERTa-style models spend two on their padding offset):
+    longer inputs would fail inside the embeddings."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return max_length if not positions else max(1, min(max_length, positions - 2))
+
+
 def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
             sort: bool = True, pad_to_max: bool = False):
     """Yield (indices, encoding): longest-first length-sorted batches padded to their own longest sequence
@@ -73,6 +80,7 @@ def forward_all(model, tokenizer, texts, *, fn, batch_size=32, max_length=128, d
                 on_batch: Callable[[int], None] | None = None, **kw) -> torch.Tensor:
     """Run ``fn(model, encoding) -> (B, ...)`` over all texts in sorted batches; results in the input order."""
     out = None
+    max_length = usable_length(model, max_length)
     for idx, enc in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, **kw):
         enc = {k: v.to(device) for k, v in enc.items()}
         y = fn(model, enc).float().cpu()
