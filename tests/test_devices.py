@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from mhacompress.devices import available_devices, cpu_threads, default_workers, parallel_map, resolve_device, work_device
+from mhacompress.devices import (available_devices, cpu_threads, default_workers, parallel_map, resolve_device,
+                                 work_device)
 from mhacompress.errors import UsageError
 
 

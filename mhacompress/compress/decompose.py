@@ -90,7 +90,8 @@ def _top_eigvecs(sym: Tensor, k: int) -> Tensor:
     """Leading k eigenvectors of a symmetric matrix, columns ordered by decreasing eigenvalue, signs fixed."""
     _, vecs = torch.linalg.eigh(sym)  # ascending
     vecs = vecs[:, -k:].flip(-1)  # (d, k)
-    signs = torch.sign(vecs[vecs.abs().argmax(0), torch.arange(k, device=vecs.device)])  # largest entry of each column positive
+    columns = torch.arange(k, device=vecs.device)
+    signs = torch.sign(vecs[vecs.abs().argmax(0), columns])  # largest entry of each column positive
     return vecs * torch.where(signs == 0, 1.0, signs)
 
 
