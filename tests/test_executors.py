@@ -123,3 +123,12 @@ def test_a_real_local_ray_instance_gives_the_local_results(tmp_path, monkeypatch
     resumed = run_cells(grid, square, resume=tmp_path)  # the Ray run's resume folder serves the local executor
     assert [c["x"] for c in CALLS] == [3]
     assert [r["resumed"] for r in resumed] == [True, True, True, False, True, True]
+
+
+def test_ray_is_imported_only_when_asked_for():
+    import subprocess
+
+    code = "import sys, mhacompress.executors; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
