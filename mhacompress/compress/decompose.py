@@ -55,8 +55,13 @@ def _check(wq: Tensor, wk: Tensor, num_heads: int, rank: int, max_rank: int) -> 
     """The weights as float64 on the work device, after checking shapes and rank."""
     assert wq.shape == wk.shape and wq.ndim == 2, f"wq {tuple(wq.shape)} and wk {tuple(wk.shape)} must match"
     assert 1 <= rank <= max_rank, f"rank must be in 1..{max_rank}, got {rank}"
-    device = work_device(wq.device)
-    return wq.detach().to(device, torch.float64), wk.detach().to(device, torch.float64)
+    return _float64(wq, wk)
+
+
+def _float64(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as float64 on the work device of the first (the CPU for MPS inputs)."""
+    device = work_device(tensors[0].device)
+    return tuple(t.detach().to(device, torch.float64) for t in tensors)
 
 
 def _single_threaded(solver: Callable[..., "Factors"]) -> Callable[..., "Factors"]:
@@ -223,7 +228,7 @@ def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int
 
 def cp_relative_error(wq: Tensor, wk: Tensor, num_heads: int, U: Tensor, V: Tensor, M: Tensor) -> float:
     """||T - [[M, U, V]]|| / ||T|| without building T."""
-    wq, wk = wq.to(torch.float64), wk.to(torch.float64)
+    wq, wk, U, V, M = _float64(wq, wk, U, V, M)
     H, dh, rank = num_heads, wq.shape[0] // num_heads, U.shape[1]
     P, Q = (wq @ U).view(H, dh, rank), (wk @ V).view(H, dh, rank)  # (H, dh, R)
     inner = ((P * Q).sum(1) * M).sum()
@@ -303,14 +308,14 @@ def relative_error(wq: Tensor, wk: Tensor, num_heads: int, factors: Factors) -> 
     problem, whose own ``relative_error`` is measured in the whitened space)."""
     if factors.method == "cp":
         return cp_relative_error(wq, wk, num_heads, factors.U, factors.V, factors.mixing)
-    wq, wk = _heads(wq.to(torch.float64), num_heads), _heads(wk.to(torch.float64), num_heads)  # (H, dh, d)
-    U, V = factors.U.to(torch.float64), factors.V.to(torch.float64)
+    wq, wk, U, V = _float64(wq, wk, factors.U, factors.V)
+    wq, wk = _heads(wq, num_heads), _heads(wk, num_heads)  # (H, dh, d)
     if factors.method == "svd":  # per-head U, V (H, d, r): T_hat[h] = U[h] V[h]^T
         P, Q = wq @ U, wk @ V  # (H, dh, r)
         inner = (P * Q).sum()
         norm_hat = (U.transpose(1, 2) @ U * (V.transpose(1, 2) @ V)).sum()  # sum_h tr(UtU_h VtV_h)
     else:  # tucker: T_hat[h] = U G[h] V^T
-        G = factors.mixing.to(torch.float64)  # (H, R, R)
+        G = factors.mixing.to(U)  # (H, R, R)
         P, Q = (wq @ U), (wk @ V)  # (H, dh, R)
         inner = torch.einsum("hir,hrs,his->", P, G, Q)
         norm_hat = (G.transpose(1, 2) @ (U.T @ U) @ G * (V.T @ V)).sum()  # sum_h tr(G^T UtU G VtV)
