@@ -10,7 +10,7 @@ worker and one worker per core (layers in parallel) has no barriers: a busy neig
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -109,10 +109,11 @@ def default_workers(device: torch.device | None = None) -> int:
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None,
-                 device: torch.device | None = None) -> list[R]:
+                 device: torch.device | None = None, on_done: Callable[[int, R], None] | None = None) -> list[R]:
     """``[fn(x) for x in items]``, in order, with ``workers`` threads (default ``default_workers(device)``), each
     running torch single-threaded. torch releases the GIL inside its ops, so layers run in parallel without any
-    synchronisation between them. The first exception (in item order) is raised."""
+    synchronisation between them. ``on_done(index, result)`` is called in the calling thread as each item finishes
+    (progress bars). The first failure is raised, once the items already running are done; the rest never start."""
     items = list(items)
     workers = min(workers or default_workers(device), max(len(items), 1))
 
@@ -121,6 +122,19 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int | Non
             return fn(x)
 
     if workers == 1:
-        return [single(x) for x in items]
+        return [_done(i, single(x), on_done) for i, x in enumerate(items)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhacompress-solver") as pool:
-        return list(pool.map(single, items))
+        futures = {pool.submit(single, x): i for i, x in enumerate(items)}
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
+            _done(futures[future], future.result(), on_done)
+        return [future.result() for future in futures]  # dicts keep submission order
+
+
+def _done(index: int, result: R, on_done: Callable[[int, R], None] | None) -> R:
+    if on_done:
+        on_done(index, result)
+    return result

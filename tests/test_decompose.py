@@ -235,7 +235,9 @@ def test_decompose_layers_gives_each_layers_own_factors_in_order(method):
 
     layers = [random_weights(seed=20 + i) for i in range(5)]
     ranks = [4, 8, 12, 8, 4]
-    together = decompose_layers(layers, H, ranks, method, workers=3)
+    done = []
+    together = decompose_layers(layers, H, ranks, method, workers=3, on_layer=lambda i, f: done.append((i, f)))
+    assert sorted(i for i, _ in done) == [0, 1, 2, 3, 4] and all(together[i] is f for i, f in done)
     for (wq, wk), k, f in zip(layers, ranks, together):
         alone = decompose(wq, wk, H, k, method)
         assert torch.equal(f.U, alone.U) and torch.equal(f.V, alone.V), "a worker's result differs from one call"

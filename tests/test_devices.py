@@ -2,6 +2,7 @@
 what exists) and the single-threaded worker pool the solvers run in. CPU only: accelerators are faked."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -90,23 +91,32 @@ def test_one_worker_per_usable_core_on_cpu_and_one_on_accelerators(monkeypatch):
 
 
 def test_parallel_map_keeps_order_runs_single_threaded_in_several_threads():
-    seen = []
+    seen, done = [], []
 
     def work(x):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return x * x
 
-    assert parallel_map(work, range(8), workers=3) == [x * x for x in range(8)]
+    def progress(index, result):
+        done.append((index, result, threading.current_thread() is threading.main_thread()))
+
+    assert parallel_map(work, range(8), workers=3, on_done=progress) == [x * x for x in range(8)]
     assert {threads for _, threads in seen} == {1}
     assert all(name.startswith("mhacompress-solver") for name, _ in seen)
+    assert sorted(done) == [(x, x * x, True) for x in range(8)]  # each once, in the calling thread
     assert parallel_map(work, [], workers=3) == []
 
 
-def test_parallel_map_raises_the_first_failure_in_item_order():
+def test_parallel_map_raises_a_failure_and_starts_nothing_more():
+    started = []
+
     def work(x):
-        if x in (2, 5):
+        started.append(x)
+        if x == 1:
             raise ValueError(f"item {x}")
+        time.sleep(0.01)
         return x
 
-    with pytest.raises(ValueError, match="item 2"):
-        parallel_map(work, range(8), workers=4)
+    with pytest.raises(ValueError, match="item 1"):
+        parallel_map(work, range(200), workers=2)
+    assert len(started) < 50

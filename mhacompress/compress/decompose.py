@@ -431,23 +431,26 @@ def decompose(wq: Tensor, wk: Tensor, num_heads: int, rank: int, method: str = "
 
 
 def decompose_layers(layers: Sequence[tuple[Tensor, Tensor]], num_heads: int, rank: int | Sequence[int],
-                     method: str = "cp", *, workers: int | None = None, **options) -> list[Factors]:
+                     method: str = "cp", *, workers: int | None = None,
+                     on_layer: Callable[[int, Factors], None] | None = None, **options) -> list[Factors]:
     """``decompose`` for every (wq, wk) of ``layers``, in order, with ``rank`` one key dim or one per layer.
 
     On the CPU the layers are solved concurrently, ``workers`` at a time (default: one per usable core, at most
     torch's thread count), each single-threaded: the same factors as one ``decompose`` call per layer, faster, and
     a busy neighbour process costs its fair share of the cores instead of stalling every call. On a GPU the
-    layers run one after another. The weights are read, never copied as a whole model."""
+    layers run one after another. The weights are read, never copied as a whole model. ``on_layer(index,
+    factors)`` is called in the calling thread as each layer finishes (progress bars)."""
     ranks = [rank] * len(layers) if isinstance(rank, int) else list(rank)
     if len(ranks) != len(layers):
         raise ValueError(f"{len(ranks)} ranks given for {len(layers)} layers")
     device = layers[0][0].device if layers else None
     return parallel_map(lambda job: decompose(*job[0], num_heads, job[1], method, **options), zip(layers, ranks),
-                        workers=workers, device=device)
+                        workers=workers, device=device, on_done=on_layer)
 
 
 def cp_als_batched(layers: Sequence[tuple[Tensor, Tensor]], num_heads: int, rank: int | Sequence[int], *,
-                   workers: int | None = None, **options) -> list[Factors]:
+                   workers: int | None = None, on_layer: Callable[[int, Factors], None] | None = None,
+                   **options) -> list[Factors]:
     """``cp_als`` for many layers at once (``decompose_layers`` with ``method="cp"``): what a weights-only
     reduction calls with all layers of a model."""
-    return decompose_layers(layers, num_heads, rank, "cp", workers=workers, **options)
+    return decompose_layers(layers, num_heads, rank, "cp", workers=workers, on_layer=on_layer, **options)
