@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import string
 import subprocess
 import sys
 import tempfile
@@ -72,12 +73,14 @@ def _tokenizer(model_type: str, vocab_size: int):
 
 def _unigram_tokenizer(minilm, vocab_size: int):
     """An XLM-R-style sentencepiece-unigram tokenizer with exactly ``vocab_size`` entries: XLM-R's four specials,
-    MiniLM's word pieces as '▁word' pieces, and filler pieces (never produced) up to the size, <mask> last."""
+    MiniLM's word pieces as '▁word' pieces, single characters, and filler pieces (never produced) up to the size,
+    <mask> last."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import XLMRobertaTokenizerFast
 
     words = [w for w in minilm.get_vocab() if not w.startswith("[") and not w.startswith("##")]
-    pieces = ["<s>", "<pad>", "</s>", "<unk>"] + [f"▁{w}" for w in words] + [w for w in "abcdefghijklmnopqrstuvwxyz"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces = list(dict.fromkeys(["<s>", "<pad>", "</s>", "<unk>"] + [f"▁{w}" for w in words + chars] + chars))
     pieces += [f"▁filler{i}" for i in range(vocab_size - 1 - len(pieces))] + ["<mask>"]
     vocab = [(p, 0.0 if i < 4 else -float(len(p))) for i, p in enumerate(pieces)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
