@@ -18,13 +18,16 @@ def inputs(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 0) -> 
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2,
-                      cpu: dict | None = None) -> dict:
+                      cpu: dict | None = None, device=None) -> dict:
     """``{name: median wall seconds}`` of each callable; every round runs each once, in turn (interleaved).
 
     ``cpu``, when given, receives ``{name: median process CPU seconds}``: on a machine shared with other jobs, CPU
     time leaves out the time this process waited for a core, so its ratios are steadier than wall-clock ones.
+    On an accelerator (``device``), every run is synchronised before its clock stops.
     """
     import torch
+
+    sync = _synchronizer(device)
 
     times: dict[str, list[float]] = {name: [] for name in fns}
     cpu_times: dict[str, list[float]] = {name: [] for name in fns}
@@ -33,12 +36,24 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], *, repeats: int = 7,
             for name, fn in fns.items():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
+                sync()
                 if round_ >= warmup:
                     times[name].append(time.perf_counter() - start)
                     cpu_times[name].append(time.process_time() - start_cpu)
     if cpu is not None:
         cpu.update({name: statistics.median(ts) for name, ts in cpu_times.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _synchronizer(device) -> Callable[[], None]:
+    import torch
+
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return torch.cuda.synchronize
+    if kind == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def model_latency(original, reduced, batch: dict, **kwargs) -> dict:
@@ -55,6 +70,7 @@ def attention_latency(original, reduced, batch_size: int, seq_len: int, *, layer
     a, b = attention_modules(original)[layer][2], attention_modules(reduced)[layer][2]
     d = getattr(original.config, arch_for(original.config).hidden)
     x = torch.randn(batch_size, seq_len, d, generator=torch.Generator().manual_seed(0))  # (B, T, d)
+    x = x.to(next(a.parameters()).device)
     return time_side_by_side({"original": lambda: a(x), "reduced": lambda: b(x)}, **kwargs)
 
 

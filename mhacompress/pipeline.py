@@ -64,9 +64,15 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     """
     start = time.perf_counter()
     notify = on_progress or (lambda event: None)
+    if device is not None:
+        from .devices import resolve_device
+
+        device = str(resolve_device(device))
     texts = _calibration_texts(config, calibration, data_dir)
     scorer = _scorer(evaluate, data_dir, eval_batch_size, device)
     model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)
+    if scorer is not None:
+        scorer.device = str(next(model.parameters()).device)
     if tokenizer is None and (texts is not None or scorer is not None):
         raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
                           "compress(model, config, tokenizer=tokenizer)")
@@ -140,7 +146,11 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
 
         name = str(model_or_name)
         notify(Progress(f"loading {name}"))
-        model, loaded_tokenizer, source = load_pretrained(name, allow_pickle=allow_pickle, device=device or "cpu")
+        if device is None:
+            from .devices import resolve_device
+
+            device = str(resolve_device("auto"))
+        model, loaded_tokenizer, source = load_pretrained(name, allow_pickle=allow_pickle, device=device)
         return model, tokenizer or loaded_tokenizer, source.location, name
     model = model_or_name
     if device is not None:
@@ -188,7 +198,7 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
 def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
     """Decompose every layer in place: from the weights, from the original's moments, or sequentially."""
     from .reduction.modeling import is_classifier
-    from .reduction.surgery import reduce_layer_
+    from .reduction.surgery import reduce_layers_
 
     c = config.calibration
     if c is not None and c.sequential:
@@ -204,11 +214,13 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
 
         notify(Progress("calibrating"))
         moments = second_moments(model, batches)
-    layers = []
-    for index, key_dim in enumerate(dims):
-        layers.append(reduce_layer_(model, index, config, key_dim, None if moments is None else moments[index]))
-        notify(Progress("layers", index + 1, len(dims)))
-    return layers, []
+    done = [0]
+
+    def step(report):
+        done[0] += 1
+        notify(Progress("layers", done[0], len(dims)))
+
+    return reduce_layers_(model, config, dims, moments, on_layer=step), []
 
 
 def _report(name, source, config: ReductionConfig, block: dict, params_before: int, model, curves, evaluated,

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
 
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
-         seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "cpu") -> list[dict]:
+         seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto") -> list[dict]:
     """The cells of a sweep: the original first, then every (method, key dim), each a JSON-able dict."""
     if not methods:
         raise ConfigError("--methods is empty; give at least one method, e.g. --methods cp,svd")
@@ -39,17 +38,19 @@ def run_cell(cell: dict) -> dict:
     from .hub import load_pretrained
     from .pipeline import compress
 
+    from .devices import resolve_device
+
     start = time.perf_counter()
-    scorer = Scorer.for_task(cell["task"], data_dir=cell["data_dir"], limit=cell["limit"], device=cell["device"])
-    model, tokenizer, _ = load_pretrained(cell["model"], device=cell["device"])
+    device = str(resolve_device(cell["device"]))  # where the cell runs: a Ray worker resolves "auto" itself
+    scorer = Scorer.for_task(cell["task"], data_dir=cell["data_dir"], limit=cell["limit"], device=device)
+    model, tokenizer, _ = load_pretrained(cell["model"], device=device)
     if cell["method"] is None:
         from .reduction.cost import layer_shapes, qk_params
 
         scores = scorer(model, tokenizer, "the original")
         return {"metrics": scores, "examples": len(scorer.examples),
                 "qk_params": sum(map(qk_params, layer_shapes(model))), "seconds": round(time.perf_counter() - start, 3)}
-    result = compress(model, tokenizer=tokenizer, config=cell_config(cell), data_dir=cell["data_dir"],
-                      device=cell["device"])
+    result = compress(model, tokenizer=tokenizer, config=cell_config(cell), data_dir=cell["data_dir"], device=device)
     scores = scorer(result.model, tokenizer, f"{cell['method']} at key dim {cell['key_dim']}")
     layers = result.report["layers"]
     row = {"metrics": scores, "examples": len(scorer.examples), "qk_params": result.report["params"]["after"],
@@ -58,22 +59,6 @@ def run_cell(cell: dict) -> dict:
     if all("expected_score_error" in x for x in layers):
         row["mean_expected_score_error"] = sum(x["expected_score_error"] for x in layers) / len(layers)
     return row
-
-
-def run_local(cells: list[dict], fn: Callable[[dict], dict], on_result=None) -> list[dict]:
-    """Run the cells one after another in this process; a failing cell is reported, never fatal to the rest."""
-    done = []
-    for cell in cells:
-        start = time.perf_counter()
-        try:
-            out = {"cell": cell, "ok": True, "result": fn(cell), "error": None}
-        except Exception as err:  # noqa: BLE001  a cell's failure is data in the sweep's table
-            out = {"cell": cell, "ok": False, "result": None, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
-        out["seconds"] = round(time.perf_counter() - start, 3)
-        done.append(out)
-        if on_result:
-            on_result(out)
-    return done
 
 
 def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:
@@ -97,19 +82,28 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
                      **{k: v for k, v in r.items() if k != "examples"}})
     from .schema import envelope
 
-    return {**envelope("sweep", cells[0]["device"]), "model": model, "task": get_task(task).name, "metric": metric, "examples": base["examples"],
+    return {**envelope("sweep", cells[0]["device"]), "model": model, "task": get_task(task).name, "metric": metric,
+            "examples": base["examples"],
             "calibration": cells[0]["calibration"],
             "original": {"score": base["metrics"][metric], "metrics": base["metrics"], "qk_params": base["qk_params"]},
             "results": rows, "failed": failed, "seconds": round(seconds, 3)}
 
 
 def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
-          seed: int = 0, data_dir=None, limit=None, device: str = "cpu", on_result=None) -> dict:
-    """Every (method, key dim) of ``model`` scored on ``task`` beside the original, in this process."""
+          seed: int = 0, data_dir=None, limit=None, device: str = "auto", executor: str = "local",
+          address: str | None = None, resume=None, num_cpus: float = 1, num_gpus: float = 0, on_result=None) -> dict:
+    """Every (method, key dim) of ``model`` scored on ``task`` beside the original: each cell in this process
+    (``executor="local"``) or as a Ray task (``"ray"``, on the cluster at ``address``, with ``num_cpus`` /
+    ``num_gpus`` per task). ``resume``: a folder of finished cells (one JSON file each), skipped on a rerun and
+    shareable between executors and machines. The table is the same whatever the order the cells finish in."""
+    from .executors import run_cells
+
     start = time.perf_counter()
     cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
                  device=device)
-    return table(cells, run_local(cells, run_cell, on_result), model, task, time.perf_counter() - start)
+    outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
+                         num_gpus=num_gpus, on_result=on_result)
+    return table(cells, outcomes, model, task, time.perf_counter() - start)
 
 
 def plot(result: dict, path) -> None:

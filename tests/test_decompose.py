@@ -168,3 +168,101 @@ def test_generic_relative_error_is_the_dense_error(method, key_dim):
     else:
         dense = dense_cp(f)
     assert relative_error(wq, wk, H, f) == pytest.approx(rel(dense, score_tensor(wq, wk, H)), abs=1e-10)
+
+
+# ---- the tensorly reference solvers ------------------------------------------------------------------------
+
+
+def test_cp_tensorly_follows_the_structured_als_from_the_same_start():
+    from mhacompress.reduction.decompose import cp_tensorly
+
+    wq, wk = random_weights(seed=12)
+    ours = cp_als(wq, wk, H, 6, n_iter_max=20, tol=0, compute_dtype=torch.float64)
+    ref = cp_tensorly(wq, wk, H, 6, n_iter_max=20, tol=0)  # same svd start, M at its least-squares optimum
+    np.testing.assert_allclose(ref.errors, ours.errors, rtol=1e-9)
+    torch.testing.assert_close(ref.U, ours.U, rtol=0, atol=1e-8)
+    assert ref.relative_error == pytest.approx(rel(dense_cp(ref), score_tensor(wq, wk, H)), abs=1e-10)
+
+
+def test_cp_tensorly_random_init_is_tensorlys_own_seeded_start():
+    from mhacompress.reduction.decompose import cp_tensorly
+
+    wq, wk = random_weights(seed=13)
+    ours = cp_tensorly(wq, wk, H, 6, init="random", random_state=3, n_iter_max=30, tol=0)
+    ref, errors = parafac(score_tensor(wq, wk, H).numpy(), 6, init="random", random_state=3, n_iter_max=30, tol=0,
+                          return_errors=True)
+    np.testing.assert_allclose(ours.errors, errors, rtol=1e-9)
+    assert ours.n_iter == 30
+
+
+def test_tucker_tensorly_matches_the_structured_hooi():
+    from mhacompress.reduction.decompose import tucker_tensorly
+
+    wq, wk = random_weights(seed=14)
+    ours, ref = tucker2(wq, wk, H, 6, n_iter_max=50, tol=0), tucker_tensorly(wq, wk, H, 6, n_iter_max=50, tol=0)
+    np.testing.assert_allclose(ref.errors, ours.errors, rtol=1e-9)
+    dense = torch.einsum("dr,hrs,es->hde", ref.U, ref.mixing, ref.V)
+    assert ref.relative_error == pytest.approx(rel(dense, score_tensor(wq, wk, H)), abs=1e-10)
+    assert ref.relative_error == pytest.approx(ours.relative_error, abs=1e-9)
+
+
+def test_svd_tensorly_is_the_same_per_head_truncation():
+    from mhacompress.reduction.decompose import svd_tensorly
+
+    wq, wk = random_weights(seed=15)
+    ours, ref = head_svd(wq, wk, H, 8), svd_tensorly(wq, wk, H, 8)
+    torch.testing.assert_close(torch.einsum("hdr,her->hde", ref.U, ref.V), torch.einsum("hdr,her->hde", ours.U, ours.V))
+    assert ref.relative_error == pytest.approx(ours.relative_error, abs=1e-10)
+
+
+@pytest.mark.parametrize("method,key_dim", [("cp", 6), ("tucker", 6), ("svd", 8)])
+def test_decompose_dispatches_on_the_solver(method, key_dim):
+    wq, wk = random_weights(seed=16)
+    structured = decompose(wq, wk, H, key_dim, method)
+    reference = decompose(wq, wk, H, key_dim, method, solver="tensorly")
+    assert reference.method == method
+    assert reference.relative_error == pytest.approx(structured.relative_error, abs=2e-3)
+    with pytest.raises(ValueError, match="solver must be one of structured, tensorly"):
+        decompose(wq, wk, H, key_dim, method, solver="numpy")
+
+
+# ---- many layers at once, single-threaded workers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_decompose_layers_gives_each_layers_own_factors_in_order(method):
+    from mhacompress.reduction.decompose import decompose_layers
+
+    layers = [random_weights(seed=20 + i) for i in range(5)]
+    ranks = [4, 8, 12, 8, 4]
+    done = []
+    together = decompose_layers(layers, H, ranks, method, workers=3, on_layer=lambda i, f: done.append((i, f)))
+    assert sorted(i for i, _ in done) == [0, 1, 2, 3, 4] and all(together[i] is f for i, f in done)
+    for (wq, wk), k, f in zip(layers, ranks, together):
+        alone = decompose(wq, wk, H, k, method)
+        assert torch.equal(f.U, alone.U) and torch.equal(f.V, alone.V), "a worker's result differs from one call"
+        assert f.relative_error == alone.relative_error
+
+
+def test_cp_als_batched_is_decompose_layers_with_one_rank_and_checks_the_rank_count():
+    from mhacompress.reduction.decompose import cp_als_batched, decompose_layers
+
+    layers = [random_weights(seed=30), random_weights(seed=31)]
+    batched = cp_als_batched(layers, H, 6, init="random", random_state=2, workers=2)
+    assert [f.relative_error for f in batched] == [cp_als(wq, wk, H, 6, init="random", random_state=2).relative_error
+                                                   for wq, wk in layers]
+    with pytest.raises(ValueError, match="3 ranks given for 2 layers"):
+        decompose_layers(layers, H, [4, 4, 4])
+
+
+def test_solvers_run_single_threaded_and_leave_the_thread_count_alone(monkeypatch):
+    import mhacompress.reduction.decompose as dec
+
+    seen = []
+    real = dec._half_step
+    monkeypatch.setattr(dec, "_half_step", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    wq, wk = random_weights(seed=32)
+    cp_als(wq, wk, H, 6, n_iter_max=2, tol=0)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before

@@ -58,7 +58,8 @@ def test_eval_json_on_fixtures(encoder):
     result = invoke("eval", encoder, "--task", "stsb", "--data-dir", FIXTURES, "--json")
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
-    assert set(obj) == {"model", "task", "split", "examples", "metrics", "seconds"}
+    assert set(obj) == {"model", "task", "split", "examples", "metrics", "seconds", "schema_version", "command",
+                        "tool_version", "torch", "transformers", "device"}
     assert obj["task"] == "stsb" and obj["split"] == "validation" and obj["examples"] == 6
     assert set(obj["metrics"]) == {"spearman", "pearson"}
 

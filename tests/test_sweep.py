@@ -46,3 +46,29 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
 def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
     result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), *args])
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder, glue_dir, tmp_path):
+    args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "20", "--key-dims",
+            "8", "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2  # the original and one reduction
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert a["results"][0]["score"] == b["results"][0]["score"] and a["original"] == b["original"]
+
+
+@pytest.mark.slow
+def test_sweep_on_a_real_local_ray_instance_gives_the_local_numbers(tiny_encoder, glue_dir):
+    pytest.importorskip("ray")
+    common = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "20",
+              "--key-dims", "32,8", "--methods", "cp,svd", "--device", "cpu", "--json"]
+    local = CliRunner().invoke(main, common)
+    distributed = CliRunner().invoke(main, [*common, "--executor", "ray"])
+    assert local.exit_code == 0 and distributed.exit_code == 0, (local.output, distributed.output)
+    a, b = json.loads(local.stdout), json.loads(distributed.stdout)
+    assert [(r["method"], r["key_dim"], r["score"]) for r in a["results"]] == \
+        [(r["method"], r["key_dim"], r["score"]) for r in b["results"]]
+    assert a["original"] == b["original"]

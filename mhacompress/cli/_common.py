@@ -50,6 +50,19 @@ def one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+def device_option(what: str = "Where to compute"):
+    """--device, shared by every command that computes; resolve it with ``resolved_device``."""
+    return click.option("--device", default="auto", show_default=True, help=f"{what}: auto (CUDA, then MPS, then "
+                        "CPU), cpu, cuda, cuda:N or mps. A device this machine lacks is refused at once.")
+
+
+def resolved_device(spec: str) -> str:
+    """The device string for ``spec`` (auto resolved), or a one-line UsageError when it does not exist here."""
+    from ..devices import resolve_device
+
+    return str(resolve_device(spec))
+
+
 def allow_pickle_option(f):
     """--allow-pickle, shared by every command that loads a checkpoint."""
     return click.option("--allow-pickle", is_flag=True, help="Also load pickled (.bin) weights, which can run code "

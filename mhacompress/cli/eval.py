@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (allow_pickle_option, console, emit_json, first_token_option, first_token_shortcut, progress,
-                      status, task_names, user_errors)
+from ._common import (allow_pickle_option, console, device_option, emit_json, first_token_option, first_token_shortcut,
+                       progress, resolved_device, status, task_names, user_errors)
 
 
 def data_options(f):
@@ -23,7 +23,7 @@ def data_options(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True,
               help="Truncate inputs to this many tokens.")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps.")
+@device_option("Where to run the model")
 @data_options
 @click.option("--reference", help="Original model to compare with, label-free: prediction agreement and mean KL "
               "(classifiers), mean embedding cosine (encoders).")
@@ -45,6 +45,7 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
       mhacompress eval out/minilm-mrpc-cp96 --task mrpc --reference out/minilm-mrpc
     """
     with user_errors():
+        device = resolved_device(device)
         from ..eval.compare import Scorer, evaluate
         from ..eval.runner import is_classifier
         from ..hub import load_pretrained

@@ -6,7 +6,8 @@ import time
 
 import click
 
-from ._common import allow_pickle_option, console, emit_json, progress, status, task_names, user_errors
+from ._common import (allow_pickle_option, console, device_option, emit_json, progress, resolved_device, status,
+                       task_names, user_errors)
 from .eval import data_options
 
 
@@ -26,7 +27,7 @@ from .eval import data_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head, data order and dropout.")
 @click.option("--limit", type=click.IntRange(min=1), help="Train on a seeded random sample of N examples.")
 @data_options
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps.")
+@device_option("Where to train")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Score the result on the task's dev split.")
 @allow_pickle_option
@@ -44,6 +45,7 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
       mhacompress finetune out/minilm-mrpc-cp96 --task mrpc --output out/minilm-mrpc-cp96-ft --limit 500 --epochs 1
     """
     with user_errors():
+        device = resolved_device(device)
         from ..eval.data import load_examples
         from ..eval.finetune import train, with_head
         from ..eval.tasks import get_task

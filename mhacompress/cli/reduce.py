@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (ProgressBars, allow_pickle_option, console, emit_json, first_token_option, method_choice,
-                      method_help, parse_dims, task_names, user_errors)
+from ._common import (ProgressBars, allow_pickle_option, console, device_option, emit_json, first_token_option,
+                       method_choice, method_help, parse_dims, resolved_device, task_names, user_errors)
 from .eval import check_drop, data_options, render_eval
 
 
@@ -41,7 +41,7 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--iterations", "n_iter_max", type=int, default=100, show_default=True, help="Maximum ALS sweeps.")
 @click.option("--tol", type=float, default=1e-5, show_default=True,
               help="Stop when the relative error improves by less than this between sweeps.")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, mps, auto.")
+@device_option("Where to run calibration and the solvers")
 @allow_pickle_option
 @click.option("--eval", "eval_task", metavar="TASK", help="Score the original and the reduced model on this GLUE "
               f"task's dev split ({task_names()}) and print both. "
@@ -68,6 +68,7 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
       mhacompress reduce minilm --budget 0.25 --calibrate mrpc -o out/minilm-b25
     """
     with user_errors():
+        device = resolved_device(device)
         from ..pipeline import compress
         from ..reduction.config import Calibration, ConfigError, ReductionConfig
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, first_token_option, method_choice, status, user_errors
+from ._common import (console, device_option, emit_json, first_token_option, method_choice, resolved_device, status,
+                       user_errors)
 
 
 @click.command()
@@ -21,9 +22,10 @@ from ._common import console, emit_json, first_token_option, method_choice, stat
 @first_token_option("Times the reduced classifier with the shortcut.")
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention kernels of both models.")
+@device_option("Where both models run")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, first_token_only, attn_implementation,
-           as_json):
+           device, as_json):
     """Q/K parameters, multiply-adds and measured latency of a reduced MODEL against its original, per layer and
     in total, in one run.
 
@@ -38,11 +40,12 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
       mhacompress report minilm --key-dim 48 --method svd --json
     """
     with user_errors():
+        device = resolved_device(device)
         result = run_report(model, seq_len=seq_len, batch_size=batch_size, key_dim=key_dim, method=method,
                             repeats=repeats, latency=not no_latency, first_token_only=first_token_only,
-                            attn_implementation=attn_implementation, show_progress=not as_json)
+                            attn_implementation=attn_implementation, show_progress=not as_json, device=device)
     if as_json:
-        emit_json(result, "report", None)
+        emit_json(result, "report", device)
     else:
         render(result)
 
@@ -77,7 +80,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
 
 
 def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="cp", repeats=7, latency=True,
-               first_token_only=False, attn_implementation="sdpa", show_progress=True) -> dict:
+               first_token_only=False, attn_implementation="sdpa", show_progress=True, device="cpu") -> dict:
     """The JSON report: counts per layer and total, and (``latency``) measured medians with ratios."""
     import torch
 
@@ -90,15 +93,17 @@ def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="c
                                             attn_implementation=attn_implementation)
     if first_token_only:
         first_token_shortcut(reduced, name)
+    original, reduced = original.to(device), reduced.to(device)
     result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
               "first_token_only": first_token_only,
               **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
     if latency:
         with status(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side", show_progress):
-            batch = bench.inputs(original.config.vocab_size, batch_size, seq_len)
+            batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
             cpu_model, cpu_layer = {}, {}
-            model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model)
-            layer_s = bench.attention_latency(original, reduced, batch_size, seq_len, repeats=repeats, cpu=cpu_layer)
+            model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model, device=device)
+            layer_s = bench.attention_latency(original, reduced, batch_size, seq_len, repeats=repeats, cpu=cpu_layer,
+                                              device=device)
             result["latency"] = {"model": bench.with_ratio(model_s, cpu_model),
                                  "attention_layer": bench.with_ratio(layer_s, cpu_layer), "repeats": repeats}
     return result

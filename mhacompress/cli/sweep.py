@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, parse_dims, progress, user_errors
+from ._common import console, device_option, emit_json, parse_dims, progress, resolved_device, user_errors
 from .eval import data_options
 
 
@@ -19,25 +19,45 @@ from .eval import data_options
 @data_options
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N dev examples (quick looks).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="torch device of every cell: cpu, cuda, mps, auto.")
+@device_option("Where every cell runs (with --executor ray each worker resolves auto itself)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: every cell in this process; ray: every cell a Ray task (pip install "
+                   "'mhacompress[distributed]').")
+@click.option("--address", help="With --executor ray: the cluster to join (e.g. ray://head:10001); default a local "
+              "Ray instance.")
+@click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --executor ray: CPUs each cell's task asks for.")
+@click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --executor ray: GPUs each cell's task asks for (e.g. 0.5 shares a GPU between two).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), metavar="DIR", help="Keep each finished "
+              "cell in DIR (one JSON file) and skip the cells already there: rerun after an interruption, or split "
+              "a sweep across machines or a CI matrix and merge the folders.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG: score vs key dim and vs Q/K "
               "parameters, one line per method.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
-def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, device, plot_file,
-          as_json):
+def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, device, executor, address,
+          cpus_per_cell, gpus_per_cell, resume_dir, plot_file, as_json):
     """Reduce MODEL at every (method, key dim) and score each on TASK beside the original, without retraining.
 
     \b
     Example:
       mhacompress sweep minilm --task stsb --key-dims 384,192,96,48 --methods cp,svd --plot sweep.png
       mhacompress sweep minilm -t stsb --calibrate mrpc --key-dims 96,48 --methods cp --json
+      mhacompress sweep minilm -t stsb --executor ray --address ray://head:10001 --resume out/sweep-cells
     """
     with user_errors():
+        if executor == "local":
+            device = resolved_device(device)
+        elif address is None and gpus_per_cell == 0:
+            device = resolved_device(device)  # a local Ray instance sees this machine's devices
+        if address and executor != "ray":
+            raise click.UsageError("--address needs --executor ray")
         from ..eval.data import load_examples
         from ..eval.tasks import get_task
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..sweep import grid, run_cell, run_local, table
+        from ..executors import run_cells
+        from ..sweep import grid, run_cell, table
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -57,7 +77,9 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         start = time.perf_counter()
         with progress(not as_json) as bar:
             step = bar.add_task("sweep", total=len(cells))
-            outcomes = run_local(cells, run_cell, on_result=lambda out: bar.advance(step))
+            outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume_dir,
+                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell,
+                                 on_result=lambda out: bar.advance(step))
         result = table(cells, outcomes, model, task, time.perf_counter() - start)
         if plot_file:
             from ..sweep import plot

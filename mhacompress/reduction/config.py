@@ -136,8 +136,9 @@ class ReductionConfig:
         return dims
 
     def solver_options(self) -> dict:
+        """What ``Method.solve`` takes: the solver and its settings (tensorly's names)."""
         return {"solver": self.solver, "n_iter_max": self.n_iter_max, "tol": self.tol, "init": self.init,
-                "seed": self.seed}
+                "random_state": self.seed}
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -5,16 +5,28 @@ Pure tensor functions: weights in, factors out. They know nothing of nn.Module (
 Shapes: ``wq``, ``wk`` are HF ``nn.Linear`` weights of shape (H*dh, d); head h owns rows h*dh:(h+1)*dh. The tensor
 they define is T (H, d, d) with T[h] = A_h. All three methods share one contract: ``rank`` (the key dim), ``init``,
 ``n_iter_max``, ``tol``, ``random_state``, and return factors with the relative Frobenius error ||T - T_hat|| / ||T||.
-Everything is computed in float64: errors are differences of large norms and float32 would round them away.
+Errors, solves and eigendecompositions are computed in float64: errors are differences of large norms and float32
+would round them away; cp's large products run in float32 (``compute_dtype``).
 
-The reference implementations are tensorly's ``parafac`` and ``partial_tucker`` on the dense tensor; tests compare.
+Where they run: on the device of ``wq`` (CUDA included), except MPS, which has no float64: there on the CPU, and the
+factors come back on the CPU. Random initialisations draw from a seeded CPU generator, so a seed gives the same
+start on every device. On the CPU every solver runs single-threaded (robust on shared machines, see devices.py);
+``decompose_layers`` solves several layers at once, one per core.
+
+The reference implementations are tensorly's ``parafac`` and ``partial_tucker`` on the dense tensor (the 2020
+paper's procedure, ``solver="tensorly"``); tests compare.
 """
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
+
+from ..devices import cpu_threads, parallel_map, work_device
 
 Tensor = torch.Tensor
 
@@ -40,9 +52,26 @@ def _heads(w: Tensor, num_heads: int) -> Tensor:
 
 
 def _check(wq: Tensor, wk: Tensor, num_heads: int, rank: int, max_rank: int) -> tuple[Tensor, Tensor]:
+    """The weights as float64 on the work device, after checking shapes and rank."""
     assert wq.shape == wk.shape and wq.ndim == 2, f"wq {tuple(wq.shape)} and wk {tuple(wk.shape)} must match"
     assert 1 <= rank <= max_rank, f"rank must be in 1..{max_rank}, got {rank}"
-    return wq.detach().to(torch.float64), wk.detach().to(torch.float64)
+    return _float64(wq, wk)
+
+
+def _float64(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as float64 on the work device of the first (the CPU for MPS inputs)."""
+    device = work_device(tensors[0].device)
+    return tuple(t.detach().to(device, torch.float64) for t in tensors)
+
+
+def _single_threaded(solver: Callable[..., "Factors"]) -> Callable[..., "Factors"]:
+    """Run ``solver`` with one intra-op CPU thread: its many small ops would otherwise wait at OpenMP barriers
+    whenever another process holds a core (devices.py). Parallelism comes from solving layers concurrently."""
+    @functools.wraps(solver)
+    def run(*args, **kwargs):
+        with cpu_threads(1):
+            return solver(*args, **kwargs)
+    return run
 
 
 def score_tensor(wq: Tensor, wk: Tensor, num_heads: int) -> Tensor:
@@ -59,16 +88,15 @@ def score_norm2(wq: Tensor, wk: Tensor, num_heads: int) -> Tensor:
 
 def _mode_gram(w_left: Tensor, w_right: Tensor, num_heads: int) -> Tensor:
     """sum_h W_l^h^T (W_r^h W_r^h^T) W_l^h (d, d): the Gram matrix of T's unfolding on the ``w_left`` side."""
-    wl, wr = _heads(w_left, num_heads), _heads(w_right, num_heads)  # (H, dh, d)
-    g = torch.einsum("hid,hjd->hij", wr, wr)  # (H, dh, dh)
-    return torch.einsum("hid,hij,hje->de", wl, g, wl)  # (d, d)
+    return _projected_gram(w_left, _heads(w_right, num_heads))
 
 
 def _top_eigvecs(sym: Tensor, k: int) -> Tensor:
     """Leading k eigenvectors of a symmetric matrix, columns ordered by decreasing eigenvalue, signs fixed."""
     _, vecs = torch.linalg.eigh(sym)  # ascending
     vecs = vecs[:, -k:].flip(-1)  # (d, k)
-    signs = torch.sign(vecs[vecs.abs().argmax(0), torch.arange(k)])  # largest entry of each column positive
+    columns = torch.arange(k, device=vecs.device)
+    signs = torch.sign(vecs[vecs.abs().argmax(0), columns])  # largest entry of each column positive
     return vecs * torch.where(signs == 0, 1.0, signs)
 
 
@@ -83,95 +111,127 @@ def cp_exact(wq: Tensor, wk: Tensor, num_heads: int) -> Factors:
     """The closed-form CP of rank H*dh: U = W_q^T, V = W_k^T, M = one-hot head blocks. Reproduces T exactly."""
     wq, wk = _check(wq, wk, num_heads, wq.shape[0], wq.shape[0])
     dh = wq.shape[0] // num_heads
-    mixing = torch.eye(num_heads, dtype=torch.float64).repeat_interleave(dh, dim=1)  # (H, H*dh)
+    mixing = torch.eye(num_heads, dtype=torch.float64, device=wq.device).repeat_interleave(dh, dim=1)  # (H, H*dh)
     return Factors("cp", wq.T.clone(), wk.T.clone(), mixing, 0.0)
 
 
+@_single_threaded
 def cp_init(wq: Tensor, wk: Tensor, num_heads: int, rank: int, init: str = "svd",
             random_state: int | None = 0) -> tuple[Tensor, Tensor]:
-    """Initial U, V (d, rank). ``svd``: leading singular vectors of T's mode-1 and mode-2 unfoldings (tensorly's
-    ``init='svd'``). ``random``: standard normal, from a seeded generator."""
+    """Initial U, V (d, rank), float64 on the work device. ``svd``: leading singular vectors of T's mode-1 and
+    mode-2 unfoldings (tensorly's ``init='svd'``). ``random``: standard normal, from a seeded CPU generator (the
+    same numbers on every device)."""
     wq, wk = _check(wq, wk, num_heads, rank, wq.shape[1])
     d = wq.shape[1]
     if init == "svd":
         return _top_eigvecs(_mode_gram(wq, wk, num_heads), rank), _top_eigvecs(_mode_gram(wk, wq, num_heads), rank)
     if init == "random":
         gen = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
-        return (torch.randn(d, rank, generator=gen, dtype=torch.float64),
-                torch.randn(d, rank, generator=gen, dtype=torch.float64))
+        return (torch.randn(d, rank, generator=gen, dtype=torch.float64).to(wq.device),
+                torch.randn(d, rank, generator=gen, dtype=torch.float64).to(wq.device))
     raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
 
 
-def _solve_right(gram: Tensor, rhs: Tensor) -> Tensor:
-    """X with X @ gram = rhs for a symmetric PSD gram (R, R): the ALS least-squares step (tensorly:
-    solve(pinv.T, mttkrp.T).T), by Cholesky; a singular gram (a dead component) gets the minimum-norm solution."""
-    rhs = rhs.to(gram.dtype)
+def _inverse(gram: Tensor) -> Tensor:
+    """The inverse of a symmetric PSD gram (R, R), by Cholesky; a singular gram (a dead component) gets the
+    pseudo-inverse, so that ``rhs @ _inverse(gram)`` is the minimum-norm least-squares step."""
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
-        return torch.cholesky_solve(rhs.T, chol).T
-    return rhs @ torch.linalg.pinv(gram, hermitian=True)
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(gram, hermitian=True)
 
 
+def _solve_right(gram: Tensor, rhs: Tensor) -> Tensor:
+    """X with X @ gram = rhs: the ALS least-squares step (tensorly: solve(pinv.T, mttkrp.T).T)."""
+    return rhs.to(gram.dtype) @ _inverse(gram)
+
+
+@dataclass
+class _HalfStep:
+    """One factor's least-squares update F = W^T X S^-1, kept implicit: W F, F^T F and <W^T X, F> come from the
+    head-row Gram G = W W^T (n, n) with one (n, n) x (n, R) product, instead of two (n, d) x (d, R) ones."""
+
+    WF: Tensor  # (n, R) in the compute dtype: W F, the next mode's input
+    FtF: Tensor  # (R, R) float64
+    inner: Tensor  # () float64: <W^T X, F> = tr(X^T G X S^-1)
+    S_inv: Tensor  # (R, R) float64, to form F = (W^T X) S^-1 once at the end
+
+
+def _half_step(gram_w: Tensor, X: Tensor, S: Tensor) -> _HalfStep:
+    """The update for X (n, R) and the system S (R, R), with gram_w and X in the compute dtype."""
+    S_inv = _inverse(S)  # (R, R)
+    Z = gram_w @ X  # W W^T X   (n, R)
+    A = (X.T @ Z).to(torch.float64) @ S_inv  # X^T G X S^-1 = mttkrp^T mttkrp S^-1   (R, R)
+    FtF = S_inv @ A  # S^-1 X^T G X S^-1   (R, R)
+    # S^-1 is applied in float64: rounded to float32 it moved converged errors 13x further from the float64 run
+    WF = (Z.to(torch.float64) @ S_inv).to(Z.dtype)  # (n, R)
+    return _HalfStep(WF, (FtF + FtF.T) / 2, A.diagonal().sum(), S_inv)
+
+
+@_single_threaded
 def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int = 100, tol: float = 1e-5,
            init: str | tuple[Tensor, Tensor] = "svd", random_state: int | None = 0,
            compute_dtype: torch.dtype = torch.float32) -> Factors:
-    """Rank-``rank`` CP of T by alternating least squares, structured: each sweep costs four (d, d) x (d, rank)
-    products instead of touching the (H, d, d) tensor.
+    """Rank-``rank`` CP of T by alternating least squares, structured: T is never built, and U, V are never formed
+    inside the loop. Each sweep costs two (n, n) x (n, rank) products with the head-row Gram matrices
+    W_q W_q^T and W_k W_k^T (n = H*dh), a few (n, rank) x (rank, rank) ones and (rank, rank) algebra.
 
     Updates the modes in tensorly's order (mixing M, then U, then V), so from the same initial factors it follows
     tensorly ``parafac`` iterate for iterate. ``init`` is ``"svd"``, ``"random"`` or explicit ``(U, V)``; M starts at
     its least-squares optimum. Stops when the relative error changes by less than ``tol`` between sweeps.
     At rank H*dh the closed form (``cp_exact``) is returned: it is exact, ALS is not.
 
-    The four big products run in ``compute_dtype`` (float32: twice as fast on CPU); Gram matrices, solves and the
-    returned error stay in float64. Pass ``torch.float64`` to follow tensorly to the last digit.
+    The (n, .) products run in ``compute_dtype`` (float32: twice as fast on CPU); the (rank, rank) Gram matrices,
+    their inverses, the returned factors and errors are float64. Pass ``torch.float64`` to follow tensorly to the
+    last digit.
     """
-    d_out = wq.shape[0]
-    wq, wk = _check(wq, wk, num_heads, rank, d_out)
-    if rank == d_out and not isinstance(init, tuple):
+    n = wq.shape[0]
+    wq, wk = _check(wq, wk, num_heads, rank, n)
+    if rank == n and not isinstance(init, tuple):
         return cp_exact(wq, wk, num_heads)
-    H, dh = num_heads, d_out // num_heads
+    H, dh = num_heads, n // num_heads
     U, V = init if isinstance(init, tuple) else cp_init(wq, wk, num_heads, rank, init, random_state)
-    U, V = U.to(torch.float64).clone(), V.to(torch.float64).clone()
+    U, V = U.to(wq), V.to(wq)  # float64 on the work device
     norm2 = score_norm2(wq, wk, H)
     wq_c, wk_c = wq.to(compute_dtype), wk.to(compute_dtype)
+    gram_q, gram_k = wq_c @ wq_c.T, wk_c @ wk_c.T  # (n, n) each
 
-    def heads_times(w: Tensor, x: Tensor) -> Tensor:  # (d_out, d) @ (d, R) -> (H, dh, R) in float64
-        return (w @ x.to(compute_dtype)).to(torch.float64).view(H, dh, rank)
+    def by_mixing(x: Tensor, M: Tensor) -> Tensor:  # row block h of x (n, R) times diag(m_h)
+        return (x.view(H, dh, rank) * M.to(x.dtype)[:, None, :]).view(n, rank)
 
-    def transpose_times(w: Tensor, x: Tensor) -> Tensor:  # (d_out, d)^T @ (H, dh, R) -> (d, R) in float64
-        return (w.T @ x.reshape(d_out, rank).to(compute_dtype)).to(torch.float64)
+    def mixing_rhs(P: Tensor, Q: Tensor) -> Tensor:  # u_r^T A_h v_r = sum over head rows of P * Q   (H, R)
+        return (P * Q).view(H, dh, rank).sum(1).to(torch.float64)
 
-    def gram(x: Tensor) -> Tensor:  # x^T x (R, R) in float64
-        x = x.to(compute_dtype)
-        return (x.T @ x).to(torch.float64)
-
-    P, Q = heads_times(wq_c, U), heads_times(wk_c, V)  # W_q^h u_r, W_k^h v_r   (H, dh, R)
-    UtU, VtV = gram(U), gram(V)
+    P, Q = wq_c @ U.to(compute_dtype), wk_c @ V.to(compute_dtype)  # W_q U, W_k V   (n, R)
+    UtU, VtV = U.T @ U, V.T @ V
+    M = _solve_right(UtU * VtV, mixing_rhs(P, Q))  # best M for the initial U, V   (H, R)
     errors: list[float] = []
-    M = _solve_right(UtU * VtV, (P * Q).sum(1)) if n_iter_max == 0 else None  # no sweep: best M for U, V
-    for _ in range(n_iter_max):
+    for sweep in range(n_iter_max):
         # mode 0 (heads): M[h, r] = least squares against u_r^T A_h v_r
-        M = _solve_right(UtU * VtV, (P * Q).sum(1))  # (H, R)
+        if sweep:
+            M = _solve_right(UtU * VtV, mixing_rhs(P, Q))  # (H, R)
         MtM = M.T @ M
-        # mode 1: sum_h A_h V diag(m_h) = W_q^T [W_k^h V diag(m_h)]_h
-        U = _solve_right(MtM * VtV, transpose_times(wq_c, Q * M[:, None, :]))  # (d, R)
-        P, UtU = heads_times(wq_c, U), gram(U)
-        # mode 2: sum_h A_h^T U diag(m_h) = W_k^T [W_q^h U diag(m_h)]_h
-        lhs = MtM * UtU  # (R, R)
-        mttkrp = transpose_times(wk_c, P * M[:, None, :])  # (d, R)
-        V = _solve_right(lhs, mttkrp)
-        Q, VtV = heads_times(wk_c, V), gram(V)
+        # mode 1: U = sum_h A_h V diag(m_h) (MtM * VtV)^-1 = W_q^T X S^-1 with X = [W_k^h V diag(m_h)]_h
+        X = by_mixing(Q, M)
+        mode1 = _half_step(gram_q, X, MtM * VtV)
+        P, UtU = mode1.WF, mode1.FtF
+        # mode 2: V = W_k^T Y (MtM * UtU)^-1 with Y = [W_q^h U diag(m_h)]_h
+        Y, lhs = by_mixing(P, M), MtM * UtU
+        mode2 = _half_step(gram_k, Y, lhs)
+        Q, VtV = mode2.WF, mode2.FtF
         # ||T - T_hat||^2 = ||T||^2 - 2 <T, T_hat> + ||T_hat||^2, both from the last mode's products
-        errors.append(_rel(norm2 - 2 * (mttkrp * V).sum() + (lhs * VtV).sum(), norm2))
+        errors.append(_rel(norm2 - 2 * mode2.inner + (lhs * VtV).sum(), norm2))
         if tol and len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             break
+    if errors:  # form the factors once, from the last sweep's least-squares systems
+        U = (wq_c.T @ X).to(torch.float64) @ mode1.S_inv  # (d, R)
+        V = (wk_c.T @ Y).to(torch.float64) @ mode2.S_inv
     return Factors("cp", U, V, M, cp_relative_error(wq, wk, H, U, V, M), len(errors), errors)
 
 
 def cp_relative_error(wq: Tensor, wk: Tensor, num_heads: int, U: Tensor, V: Tensor, M: Tensor) -> float:
     """||T - [[M, U, V]]|| / ||T|| without building T."""
-    wq, wk = wq.to(torch.float64), wk.to(torch.float64)
+    wq, wk, U, V, M = _float64(wq, wk, U, V, M)
     H, dh, rank = num_heads, wq.shape[0] // num_heads, U.shape[1]
     P, Q = (wq @ U).view(H, dh, rank), (wk @ V).view(H, dh, rank)  # (H, dh, R)
     inner = ((P * Q).sum(1) * M).sum()
@@ -182,6 +242,7 @@ def cp_relative_error(wq: Tensor, wk: Tensor, num_heads: int, U: Tensor, V: Tens
 # ---- Tucker-2: shared U, V, a full core per head -----------------------------------------------------------
 
 
+@_single_threaded
 def tucker2(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int = 30, tol: float = 1e-7,
             init: str = "svd", random_state: int | None = 0) -> Factors:
     """T[h] ~ U G[h] V^T with orthonormal U, V (d, rank) and core G (H, rank, rank), by higher-order orthogonal
@@ -208,10 +269,9 @@ def tucker2(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: in
 
 def _projected_gram(w: Tensor, proj: Tensor) -> Tensor:
     """sum_h W^h^T (proj_h proj_h^T) W^h (d, d), for proj (H, dh, R) = the other side already projected."""
-    H = proj.shape[0]
-    g = torch.einsum("hir,hjr->hij", proj, proj)  # (H, dh, dh)
-    wh = _heads(w, H)  # (H, dh, d)
-    return torch.einsum("hid,hij,hje->de", wh, g, wh)
+    wh = _heads(w, proj.shape[0])  # (H, dh, d)
+    g = proj @ proj.transpose(1, 2)  # (H, dh, dh)
+    return wh.flatten(0, 1).T @ (g @ wh).flatten(0, 1)  # (d, H*dh) @ (H*dh, d)
 
 
 # ---- per-head truncated SVD: the baseline that shrinks heads instead of sharing ----------------------------
@@ -226,6 +286,7 @@ def head_cores(wq: Tensor, wk: Tensor, num_heads: int) -> tuple[Tensor, Tensor, 
     return qq, rq @ rk.transpose(1, 2), qk
 
 
+@_single_threaded
 def head_svd(wq: Tensor, wk: Tensor, num_heads: int, rank: int) -> Factors:
     """Best rank-``rank // H`` approximation of every A_h separately (Eckart-Young), singular values folded into U.
 
@@ -250,14 +311,14 @@ def relative_error(wq: Tensor, wk: Tensor, num_heads: int, factors: Factors) -> 
     problem, whose own ``relative_error`` is measured in the whitened space)."""
     if factors.method == "cp":
         return cp_relative_error(wq, wk, num_heads, factors.U, factors.V, factors.mixing)
-    wq, wk = _heads(wq.to(torch.float64), num_heads), _heads(wk.to(torch.float64), num_heads)  # (H, dh, d)
-    U, V = factors.U.to(torch.float64), factors.V.to(torch.float64)
+    wq, wk, U, V = _float64(wq, wk, factors.U, factors.V)
+    wq, wk = _heads(wq, num_heads), _heads(wk, num_heads)  # (H, dh, d)
     if factors.method == "svd":  # per-head U, V (H, d, r): T_hat[h] = U[h] V[h]^T
         P, Q = wq @ U, wk @ V  # (H, dh, r)
         inner = (P * Q).sum()
         norm_hat = (U.transpose(1, 2) @ U * (V.transpose(1, 2) @ V)).sum()  # sum_h tr(UtU_h VtV_h)
     else:  # tucker: T_hat[h] = U G[h] V^T
-        G = factors.mixing.to(torch.float64)  # (H, R, R)
+        G = factors.mixing.to(U)  # (H, R, R)
         P, Q = (wq @ U), (wk @ V)  # (H, dh, R)
         inner = torch.einsum("hir,hrs,his->", P, G, Q)
         norm_hat = (G.transpose(1, 2) @ (U.T @ U) @ G * (V.T @ V)).sum()  # sum_h tr(G^T UtU G VtV)
@@ -265,12 +326,124 @@ def relative_error(wq: Tensor, wk: Tensor, num_heads: int, factors: Factors) -> 
     return _rel(norm2 - 2 * inner + norm_hat, norm2)
 
 
-def decompose(wq: Tensor, wk: Tensor, num_heads: int, rank: int, method: str = "cp", **options) -> Factors:
-    """Dispatch on ``method``: ``cp`` (cp_als), ``tucker`` (tucker2) or ``svd`` (head_svd)."""
-    if method == "cp":
-        return cp_als(wq, wk, num_heads, rank, **options)
-    if method == "tucker":
-        return tucker2(wq, wk, num_heads, rank, **options)
-    if method == "svd":
-        return head_svd(wq, wk, num_heads, rank)
-    raise ValueError(f"method must be one of cp, tucker, svd; got {method!r}")
+# ---- the tensorly reference: the 2020 paper's procedure, on the dense tensor --------------------------------
+
+
+@contextmanager
+def _tensorly_torch():
+    """tensorly with its pytorch backend, for this thread only (tensors stay on their device)."""
+    import tensorly as tl
+
+    before = tl.get_backend()
+    tl.set_backend("pytorch", local_threadsafe=True)
+    try:
+        yield tl
+    finally:
+        tl.set_backend(before, local_threadsafe=True)
+
+
+@_single_threaded
+def cp_tensorly(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int = 100, tol: float = 1e-5,
+                init: str | tuple[Tensor, Tensor] = "svd", random_state: int | None = 0) -> Factors:
+    """tensorly ``parafac`` on the dense T (H, d, d), float64: the reference for ``cp_als`` (H*d^2*rank work per
+    sweep instead of (H*dh)^2*rank). ``init="random"`` is tensorly's own seeded random start, the 2020 paper's
+    setting; ``"svd"`` or explicit ``(U, V)`` start where ``cp_als`` does (M at its least-squares optimum), so
+    both follow the same iterates. Stops like ``cp_als`` (tensorly's absolute error change below ``tol``)."""
+    wq, wk = _check(wq, wk, num_heads, rank, wq.shape[0])
+    T = score_tensor(wq, wk, num_heads)  # (H, d, d)
+    start = init if init == "random" else _cp_start(wq, wk, num_heads, rank, init, random_state)
+    with _tensorly_torch():
+        from tensorly.decomposition import parafac
+
+        cp, errors = parafac(T, rank, n_iter_max=n_iter_max, tol=tol, init=start, return_errors=True,
+                             random_state=random_state, svd="truncated_svd")
+    M, U, V = cp.factors
+    M = M * cp.weights  # (H, R): tensorly's weights stay ones without normalisation; fold them in anyway
+    errors = [float(e) for e in errors]
+    return Factors("cp", U, V, M, cp_relative_error(wq, wk, num_heads, U, V, M), len(errors), errors)
+
+
+def _cp_start(wq: Tensor, wk: Tensor, num_heads: int, rank: int, init, random_state):
+    """(weights, [M, U, V]) for tensorly: cp_als's initial U, V and the least-squares M for them."""
+    from tensorly.cp_tensor import CPTensor
+
+    U, V = init if isinstance(init, tuple) else cp_init(wq, wk, num_heads, rank, init, random_state)
+    U, V = U.to(wq), V.to(wq)
+    H, dh = num_heads, wq.shape[0] // num_heads
+    rhs = ((wq @ U) * (wk @ V)).view(H, dh, rank).sum(1)  # u_r^T A_h v_r   (H, R)
+    M = _solve_right((U.T @ U) * (V.T @ V), rhs)
+    return CPTensor((torch.ones(rank, dtype=wq.dtype, device=wq.device), [M, U, V]))
+
+
+@_single_threaded
+def tucker_tensorly(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int = 30, tol: float = 1e-7,
+                    init: str = "svd", random_state: int | None = 0) -> Factors:
+    """tensorly ``partial_tucker(T, [rank, rank], modes=[1, 2])`` on the dense T, float64: the reference for
+    ``tucker2`` (same HOOI, same SVD start; ``init="random"`` is tensorly's own random start)."""
+    d_out, d = wq.shape
+    wq, wk = _check(wq, wk, num_heads, rank, d)
+    T = score_tensor(wq, wk, num_heads)  # (H, d, d)
+    with _tensorly_torch():
+        from tensorly.decomposition import partial_tucker
+
+        (core, (U, V)), errors = partial_tucker(T, [rank, rank], modes=[1, 2], n_iter_max=n_iter_max, tol=tol,
+                                                init=init, random_state=random_state)
+    errors = [float(e) for e in errors]
+    factors = Factors("tucker", U, V, core, 0.0, len(errors), errors)
+    factors.relative_error = relative_error(wq, wk, num_heads, factors)
+    return factors
+
+
+@_single_threaded
+def svd_tensorly(wq: Tensor, wk: Tensor, num_heads: int, rank: int) -> Factors:
+    """tensorly's truncated SVD of every dense A_h (d, d), rank // H components each, singular values folded into
+    U: the reference for ``head_svd``."""
+    d_out, _ = wq.shape
+    wq, wk = _check(wq, wk, num_heads, rank, d_out)
+    assert rank % num_heads == 0, f"svd rank {rank} must be a multiple of {num_heads} heads"
+    T, r = score_tensor(wq, wk, num_heads), rank // num_heads  # (H, d, d)
+    with _tensorly_torch() as tl:
+        parts = [tl.svd_interface(A, n_eigenvecs=r, method="truncated_svd") for A in T]  # (d, r), (r,), (r, d)
+    U = torch.stack([u * s for u, s, _ in parts])  # (H, d, r)
+    V = torch.stack([vt.T for _, _, vt in parts])  # (H, d, r)
+    factors = Factors("svd", U, V, None, 0.0)
+    factors.relative_error = relative_error(wq, wk, num_heads, factors)
+    return factors
+
+
+# ---- one entry point, and many layers at once ---------------------------------------------------------------
+
+def decompose(wq: Tensor, wk: Tensor, num_heads: int, rank: int, method: str = "cp", *,
+              solver: str = "structured", **options) -> Factors:
+    """The registered ``method``'s (reduction/methods: cp, tucker, svd) ``solver``: ``structured`` (cp_als,
+    tucker2, head_svd: never builds T) or ``tensorly`` (cp_tensorly, tucker_tensorly, svd_tensorly: the dense
+    reference). ``options`` are the solver's (tensorly's names; ``svd`` takes none)."""
+    from .methods import get
+
+    return get(method).solve(wq, wk, num_heads, rank, solver=solver, **options)
+
+
+def decompose_layers(layers: Sequence[tuple[Tensor, Tensor]], num_heads: int, rank: int | Sequence[int],
+                     method: str = "cp", *, workers: int | None = None,
+                     on_layer: Callable[[int, Factors], None] | None = None, **options) -> list[Factors]:
+    """``decompose`` for every (wq, wk) of ``layers``, in order, with ``rank`` one key dim or one per layer.
+
+    On the CPU the layers are solved concurrently, ``workers`` at a time (default: one per usable core, at most
+    torch's thread count), each single-threaded: the same factors as one ``decompose`` call per layer, faster, and
+    a busy neighbour process costs its fair share of the cores instead of stalling every call. On a GPU the
+    layers run one after another. The weights are read, never copied as a whole model. ``on_layer(index,
+    factors)`` is called in the calling thread as each layer finishes (progress bars)."""
+    ranks = [rank] * len(layers) if isinstance(rank, int) else list(rank)
+    if len(ranks) != len(layers):
+        raise ValueError(f"{len(ranks)} ranks given for {len(layers)} layers")
+    device = layers[0][0].device if layers else None
+    return parallel_map(lambda job: decompose(*job[0], num_heads, job[1], method, **options), zip(layers, ranks),
+                        workers=workers, device=device, on_done=on_layer)
+
+
+def cp_als_batched(layers: Sequence[tuple[Tensor, Tensor]], num_heads: int, rank: int | Sequence[int], *,
+                   workers: int | None = None, on_layer: Callable[[int, Factors], None] | None = None,
+                   **options) -> list[Factors]:
+    """``cp_als`` for many layers at once (``decompose_layers`` with ``method="cp"``): what a weights-only
+    reduction calls with all layers of a model."""
+    return decompose_layers(layers, num_heads, rank, "cp", workers=workers, on_layer=on_layer, **options)

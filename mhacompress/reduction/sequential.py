@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..devices import work_device
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules
 from .modeling import layers as model_layers
@@ -124,6 +125,7 @@ class LayerMoments:
     """Sums over real tokens, float64: x~ x~^T over query and key positions, and x x~^T (the input map)."""
 
     d: int
+    device: torch.device = torch.device("cpu")  # where the sums live (the solvers' device)
     query: torch.Tensor = None  # sum x~_i x~_i^T over query positions (d, d)
     key: torch.Tensor = None  # sum y~ y~^T over key positions (d, d)
     cross: torch.Tensor = None  # sum x y~^T over key positions (d, d)
@@ -131,12 +133,13 @@ class LayerMoments:
     n_key: int = 0
 
     def __post_init__(self):
-        self.query, self.key, self.cross = (torch.zeros(self.d, self.d, dtype=torch.float64) for _ in range(3))
+        self.query, self.key, self.cross = (torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+                                            for _ in range(3))
 
     def add(self, x: torch.Tensor, xr: torch.Tensor, tokens: torch.Tensor, queries: torch.Tensor) -> None:
         """x, xr (B, T, d): original and reduced inputs; tokens, queries (B, T) bool: real and query positions."""
-        k, kr = x[tokens].double().cpu(), xr[tokens].double().cpu()  # (N, d)
-        q = xr[queries].double().cpu()  # (Nq, d)
+        k, kr = x[tokens].to(self.device, torch.float64), xr[tokens].to(self.device, torch.float64)  # (N, d)
+        q = xr[queries].to(self.device, torch.float64)  # (Nq, d)
         self.key += kr.T @ kr
         self.cross += k.T @ kr
         self.query += q.T @ q
@@ -146,7 +149,7 @@ class LayerMoments:
     def input_map(self, ridge: float = 1e-6) -> torch.Tensor:
         """P (d, d) with x ~ P x~ in least squares: E[x x~^T] (E[x~ x~^T] + ridge * mean eigenvalue I)^-1."""
         c = self.key / self.n_key
-        c = c + ridge * c.trace() / self.d * torch.eye(self.d, dtype=c.dtype)
+        c = c + ridge * c.trace() / self.d * torch.eye(self.d, dtype=c.dtype, device=c.device)
         return torch.linalg.solve(c, (self.cross / self.n_key).T).T  # cross C^-1, C symmetric
 
     def query_moment(self) -> torch.Tensor:
@@ -162,29 +165,32 @@ class Ridge:
 
     d_in: int
     d_out: int
+    device: torch.device = torch.device("cpu")
     gram: torch.Tensor = None  # sum [z; 1][z; 1]^T (d_in + 1, d_in + 1)
     rhs: torch.Tensor = None  # sum [z; 1] t^T (d_in + 1, d_out)
     count: int = 0
 
     def __post_init__(self):
-        self.gram = torch.zeros(self.d_in + 1, self.d_in + 1, dtype=torch.float64)
-        self.rhs = torch.zeros(self.d_in + 1, self.d_out, dtype=torch.float64)
+        self.gram = torch.zeros(self.d_in + 1, self.d_in + 1, dtype=torch.float64, device=self.device)
+        self.rhs = torch.zeros(self.d_in + 1, self.d_out, dtype=torch.float64, device=self.device)
 
     def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
         """z (N, d_in) inputs, t (N, d_out) targets."""
-        z = torch.cat([z.double().cpu(), torch.ones(z.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, d_in + 1)
+        z = z.to(self.device, torch.float64)
+        z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=torch.float64, device=self.device)], dim=1)  # (N, d_in+1)
         self.gram += z.T @ z
-        self.rhs += z.T @ t.double().cpu()
+        self.rhs += z.T @ t.to(self.device, torch.float64)
         self.count += z.shape[0]
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor | None,
               strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """W', b' minimising sum ||W' z + b' - t||^2 + lam ||[W' b'] - [W b]||^2, lam = strength * mean diagonal
         of the Gram matrix (a pull towards the original weights, scale-free)."""
-        prior = torch.cat([weight.double().cpu().T, (bias.double().cpu() if bias is not None else
-                                                     torch.zeros(weight.shape[0], dtype=torch.float64))[None]])
+        as64 = dict(device=self.device, dtype=torch.float64)
+        b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
+        prior = torch.cat([weight.to(**as64).T, b[None]])  # (d_in + 1, d_out)
         lam = strength * self.gram.diagonal().mean()
-        eye = torch.eye(self.d_in + 1, dtype=torch.float64)
+        eye = torch.eye(self.d_in + 1, **as64)
         solution = torch.linalg.solve(self.gram + lam * eye, self.rhs + lam * prior)  # (d_in + 1, d_out)
         return solution[:-1].T, solution[-1]
 
@@ -214,6 +220,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
     n_layers, heads, _ = model_shape(model)
     d = getattr(model.config, arch.hidden)
     device = next(model.parameters()).device
+    solver_device = work_device(device)  # statistics and solves (float64): MPS has none, so the CPU there
     progress = on_progress or (lambda stage, done, total: None)
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
     with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
@@ -224,7 +231,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
         for index in range(n_layers):
             layer = model_layers(model)[index]
             last = index == n_layers - 1
-            moments, targets = LayerMoments(d), plan.compensate or plan.refine_steps > 0
+            moments, targets = LayerMoments(d, solver_device), plan.compensate or plan.refine_steps > 0
             norm = layer.get_submodule(arch.norm)
             for i, batch in enumerate(data):  # pass 1: the ORIGINAL layer on x, statistics of x~
                 _, args, kwargs = layer_inputs(model, batch.encoding)
@@ -269,12 +276,12 @@ def _solve_qk(model, index: int, config: ReductionConfig, key_dim: int, moments:
     _, heads, _ = model_shape(model)
     old = attention_modules(model)[index][2]
     wq, wk, bq = qk_weights(old, arch)
-    wq, wk = wq.double().cpu(), wk.double().cpu()
+    wq, wk = wq.to(moments.device, torch.float64), wk.to(moments.device, torch.float64)
     if not identity:
         p = moments.input_map()  # (d, d): x ~ P x~
         wq, wk = wq @ p, wk @ p
     factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(), moments.key_moment())
-    bias = content_bias(wk, None if bq is None else bq.double().cpu(), heads)
+    bias = content_bias(wk, None if bq is None else bq.to(moments.device, torch.float64), heads)
     before = qk_parameters(old, arch)
     new = install_(model, index, config, key_dim, factors, bias)
     return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,
@@ -287,7 +294,7 @@ def _compensate(model, index, data, spill, d, plan: Plan, same: bool, device, pr
     arch = arch_for(model.config)
     layer = model_layers(model)[index]
     proj = layer.get_submodule(arch.out_proj)
-    ridge = Ridge(proj.in_features, proj.out_features)
+    ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
     last = index == len(model_layers(model)) - 1
     for i, batch in enumerate(data):
         _, args, kwargs = layer_inputs(model, batch.encoding)

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..devices import parallel_map, work_device
 from ..errors import UsageError
 from . import methods
 from .calibrate import unwhiten, whiten
@@ -99,18 +100,35 @@ def install_(model: nn.Module, index: int, config: ReductionConfig, key_dim: int
     return new
 
 
-def reduce_layer_(model: nn.Module, index: int, config: ReductionConfig, key_dim: int,
-                  moment: torch.Tensor | None = None) -> dict:
-    """Decompose and replace one layer in place; its report (key dim, errors, iterations, Q/K parameters)."""
+def reduce_layers_(model: nn.Module, config: ReductionConfig, dims: list[int],
+                   moments: list[torch.Tensor] | None = None,
+                   on_layer: Callable[[dict], None] | None = None) -> list[dict]:
+    """Decompose every layer (in parallel: one single-threaded solver per core, see devices.parallel_map) and
+    install each as soon as it is solved, in this thread; the per-layer reports, in order."""
     arch = arch_for(model.config)
     _, heads, _ = model_shape(model)
-    old = attention_modules(model)[index][2]
-    wq, wk, bq = qk_weights(old, arch)
-    factors, report = decompose_layer(wq, wk, heads, key_dim, config, moment)
-    before = qk_parameters(old, arch)
-    new = install_(model, index, config, key_dim, factors, content_bias(wk.double(), _double(bq), heads))
-    return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,
-            "qk_params_after": qk_parameters(new, arch)}
+    device = work_device(next(model.parameters()).device)  # MPS has no float64: its solvers run on the CPU
+    weights = [tuple(None if w is None else w.to(device) for w in qk_weights(m, arch))
+               for _, _, m in attention_modules(model)]  # (W_q, W_k, b_q) per layer
+    reports: list[dict] = [{} for _ in weights]
+
+    def solve(index: int) -> tuple[Factors, dict]:
+        wq, wk, _ = weights[index]
+        return decompose_layer(wq, wk, heads, dims[index], config, None if moments is None else moments[index])
+
+    def install(index: int, solved: tuple[Factors, dict]) -> None:
+        (factors, report), (_, wk, bq) = solved, weights[index]
+        old = attention_modules(model)[index][2]
+        before = qk_parameters(old, arch)
+        new = install_(model, index, config, dims[index], factors, content_bias(wk.double(), _double(bq), heads))
+        reports[index] = {"index": index, "key_dim": dims[index], **report, "qk_params_before": before,
+                          "qk_params_after": qk_parameters(new, arch)}
+        weights[index] = None  # the original query/key weights can go
+        if on_layer:
+            on_layer(reports[index])
+
+    parallel_map(solve, range(len(weights)), device=device, on_done=install)
+    return reports
 
 
 def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool_version: str = "",
@@ -131,11 +149,7 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     dims = config.layer_key_dims(n_layers, heads, head_dim)
     if moments is not None and len(moments) != n_layers:
         raise ValueError(f"{len(moments)} second moments given for {n_layers} layers")
-    layers = []
-    for index, key_dim in enumerate(dims):
-        layers.append(reduce_layer_(model, index, config, key_dim, None if moments is None else moments[index]))
-        if on_layer:
-            on_layer(layers[-1])
+    layers = reduce_layers_(model, config, dims, moments, on_layer)
     return finish_(model, config, layers, source=source, tool_version=tool_version)
 
 

@@ -23,12 +23,12 @@ class Method:
     key_dim_multiple_of_heads: bool = False
 
     def solve(self, wq: torch.Tensor, wk: torch.Tensor, heads: int, rank: int, *, solver: str = "structured",
-              n_iter_max: int = 100, tol: float = 1e-5, init: str = "svd", seed: int = 0) -> Factors:
-        """The layer's factors: T[h] = W_q^h^T W_k^h ~ [[factors]] at key dim ``rank``."""
+              **options) -> Factors:
+        """The layer's factors: T[h] = W_q^h^T W_k^h ~ [[factors]] at key dim ``rank``. ``options``: the solver's
+        (tensorly's names: n_iter_max, tol, init, random_state), ignored by a closed-form method."""
         if solver not in self.solvers:
-            raise ValueError(f"{self.name} has no solver {solver!r}; choose one of {', '.join(self.solvers)}")
-        options = dict(n_iter_max=n_iter_max, tol=tol, init=init, random_state=seed) if self.iterative else {}
-        return self.solvers[solver](wq, wk, heads, rank, **options)
+            raise ValueError(f"solver must be one of {', '.join(self.solvers)}; got {solver!r}")
+        return self.solvers[solver](wq, wk, heads, rank, **(options if self.iterative else {}))
 
     def check_key_dim(self, key_dim: int, heads: int, head_dim: int) -> str | None:
         """Why ``key_dim`` does not fit a layer of ``heads`` x ``head_dim`` (None when it does)."""

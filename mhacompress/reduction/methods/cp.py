@@ -9,8 +9,4 @@ class CP(Method):
         return heads * key_dim
 
 
-def _tensorly(*args, **kwargs):
-    return decompose.cp_tensorly(*args, **kwargs)
-
-
-METHOD = CP(name="cp", layout="diagonal", solvers={"structured": decompose.cp_als, "tensorly": _tensorly})
+METHOD = CP(name="cp", layout="diagonal", solvers={"structured": decompose.cp_als, "tensorly": decompose.cp_tensorly})

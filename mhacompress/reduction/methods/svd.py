@@ -15,9 +15,5 @@ class HeadSVD(Method):
         return key_dim  # H heads x R/H
 
 
-def _tensorly(*args, **kwargs):
-    return decompose.svd_tensorly(*args, **kwargs)
-
-
-METHOD = HeadSVD(name="svd", layout="per-head", solvers={"structured": decompose.head_svd, "tensorly": _tensorly},
+METHOD = HeadSVD(name="svd", layout="per-head", solvers={"structured": decompose.head_svd, "tensorly": decompose.svd_tensorly},
                  iterative=False, key_dim_multiple_of_heads=True)

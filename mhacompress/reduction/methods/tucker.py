@@ -9,8 +9,4 @@ class Tucker(Method):
         return heads * key_dim * key_dim
 
 
-def _tensorly(*args, **kwargs):
-    return decompose.tucker_tensorly(*args, **kwargs)
-
-
-METHOD = Tucker(name="tucker", layout="core", solvers={"structured": decompose.tucker2, "tensorly": _tensorly})
+METHOD = Tucker(name="tucker", layout="core", solvers={"structured": decompose.tucker2, "tensorly": decompose.tucker_tensorly})

@@ -1,0 +1,194 @@
+"""Run a list of independent cells (one sweep setting each) here, one after another, or fanned out on Ray, with
+the same results in the same order either way.
+
+    results = run_cells(cells, "mhacompress.sweep:run_cell", executor="ray", resume="sweep-done/")
+
+A cell is a JSON-able dict; ``fn`` takes one and returns a JSON-able dict. Every result is
+``{"cell", "ok", "result", "error", "seconds", "resumed"}``, in the order of ``cells`` whatever the completion order;
+a cell that raises is reported (``ok`` false, ``error`` one line) and never stops the others.
+
+``resume=DIR`` keeps one JSON file per successful cell, named by a stable hash of the cell and written atomically,
+and skips cells whose file is there and valid; failed cells run again. The folder is the same for both executors,
+so CI jobs can each run a slice of a sweep and merge their folders. Ray is an optional extra
+(``pip install 'mhacompress[distributed]'``), imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import UsageError
+
+EXECUTORS = ("local", "ray")
+RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install ray)"
+
+Cell = dict
+Result = dict
+
+
+def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: str = "local",
+              address: str | None = None, resume: str | os.PathLike | None = None, num_cpus: float = 1,
+              num_gpus: float = 0, local_cpus: int | None = None,
+              on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run ``fn`` on every cell; one result per cell, in the order of ``cells``.
+
+    ``fn``: an importable top-level function, or its ``"module:function"`` path (what Ray workers import).
+    ``executor``: ``local`` (this process, in order) or ``ray`` (one task per cell with ``num_cpus`` CPUs and
+    ``num_gpus`` GPUs; on the cluster at ``address``, else on a Ray instance already started in this process,
+    else on a new local one with ``local_cpus`` CPUs, default all).
+    ``on_result``: called with each result as it completes (resumed cells first), e.g. for a progress bar.
+    """
+    if executor not in EXECUTORS:
+        raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    path = function_path(fn)
+    store = _Store(Path(resume)) if resume is not None else None
+    results: list[Result | None] = [store.load(cell) if store else None for cell in cells]
+    for result in results:
+        if result is not None and on_result:
+            on_result(result)
+    todo = [i for i, result in enumerate(results) if result is None]
+
+    def finished(index: int, result: Result) -> None:
+        results[index] = result
+        if store and result["ok"]:
+            store.save(result)
+        if on_result:
+            on_result(result)
+
+    if executor == "local":
+        for i in todo:
+            finished(i, run_cell(path, cells[i]))
+    else:
+        _run_on_ray(path, cells, todo, finished, address, num_cpus, num_gpus, local_cpus)
+    return results  # type: ignore[return-value]
+
+
+def function_path(fn: Callable | str) -> str:
+    """``"module:function"`` for a top-level function (or that string, checked to import)."""
+    if isinstance(fn, str):
+        _import(fn)
+        return fn
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "." in name or "<" in name or module == "__main__":
+        raise UsageError(f"fn must be a top-level function of an importable module (workers import it); got {fn!r}")
+    return f"{module}:{name}"
+
+
+def _import(path: str) -> Callable[[Cell], dict]:
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise UsageError(f"fn must be 'module:function'; got {path!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"cannot import {path!r}: {err}") from None
+
+
+def run_cell(path: str, cell: Cell) -> Result:
+    """One cell, failures caught: the result dict (what a Ray task returns too)."""
+    start = time.perf_counter()
+    try:
+        value = json.loads(json.dumps(_import(path)(cell)))  # JSON-able, and the types a resume file gives back
+        return _result(cell, True, value, None, time.perf_counter() - start)
+    except Exception as err:  # a failed cell is reported, never raised
+        return _result(cell, False, None, one_line(err), time.perf_counter() - start)
+
+
+def _result(cell: Cell, ok: bool, value, error: str | None, seconds: float) -> Result:
+    return {"cell": cell, "ok": ok, "result": value, "error": error, "seconds": round(seconds, 3), "resumed": False}
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# ---- resume files ------------------------------------------------------------------------------------------
+
+
+def cell_key(cell: Cell) -> str:
+    """A stable name for a cell: the same dict (any key order) gives the same name on every machine."""
+    canonical = json.dumps(cell, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+class _Store:
+    """One JSON file per successful cell: DIR/<cell_key>.json, written atomically."""
+
+    def __init__(self, folder: Path):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot use resume folder {str(folder)!r}: {err.strerror}") from None
+        self.folder = folder
+
+    def load(self, cell: Cell) -> Result | None:
+        """The stored result of ``cell``, or None when absent or not trusted (unreadable, another cell, failed)."""
+        try:
+            stored = json.loads((self.folder / f"{cell_key(cell)}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        valid = (isinstance(stored, dict) and stored.get("ok") is True and "result" in stored
+                 and stored.get("cell") == json.loads(json.dumps(cell)))
+        return {**_result(cell, True, stored["result"], None, stored.get("seconds", 0.0)), "resumed": True} \
+            if valid else None
+
+    def save(self, result: Result) -> None:
+        target = self.folder / f"{cell_key(result['cell'])}.json"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump({k: v for k, v in result.items() if k != "resumed"}, out, indent=1, sort_keys=True)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ---- Ray -------------------------------------------------------------------------------------------------------
+
+
+def _run_on_ray(path: str, cells: list[Cell], todo: list[int], finished: Callable[[int, Result], None],
+                address: str | None, num_cpus: float, num_gpus: float, local_cpus: int | None) -> None:
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, num_cpus=None if address else local_cpus, log_to_driver=False,
+                     include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise UsageError(f"cannot start or reach {where}: {one_line(err)}") from None
+    try:
+        task = ray.remote(run_cell).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        pending = {task.remote(path, cells[i]): i for i in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            finished(index, _ray_get(ray, done[0], cells[index]))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_get(ray, ref, cell: Cell) -> Result:
+    """A task's result; a task that died (worker crash, lost node) is that cell's failure."""
+    try:
+        return ray.get(ref)
+    except Exception as err:
+        return _result(cell, False, None, one_line(err), 0.0)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--executor ray needs Ray, which is not installed: {RAY_HINT}") from None
+    return ray

@@ -1,0 +1,134 @@
+"""Cells run here or on Ray give the same results in the order of the cells; a failed cell is reported and never
+takes the rest down; a resume folder skips finished cells for either executor and never trusts a bad file."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mhacompress.errors import UsageError
+from mhacompress.executors import cell_key, function_path, run_cells
+
+CALLS = []  # cells the local executor ran, in this process
+
+
+def square(cell):
+    """The toy cell: sleeps (to shuffle completion order on Ray), fails on request, returns x squared."""
+    CALLS.append(cell)
+    time.sleep(cell.get("sleep", 0))
+    if cell.get("fail"):
+        raise ValueError("bad cell\nwith a traceback-like second line")
+    return {"square": cell["x"] ** 2, "pair": (cell["x"], -cell["x"])}
+
+
+def not_json(cell):
+    return {"value": object()}
+
+
+def cells(n=5, fail=(), sleep=False):
+    return [{"x": x, **({"fail": True} if x in fail else {}), **({"sleep": 0.2 * (n - x)} if sleep else {})}
+            for x in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls():
+    CALLS.clear()
+
+
+def test_results_come_in_the_order_of_the_cells_with_json_types():
+    results = run_cells(cells(4), square)
+    assert [r["cell"]["x"] for r in results] == [0, 1, 2, 3]
+    assert [r["result"] for r in results] == [{"square": x * x, "pair": [x, -x]} for x in range(4)]  # tuple -> list
+    assert all(r["ok"] and r["error"] is None and r["seconds"] >= 0 and not r["resumed"] for r in results)
+
+
+def test_a_failed_cell_is_one_line_and_never_takes_the_rest_down():
+    results = run_cells(cells(4, fail=(1,)), "test_executors:square")
+    assert [r["ok"] for r in results] == [True, False, True, True]
+    assert results[1]["error"] == "ValueError: bad cell" and results[1]["result"] is None
+    assert run_cells([{"x": 1}], not_json)[0]["error"].startswith("TypeError: Object of type object is not JSON")
+
+
+def test_on_result_sees_every_cell_once():
+    seen = []
+    run_cells(cells(3, fail=(2,)), square, on_result=seen.append)
+    assert sorted(r["cell"]["x"] for r in seen) == [0, 1, 2]
+
+
+def test_resume_skips_finished_cells_and_reruns_failed_ones(tmp_path):
+    first = run_cells(cells(4, fail=(2,)), square, resume=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3  # successes only
+    CALLS.clear()
+    again = run_cells(cells(4), square, resume=tmp_path)
+    assert [c["x"] for c in CALLS] == [2]  # only the cell that failed runs again
+    assert [r["resumed"] for r in again] == [True, True, False, True]
+    assert [r["result"] for r in again[:2]] == [r["result"] for r in first[:2]]
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("content", ["{\"ok\": tr", "[]", json.dumps({"cell": {"x": 99}, "ok": True, "result": 1}),
+                                     json.dumps({"cell": {"x": 1}, "ok": False, "result": None})])
+def test_a_corrupt_or_foreign_resume_file_is_redone_not_trusted(tmp_path, content):
+    run_cells(cells(3), square, resume=tmp_path)
+    (tmp_path / f"{cell_key({'x': 1})}.json").write_text(content)
+    CALLS.clear()
+    results = run_cells(cells(3), square, resume=tmp_path)
+    assert [c["x"] for c in CALLS] == [1]
+    assert results[1]["result"]["square"] == 1
+    assert json.loads((tmp_path / f"{cell_key({'x': 1})}.json").read_text())["ok"] is True  # repaired
+
+
+def test_cell_names_are_stable_under_key_order():
+    assert cell_key({"a": 1, "b": [2, 3]}) == cell_key({"b": [2, 3], "a": 1})
+    assert cell_key({"a": 1}) != cell_key({"a": 2})
+
+
+def test_bad_arguments_are_one_line_usage_errors():
+    with pytest.raises(UsageError, match="executor must be one of local, ray; got 'dask'"):
+        run_cells(cells(1), square, executor="dask")
+    with pytest.raises(UsageError, match="top-level function"):
+        run_cells(cells(1), lambda cell: cell)
+    with pytest.raises(UsageError, match="cannot import 'test_executors:missing'"):
+        run_cells(cells(1), "test_executors:missing")
+    with pytest.raises(UsageError, match="must be 'module:function'"):
+        function_path("test_executors.square")
+
+
+def test_ray_missing_is_a_one_line_error_with_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(UsageError, match=r"needs Ray, which is not installed: pip install 'mhacompress\[distributed\]'"):
+        run_cells(cells(1), square, executor="ray")
+
+
+@pytest.mark.slow
+def test_a_real_local_ray_instance_gives_the_local_results(tmp_path, monkeypatch):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        message = "ray is not installed (pip install -e '.[test]')"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    here = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")]))
+    grid = cells(6, fail=(3,), sleep=True)  # the first cells sleep longest: Ray finishes them last
+    local = run_cells(grid, square)
+    completed = []
+    remote = run_cells(grid, square, executor="ray", local_cpus=2, resume=tmp_path, on_result=completed.append)
+    strip = [{k: r[k] for k in ("cell", "ok", "result", "error")} for r in local]
+    assert [{k: r[k] for k in ("cell", "ok", "result", "error")} for r in remote] == strip
+    assert [r["cell"]["x"] for r in completed] != [c["x"] for c in grid]  # completion order differs, results don't
+    CALLS.clear()
+    resumed = run_cells(grid, square, resume=tmp_path)  # the Ray run's resume folder serves the local executor
+    assert [c["x"] for c in CALLS] == [3]
+    assert [r["resumed"] for r in resumed] == [True, True, True, False, True, True]
+
+
+def test_ray_is_imported_only_when_asked_for():
+    import subprocess
+
+    code = "import sys, mhacompress.executors; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
