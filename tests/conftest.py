@@ -84,3 +84,15 @@ def tiny_bert_dir(tmp_path_factory, minilm_path) -> Path:
     BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reduced_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """``tiny_bert_dir`` reduced to key dim 8 (a few ALS sweeps) and saved: a reduced folder for tests that only read
+    it (its compression block names tiny_bert_dir as the source)."""
+    from mhacompress import compress
+    from mhacompress.reduction.config import ReductionConfig
+
+    path = tmp_path_factory.mktemp("tiny-reduced") / "bert-cp8"
+    compress(str(tiny_bert_dir), ReductionConfig(key_dim=8, n_iter_max=3)).save(path)
+    return path
