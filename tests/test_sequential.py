@@ -81,6 +81,30 @@ def test_refinement_lowers_every_layers_output_error():
     assert all(r["output_error_after"] < r["output_error_before"] for r in plan.reports), plan.reports
 
 
+def with_junk_padding(batches, seed=0):
+    """The same batches with random tokens instead of the pad token at the padding positions: the real tokens'
+    outputs are unchanged (padding is masked out), the hidden states at the padding positions are not."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    for batch in batches:
+        pad = ~batch["attention_mask"].bool()
+        ids = batch["input_ids"].clone()
+        ids[pad] = torch.randint(3, 100, (int(pad.sum()),), generator=gen)
+        out.append({**batch, "input_ids": ids})
+    return out
+
+
+def test_refinement_fits_real_tokens_only():
+    """Whatever the padding positions hold, the refined layers are the same: the loss counts real tokens only."""
+    batches = calibration()
+    clean, junk = tiny_model("bert"), tiny_model("bert")
+    a = sequential(clean, 4, batches, refine_steps=20, refine_lr=1e-2)
+    b = sequential(junk, 4, with_junk_padding(batches), refine_steps=20, refine_lr=1e-2)
+    assert [r["output_error_after"] for r in a.reports] == pytest.approx([r["output_error_after"] for r in b.reports],
+                                                                          rel=1e-6)
+    for name, weight in clean.state_dict().items():
+        torch.testing.assert_close(junk.state_dict()[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_the_input_map_is_the_least_squares_solution():
     gen = torch.Generator().manual_seed(0)
     xr = torch.randn(1, 500, 6, generator=gen, dtype=torch.float64)  # the reduced stream
