@@ -58,6 +58,17 @@ def padded_batch(vocab_size: int = 100, lengths=(9, 4, 7, 1), seed: int = 0):
     return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask}
 
 
+def final_error(model, original, batches) -> float:
+    """Relative error of the last hidden states on real tokens, reduced against original."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            keep = b["attention_mask"].bool()
+            a, o = model(**b).last_hidden_state[keep], original(**b).last_hidden_state[keep]
+            num, den = num + float((a - o).pow(2).sum()), den + float(o.pow(2).sum())
+    return (num / den) ** 0.5
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     path = Path(os.environ.get("MHACOMPRESS_GLUE_DIR", REPO.parent / "shared" / "glue"))

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_model
+from conftest import final_error, padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
 from mhacompress.reduction.calibrate import second_moments, unwhiten, whitening
 from mhacompress.reduction.config import ReductionConfig
@@ -105,17 +105,6 @@ def anisotropic_tiny_bert():
     return model, batches
 
 
-def output_error(model, original, batches) -> float:
-    """Relative error of the last hidden states over the real tokens of ``batches``."""
-    err = ref = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            keep = batch["attention_mask"].bool()
-            a, b = model(**batch).last_hidden_state[keep], original(**batch).last_hidden_state[keep]
-            err, ref = err + float((a - b).pow(2).sum()), ref + float(b.pow(2).sum())
-    return (err / ref) ** 0.5
-
-
 def test_calibrated_reduce_beats_weights_only_on_anisotropic_inputs():
     """Through reduce_ itself: decomposing in the whitened space brings the reduced model's outputs on the
     calibration data much closer to the original's than a reduction of the weights alone at the same key dim
@@ -125,7 +114,7 @@ def test_calibrated_reduce_beats_weights_only_on_anisotropic_inputs():
     config = ReductionConfig(key_dim=16, n_iter_max=30)
     reduce_(calibrated, config, moments=second_moments(original, batches))
     reduce_(weights_only, config)
-    assert output_error(calibrated, original, batches) < 0.6 * output_error(weights_only, original, batches)
+    assert final_error(calibrated, original, batches) < 0.6 * final_error(weights_only, original, batches)
 
 
 def test_calibration_sources(tmp_path, glue_dir):

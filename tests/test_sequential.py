@@ -4,7 +4,7 @@ fitting beats fitting every layer on the original's inputs."""
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_model
+from conftest import final_error, padded_batch, tiny_model
 from mhacompress.reduction.calibrate import second_moments
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import attention_modules, layers
@@ -14,17 +14,6 @@ from mhacompress.reduction.surgery import finish_, reduce_
 
 def calibration(n=6, seed=0):
     return [padded_batch(lengths=(9, 4, 7, 1, 8, 6), seed=seed + i) for i in range(n)]
-
-
-def final_error(model, original, batches):
-    """Relative error of the last hidden states on real tokens, reduced against original."""
-    num = den = 0.0
-    with torch.no_grad():
-        for b in batches:
-            keep = b["attention_mask"].bool()
-            a, o = model(**b).last_hidden_state[keep], original(**b).last_hidden_state[keep]
-            num, den = num + float((a - o).pow(2).sum()), den + float(o.pow(2).sum())
-    return (num / den) ** 0.5
 
 
 def sequential(model, key_dim, batches, **plan):
