@@ -53,11 +53,14 @@ class _OneLineUsageError(click.UsageError):
         click.echo(f"Error: {self.format_message().rstrip('.')}; see '{where} --help'", file=file, err=file is None)
 
 
+_HELP_INSTEAD = getattr(click.exceptions, "NoArgsIsHelpError", ())  # `mhacompress` alone: the help, as it is
+
+
 @contextlib.contextmanager
 def _one_line_usage():
     try:
         yield
-    except _OneLineUsageError:
+    except (_OneLineUsageError, _HELP_INSTEAD):
         raise
     except click.UsageError as err:
         raise _OneLineUsageError(" ".join(err.format_message().split()), err.ctx) from None
