@@ -20,6 +20,9 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        raise UsageError(f"{source} is a .json file; calibration reads a .txt file (one sequence a line) or a .jsonl "
+                         f"file (one JSON object a line): convert it to one of those")
     if path.is_file():
         texts = _read_file(path)
     elif path.suffix in (".txt", ".jsonl", ".json") or "/" in source:

@@ -186,7 +186,7 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     The output's lock is held until ``save`` finishes or the process exits. Returns the resolved output path.
     """
     if output is None or not str(output).strip():
-        raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} out/model")
+        raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} {_example(option, kind)}")
     check_path_length(str(output), option)
     try:
         target = Path(output).expanduser().resolve()
@@ -202,6 +202,13 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         raise
     fsio.clean_stale(target)
     return target
+
+
+def _example(option: str, kind: str) -> str:
+    """A path of the right kind for ``option``, for messages."""
+    if option == "--plot":
+        return "out/sweep.png" if kind == "file" else "out/figures"
+    return "out/model.onnx" if kind == "file" else "out/model"
 
 
 def _lock(target: Path, output, option: str) -> None:
@@ -230,7 +237,7 @@ def _check_not_a_source(target: Path, sources: list[Path], option: str, contains
         else:
             continue
         raise UsageError(f"{option} {target} {how} the source {source}; a source is never modified or deleted, so "
-                         f"choose an {option} outside it")
+                         f"choose a path outside it for {option}")
 
 
 def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
@@ -239,7 +246,8 @@ def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
     if kind in ("folder", "contents") and not target.is_dir():
         raise UsageError(f"{option} {target} exists and is not a folder; choose another {option}")
     if kind == "file" and target.is_dir():
-        raise UsageError(f"{option} {target} is a folder; give a file name, e.g. {target / 'model.onnx'}")
+        raise UsageError(f"{option} {target} is a folder; give a file name, e.g. "
+                         f"{target / Path(_example(option, kind)).name}")
     if kind == "contents":
         return
     if force:

@@ -179,10 +179,11 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:
     """Per-layer key dims for ``config.budget``."""
-    from .reduction.allocate import budget_key_dims, candidate_dims
+    from .reduction.allocate import budget_key_dims, budget_parameters, candidate_dims
     from .reduction.calibrate import second_moments
     from .reduction.surgery import model_shape
 
+    budget_parameters(model, config.method, config.budget)  # a budget too small fails before calibration
     moments = second_moments(model, batches) if batches is not None else None
     layers, heads, head_dim = model_shape(model)
     total, done = layers * len(candidate_dims(heads, head_dim, config.method)), [0]

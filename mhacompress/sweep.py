@@ -27,6 +27,20 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     return cells
 
 
+def check_model(model: str, methods: list[str], key_dims: list[int], *, allow_pickle: bool = False) -> None:
+    """Refuse, before any cell runs, a model that does not load or is already reduced, and key dims it cannot take:
+    the sweep fails in seconds with the reason, not cell by cell."""
+    from .hub import load_pretrained
+    from .reduction.surgery import check_reducible, model_shape
+
+    loaded, _, _ = load_pretrained(model, allow_pickle=allow_pickle, tokenizer=False)
+    check_reducible(loaded)
+    shape = model_shape(loaded)
+    for method in methods:
+        for key_dim in key_dims:
+            ReductionConfig(key_dim=key_dim, method=method).layer_key_dims(*shape)
+
+
 def cell_config(cell: dict) -> ReductionConfig:
     calibration = None if cell["calibration"] is None else Calibration(**cell["calibration"])
     return ReductionConfig(key_dim=cell["key_dim"], method=cell["method"], seed=cell["seed"], calibration=calibration)
@@ -101,6 +115,7 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     start = time.perf_counter()
     cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
                  device=device)
+    check_model(model, methods, key_dims)
     outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
                          num_gpus=num_gpus, on_result=on_result)
     return table(cells, outcomes, model, task, time.perf_counter() - start)

@@ -58,6 +58,17 @@ def padded_batch(vocab_size: int = 100, lengths=(9, 4, 7, 1), seed: int = 0):
     return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask}
 
 
+def final_error(model, original, batches) -> float:
+    """Relative error of the last hidden states on real tokens, reduced against original."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            keep = b["attention_mask"].bool()
+            a, o = model(**b).last_hidden_state[keep], original(**b).last_hidden_state[keep]
+            num, den = num + float((a - o).pow(2).sum()), den + float(o.pow(2).sum())
+    return (num / den) ** 0.5
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     path = Path(os.environ.get("MHACOMPRESS_GLUE_DIR", REPO.parent / "shared" / "glue"))
@@ -83,4 +94,16 @@ def tiny_bert_dir(tmp_path_factory, minilm_path) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "bert"
     BertModel(tiny_config("bert", vocab_size=tokenizer.vocab_size)).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reduced_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """``tiny_bert_dir`` reduced to key dim 8 (a few ALS sweeps) and saved: a reduced folder for tests that only read
+    it (its compression block names tiny_bert_dir as the source)."""
+    from mhacompress import compress
+    from mhacompress.reduction.config import ReductionConfig
+
+    path = tmp_path_factory.mktemp("tiny-reduced") / "bert-cp8"
+    compress(str(tiny_bert_dir), ReductionConfig(key_dim=8, n_iter_max=3)).save(path)
     return path

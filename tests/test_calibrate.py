@@ -1,9 +1,11 @@
 """Data-aware reduction: exact at full rank, never worse than plain CP on the calibration data it was fitted to."""
 
+import copy
+
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_model
+from conftest import final_error, padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
 from mhacompress.reduction.calibrate import second_moments, unwhiten, whitening
 from mhacompress.reduction.config import ReductionConfig
@@ -91,6 +93,28 @@ def test_calibrated_reduction_reports_expected_score_error():
     model, _, moments = tiny_with_moments()
     block = reduce_(model, ReductionConfig(key_dim=8), moments=moments)
     assert all(0 < x["expected_score_error"] < 1 and 0 < x["relative_error"] for x in block["layers"])
+
+
+def anisotropic_tiny_bert():
+    """A tiny BERT whose hidden states are anisotropic, as real ones are: the embeddings' LayerNorm scales its 32
+    directions from x30 down to x0.03, and calibration batches of mixed lengths (padded)."""
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.copy_(torch.logspace(1.5, -1.5, 32))
+    batches = [padded_batch(lengths=(12, 9, 4, 7, 1, 8, 6, 11), seed=seed) for seed in range(4)]
+    return model, batches
+
+
+def test_calibrated_reduce_beats_weights_only_on_anisotropic_inputs():
+    """Through reduce_ itself: decomposing in the whitened space brings the reduced model's outputs on the
+    calibration data much closer to the original's than a reduction of the weights alone at the same key dim
+    (measured: 0.15 vs 0.33)."""
+    original, batches = anisotropic_tiny_bert()
+    calibrated, weights_only = copy.deepcopy(original), copy.deepcopy(original)
+    config = ReductionConfig(key_dim=16, n_iter_max=30)
+    reduce_(calibrated, config, moments=second_moments(original, batches))
+    reduce_(weights_only, config)
+    assert final_error(calibrated, original, batches) < 0.6 * final_error(weights_only, original, batches)
 
 
 def test_calibration_sources(tmp_path, glue_dir):

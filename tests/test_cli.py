@@ -36,6 +36,11 @@ def test_every_command_has_help_with_an_example(command):
     assert "mhacompress" in result.output
 
 
+def test_the_command_alone_shows_its_help():
+    result = invoke()
+    assert "Usage:" in result.output and "Commands:" in result.output and "Error" not in result.output
+
+
 def test_help_does_not_import_torch():
     code = "import sys; from mhacompress.cli import main; print(any(m in sys.modules for m in ('torch', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

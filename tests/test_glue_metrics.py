@@ -33,6 +33,15 @@ def test_pearson_and_spearman_by_hand():
     assert M.spearman([1, 2, 3], [10, 20, 1000]) == pytest.approx(1.0)
 
 
+def test_stsb_reports_spearman_and_pearson_each_under_its_own_name():
+    """Monotone but far from linear: Spearman is exactly 1, Pearson well below it."""
+    preds, labels = [1.0, 2.0, 3.0, 4.0, 100.0], [0.0, 1.0, 2.0, 3.0, 4.0]
+    # deviations from the means 22 and 2: products sum to 200; squares sum to 7610 and 10
+    scores = M.compute(get_task("stsb"), preds, labels)
+    assert scores == {"spearman": pytest.approx(1.0), "pearson": pytest.approx(200 / math.sqrt(7610 * 10))}
+    assert scores["pearson"] < 0.73
+
+
 @pytest.mark.parametrize("task,keys", [("cola", ["matthews"]), ("sst2", ["accuracy"]), ("mrpc", ["f1", "accuracy"]),
                                        ("qqp", ["f1", "accuracy"]), ("stsb", ["spearman", "pearson"]),
                                        ("mnli", ["accuracy"]), ("mnli-mm", ["accuracy"]), ("qnli", ["accuracy"]),

@@ -4,7 +4,7 @@ fitting beats fitting every layer on the original's inputs."""
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_model
+from conftest import final_error, padded_batch, tiny_model
 from mhacompress.reduction.calibrate import second_moments
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import attention_modules, layers
@@ -14,17 +14,6 @@ from mhacompress.reduction.surgery import finish_, reduce_
 
 def calibration(n=6, seed=0):
     return [padded_batch(lengths=(9, 4, 7, 1, 8, 6), seed=seed + i) for i in range(n)]
-
-
-def final_error(model, original, batches):
-    """Relative error of the last hidden states on real tokens, reduced against original."""
-    num = den = 0.0
-    with torch.no_grad():
-        for b in batches:
-            keep = b["attention_mask"].bool()
-            a, o = model(**b).last_hidden_state[keep], original(**b).last_hidden_state[keep]
-            num, den = num + float((a - o).pow(2).sum()), den + float(o.pow(2).sum())
-    return (num / den) ** 0.5
 
 
 def sequential(model, key_dim, batches, **plan):
@@ -79,6 +68,30 @@ def test_refinement_lowers_every_layers_output_error():
     model = tiny_model("bert")
     plan = sequential(model, 4, calibration(), refine_steps=40, refine_lr=1e-2)
     assert all(r["output_error_after"] < r["output_error_before"] for r in plan.reports), plan.reports
+
+
+def with_junk_padding(batches, seed=0):
+    """The same batches with random tokens instead of the pad token at the padding positions: the real tokens'
+    outputs are unchanged (padding is masked out), the hidden states at the padding positions are not."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    for batch in batches:
+        pad = ~batch["attention_mask"].bool()
+        ids = batch["input_ids"].clone()
+        ids[pad] = torch.randint(3, 100, (int(pad.sum()),), generator=gen)
+        out.append({**batch, "input_ids": ids})
+    return out
+
+
+def test_refinement_fits_real_tokens_only():
+    """Whatever the padding positions hold, the refined layers are the same: the loss counts real tokens only."""
+    batches = calibration()
+    clean, junk = tiny_model("bert"), tiny_model("bert")
+    a = sequential(clean, 4, batches, refine_steps=20, refine_lr=1e-2)
+    b = sequential(junk, 4, with_junk_padding(batches), refine_steps=20, refine_lr=1e-2)
+    assert [r["output_error_after"] for r in a.reports] == pytest.approx([r["output_error_after"] for r in b.reports],
+                                                                          rel=1e-6)
+    for name, weight in clean.state_dict().items():
+        torch.testing.assert_close(junk.state_dict()[name], weight, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_the_input_map_is_the_least_squares_solution():

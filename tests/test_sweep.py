@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhacompress.cli import main
+from mhacompress.sweep import grid, table
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,21 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
 def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
     result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), *args])
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+
+
+def scored(spearman: float) -> dict:
+    """A cell's outcome with a known STS-B score."""
+    return {"ok": True, "error": None, "result": {"metrics": {"spearman": spearman, "pearson": 0.0}, "examples": 10,
+                                                    "qk_params": 100}}
+
+
+def test_drop_is_the_original_score_minus_the_reduced_one():
+    """Positive drop = the reduction lost that much; negative = it scored higher."""
+    cells = grid("tiny", "stsb", ["cp"], [8, 16])  # the original, then cp at 8 and 16
+    result = table(cells, [scored(0.80), scored(0.70), scored(0.85)], "tiny", "stsb", seconds=1.0)
+    assert result["original"]["score"] == 0.80
+    assert [(r["key_dim"], r["score"]) for r in result["results"]] == [(8, 0.70), (16, 0.85)]
+    assert [r["drop"] for r in result["results"]] == pytest.approx([0.10, -0.05])
 
 
 def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder, glue_dir, tmp_path):

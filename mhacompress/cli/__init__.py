@@ -3,6 +3,7 @@ stdout). Heavy imports (torch, transformers) happen inside commands so that `mha
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -31,11 +32,38 @@ class _Main(click.Group):
             finally:
                 fsio.release_all()
 
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _one_line_usage():  # a command's own options are parsed in here
+                return super().invoke(ctx)
         except (KeyboardInterrupt, fsio.Terminated) as err:
             raise click.exceptions.Exit(_stopped(err)) from None
+
+
+class _OneLineUsageError(click.UsageError):
+    """click's usage error (an unknown option, a value out of range...) as one line: what was wrong, then where the
+    options are described (click would print the usage and a blank line first)."""
+
+    def show(self, file=None) -> None:
+        where = f"mhacompress {self.ctx.command_path.partition(' ')[2]}".strip() if self.ctx else "mhacompress"
+        click.echo(f"Error: {self.format_message().rstrip('.')}; see '{where} --help'", file=file, err=file is None)
+
+
+_HELP_INSTEAD = getattr(click.exceptions, "NoArgsIsHelpError", ())  # `mhacompress` alone: the help, as it is
+
+
+@contextlib.contextmanager
+def _one_line_usage():
+    try:
+        yield
+    except (_OneLineUsageError, _HELP_INSTEAD):
+        raise
+    except click.UsageError as err:
+        raise _OneLineUsageError(" ".join(err.format_message().split()), err.ctx) from None
 
 
 def _stopped(err: BaseException) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import click
 
@@ -119,6 +120,19 @@ def progress(enabled: bool = True):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console(), transient=True, disable=not enabled)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (click lets them through: every comparison with nan is False).
+    ``FiniteFloat()``: any finite number."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            ranged = self.min is not None or self.max is not None
+            wanted = f"a number in the range {self._describe_range()}" if ranged else "a finite number"
+            self.fail(f"{value!r} is not a finite number; give {wanted}", param, ctx)
+        return number
 
 
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:

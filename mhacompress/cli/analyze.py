@@ -36,12 +36,12 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
       mhacompress analyze bert-base --no-curve --seq-len 512 --json
     """
     with user_errors():
-        dims = _parse_dims(key_dims) if key_dims else None
-        if plot_dir:
+        dims = None if key_dims is None else _parse_dims(key_dims)
+        if plot_dir is not None:
             from ..hub import check_output
 
             check_output(plot_dir, sources=[model], kind="contents", option="--plot")
-        plots = _check_plot_dir(plot_dir) if plot_dir else None
+        plots = None if plot_dir is None else _check_plot_dir(plot_dir)
         result = run_analyze(model, dims=dims, seq_len=seq_len, curve=not no_curve, allow_pickle=allow_pickle,
                              show_progress=not as_json)
         if plots:

@@ -10,9 +10,8 @@ from ._common import (allow_pickle_option, console, device_option, emit_json, fi
 
 def data_options(f):
     """--data-dir, shared with `reduce --eval` and `finetune`."""
-    return click.option("--data-dir", type=click.Path(file_okay=False),
-                        help="GLUE folder in the official glue_data layout (DIR/SST-2/dev.tsv, ...). Default: "
-                             "$MHACOMPRESS_GLUE_DIR, else the nyu-mll/glue hub copy (needs network).")(f)
+    return click.option("--data-dir", help="GLUE folder in the official glue_data layout (DIR/SST-2/dev.tsv, ...). "
+                        "Default: $MHACOMPRESS_GLUE_DIR, else the nyu-mll/glue hub copy (needs network).")(f)
 
 
 @click.command("eval")
@@ -54,7 +53,8 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
                                  max_length=max_length, device=device)
         with status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
-            ref = load_pretrained(reference, allow_pickle=allow_pickle, device=device)[:2] if reference else None
+            ref = None if reference is None else load_pretrained(reference, allow_pickle=allow_pickle,
+                                                                 device=device)[:2]
         if first_token_only:
             first_token_shortcut(loaded, model)
         with progress(not as_json) as bar:

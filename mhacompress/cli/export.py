@@ -10,7 +10,7 @@ from ._common import console, emit_json, first_token_option, first_token_shortcu
 @click.command()
 @click.argument("directory", metavar="DIR")
 @click.option("--format", "fmt", default="onnx", show_default=True, help="Output format (only onnx).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@click.option("--output", "-o", required=True, help="File to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,

@@ -6,24 +6,24 @@ import time
 
 import click
 
-from ._common import (allow_pickle_option, console, device_option, emit_json, progress, resolved_device, status,
-                       task_names, user_errors)
+from ._common import (FiniteFloat, allow_pickle_option, console, device_option, emit_json, progress, resolved_device,
+                       status, task_names, user_errors)
 from .eval import data_options
 
 
 @click.command()
 @click.argument("model")
 @click.option("--task", "-t", required=True, help=f"GLUE task: {task_names()}.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write (atomically).")
+@click.option("--output", "-o", required=True, help="Folder to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --output folder.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True,
+@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=3, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-5, show_default=True,
               help="Peak learning rate of AdamW.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
-@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--warmup", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Fraction of steps of linear warm-up (then linear decay to 0).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.01, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head, data order and dropout.")
 @click.option("--limit", type=click.IntRange(min=1), help="Train on a seeded random sample of N examples.")
 @data_options

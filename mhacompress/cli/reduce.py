@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (ProgressBars, allow_pickle_option, console, device_option, emit_json, first_token_option,
-                       method_choice, method_help, parse_dims, resolved_device, task_names, user_errors)
+from ._common import (FiniteFloat, ProgressBars, allow_pickle_option, console, device_option, emit_json,
+                       first_token_option, method_choice, method_help, parse_dims, resolved_device, task_names,
+                       user_errors)
 from .eval import check_drop, data_options, render_eval
 
 
@@ -18,13 +19,13 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--calibrate", "calibrate_source", metavar="SOURCE", help="Data-aware reduction (recommended): a GLUE "
               "task name (its train split, no labels), a .txt file (one sequence a line) or a .jsonl file. Layers "
               "are fitted bottom-up to reproduce the original model on these sequences.")
-@click.option("--samples", type=int, default=512, show_default=True,
+@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
               help="Calibration sequences (sentences for a sentence encoder, examples for a classifier).")
 @click.option("--sequential/--parallel", default=True, show_default=True, help="With --calibrate: fit each layer on "
               "the inputs the already-reduced layers produce (sequential), or all layers on the original's inputs.")
 @click.option("--compensate/--no-compensate", default=False, show_default=True, help="With --calibrate: also refit "
               "each layer's attention output projection by least squares (recorded in the saved block).")
-@click.option("--refine", type=int, default=0, show_default=True, metavar="STEPS",
+@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True, metavar="STEPS",
               help="With --calibrate: Adam steps per layer fitting the reduced layer to the original's output.")
 @click.option("--weights-only", is_flag=True, help="Reduce from the weights alone, even with --eval (which otherwise "
               "calibrates on the task's train sentences).")
@@ -32,8 +33,8 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--solver", type=click.Choice(["structured", "tensorly"]), default="structured", show_default=True,
               help="structured: fast ALS that never builds the score tensor; tensorly: tensorly's parafac / "
                    "partial_tucker on the dense tensor (the paper's procedure; slow).")
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Folder to write (atomically). Without it "
-              "nothing is written: a dry run that reports errors and sizes.")
+@click.option("--output", "-o", help="Folder to write (atomically). Without it nothing is written: a dry run that "
+              "reports errors and sizes.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --output folder (never the source model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the solver and the calibration sample.")
 @click.option("--init", type=click.Choice(["svd", "random"]), default="svd", show_default=True,
@@ -47,8 +48,8 @@ from .eval import check_drop, data_options, render_eval
               f"task's dev split ({task_names()}) and print both. "
               "Without --calibrate, calibrates on the task's train sentences.")
 @data_options
-@click.option("--max-drop", type=float, help="With --eval: exit 1 when the reduced model loses more than this on the "
-              "task's main metric (absolute, e.g. 0.01), for CI gates.")
+@click.option("--max-drop", type=FiniteFloat(), help="With --eval: exit 1 when the reduced model loses more than "
+              "this on the task's main metric (absolute, e.g. 0.01), for CI gates.")
 @first_token_option("Saved with the model (reloads keep it); --eval scores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequential, compensate, refine, weights_only,
@@ -79,7 +80,7 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
             raise ConfigError("--refine and --compensate fit layers to calibration data: give --calibrate SOURCE too")
         calibration = None if source is None else Calibration(
             source, samples=samples, seed=seed, sequential=sequential, compensate=compensate, refine_steps=refine)
-        config = ReductionConfig(key_dim=key_dim, key_dims=tuple(parse_dims(key_dims)) if key_dims else None,
+        config = ReductionConfig(key_dim=key_dim, key_dims=None if key_dims is None else tuple(parse_dims(key_dims)),
                                  budget=budget, method=method, solver=solver, seed=seed, init=init,
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
                                  first_token_only=first_token_only)
@@ -103,19 +104,21 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
 def calibration_source(calibrate: str | None, eval_task: str | None, weights_only: bool, data_dir) -> str | None:
     """--calibrate, else (for --eval TASK) the task's own train sentences when they can be had, else None."""
     if weights_only:
-        if calibrate:
+        if calibrate is not None:
             from ..reduction.config import ConfigError
 
             raise ConfigError("--weights-only and --calibrate contradict each other; drop one")
         return None
-    if calibrate or not eval_task:
+    if calibrate is not None or not eval_task:
         return calibrate
     from ..errors import UsageError
     from ..eval.data import load_examples
     from ..eval.tasks import get_task
 
+    task = get_task(eval_task)  # a bad task, or a dev split that --eval cannot read, fails here, not after a warning
+    load_examples(task, "validation", data_dir=data_dir, limit=1)
     try:
-        load_examples(get_task(eval_task), "train", data_dir=data_dir, limit=1)
+        load_examples(task, "train", data_dir=data_dir, limit=1)
     except UsageError as err:
         console().print(f"[yellow]warning[/yellow]: --eval {eval_task} cannot calibrate on its train sentences "
                         f"({err}); reducing from the weights alone. Pass --calibrate SOURCE to calibrate.")

@@ -93,6 +93,12 @@ def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="c
                                             attn_implementation=attn_implementation)
     if first_token_only:
         first_token_shortcut(reduced, name)
+    limit = max_tokens(original)
+    if limit is not None and seq_len > limit:
+        from ..errors import UsageError
+
+        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
+                         f"{limit} or less")
     original, reduced = original.to(device), reduced.to(device)
     result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
               "first_token_only": first_token_only,
@@ -107,6 +113,17 @@ def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="c
             result["latency"] = {"model": bench.with_ratio(model_s, cpu_model),
                                  "attention_layer": bench.with_ratio(layer_s, cpu_layer), "repeats": repeats}
     return result
+
+
+def max_tokens(model) -> int | None:
+    """The longest sequence the model's learned position embeddings can take (None: it has none). RoBERTa-style
+    embeddings number positions from padding_idx + 1."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not hasattr(table, "num_embeddings"):
+        return None
+    offset = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
 def verdict(ratio: float) -> str:

@@ -15,7 +15,7 @@ from .eval import data_options
 @click.option("--methods", default="cp,svd", show_default=True, help="Comma-separated registered methods.")
 @click.option("--calibrate", "calibrate_source", metavar="SOURCE",
               help="Calibrate every reduction on this GLUE task's train split, .txt or .jsonl file.")
-@click.option("--samples", type=int, default=512, show_default=True, help="Calibration sequences.")
+@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration sequences.")
 @data_options
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N dev examples (quick looks).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -29,11 +29,11 @@ from .eval import data_options
               help="With --executor ray: CPUs each cell's task asks for.")
 @click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --executor ray: GPUs each cell's task asks for (e.g. 0.5 shares a GPU between two).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), metavar="DIR", help="Keep each finished "
+@click.option("--resume", "resume_dir", metavar="DIR", help="Keep each finished "
               "cell in DIR (one JSON file) and skip the cells already there: rerun after an interruption, or split "
               "a sweep across machines or a CI matrix and merge the folders.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG: score vs key dim and vs Q/K "
-              "parameters, one line per method.")
+@click.option("--plot", "plot_file", help="Write a figure (PNG, or the format of the name's suffix): score vs key "
+              "dim and vs Q/K parameters, one line per method.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
 def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, device, executor, address,
           cpus_per_cell, gpus_per_cell, resume_dir, plot_file, as_json):
@@ -54,24 +54,25 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
             raise click.UsageError("--address needs --executor ray")
         from ..eval.data import load_examples
         from ..eval.tasks import get_task
+        from ..executors import run_cells
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..executors import run_cells
-        from ..sweep import grid, run_cell, table
+        from ..sweep import check_model, grid, run_cell, table
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        if plot_file:
+        if plot_file is not None:
             from ..hub import check_output
 
             check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
-        calibration = Calibration(calibrate_source, samples=samples, seed=seed) if calibrate_source else None
+        calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
         cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
                      limit=limit, device=device)
+        check_model(model, method_list, dims)
         import time
 
         start = time.perf_counter()
@@ -81,7 +82,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
                                  num_cpus=cpus_per_cell, num_gpus=gpus_per_cell,
                                  on_result=lambda out: bar.advance(step))
         result = table(cells, outcomes, model, task, time.perf_counter() - start)
-        if plot_file:
+        if plot_file is not None:
             from ..sweep import plot
 
             plot(result, plot_file)
@@ -90,8 +91,11 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         emit_json(result, "sweep", device)
     else:
         render(result)
-    if result["failed"]:
-        raise SystemExit(1)
+    failed = result["failed"]
+    if failed:
+        first = failed[0]
+        raise click.ClickException(f"{len(failed)} of {len(cells) - 1} reductions failed (first: {first['method']} at "
+                                   f"key dim {first['key_dim']}: {first['error']}); the rest are in the results")
 
 
 def render(result: dict) -> None:

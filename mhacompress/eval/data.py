@@ -47,6 +47,9 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
     local_name, hub_split = task.split(split)
     split = {"dev": "validation"}.get(split, split)
     if data_dir is not None:
+        if not Path(data_dir).expanduser().is_dir():
+            raise UsageError(f"--data-dir {data_dir} is not a folder; pass the folder in the official glue_data "
+                             f"layout (<dir>/{task.folder}/{local_name})")
         path = Path(data_dir).expanduser() / task.folder / local_name
         if not path.is_file():
             raise UsageError(f"no {path}: --data-dir must hold the official glue_data layout "
@@ -116,7 +119,8 @@ def parse_label(task: Task, value: str, where: str):
         return task.labels.index(value.lower())
     except ValueError:
         expected = "a number" if task.regression else ", ".join(task.labels) + f" or 0..{task.num_labels - 1}"
-        raise UsageError(f"{where}: label {value!r} is not {expected}") from None
+        raise UsageError(f"{where}: label {value!r} is not {expected}; is this the official GLUE {task.folder} "
+                         f"file?") from None
 
 
 def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | None = None) -> Examples:

@@ -97,18 +97,28 @@ def cp_error_curve(wq, wk, num_heads: int, dims: list[int], *, n_iter_max: int =
     return curve
 
 
-def budget_key_dims(model, config, budget: float, moments=None, on_step=None) -> tuple[list[int], list[dict]]:
-    """Key dims keeping ``budget`` (0 < budget <= 1) of the original Q/K parameters with the smallest total error;
-    also the curves they were chosen from."""
+def budget_parameters(model, method: str, budget: float) -> tuple[int, Callable[[int], int]]:
+    """(Q/K parameters ``budget`` allows, a layer's Q/K parameters at key dim k). A budget too small for the
+    smallest key dims is refused here, before any error curve is measured."""
     from .modeling import arch_for, attention_modules
     from .surgery import model_shape, qk_parameters
 
     if not 0 < budget <= 1:
         raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {budget}")
     arch = arch_for(model.config)
-    _, heads, head_dim = model_shape(model)
+    layers, heads, head_dim = model_shape(model)
     original = sum(qk_parameters(m, arch) for _, _, m in attention_modules(model))
+    cost = lambda k: qk_params(LayerShape(heads * head_dim, heads, method, k))  # noqa: E731
+    allowed, smallest = int(budget * original), layers * cost(min(candidate_dims(heads, head_dim, method)))
+    if smallest > allowed:
+        raise ConfigError(f"the budget allows {allowed:,} Q/K parameters, but the smallest key dims need "
+                          f"{smallest:,}; raise --budget to at least {smallest / original:.3g}")
+    return allowed, cost
+
+
+def budget_key_dims(model, config, budget: float, moments=None, on_step=None) -> tuple[list[int], list[dict]]:
+    """Key dims keeping ``budget`` (0 < budget <= 1) of the original Q/K parameters with the smallest total error;
+    also the curves they were chosen from."""
+    allowed, cost = budget_parameters(model, config.method, budget)
     curves = error_curves(model, config, moments, on_step=on_step)
-    hidden = heads * head_dim
-    dims = allocate(curves, lambda k: qk_params(LayerShape(hidden, heads, config.method, k)), int(budget * original))
-    return dims, curves
+    return allocate(curves, cost, allowed), curves

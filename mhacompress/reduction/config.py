@@ -127,7 +127,8 @@ class ReductionConfig:
             raise ConfigError("with --budget the key dims are chosen by allocation (mhacompress.reduction.allocate)")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
-            raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers")
+            raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
+                              f"or one --key-dim for all")
         method = methods.get(self.method)
         for k in dims:
             problem = method.check_key_dim(k, num_heads, head_dim)

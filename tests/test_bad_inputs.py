@@ -1,0 +1,480 @@
+"""Every bad input, on every command, ends in ONE line on stderr that names the problem and the fix: a non-zero
+exit, no traceback, nothing on stdout but JSON, and nothing written, changed or left behind (issue 11).
+
+A case is a command line with placeholders and two fragments that its error line must hold: the problem and the
+fix. Every case runs in a fresh workspace (also the current folder) whose whole tree is hashed before and after:
+  {src}      a tiny BERT checkpoint with the bundled tokenizer (its own copy: damage is local to the case)
+  {reduced}  that checkpoint reduced to key dim 8 (its source_model is the session's tiny BERT)
+  {prev}     a previous output folder (not empty)
+  {file}     a plain file
+  {data}     a GLUE folder holding only what the case's setup wrote (empty by default)
+  {ws}       the workspace itself
+$MHACOMPRESS_GLUE_DIR is the real (shared, read-only) GLUE folder, and the hub is offline: hub ids fail in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from mhacompress.cli import main
+from mhacompress.hub import TOKENIZER_FILES
+
+
+@dataclass(frozen=True)
+class Bad:
+    args: str                                   # the command line, with {placeholders}; --json is appended
+    problem: str                                # a fragment of the error line naming what was wrong
+    fix: str                                    # a fragment naming what to do
+    setup: Callable[[Path], None] | None = None  # builds the odd files of the case inside the workspace
+
+
+# ---- building odd inputs ----------------------------------------------------------------------------------------
+
+def write(relative: str, content: bytes | str):
+    """A setup that writes one file (parents created) in the workspace."""
+    def setup(ws: Path) -> None:
+        path = ws / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(path):
+            path.unlink()
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return setup
+
+
+def remove(*relatives: str):
+    """A setup that deletes files or folders of the workspace (those that exist)."""
+    def setup(ws: Path) -> None:
+        for path in (ws / r for r in relatives):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return setup
+
+
+def edit_config(folder: str, change: Callable[[dict], None]):
+    def setup(ws: Path) -> None:
+        path = ws / folder / "config.json"
+        config = json.loads(path.read_text())
+        change(config)
+        path.write_text(json.dumps(config))
+    return setup
+
+
+def edit_weights(folder: str, change: Callable[[dict], None]):
+    def setup(ws: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = ws / folder / "model.safetensors"
+        weights = load_file(path)
+        change(weights)
+        save_file(weights, path, metadata={"format": "pt"})
+    return setup
+
+
+def truncate(relative: str):
+    def setup(ws: Path) -> None:
+        data = (ws / relative).read_bytes()
+        (ws / relative).write_bytes(data[: len(data) // 2])
+    return setup
+
+
+def both(*setups):
+    def setup(ws: Path) -> None:
+        for s in setups:
+            s(ws)
+    return setup
+
+
+def rename_tensors(weights: dict) -> None:
+    for key in [k for k in weights if ".attention.self.query." in k]:
+        weights[key.replace(".query.", ".kwery.")] = weights.pop(key)
+
+
+def block(**changes):
+    """Change the compression block of the reduced folder (``layer_key_dim=k``: every layer's key_dim)."""
+    def change(config: dict) -> None:
+        for layer in config["compression"]["layers"] if "layer_key_dim" in changes else ():
+            layer["key_dim"] = changes["layer_key_dim"]
+        config["compression"].update({k: v for k, v in changes.items() if k != "layer_key_dim"})
+    return edit_config("reduced", change)
+
+
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+BINARY = b"\x00\x01\x02PK\x03\x04" * 40
+NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
+
+def case(id_: str, *args, marks=(), **kw):
+    return pytest.param(Bad(*args, **kw), id=id_, marks=marks)
+
+
+# ---- the cases --------------------------------------------------------------------------------------------------
+
+MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
+    case("model-missing-folder", "reduce ./nope -k 8", "no model folder at", "pass a folder"),
+    case("model-empty-name", "reduce '' -k 8", "no model given", "pass a local folder"),
+    case("model-is-a-file", "reduce {src}/config.json -k 8", "is a file", "pass the model FOLDER"),
+    case("model-hub-id-offline", "reduce nobody/no-such-model -k 8", "cannot download", "pass a local model folder"),
+    case("model-invalid-name", "reduce 'not a model!' -k 8", "neither a model folder nor a hub id", "pass a local"),
+    case("model-empty-folder", "reduce {ws}/empty -k 8", "no config.json", "save_pretrained",
+         setup=lambda ws: (ws / "empty").mkdir()),
+    case("model-symlink-loop", "reduce {ws}/loop -k 8", "no model folder at", "pass a folder",
+         setup=lambda ws: (ws / "loop").symlink_to(ws / "loop")),
+    case("config-empty", "reduce {src} -k 8", "config.json is empty", "restore it", setup=write("src/config.json", "")),
+    case("config-invalid-json", "reduce {src} -k 8", "not valid JSON", "fix it or restore",
+         setup=write("src/config.json", '{"model_type": "bert",')),
+    case("config-not-an-object", "reduce {src} -k 8", "not an object", "restore it",
+         setup=write("src/config.json", "[1, 2]")),
+    case("config-binary", "reduce {src} -k 8", "not valid JSON", "restore it", setup=write("src/config.json", BINARY)),
+    case("config-latin1", "reduce {src} -k 8", "not UTF-8", "restore it", setup=write("src/config.json", NOT_UTF8)),
+    case("config-no-model-type", "reduce {src} -k 8", 'no "model_type"', "add the architecture's",
+         setup=edit_config("src", lambda c: c.pop("model_type"))),
+    case("config-unsupported-type", "reduce {src} -k 8", "model_type 'gpt2' is not supported", "supported: bert",
+         setup=edit_config("src", lambda c: c.update(model_type="gpt2"))),
+    case("weights-truncated", "reduce {src} -k 8", "corrupt or truncated", "save the checkpoint again",
+         setup=truncate("src/model.safetensors")),
+    case("weights-garbage", "reduce {src} -k 8", "corrupt or truncated", "save the checkpoint again",
+         setup=write("src/model.safetensors", BINARY)),
+    case("weights-missing", "reduce {src} -k 8", "holds no model weights", "save_pretrained",
+         setup=remove("src/model.safetensors")),
+    case("weights-pickle-only", "reduce {src} -k 8", "no safetensors weights", "--allow-pickle",
+         setup=both(remove("src/model.safetensors"), write("src/pytorch_model.bin", b"pickle"))),
+    case("shapes-hidden-size", "reduce {src} -k 8", "has shape", "restore the checkpoint's own config.json",
+         setup=edit_config("src", lambda c: c.update(hidden_size=64, intermediate_size=128))),
+    case("shapes-more-layers", "reduce {src} -k 8", "missing", "pass a complete checkpoint",
+         setup=edit_config("src", lambda c: c.update(num_hidden_layers=4))),
+    case("weights-misnamed", "reduce {src} -k 8", "misnamed", "pass a complete checkpoint",
+         setup=edit_weights("src", rename_tensors)),
+    case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
+         setup=remove(*(f"src/{name}" for name in TOKENIZER_FILES))),
+    case("reduce-already-reduced", "reduce {reduced} -k 8", "already reduced", "reduce the original"),
+    case("block-key-dim-edited", "eval {reduced} --task stsb --limit 4", "says key_dim 16", "restore",
+         setup=block(key_dim=16)),
+    case("block-layer-key-dims-edited", "report {reduced} --no-latency", "has shape", "restore",
+         setup=block(key_dim=16, layer_key_dim=16)),
+    case("block-method-unknown", "export {reduced} -o {ws}/m.onnx", "'magic' is not one of", "restore",
+         setup=block(method="magic")),
+    case("block-no-layers", "eval {reduced} --task stsb --limit 4", "has no layers", "restore",
+         setup=block(layers=[])),
+]
+
+REDUCE = [  # reduction settings (the typed config) and reduce's own options
+    case("key-dim-0", "reduce {src} -k 0", "got 0", "positive integers"),
+    case("key-dim-too-big", "reduce {src} -k 33", "out of range", "1..32"),
+    case("key-dim-missing", "reduce {src}", "give exactly one of", "--key-dim"),
+    case("key-dim-and-budget", "reduce {src} -k 8 --budget 0.5", "give exactly one of", "--budget"),
+    case("budget-0", "reduce {src} --budget 0", "got 0", "0 < F <= 1"),
+    case("budget-1.5", "reduce {src} --budget 1.5", "got 1.5", "0 < F <= 1"),
+    case("budget-nan", "reduce {src} --budget nan", "got nan", "0 < F <= 1"),
+    case("key-dims-empty", "reduce {src} --key-dims ''", "got ''", "e.g. 48,96,192"),
+    case("key-dims-words", "reduce {src} --key-dims 8,x", "got '8,x'", "e.g. 48,96,192"),
+    case("key-dims-count", "reduce {src} --key-dims 8,8,8", "3 key dims", "one per layer"),
+    case("key-dim-and-key-dims", "reduce {src} -k 8 --key-dims 8,8", "give exactly one of", "--key-dims"),
+    case("budget-too-small", "reduce {src} --budget 0.001", "the budget allows", "raise --budget to at least"),
+    case("svd-not-a-multiple", "reduce {src} -k 6 --method svd", "not a multiple of 4", "multiple"),
+    case("method-unknown", "reduce {src} -k 8 --method magic", "'magic' is not one of", "cp"),
+    case("iterations-0", "reduce {src} -k 8 --iterations 0", "--iterations", "integer >= 1"),
+    case("tol-nan", "reduce {src} -k 8 --tol nan", "--tol", "finite number >= 0"),
+    case("tol-negative", "reduce {src} -k 8 --tol -1", "--tol", "finite number >= 0"),
+    case("seed-negative", "reduce {src} -k 8 --seed -1", "--seed", "integer >= 0"),
+    case("samples-0", "reduce {src} -k 8 --calibrate stsb --samples 0", "--samples", "x>=1"),
+    case("samples-0-uncalibrated", "reduce {src} -k 8 --samples 0", "--samples", "x>=1"),
+    case("refine-negative", "reduce {src} -k 8 --calibrate stsb --refine -1", "--refine", "x>=0"),
+    case("refine-without-calibration", "reduce {src} -k 8 --refine 5", "--refine", "give --calibrate SOURCE"),
+    case("weights-only-and-calibrate", "reduce {src} -k 8 --weights-only --calibrate stsb", "contradict", "drop one"),
+    case("max-drop-without-eval", "reduce {src} -k 8 --max-drop 0.01", "--max-drop needs --eval", "--eval TASK"),
+    case("max-drop-nan", "reduce {src} -k 8 --eval stsb --max-drop nan", "--max-drop", "give a finite number"),
+    case("first-token-on-encoder", "reduce {src} -k 8 --first-token-only", "for sequence classifiers", "holds a"),
+    case("reduce-eval-unknown-task", "reduce {src} -k 8 --eval nosuch", "unknown task 'nosuch'", "choose one of"),
+    case("device-nonsense", "reduce {src} -k 8 --device nonsense", "nonsense", "auto"),
+    case("device-cuda-on-cpu-torch", "reduce {src} -k 8 --device cuda", "cuda", "auto"),
+    case("device-cuda-3", "reduce {src} -k 8 --device cuda:3", "cuda:3", "auto"),
+    case("sweep-device-nonsense", "sweep {src} -t stsb --key-dims 8 --device gpu", "gpu", "auto"),
+    case("report-device-nonsense", "report {reduced} --device tpu", "tpu", "auto"),
+    case("finetune-device-nonsense", "finetune {src} -t stsb -o {ws}/ft --device cuda:x", "cuda:x", "auto"),
+]
+
+CALIBRATION = [
+    case("calibrate-missing-file", "reduce {src} -k 8 --calibrate {ws}/nope.txt", "no calibration file",
+         "pass a GLUE task name"),
+    case("calibrate-empty-source", "reduce {src} -k 8 --calibrate ''", "calibration source", "GLUE task name"),
+    case("calibrate-a-folder", "reduce {src} -k 8 --calibrate {data}/", "no calibration file", "a .txt or a .jsonl"),
+    case("calibrate-json-not-jsonl", "reduce {src} -k 8 --calibrate {ws}/c.json", "is a .json file", "convert it",
+         setup=write("c.json", '["one sentence", "another"]')),
+    case("calibrate-binary-txt", "reduce {src} -k 8 --calibrate {ws}/c.txt", "binary data", "one sequence a line",
+         setup=write("c.txt", BINARY)),
+    case("calibrate-latin1-txt", "reduce {src} -k 8 --calibrate {ws}/c.txt", "not UTF-8", "save it as UTF-8",
+         setup=write("c.txt", NOT_UTF8)),
+    case("calibrate-empty-txt", "reduce {src} -k 8 --calibrate {ws}/c.txt", "is empty", "one sequence a line",
+         setup=write("c.txt", "\n\n")),
+    case("calibrate-jsonl-array", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "an array, not an object",
+         "one JSON object a line", setup=write("c.jsonl", '{"text": "fine"}\n[1, 2]\n')),
+    case("calibrate-jsonl-invalid", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "c.jsonl:1 is not valid JSON",
+         "one JSON object a line", setup=write("c.jsonl", "{text: oops}\n")),
+    case("calibrate-jsonl-no-text", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no text field",
+         "one JSON object a line", setup=write("c.jsonl", '{"n": 1}\n')),
+    case("calibrate-unknown-task", "reduce {src} -k 8 --calibrate nosuch", "unknown task 'nosuch'",
+         "pass a .txt / .jsonl file"),
+    case("calibrate-binary-tsv", "reduce {src} -k 8 --calibrate mrpc --data-dir {data}", "binary data",
+         "official GLUE MRPC/train.tsv", setup=write("data/MRPC/train.tsv", BINARY)),
+]
+
+OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
+    case("output-empty", "reduce {src} -k 8 -o ''", "--output is empty", "pass the path to write"),
+    case("output-is-source", "reduce {src} -k 8 -o {src} --force", "is the source", "choose a path outside it for --output"),
+    case("output-inside-source", "reduce {src} -k 8 -o {src}/out", "lies inside the source", "outside it"),
+    case("output-contains-source", "reduce {src} -k 8 -o {ws} --force", "contains the source", "outside it"),
+    case("output-is-a-file", "reduce {src} -k 8 -o {file}", "exists and is not a folder", "choose another --output"),
+    case("output-under-a-file", "reduce {src} -k 8 -o {file}/out", "is a file, not a folder",
+         "choose another --output"),
+    case("output-unwritable", "reduce {src} -k 8 -o /sys/mhacompress-out", "cannot write in /sys",
+         "choose a writable --output"),
+    case("output-parent-uncreatable", "reduce {src} -k 8 -o /sys/no/out", "cannot create the folder /sys/no",
+         "choose another --output"),
+    case("output-name-too-long", "reduce {src} -k 8 -o {ws}/" + "x" * 300, "more than a file name can be",
+         "pass a shorter name"),
+    case("output-not-empty", "reduce {src} -k 8 -o {prev}", "exists and is not empty", "--force"),
+    case("output-symlink-loop", "reduce {src} -k 8 -o {ws}/loop", "cannot use --output", "choose another --output",
+         setup=lambda ws: (ws / "loop").symlink_to(ws / "loop")),
+    case("output-forced-bad-key-dim", "reduce {src} -k 0 -o {prev} --force", "got 0", "positive integers"),
+    case("output-forced-bad-model", "reduce {src} -k 8 -o {prev} --force", "corrupt or truncated",
+         "save the checkpoint again", setup=truncate("src/model.safetensors")),
+]
+
+EVAL = [
+    case("eval-unknown-task", "eval {src} --task nosuch", "unknown task 'nosuch'", "choose one of"),
+    case("eval-empty-task", "eval {src} --task ''", "unknown task ''", "choose one of"),
+    case("eval-unknown-split", "eval {src} --task stsb --split final", "no split 'final'", "choose one of"),
+    case("eval-limit-0", "eval {src} --task stsb --limit 0", "--limit", ">=1"),
+    case("eval-batch-size-0", "eval {src} --task stsb --batch-size 0", "--batch-size", ">=1"),
+    case("eval-encoder-on-classification", "eval {src} --task mrpc --limit 4", "plain encoder", "finetune"),
+    case("eval-task-without-data", "eval {src} --task mnli --limit 4", "no GLUE data for mnli", "--data-dir"),
+    case("eval-data-dir-missing", "eval {src} --task stsb --data-dir {ws}/nope", "is not a folder",
+         "glue_data layout"),
+    case("eval-data-dir-is-a-file", "eval {src} --task stsb --data-dir {file}", "not a folder", "glue_data layout"),
+    case("eval-empty-reference", "eval {src} --task stsb --limit 4 --reference ''", "no model given",
+         "pass a local folder"),
+    case("reduce-eval-no-dev-file", "reduce {src} -k 8 --eval stsb --data-dir {data}", "STS-B/dev.tsv",
+         "glue_data layout", setup=write("data/STS-B/train.tsv", STSB_HEADER)),
+    case("eval-binary-tsv", "eval {src} --task stsb --data-dir {data}", "binary data", "official GLUE STS-B/dev.tsv",
+         setup=write("data/STS-B/dev.tsv", BINARY)),
+    case("eval-header-only-tsv", "eval {src} --task stsb --data-dir {data}", "a header but no examples",
+         "official GLUE", setup=write("data/STS-B/dev.tsv", STSB_HEADER)),
+    case("eval-wrong-columns", "eval {src} --task mrpc --data-dir {data}", "no column '#1 String'",
+         "official GLUE file", setup=write("data/MRPC/dev.tsv", "a\tb\n1\t2\n")),
+    case("eval-bad-label", "eval {src} --task stsb --data-dir {data}", "label 'high' is not a number",
+         "official GLUE STS-B file",
+         setup=write("data/STS-B/dev.tsv", STSB_HEADER + "0\tg\tf\t2012\t0\ts\ts\ta\tb\thigh\n")),
+    case("eval-utf16-tsv", "eval {src} --task stsb --data-dir {data}", "UTF-16", "save it as UTF-8",
+         setup=write("data/STS-B/dev.tsv", STSB_HEADER.encode("utf-16"))),
+    case("eval-missing-reference", "eval {src} --task stsb --reference {ws}/nope", "no model folder", "pass a folder"),
+    case("eval-first-token-on-encoder", "eval {reduced} --task stsb --first-token-only", "for sequence classifiers",
+         "holds a"),
+    case("eval-truncated-weights", "eval {reduced} --task stsb", "corrupt or truncated", "save the checkpoint again",
+         setup=truncate("reduced/model.safetensors")),
+    case("eval-device-nonsense", "eval {src} --task stsb --device nonsense", "nonsense", "auto"),
+]
+
+FINETUNE = [
+    case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "x>0"),
+    case("finetune-epochs-nan", "finetune {src} --task stsb -o {ws}/ft --epochs nan", "'nan' is not a finite", "x>0"),
+    case("finetune-epochs-inf", "finetune {src} --task stsb -o {ws}/ft --epochs inf", "'inf' is not a finite", "x>0"),
+    case("finetune-lr-0", "finetune {src} --task stsb -o {ws}/ft --lr 0", "--lr", "x>0"),
+    case("finetune-lr-nan", "finetune {src} --task stsb -o {ws}/ft --lr nan", "'nan' is not a finite", "x>0"),
+    case("finetune-warmup-2", "finetune {src} --task stsb -o {ws}/ft --warmup 2", "--warmup", "0<=x<=1"),
+    case("finetune-no-task", "finetune {src} -o {ws}/ft", "Missing option '--task'",
+         "mhacompress finetune --help"),
+    case("finetune-unknown-task", "finetune {src} --task nosuch -o {ws}/ft", "unknown task 'nosuch'",
+         "choose one of"),
+    case("finetune-output-is-source", "finetune {src} --task stsb -o {src} --force", "is the source", "outside it"),
+    case("finetune-output-not-empty", "finetune {src} --task stsb -o {prev}", "exists and is not empty", "--force"),
+    case("finetune-output-empty", "finetune {src} --task stsb -o ''", "--output is empty", "pass the path"),
+    case("finetune-batch-size-0", "finetune {src} --task stsb -o {ws}/ft --batch-size 0", "--batch-size", "x>=1"),
+    case("finetune-weight-decay-inf", "finetune {src} --task stsb -o {ws}/ft --weight-decay inf", "--weight-decay",
+         "x>=0"),
+    case("finetune-no-train-file", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "STS-B/train.tsv",
+         "glue_data layout"),
+    case("finetune-header-only-train", "finetune {src} --task mrpc -o {ws}/ft --data-dir {data}",
+         "a header but no examples", "official GLUE", setup=write("data/MRPC/train.tsv", MRPC_HEADER)),
+]
+
+SWEEP_ = "sweep {src} --task stsb --key-dims 8 --limit 4 "  # a sweep that would run (one cell, four examples)
+SWEEP = [
+    case("sweep-methods-empty", SWEEP_ + "--methods ''", "--methods", "cp, tucker, svd"),
+    case("sweep-methods-commas", SWEEP_ + "--methods ,", "--methods", "cp, tucker, svd"),
+    case("sweep-methods-unknown", SWEEP_ + "--methods cp,magic", "'magic'", "cp, tucker, svd"),
+    case("sweep-key-dims-empty", "sweep {src} --task stsb --limit 4 --key-dims ''", "got ''", "e.g. 48,96,192"),
+    case("sweep-key-dims-0", "sweep {src} --task stsb --limit 4 --key-dims 8,0", "got '8,0'", "positive integers"),
+    case("sweep-key-dims-too-big", "sweep {src} --task stsb --limit 4 --key-dims 64", "out of range", "1..32"),
+    case("sweep-unknown-task", "sweep {src} --task nosuch", "unknown task 'nosuch'", "choose one of"),
+    case("sweep-samples-0", SWEEP_ + "--calibrate stsb --samples 0", "--samples", "x>=1"),
+    case("sweep-limit-0", "sweep {src} --task stsb --key-dims 8 --limit 0", "--limit", ">=1"),
+    case("sweep-plot-on-a-folder", SWEEP_ + "--plot {prev}", "is a folder", "give a file name"),
+    case("sweep-plot-empty", SWEEP_ + "--plot ''", "--plot is empty", "pass the path"),
+    case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
+    case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
+         setup=truncate("src/model.safetensors")),
+    case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
+         "reduce the original"),
+]
+
+ANALYZE = [
+    case("analyze-plot-onto-a-file", "analyze {src} --plot {file} --no-curve", "exists and is not a folder",
+         "choose another --plot"),
+    case("analyze-plot-in-source", "analyze {src} --plot {src}/figs --no-curve", "lies inside the source",
+         "outside it"),
+    case("analyze-key-dims-words", "analyze {src} --key-dims 8,x", "got '8,x'", "e.g. 48,96,192"),
+    case("analyze-key-dims-empty", "analyze {src} --key-dims ''", "got ''", "e.g. 48,96,192"),
+    case("analyze-plot-empty", "analyze {src} --plot ''", "--plot is empty", "pass the path"),
+    case("analyze-key-dims-0", "analyze {src} --key-dims 0", "key dims must be in 1..32", "1..32"),
+    case("analyze-key-dims-too-big", "analyze {src} --key-dims 64", "key dims must be in 1..32", "1..32"),
+    case("analyze-seq-len-0", "analyze {src} --seq-len 0", "--seq-len", ">=1"),
+    case("analyze-reduced", "analyze {reduced}", "already reduced", "analyze the original"),
+    case("analyze-config-no-model-type", "analyze {src}", 'no "model_type"', "add the architecture's",
+         setup=edit_config("src", lambda c: c.pop("model_type"))),
+]
+
+REPORT = [
+    case("report-original-without-key-dim", "report {src} --no-latency", "is an original model", "pass --key-dim"),
+    case("report-reduced-with-key-dim", "report {reduced} --key-dim 8 --no-latency", "already reduced",
+         "drop --key-dim"),
+    case("report-key-dim-too-big", "report {src} --key-dim 64 --no-latency", "out of range", "1..32"),
+    case("report-first-token-on-encoder", "report {reduced} --first-token-only --no-latency",
+         "for sequence classifiers", "holds a"),
+    case("report-source-gone", "report {reduced} --no-latency", "cannot load the original", "no model folder",
+         setup=block(source_model="/nonexistent/original")),
+    case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
+    case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than", "--seq-len 64 or less"),
+    case("report-repeats-0", "report {reduced} --repeats 0", "--repeats", ">=1"),
+]
+
+EXPORT = [
+    case("export-tolerance-negative", "export {reduced} -o {ws}/m.onnx --tolerance -1", "--tolerance",
+         "non-negative number"),
+    case("export-tolerance-nan", "export {reduced} -o {ws}/m.onnx --tolerance nan", "--tolerance",
+         "non-negative number"),
+    case("export-format-unknown", "export {reduced} -o {ws}/m.tflite --format tflite", "unsupported --format",
+         "supported: onnx"),
+    case("export-output-exists", "export {reduced} -o {file}", "exists", "--force"),
+    case("export-output-is-a-folder", "export {reduced} -o {prev} --force", "is a folder", "give a file name"),
+    case("export-output-inside-source", "export {reduced} -o {reduced}/model.onnx", "lies inside the source",
+         "outside it"),
+    case("export-output-over-the-weights", "export {reduced} -o {reduced}/model.safetensors --force",
+         "lies inside the source", "outside it"),
+    case("export-original", "export {src} -o {ws}/m.onnx", "is not a reduced model", "reduce it first"),
+    case("export-first-token-on-encoder", "export {reduced} -o {ws}/m.onnx --first-token-only",
+         "for sequence classifiers", "holds a"),
+    case("export-opset-5", "export {reduced} -o {ws}/m.onnx --opset 5", "--opset", ">=17"),
+    case("export-missing-folder", "export {ws}/nope -o {ws}/m.onnx", "no config.json", "pass a folder"),
+    case("export-output-empty", "export {reduced} -o ''", "--output is empty", "pass the path"),
+]
+
+GLOBAL = [
+    case("unknown-command", "compres {src}", "No such command 'compres'", "see 'mhacompress --help'"),
+    case("missing-model-argument", "reduce", "Missing argument 'MODEL'", "see 'mhacompress reduce --help'"),
+    case("unknown-option", "reduce {src} --key-dimm 8", "No such option '--key-dimm'", "'--key-dim'"),
+]
+
+CASES = MODELS + REDUCE + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANALYZE + REPORT + EXPORT + GLOBAL
+
+
+# ---- running and judging ------------------------------------------------------------------------------------------
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with a digest of what it is: file bytes, link target, or a folder."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "folder"
+    return out
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_bert_dir, tiny_reduced_dir, glue_dir, monkeypatch):
+    """A fresh workspace (see the module docstring), the current folder, with the hub offline."""
+    shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    shutil.copytree(tiny_reduced_dir, tmp_path / "reduced")
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "keep.txt").write_text("a previous output")
+    (tmp_path / "file").write_text("a plain file")
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(glue_dir))
+    return tmp_path
+
+
+def command_line(bad: Bad, ws: Path, as_json: bool = True) -> list[str]:
+    places = {name: ws / name for name in ("src", "reduced", "prev", "file", "data")}
+    return shlex.split(bad.args.format(**places, ws=ws)) + (["--json"] if as_json else [])
+
+
+def judge(result, bad: Bad, changed: bool) -> str:
+    """good, or what went wrong: traceback, accepted (exit 0), lost (files changed), vague (not one line holding
+    the problem and the fix, or stdout that is not JSON)."""
+    if result.exception is not None and not isinstance(result.exception, SystemExit) or "Traceback" in result.output:
+        return "traceback"
+    if changed:
+        return "lost"
+    if result.exit_code == 0:
+        return "accepted"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if len(lines) != 1 or bad.problem not in lines[0] or bad.fix not in lines[0]:
+        return "vague"
+    if result.stdout.strip():
+        try:
+            json.loads(result.stdout)
+        except json.JSONDecodeError:
+            return "vague"
+    return "good"
+
+
+def run_case(bad: Bad, ws: Path, as_json: bool = True):
+    """(click's result, verdict) of one case run in workspace ``ws``."""
+    if bad.setup:
+        bad.setup(ws)
+    before = tree(ws)
+    result = CliRunner().invoke(main, command_line(bad, ws, as_json))
+    return result, judge(result, bad, tree(ws) != before)
+
+
+def explain(result, verdict: str) -> str:
+    return (f"{verdict}: exit {result.exit_code}\n--- stderr\n{result.stderr}\n--- stdout\n{result.stdout}\n"
+            f"--- exception\n{result.exception!r}")
+
+
+@pytest.mark.parametrize("bad", CASES)
+def test_bad_input_is_refused_in_one_line_that_says_what_to_do(bad, workspace):
+    result, verdict = run_case(bad, workspace)
+    assert verdict == "good", explain(result, verdict)
+
+
+LATE = ("block-layer-key-dims-edited", "budget-too-small", "eval-encoder-on-classification", "sweep-key-dims-too-big",
+        "report-seq-len-too-long")
+
+
+@pytest.mark.parametrize("bad", [p for p in CASES if p.id in LATE])
+def test_without_json_a_late_refusal_is_still_one_line(bad, workspace):
+    """Refusals that come after a spinner or a progress bar started (rich, on stderr) leave only their line."""
+    result, verdict = run_case(bad, workspace, as_json=False)
+    assert verdict == "good", explain(result, verdict)
+
+
+def test_the_battery_covers_every_command():
+    commands = {shlex.split(p.values[0].args)[0] for p in CASES}
+    assert set(main.commands) <= commands
+    assert len(CASES) >= 60
+    assert len({p.id for p in CASES}) == len(CASES)
