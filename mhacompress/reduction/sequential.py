@@ -99,18 +99,48 @@ def run_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, args: t
     return captured["x"]
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where a spilled call's tensor went."""
+
+    key: str
+
+
 class Spill:
     """Hidden states of every calibration batch at one depth, kept in a temporary folder (safetensors files), so
     that memory holds one batch at a time whatever the number of sequences."""
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.calls: dict[int, tuple[tuple, dict]] = {}  # per batch: the call's arguments, tensors replaced by _Slot
 
     def write(self, stream: str, index: int, x: torch.Tensor) -> None:
         save_file({"x": x.detach().to("cpu").contiguous()}, str(self.folder / f"{stream}-{index}.safetensors"))
 
     def read(self, stream: str, index: int, device) -> torch.Tensor:
         return load_file(str(self.folder / f"{stream}-{index}.safetensors"))["x"].to(device)
+
+    def write_call(self, index: int, args: tuple, kwargs: dict) -> None:
+        """A layer call's other arguments (masks, position bias, ...): the tensors to a file, the rest in memory."""
+        tensors: dict[str, torch.Tensor] = {}
+
+        def strip(value):
+            if isinstance(value, torch.Tensor):
+                tensors[str(len(tensors))] = value.detach().to("cpu").contiguous()
+                return _Slot(str(len(tensors) - 1))
+            return value
+
+        self.calls[index] = (tuple(strip(a) for a in args), {k: strip(v) for k, v in kwargs.items()})
+        save_file(tensors, str(self.folder / f"call-{index}.safetensors"))
+
+    def read_call(self, index: int, device) -> tuple[tuple, dict]:
+        tensors = load_file(str(self.folder / f"call-{index}.safetensors"))
+        args, kwargs = self.calls[index]
+
+        def fill(value):
+            return tensors[value.key].to(device) if isinstance(value, _Slot) else value
+
+        return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
 
     def rename(self, old: str, new: str, count: int) -> None:
         for i in range(count):
@@ -138,11 +168,13 @@ class LayerMoments:
 
     def add(self, x: torch.Tensor, xr: torch.Tensor, tokens: torch.Tensor, queries: torch.Tensor) -> None:
         """x, xr (B, T, d): original and reduced inputs; tokens, queries (B, T) bool: real and query positions."""
-        k, kr = x[tokens].to(self.device, torch.float64), xr[tokens].to(self.device, torch.float64)  # (N, d)
-        q = xr[queries].to(self.device, torch.float64)  # (Nq, d)
-        self.key += kr.T @ kr
-        self.cross += k.T @ kr
-        self.query += q.T @ q
+        # one batch's sums in the activations' precision (at least float32: a few hundred tokens, rounding far below
+        # the data's noise), the running totals in float64
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        k, kr, q = (t.to(self.device, dtype) for t in (x[tokens], xr[tokens], xr[queries]))  # (N|Nq, d)
+        self.key += (kr.T @ kr).double()
+        self.cross += (k.T @ kr).double()
+        self.query += (q.T @ q).double()
         self.n_key += k.shape[0]
         self.n_query += q.shape[0]
 
@@ -226,7 +258,9 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
     with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
         spill = Spill(Path(folder))
         for i, batch in enumerate(data):  # depth 0: the embeddings, the same for both models
-            spill.write("x", i, layer_inputs(model, batch.encoding)[0])
+            hidden, args, kwargs = layer_inputs(model, batch.encoding)
+            spill.write("x", i, hidden)
+            spill.write_call(i, args, kwargs)  # every layer gets the same mask (and position bias)
         same = True  # x~ == x until the first reduced layer
         for index in range(n_layers):
             layer = model_layers(model)[index]
@@ -234,7 +268,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             moments, targets = LayerMoments(d, solver_device), plan.compensate or plan.refine_steps > 0
             norm = layer.get_submodule(arch.norm)
             for i, batch in enumerate(data):  # pass 1: the ORIGINAL layer on x, statistics of x~
-                _, args, kwargs = layer_inputs(model, batch.encoding)
+                args, kwargs = spill.read_call(i, device)
                 x = spill.read("x", i, device)
                 xr = x if same else spill.read("xr", i, device)
                 moments.add(x, xr, batch.tokens, _queries(batch.tokens, last and plan.first_token_last))
@@ -249,7 +283,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
                 with torch.enable_grad():
                     report.update(_refine(model, index, data, spill, plan, same, device))
             for i, batch in enumerate(data):  # pass 2: the REDUCED layer on x~
-                _, args, kwargs = layer_inputs(model, batch.encoding)
+                args, kwargs = spill.read_call(i, device)
                 xr = spill.read("x" if same else "xr", i, device)
                 spill.write("xr_next", i, run_layer(layer, xr, args, kwargs))
                 progress(f"layer {index}: reduced", i + 1, len(data))
@@ -297,7 +331,7 @@ def _compensate(model, index, data, spill, d, plan: Plan, same: bool, device, pr
     ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
     last = index == len(model_layers(model)) - 1
     for i, batch in enumerate(data):
-        _, args, kwargs = layer_inputs(model, batch.encoding)
+        args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
         ctx = run_until(layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
         rows = _queries(batch.tokens, last and plan.first_token_last)
@@ -326,7 +360,7 @@ def _refine(model, index, data, spill, plan: Plan, same: bool, device) -> dict:
 
     def loss_of(i):
         batch = data[i]
-        _, args, kwargs = layer_inputs(model, batch.encoding)
+        args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
         out = run_until(layer, norm, xr, args, kwargs)
         target = spill.read("s", i, device)

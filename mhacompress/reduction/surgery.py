@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..devices import parallel_map, work_device
+from ..devices import cpu_threads, parallel_map, work_device
 from ..errors import UsageError
 from . import methods
 from .calibrate import unwhiten, whiten
@@ -78,6 +78,11 @@ def decompose_layer(wq: torch.Tensor, wk: torch.Tensor, heads: int, key_dim: int
                     key_moment: torch.Tensor | None = None) -> tuple[Factors, dict]:
     """One layer's factors and report; with second moments, solved in the whitened space and mapped back
     (``moment`` whitens the query side, ``key_moment`` the key side; default: the same for both)."""
+    with cpu_threads(1):  # small linear algebra: threads only wait on each other, worse on a busy machine
+        return _decompose_layer(wq, wk, heads, key_dim, config, moment, key_moment)
+
+
+def _decompose_layer(wq, wk, heads, key_dim, config, moment, key_moment) -> tuple[Factors, dict]:
     method = methods.get(config.method)
     if moment is None:
         f = method.solve(wq, wk, heads, key_dim, **config.solver_options())
