@@ -391,6 +391,16 @@ def check_block(block, where) -> None:
     base = block.get("base_architecture")
     if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
         raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
+    from .reduction.config import ConfigError, ReductionConfig
+
+    try:  # the saved config says exactly how the model was made: it must still be a valid one
+        config = ReductionConfig.from_dict(block.get("reduction") or {})
+    except (ConfigError, TypeError) as err:
+        raise UsageError(f"{where}: the compression block's reduction settings are invalid ({err}); {fix}") from None
+    saved = [config.key_dim] * len(dims) if config.key_dim is not None else list(config.key_dims or dims)
+    if config.method != block["method"] or (config.budget is None and saved != dims):
+        raise UsageError(f"{where}: the compression block's reduction settings (method {config.method}, key dims "
+                         f"{saved}) disagree with its layers (method {block['method']}, key dims {dims}); {fix}")
 
 
 def check_coverage(info: dict, name, *, allow_unexpected: bool = True) -> None:

@@ -131,12 +131,23 @@ def test_an_edited_key_dim_is_refused(reduced):
 
 
 def test_an_edited_layer_key_dim_disagrees_with_the_weights(reduced):
+    def change(config):  # edited consistently everywhere in the block: only the weights can tell
+        block = config["compression"]
+        block["key_dim"] = block["reduction"]["key_dim"] = None
+        block["layers"][0]["key_dim"] = 12
+        block["reduction"]["key_dims"] = [layer["key_dim"] for layer in block["layers"]]
+
+    edit_config(reduced, change)
+    refused(reduced, "in the weights but config.json needs")
+
+
+def test_a_layer_key_dim_that_disagrees_with_the_saved_reduction_settings_is_refused(reduced):
     def change(config):
         config["compression"]["key_dim"] = None
         config["compression"]["layers"][0]["key_dim"] = 12
 
     edit_config(reduced, change)
-    refused(reduced, "in the weights but config.json needs")
+    refused(reduced, "reduction settings")
 
 
 @pytest.mark.parametrize("change,fragment", [
@@ -144,6 +155,8 @@ def test_an_edited_layer_key_dim_disagrees_with_the_weights(reduced):
     (lambda b: b.update(layers=b["layers"][:1]), "describes 1 layers"),
     (lambda b: b["layers"][1].update(key_dim="8"), "positive integer key_dim"),
     (lambda b: b.pop("base_architecture"), "base architecture"),
+    (lambda b: b["reduction"].update(n_iter_max=0), "--iterations must be an integer >= 1"),
+    (lambda b: b["reduction"].update(shiny=True), "unknown reduction settings"),
 ])
 def test_broken_compression_blocks_are_refused(reduced, change, fragment):
     edit_config(reduced, lambda c: change(c["compression"]))

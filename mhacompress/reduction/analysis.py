@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .allocate import cp_error_curve
-from .decompose import _mode_gram, head_cores
+from .decompose import mode_gram, head_cores
 
 Tensor = torch.Tensor
 RANK_RTOL = 1e-7  # a singular value below this fraction of its head's largest does not count towards the rank
@@ -52,8 +52,8 @@ def unfolding_spectra(wq: Tensor, wk: Tensor, num_heads: int) -> dict[str, Tenso
     wq, wk = _f64(wq, wk)
     return {
         "heads": gram_spectrum(head_gram(wq, wk, num_heads)),  # (H,)
-        "query": gram_spectrum(_mode_gram(wq, wk, num_heads)),  # sum_h A_h A_h^T   (d,)
-        "key": gram_spectrum(_mode_gram(wk, wq, num_heads)),  # sum_h A_h^T A_h   (d,)
+        "query": gram_spectrum(mode_gram(wq, wk, num_heads)),  # sum_h A_h A_h^T   (d,)
+        "key": gram_spectrum(mode_gram(wk, wq, num_heads)),  # sum_h A_h^T A_h   (d,)
     }
 
 

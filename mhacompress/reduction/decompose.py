@@ -86,7 +86,7 @@ def score_norm2(wq: Tensor, wk: Tensor, num_heads: int) -> Tensor:
     return (gq * gk).sum()
 
 
-def _mode_gram(w_left: Tensor, w_right: Tensor, num_heads: int) -> Tensor:
+def mode_gram(w_left: Tensor, w_right: Tensor, num_heads: int) -> Tensor:
     """sum_h W_l^h^T (W_r^h W_r^h^T) W_l^h (d, d): the Gram matrix of T's unfolding on the ``w_left`` side."""
     return _projected_gram(w_left, _heads(w_right, num_heads))
 
@@ -124,7 +124,7 @@ def cp_init(wq: Tensor, wk: Tensor, num_heads: int, rank: int, init: str = "svd"
     wq, wk = _check(wq, wk, num_heads, rank, wq.shape[1])
     d = wq.shape[1]
     if init == "svd":
-        return _top_eigvecs(_mode_gram(wq, wk, num_heads), rank), _top_eigvecs(_mode_gram(wk, wq, num_heads), rank)
+        return _top_eigvecs(mode_gram(wq, wk, num_heads), rank), _top_eigvecs(mode_gram(wk, wq, num_heads), rank)
     if init == "random":
         gen = torch.Generator().manual_seed(0 if random_state is None else int(random_state))
         return (torch.randn(d, rank, generator=gen, dtype=torch.float64).to(wq.device),
