@@ -178,14 +178,31 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
 
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:
-    """Per-layer key dims for ``config.budget``."""
-    from .reduction.allocate import budget_key_dims, budget_parameters, candidate_dims
-    from .reduction.calibrate import second_moments
+    """Per-layer key dims for ``config.budget``: by the measured effect on the model's output when calibrated
+    bottom-up (reduction/sensitivity.py), else by each layer's score or weight error (reduction/allocate.py)."""
+    from .reduction.allocate import allocate, budget_key_dims, budget_parameters, candidate_dims
     from .reduction.surgery import model_shape
 
-    budget_parameters(model, config.method, config.budget)  # a budget too small fails before calibration
-    moments = second_moments(model, batches) if batches is not None else None
+    allowed, cost = budget_parameters(model, config.method, config.budget)  # too small fails before calibration
     layers, heads, head_dim = model_shape(model)
+    c = config.calibration
+    if c is not None and c.sequential:
+        from .reduction.modeling import is_classifier
+        from .reduction.sensitivity import SENSITIVITY_SEQUENCES, candidates, output_curves
+        from .reduction.sequential import Plan
+
+        uniform = max((k for k in range(1, heads * head_dim + 1) if layers * cost(k) <= allowed), default=1)
+        plan = Plan(objective=c.objective, compensate=c.compensate, first_token_last=is_classifier(model))
+        curves = output_curves(model, config, candidates(model, config.method, uniform),
+                               _first_sequences(batches, SENSITIVITY_SEQUENCES), plan,
+                               on_progress=lambda stage, done, total: notify(Progress(stage, done, total)))
+        dims = allocate([{k: e ** 0.5 for k, e in curve.items()} for curve in curves], cost, allowed)  # sums e
+        return dims, [{str(k): e for k, e in curve.items()} for curve in curves]
+    moments = None
+    if c is not None:
+        from .reduction.calibrate import second_moments
+
+        moments = second_moments(model, batches)
     total, done = layers * len(candidate_dims(heads, head_dim, config.method)), [0]
 
     def step():
@@ -194,6 +211,18 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
 
     dims, curves = budget_key_dims(model, config, config.budget, moments, on_step=step)
     return dims, [{str(k): e for k, e in c.items()} for c in curves]
+
+
+def _first_sequences(batches: list[dict], count: int) -> list[dict]:
+    """The leading batches holding ``count`` sequences (the last one cut to size)."""
+    out, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        n = batch["attention_mask"].shape[0]
+        out.append(batch if n <= left else {k: v[:left] for k, v in batch.items()})
+        left -= n
+    return out
 
 
 def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
@@ -205,7 +234,8 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
     if c is not None and c.sequential:
         from .reduction.sequential import Plan, reduce_sequential_
 
-        plan = Plan(compensate=c.compensate, refine_steps=c.refine_steps, first_token_last=is_classifier(model))
+        plan = Plan(objective=c.objective, compensate=c.compensate, refine_steps=c.refine_steps,
+                    first_token_last=is_classifier(model))
         reduce_sequential_(model, config, dims, batches,
                            plan, on_progress=lambda stage, done, total: notify(Progress(stage, done, total)))
         return plan.reports, plan.modified

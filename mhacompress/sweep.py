@@ -70,8 +70,9 @@ def run_cell(cell: dict) -> dict:
     row = {"metrics": scores, "examples": len(scorer.examples), "qk_params": result.report["params"]["after"],
            "mean_relative_error": sum(x["relative_error"] for x in layers) / len(layers),
            "seconds": round(time.perf_counter() - start, 3)}
-    if all("expected_score_error" in x for x in layers):
-        row["mean_expected_score_error"] = sum(x["expected_score_error"] for x in layers) / len(layers)
+    for kind in ("expected_score_error", "expected_output_error"):  # what the calibrated objective minimised
+        if all(kind in x for x in layers):
+            row[f"mean_{kind}"] = sum(x[kind] for x in layers) / len(layers)
     return row
 
 

@@ -122,13 +122,15 @@ def calibration_file(tmp_path):
     return path
 
 
-def test_reduce_calibrated_reports_expected_score_error(tiny_dir, calibration_file):
+def test_reduce_calibrated_reports_the_expected_error_of_its_objective(tiny_dir, calibration_file):
     result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--samples", "16", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["calibration"]["source"] == str(calibration_file) and report["calibration"]["samples"] == 16
-    assert report["calibration"]["sequential"] is True  # the default data-aware path
-    assert all(0 < x["expected_score_error"] < 1 for x in report["layers"])
+    assert report["calibration"]["sequential"] is True  # the default data-aware path: output objective, compensated
+    assert report["calibration"]["objective"] == "output" and report["calibration"]["compensate"] is True
+    assert all(0 < x["expected_output_error"] < 1 for x in report["layers"])
+    assert len(report["modified"]) == 2  # both layers' output projections, named in the saved block
 
 
 def test_reduce_budget_chooses_per_layer_dims_within_budget(tiny_dir, tmp_path):

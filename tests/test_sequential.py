@@ -106,20 +106,23 @@ def test_the_input_map_is_the_least_squares_solution():
     torch.testing.assert_close(m.input_map(ridge=0.0), want)
 
 
-def test_the_ridge_refit_is_the_regularised_least_squares_solution():
+def test_the_ridge_refit_is_the_weighted_regularised_least_squares_solution():
+    """Rows weighted, the weights pulled towards the original by lam = strength * mean input power, the bias free."""
     gen = torch.Generator().manual_seed(0)
     z, t = torch.randn(300, 5, generator=gen, dtype=torch.float64), torch.randn(300, 3, generator=gen,
                                                                                   dtype=torch.float64)
     w0, b0 = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    rw = torch.rand(300, generator=gen, dtype=torch.float64) * 2
     ridge = Ridge(5, 3)
-    ridge.add(z[:100], t[:100])
-    ridge.add(z[100:], t[100:])  # streamed in two batches
+    ridge.add(z[:100], t[:100], rw[:100])
+    ridge.add(z[100:], t[100:], rw[100:])  # streamed in two batches
     w, b = ridge.solve(w0, b0, strength=0.5)
     za = torch.cat([z, torch.ones(300, 1, dtype=torch.float64)], 1)
-    lam = 0.5 * (za.T @ za).diagonal().mean()
-    # brute force: stack the data rows and sqrt(lam) * (I, prior) rows, solve by lstsq
-    rows = torch.cat([za, lam.sqrt() * torch.eye(6, dtype=torch.float64)])
-    rhs = torch.cat([t, lam.sqrt() * torch.cat([w0.T, b0[None]])])
+    lam = 0.5 * (rw[:, None] * z * z).sum(0).mean()
+    # brute force: sqrt(weight)-scaled data rows and sqrt(lam) * (I, prior) rows for the weights only, by lstsq
+    penalty = torch.cat([lam.sqrt() * torch.eye(5, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64)], 1)
+    rows = torch.cat([rw.sqrt()[:, None] * za, penalty])
+    rhs = torch.cat([rw.sqrt()[:, None] * t, lam.sqrt() * w0.T])
     want = torch.linalg.lstsq(rows, rhs).solution
     torch.testing.assert_close(w, want[:-1].T)
     torch.testing.assert_close(b, want[-1])

@@ -23,8 +23,10 @@ from .eval import check_drop, data_options, render_eval
               help="Calibration sequences (sentences for a sentence encoder, examples for a classifier).")
 @click.option("--sequential/--parallel", default=True, show_default=True, help="With --calibrate: fit each layer on "
               "the inputs the already-reduced layers produce (sequential), or all layers on the original's inputs.")
-@click.option("--compensate/--no-compensate", default=False, show_default=True, help="With --calibrate: also refit "
-              "each layer's attention output projection by least squares (recorded in the saved block).")
+@click.option("--objective", type=click.Choice(["output", "score"]), help="With --calibrate --sequential: fit each "
+              "layer's attention output (default; centred, head- and token-weighted) or only its scores.")
+@click.option("--compensate/--no-compensate", default=None, help="With --calibrate --sequential (on by default): "
+              "also refit each layer's attention output projection by least squares (recorded in the saved block).")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True, metavar="STEPS",
               help="With --calibrate: Adam steps per layer fitting the reduced layer to the original's output.")
 @click.option("--weights-only", is_flag=True, help="Reduce from the weights alone, even with --eval (which otherwise "
@@ -52,9 +54,9 @@ from .eval import check_drop, data_options, render_eval
               "this on the task's main metric (absolute, e.g. 0.01), for CI gates.")
 @first_token_option("Saved with the model (reloads keep it); --eval scores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
-def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequential, compensate, refine, weights_only,
-           method, solver, output, force, seed, init, n_iter_max, tol, device, allow_pickle, eval_task, data_dir,
-           max_drop, first_token_only, as_json):
+def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequential, objective, compensate, refine,
+           weights_only, method, solver, output, force, seed, init, n_iter_max, tol, device, allow_pickle, eval_task,
+           data_dir, max_drop, first_token_only, as_json):
     """Share one query/key projection of size KEY_DIM across the heads of every self-attention layer of MODEL.
 
     MODEL is a local folder, a Hugging Face hub id, or an alias: bert-base, bert-large, roberta-base, distilbert,
@@ -76,10 +78,12 @@ def reduce(model, key_dim, key_dims, budget, calibrate_source, samples, sequenti
         if max_drop is not None and eval_task is None:
             raise ConfigError("--max-drop needs --eval TASK (the task whose metric it bounds)")
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
-        if source is None and (refine or compensate):
-            raise ConfigError("--refine and --compensate fit layers to calibration data: give --calibrate SOURCE too")
+        if source is None and (refine or compensate or objective):
+            raise ConfigError("--refine, --compensate and --objective fit layers to calibration data: give "
+                              "--calibrate SOURCE too")
         calibration = None if source is None else Calibration(
-            source, samples=samples, seed=seed, sequential=sequential, compensate=compensate, refine_steps=refine)
+            source, samples=samples, seed=seed, sequential=sequential, objective=objective, compensate=compensate,
+            refine_steps=refine)
         config = ReductionConfig(key_dim=key_dim, key_dims=None if key_dims is None else tuple(parse_dims(key_dims)),
                                  budget=budget, method=method, solver=solver, seed=seed, init=init,
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
@@ -134,13 +138,16 @@ def render(result: dict) -> None:
     title = f"{result['model']}: {result['method']} at {dims}" + (
         f", calibrated on {result['calibration']['source']}" if calibrated else "")
     table = Table(title=title, title_justify="left")
-    expected = calibrated and all("expected_score_error" in x for x in result["layers"])
-    columns = ["layer", "key dim", "rel. error"] + (["exp. score error"] if expected else []) + [
+    kind = next((k for k in ("expected_output_error", "expected_score_error")
+                 if calibrated and all(k in x for x in result["layers"])), None)  # the calibrated objective's error
+    expected = kind is not None
+    columns = ["layer", "key dim", "rel. error"] + ([kind.replace("expected_", "exp. ").replace("_", " ")]
+                                                    if expected else []) + [
         "iters", "Q/K params before", "Q/K params after"]
     for col in columns:
         table.add_column(col, justify="right")
     for x in result["layers"]:
-        extra = [f"{x['expected_score_error']:.4f}"] if expected else []
+        extra = [f"{x[kind]:.4f}"] if expected else []
         table.add_row(str(x["index"]), str(x["key_dim"]), f"{x['relative_error']:.4f}", *extra, str(x["n_iter"]),
                       f"{x['qk_params_before']:,}", f"{x['qk_params_after']:,}")
     before, after = result["params"]["before"], result["params"]["after"]

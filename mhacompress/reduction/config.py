@@ -14,6 +14,7 @@ from . import methods
 from .modeling.architectures import FORMAT_VERSION
 
 INITS = ("svd", "random")
+OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see reduction/objectives.py)
 
 
 class ConfigError(UsageError, ValueError):
@@ -38,17 +39,24 @@ class Calibration:
                   when the texts were handed to ``compress(..., calibration=[...])`` directly.
     samples:      sequences the model sees (sentences for a sentence encoder, whole examples for a classifier).
     sequential:   reduce bottom-up, each layer fitted on the inputs the already-reduced layers produce, with the
-                  ORIGINAL model's activations as targets (False: every layer from the original's inputs at once).
-    compensate:   also refit each layer's attention output projection (and bias) by ridge least squares, so the
-                  residual sum matches the original's; recorded in the block's ``modified`` list.
-    refine_steps: Adam steps per layer fitting the reduced layer's attention output to the original's (0: none).
+                  ORIGINAL model's activations as targets (False: every layer from the original's inputs at once,
+                  whitened by their second moments: the simplest data-aware rung).
+    objective:    with ``sequential``: ``output`` fits the layer's attention output (the metric of the original
+                  attention probabilities and values, centred, weighted by head and by how much each token reaches
+                  the model's read-out); ``score`` fits the attention scores. Default: ``output``.
+    compensate:   with ``sequential``: also refit each layer's attention output projection (and bias) by ridge least
+                  squares, so the residual sum matches the original's; recorded in the block's ``modified`` list.
+                  Default: on when sequential.
+    refine_steps: with ``sequential``: Adam steps per layer fitting the reduced layer's attention output to the
+                  original's (0: none).
     """
 
     source: str
     samples: int = 512
     seed: int = 0
     sequential: bool = True
-    compensate: bool = False
+    objective: str | None = None
+    compensate: bool | None = None
     refine_steps: int = 0
     max_length: int = 128
     batch_size: int = 32
@@ -62,7 +70,15 @@ class Calibration:
         _int("the calibration max length", self.max_length, 8)
         _int("the calibration batch size", self.batch_size, 1)
         _flag("sequential", self.sequential)
+        if self.objective is None:  # the strongest label-free path unless asked otherwise
+            object.__setattr__(self, "objective", "output" if self.sequential else "score")
+        if self.compensate is None:
+            object.__setattr__(self, "compensate", self.sequential)
         _flag("compensate", self.compensate)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not self.sequential and (self.objective != "score" or self.compensate or self.refine_steps):
+            raise ConfigError("--objective output, --compensate and --refine fit layers bottom-up: drop --parallel")
 
 
 @dataclass(frozen=True)
@@ -154,7 +170,8 @@ class ReductionConfig:
         if "calibration" in extra and data.get("calibration") is None:
             old = extra["calibration"]
             data["calibration"] = {"source": old["source"], "samples": old["samples"],
-                                   "refine_steps": old.get("refine_steps", 0), "sequential": False}
+                                   "refine_steps": old.get("refine_steps", 0), "sequential": False,
+                                   "compensate": False}
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown reduction settings {sorted(unknown)} (written by a newer mhacompress?)")
@@ -163,6 +180,9 @@ class ReductionConfig:
             names = {f.name for f in fields(Calibration)}
             if set(calibration) - names:
                 raise ConfigError(f"unknown calibration settings {sorted(set(calibration) - names)}")
+            calibration = {"compensate": False, **calibration}  # saved before these settings existed
+            if calibration.get("sequential", True):
+                calibration.setdefault("objective", "score")
             data["calibration"] = Calibration(**calibration)
         if isinstance(data.get("key_dims"), list):
             data["key_dims"] = tuple(data["key_dims"])

@@ -8,13 +8,17 @@ themselves) and runs the ORIGINAL layer on x; the layer is then solved in closed
 runs the REDUCED layer on x~. Hidden states that must outlive a pass are spilled to a temporary folder, so memory does
 not grow with the number of calibration sequences. The total cost is about one forward pass of each model.
 
-Per layer (d hidden, H heads; see docs/method.md for the derivation):
+Per layer (d hidden, H heads; see docs/method.md for the derivation), with the default ``output`` objective:
+  * query/key: the decomposition is fitted in the metric of the layer's attention OUTPUT under the original
+    attention probabilities, centred, head- and token-weighted (see objectives.py), with the original scores carried
+    to the reduced stream by least-squares input maps;
+with the ``score`` objective (the simpler rung of the ablation):
   * query/key: the least-squares input map P = E[x x~^T] E[x~ x~^T]^-1 (x ~ P x~) turns the original scores
     x^T A_h y into x~^T (P^T A_h P) y~; the reduced layer is the method's decomposition of (W_q P, W_k P), whitened
     by the reduced stream's own second moments (query side Cq, key side Ck), which minimises the expected score error
     E[(x~^T A~_h y~ - x^T A_h y)^2] over independent query/key tokens. The content bias maps through P as well.
-  * compensation (optional): a ridge least-squares refit of the attention output projection W_O, b so that the
-    residual sum x~ + W_O' ctx~ + b' matches the original's x + W_O ctx + b.
+  * compensation: a ridge least-squares refit of the attention output projection W_O, b so that the residual sum
+    x~ + W_O' ctx~ + b' matches the original's x + W_O ctx + b (token-weighted like the objective).
   * refinement (optional): Adam steps on the query/key parameters against the same residual-sum target.
 """
 
@@ -29,10 +33,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..devices import work_device
-from .config import ReductionConfig
+from ..devices import cpu_threads, work_device
+from . import methods
+from .calibrate import unwhiten
+from .config import OBJECTIVES, ReductionConfig
+from .decompose import relative_error
 from .modeling import arch_for, attention_modules
 from .modeling import layers as model_layers
+from .modeling.attention import additive_mask
+from .objectives import (OutputMoments, centred_content_bias, head_gram, output_metric, readout_weights, rollout,
+                         unscale_heads, whitened_problem)
 from .surgery import content_bias, decompose_layer, install_, model_shape, qk_parameters, qk_weights
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -97,6 +107,52 @@ def run_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, args: t
     finally:
         handle.remove()
     return captured["x"]
+
+
+def run_recording(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, args: tuple,
+                  kwargs: dict) -> tuple[torch.Tensor, dict[str, tuple[tuple, dict]]]:
+    """One layer's output, and the (args, kwargs) each of the named submodules was called with on the way."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name):
+        def pre(module, a, k):
+            seen[name] = (a, k)
+        return pre
+
+    handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        out = run_layer(layer, hidden, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+def original_attention(module: nn.Module, arch, heads: int, call: tuple[tuple, dict]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ORIGINAL self-attention module's probabilities (B, H, T, T) and values (B, H, T, dh), recomputed (in at
+    least float32) from the call it received: (hidden_states, attention_mask, position_bias), as every supported
+    architecture passes them."""
+    names = ("hidden_states", "attention_mask", "position_bias")
+    args, kwargs = call
+    given = {**dict(zip(names, args)), **{n: kwargs[n] for n in names if n in kwargs}}
+    x = given["hidden_states"]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    (B, T, _), x = x.shape, x.to(dtype)
+
+    def split(name):  # (B, H, T, dh)
+        lin = getattr(module, name)
+        return nn.functional.linear(x, lin.weight.to(dtype), None if lin.bias is None else lin.bias.to(dtype)
+                                    ).view(B, T, heads, -1).transpose(1, 2)
+
+    q, k, v = split(arch.query), split(arch.key), split(arch.value)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, T, T)
+    mask = additive_mask(given.get("attention_mask"), dtype)
+    if mask is not None:
+        scores = scores + mask
+    if given.get("position_bias") is not None:
+        scores = scores + given["position_bias"].to(dtype)
+    return scores.softmax(-1), v
 
 
 @dataclass(frozen=True)
@@ -206,36 +262,38 @@ class Ridge:
         self.gram = torch.zeros(self.d_in + 1, self.d_in + 1, dtype=torch.float64, device=self.device)
         self.rhs = torch.zeros(self.d_in + 1, self.d_out, dtype=torch.float64, device=self.device)
 
-    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
-        """z (N, d_in) inputs, t (N, d_out) targets."""
+    def add(self, z: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """z (N, d_in) inputs, t (N, d_out) targets, optional row weights (N,)."""
         z = z.to(self.device, torch.float64)
         z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=torch.float64, device=self.device)], dim=1)  # (N, d_in+1)
-        self.gram += z.T @ z
-        self.rhs += z.T @ t.to(self.device, torch.float64)
+        zw = z if weights is None else z * weights.to(self.device, torch.float64)[:, None]
+        self.gram += zw.T @ z
+        self.rhs += zw.T @ t.to(self.device, torch.float64)
         self.count += z.shape[0]
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor | None,
               strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """W', b' minimising sum ||W' z + b' - t||^2 + lam ||[W' b'] - [W b]||^2, lam = strength * mean diagonal
-        of the Gram matrix (a pull towards the original weights, scale-free)."""
+        """W', b' minimising sum w ||W' z + b' - t||^2 + lam ||W' - W||^2, lam = strength * mean diagonal of the
+        inputs' Gram matrix (a scale-free pull towards the original weights; the bias is free)."""
         as64 = dict(device=self.device, dtype=torch.float64)
         b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
         prior = torch.cat([weight.to(**as64).T, b[None]])  # (d_in + 1, d_out)
-        lam = strength * self.gram.diagonal().mean()
-        eye = torch.eye(self.d_in + 1, **as64)
-        solution = torch.linalg.solve(self.gram + lam * eye, self.rhs + lam * prior)  # (d_in + 1, d_out)
+        reg = torch.full((self.d_in + 1,), float(strength * self.gram.diagonal()[:-1].mean()), **as64)
+        reg[-1] = 0.0
+        solution = torch.linalg.solve(self.gram + torch.diag(reg), self.rhs + reg[:, None] * prior)  # (d_in+1, d_out)
         return solution[:-1].T, solution[-1]
 
 
-# ---- the driver -------------------------------------------------------------------------------------------
+# ---- the driver ----
 
 
 @dataclass
 class Plan:
-    """What the sequential reduction does besides the query/key decomposition."""
+    """What the sequential reduction fits, and what it does besides the query/key decomposition."""
 
+    objective: str = "output"  # "output": the attention-output metric (objectives.py); "score": the score error
     compensate: bool = False
-    compensation_strength: float = 1e-3
+    compensation_strength: float = 1e-2
     refine_steps: int = 0
     refine_lr: float = 1e-3
     first_token_last: bool = False  # the head reads only the first token of the last layer (classifiers)
@@ -243,49 +301,46 @@ class Plan:
     modified: list[str] = field(default_factory=list)
 
 
+@dataclass
+class LayerAt:
+    """One layer's modules and the per-batch token weights of its queries (None: every real token alike)."""
+
+    layer: nn.Module
+    attention: nn.Module
+    norm: nn.Module
+    weights: list[torch.Tensor] | None
+
+
 @torch.no_grad()
 def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int], batches: list[dict], plan: Plan,
                        on_progress: Progress | None = None, workdir: str | None = None) -> Plan:
     """Reduce every layer of ``model`` in place, bottom up, on the calibration ``batches`` (tokenizer outputs with
     an attention mask, on the model's device). Fills ``plan.reports`` (one per layer) and ``plan.modified``."""
-    arch = arch_for(model.config)
-    n_layers, heads, _ = model_shape(model)
-    d = getattr(model.config, arch.hidden)
+    if plan.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {plan.objective!r}")
+    n_layers = len(model_layers(model))
     device = next(model.parameters()).device
-    solver_device = work_device(device)  # statistics and solves (float64): MPS has none, so the CPU there
     progress = on_progress or (lambda stage, done, total: None)
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
     with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
-        spill = Spill(Path(folder))
-        for i, batch in enumerate(data):  # depth 0: the embeddings, the same for both models
-            hidden, args, kwargs = layer_inputs(model, batch.encoding)
-            spill.write("x", i, hidden)
-            spill.write_call(i, args, kwargs)  # every layer gets the same mask (and position bias)
+        spill = embed(model, data, Path(folder))
+        weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
+            if plan.objective == "output" else None
         same = True  # x~ == x until the first reduced layer
         for index in range(n_layers):
-            layer = model_layers(model)[index]
-            last = index == n_layers - 1
-            moments, targets = LayerMoments(d, solver_device), plan.compensate or plan.refine_steps > 0
-            norm = layer.get_submodule(arch.norm)
-            for i, batch in enumerate(data):  # pass 1: the ORIGINAL layer on x, statistics of x~
-                args, kwargs = spill.read_call(i, device)
-                x = spill.read("x", i, device)
-                xr = x if same else spill.read("xr", i, device)
-                moments.add(x, xr, batch.tokens, _queries(batch.tokens, last and plan.first_token_last))
-                if targets:
-                    spill.write("s", i, run_until(layer, norm, x, args, kwargs))  # the original residual sum
-                spill.write("x_next", i, run_layer(layer, x, args, kwargs))
-                progress(f"layer {index}: original", i + 1, len(data))
-            report = _solve_qk(model, index, config, dims[index], moments, identity=same)
+            at = layer_at(model, index, None if weights is None else weights[index])
+            targets = plan.compensate or plan.refine_steps > 0
+            moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
+            report = solve_qk_(model, index, config, dims[index], moments, identity=same)
             if plan.compensate:
-                _compensate(model, index, data, spill, moments.d, plan, same, device, progress)
+                compensate_(model, index, at, data, spill, plan, same, device, progress)
             if plan.refine_steps:
                 with torch.enable_grad():
-                    report.update(_refine(model, index, data, spill, plan, same, device))
+                    report.update(_refine(model, index, at, data, spill, plan, same, device))
             for i, batch in enumerate(data):  # pass 2: the REDUCED layer on x~
                 args, kwargs = spill.read_call(i, device)
                 xr = spill.read("x" if same else "xr", i, device)
-                spill.write("xr_next", i, run_layer(layer, xr, args, kwargs))
+                spill.write("xr_next", i, run_layer(at.layer, xr, args, kwargs))
                 progress(f"layer {index}: reduced", i + 1, len(data))
             spill.rename("x_next", "x", len(data))
             spill.rename("xr_next", "xr", len(data))
@@ -293,6 +348,78 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             plan.reports.append(report)
             progress("layers", index + 1, n_layers)
     return plan
+
+
+def embed(model, data: list[Batch], folder: Path) -> Spill:
+    """Depth 0: the embeddings of every batch (the same for both models) and the layers' other call arguments."""
+    spill = Spill(folder)
+    for i, batch in enumerate(data):
+        hidden, args, kwargs = layer_inputs(model, batch.encoding)
+        spill.write("x", i, hidden)
+        spill.write_call(i, args, kwargs)  # every layer gets the same mask (and position bias)
+    return spill
+
+
+def layer_at(model, index: int, weights) -> LayerAt:
+    arch = arch_for(model.config)
+    layer = model_layers(model)[index]
+    return LayerAt(layer, attention_modules(model)[index][2], layer.get_submodule(arch.norm), weights)
+
+
+def token_weights(model, data: list[Batch], spill: Spill, first_token: bool, device,
+                  progress: Progress) -> list[list[torch.Tensor]]:
+    """weights[l][batch] (B, T): attention rollout of the ORIGINAL model from what it is read at (objectives.rollout),
+    scaled per layer to mean 1 over the real tokens of all batches. One forward pass of the original model."""
+    arch = arch_for(model.config)
+    _, heads, _ = model_shape(model)
+    found = [(layer, attention_modules(model)[i][2]) for i, layer in enumerate(model_layers(model))]
+    raw = []
+    for i, batch in enumerate(data):
+        args, kwargs = spill.read_call(i, device)
+        hidden, maps = spill.read("x", i, device), []
+        for layer, attention in found:
+            hidden, seen = run_recording(layer, {"attention": attention}, hidden, args, kwargs)
+            maps.append(original_attention(attention, arch, heads, seen["attention"])[0].mean(1))  # (B, T, T)
+        raw.append(rollout(maps, readout_weights(batch.tokens, first_token).to(maps[0]), batch.tokens))
+        progress("token weights", i + 1, len(data))
+    n = sum(int(b.tokens.sum()) for b in data)
+    out = []
+    for index in range(len(found)):
+        total = sum(float(w[index].sum()) for w in raw)
+        out.append([w[index] * (n / max(total, 1e-30)) for w in raw])
+    return out
+
+
+def layer_statistics(model, index: int, at: LayerAt, data, spill: Spill, same: bool, targets: bool, plan: Plan,
+                     device, progress):
+    """Pass 1: the ORIGINAL layer on x (its output, and its residual sum as the target when needed), and the
+    statistics of the (x, x~) pair that the objective solves from."""
+    arch = arch_for(model.config)
+    _, heads, _ = model_shape(model)
+    d = getattr(model.config, arch.hidden)
+    solver_device = work_device(device)  # statistics and solves (float64): MPS has none, so the CPU there
+    last = index == len(model_layers(model)) - 1
+    if plan.objective == "output":
+        moments = OutputMoments(d, heads, solver_device)
+        gram = head_gram(at.layer.get_submodule(arch.out_proj).weight.detach().float(), heads)
+    else:
+        moments = LayerMoments(d, solver_device)
+    for i, batch in enumerate(data):
+        args, kwargs = spill.read_call(i, device)
+        x = spill.read("x", i, device)
+        xr = x if same else spill.read("xr", i, device)
+        out, seen = run_recording(at.layer, {"attention": at.attention, "norm": at.norm}, x, args, kwargs)
+        if targets:
+            spill.write("s", i, seen["norm"][0][0])  # the original residual sum x + W_O ctx + b
+        spill.write("x_next", i, out)
+        if plan.objective == "output":
+            p, v = original_attention(at.attention, arch, heads, seen["attention"])
+            S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, at.weights[i])
+            moments.add(x, xr, batch.tokens, at.weights[i], S, share)
+        else:
+            moments.add(x, xr, batch.tokens, _queries(batch.tokens, last and plan.first_token_last))
+        progress(f"layer {index}: original", i + 1, len(data))
+    return moments
 
 
 def _queries(tokens: torch.Tensor, first_only: bool) -> torch.Tensor:
@@ -304,38 +431,56 @@ def _queries(tokens: torch.Tensor, first_only: bool) -> torch.Tensor:
     return first
 
 
-def _solve_qk(model, index: int, config: ReductionConfig, key_dim: int, moments: LayerMoments, identity: bool) -> dict:
-    """Decompose layer ``index``'s mapped, whitened query/key problem and install the collaborative module."""
+def solve_qk_(model, index: int, config: ReductionConfig, key_dim: int, moments, identity: bool) -> dict:
+    """Decompose layer ``index``'s query/key problem under its objective and install the collaborative module."""
     arch = arch_for(model.config)
     _, heads, _ = model_shape(model)
     old = attention_modules(model)[index][2]
-    wq, wk, bq = qk_weights(old, arch)
-    wq, wk = wq.to(moments.device, torch.float64), wk.to(moments.device, torch.float64)
-    if not identity:
-        p = moments.input_map()  # (d, d): x ~ P x~
-        wq, wk = wq @ p, wk @ p
-    factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(), moments.key_moment())
-    bias = content_bias(wk, None if bq is None else bq.to(moments.device, torch.float64), heads)
+    wq, wk, bq = (None if w is None else w.to(moments.device, torch.float64) for w in qk_weights(old, arch))
+    if isinstance(moments, OutputMoments):
+        factors, bias, report = solve_output(wq, bq, wk, heads, key_dim, config, moments, identity)
+    else:
+        if not identity:
+            p = moments.input_map()  # (d, d): x ~ P x~
+            wq, wk = wq @ p, wk @ p
+        factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(),
+                                          moments.key_moment())
+        bias = content_bias(wk, bq, heads)
     before = qk_parameters(old, arch)
     new = install_(model, index, config, key_dim, factors, bias)
     return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,
             "qk_params_after": qk_parameters(new, arch)}
 
 
-def _compensate(model, index, data, spill, d, plan: Plan, same: bool, device, progress) -> None:
+def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, moments: OutputMoments,
+                 identity: bool):
+    """Factors, content bias (H, d) and report of one layer under the output objective (float64)."""
+    with cpu_threads(1):  # small linear algebra: threads only wait on each other, worse on a busy machine
+        wq_w, wk_w, inv_q, inv_k, alpha, key_map = whitened_problem(wq, wk, moments, identity)
+        f = methods.get(config.method).solve(wq_w, wk_w, heads, key_dim, **config.solver_options())
+        expected, n_iter = f.relative_error, f.n_iter
+        f = unwhiten(unscale_heads(f, alpha), inv_q, inv_k)
+        mu_o, mu_r = moments.means()
+        bias = centred_content_bias(wq, bq, wk, heads, mu_o, f, mu_r, key_map)
+        error = relative_error(wq, wk, heads, f)
+    return f, bias, {"relative_error": error, "expected_output_error": expected, "n_iter": n_iter,
+                     "head_weights": [round(float(a), 4) for a in alpha]}
+
+
+def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress) -> None:
     """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
-    original residual sum s, by ridge least squares (streamed normal equations)."""
+    original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective."""
     arch = arch_for(model.config)
-    layer = model_layers(model)[index]
-    proj = layer.get_submodule(arch.out_proj)
+    proj = at.layer.get_submodule(arch.out_proj)
     ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
     last = index == len(model_layers(model)) - 1
     for i, batch in enumerate(data):
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
-        ctx = run_until(layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
-        rows = _queries(batch.tokens, last and plan.first_token_last)
-        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows])
+        ctx = run_until(at.layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
+        rows = batch.tokens if at.weights is not None else _queries(batch.tokens, last and plan.first_token_last)
+        w = None if at.weights is None else at.weights[i][rows]
+        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w)
         progress(f"layer {index}: compensation", i + 1, len(data))
     weight, bias = ridge.solve(proj.weight, proj.bias, plan.compensation_strength)
     proj.weight.copy_(weight.to(proj.weight.dtype))
@@ -344,11 +489,9 @@ def _compensate(model, index, data, spill, d, plan: Plan, same: bool, device, pr
     plan.modified.append(f"{arch.layers}.{index}.{arch.out_proj}")
 
 
-def _refine(model, index, data, spill, plan: Plan, same: bool, device) -> dict:
+def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device) -> dict:
     """Adam steps on the layer's query/key parameters so that its residual sum matches the original's."""
-    arch = arch_for(model.config)
-    layer = model_layers(model)[index]
-    module, norm = attention_modules(model)[index][2], layer.get_submodule(arch.norm)
+    module = attention_modules(model)[index][2]
     params = [module.query_proj.weight, module.key_proj.weight, module.content_bias.weight]
     params += [module.mixing] if module.mixing is not None else []
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -362,10 +505,12 @@ def _refine(model, index, data, spill, plan: Plan, same: bool, device) -> dict:
         batch = data[i]
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
-        out = run_until(layer, norm, xr, args, kwargs)
+        out = run_until(at.layer, at.norm, xr, args, kwargs)
         target = spill.read("s", i, device)
+        w = (torch.ones_like(batch.tokens, dtype=out.dtype) if at.weights is None else at.weights[i].to(out))
+        w = w[batch.tokens][:, None]  # real tokens only (N, 1)
         rows = batch.tokens
-        return (out - target)[rows].pow(2).sum() / (target - xr)[rows].pow(2).sum().clamp_min(1e-30)
+        return (w * (out - target)[rows].pow(2)).sum() / (w * (target - xr)[rows].pow(2)).sum().clamp_min(1e-30)
 
     try:
         with torch.no_grad():

@@ -83,7 +83,7 @@ class CollaborativeSelfAttention(nn.Module):
     def additive_bias(self, attention_mask, position_bias, Tq: int, dtype) -> torch.Tensor | None:
         """The padding mask and MPNet's relative position bias, as one additive term (B|1, H|1, Tq|1, T) or None."""
         bias = None if position_bias is None else position_bias[..., :Tq, :]  # (B|1, H, Tq, T)
-        mask = _additive_mask(attention_mask, dtype)  # (B, 1, Tq|1, T)
+        mask = additive_mask(attention_mask, dtype)  # (B, 1, Tq|1, T)
         if mask is not None:
             mask = mask[..., :Tq, :]
             bias = mask if bias is None else bias + mask
@@ -128,7 +128,7 @@ class CollaborativeSelfAttention(nn.Module):
         return ctx.transpose(1, 2).reshape(B, Tq, H * dh), weights
 
 
-def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Attention masks arrive as booleans (True = attend) or as additive floats; return the additive form."""
     if mask is None:
         return None

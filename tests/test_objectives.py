@@ -1,0 +1,166 @@
+"""The output objective against known answers: the key metric is the first-order change of the attention output, the
+closed-form solve is the truncated SVD in that metric, the content bias keeps the mean query exact, rollout follows
+the attention maps, and the measured sensitivity leaves the model as it was."""
+
+import pytest
+import torch
+
+from conftest import padded_batch, tiny_model
+from mhacompress.reduction import methods
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.objectives import (OutputMoments, centred_content_bias, head_gram, key_side,
+                                              output_metric, readout_weights, rollout)
+from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
+from mhacompress.reduction.sequential import Plan, solve_output
+from mhacompress.reduction.surgery import content_bias
+
+f64 = torch.float64
+
+
+def attention_case(B=2, H=3, T=5, dh=4, d_out=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, H, T, T, generator=gen, dtype=f64) * 2
+    tokens = torch.ones(B, T, dtype=torch.bool)
+    tokens[1, 3:] = False  # padding
+    scores = scores.masked_fill(~tokens[:, None, None, :], -torch.inf)
+    v = torch.randn(B, H, T, dh, generator=gen, dtype=f64)
+    wo = torch.randn(d_out, H * dh, generator=gen, dtype=f64)
+    weights = torch.rand(B, T, generator=gen, dtype=f64) * tokens
+    return scores, v, wo, tokens, weights
+
+
+def output(scores, v, wo):
+    """Every query's attention output W_O ctx (B, T, d_out)."""
+    ctx = scores.softmax(-1) @ v  # (B, H, T, dh)
+    B, H, T, dh = ctx.shape
+    return ctx.transpose(1, 2).reshape(B, T, H * dh) @ wo.T
+
+
+def test_the_key_metric_is_the_first_order_change_of_the_attention_output():
+    """A score change a_j of every key (all queries) of head h moves the weighted outputs by a^T S_h a to first
+    order: the metric, checked against the real softmax by a small finite step. S sums the heads' metrics (the
+    cross-head terms of the output error are left out: heads are fitted for their own effect)."""
+    scores, v, wo, tokens, weights = attention_case()
+    H, x = v.shape[1], torch.zeros(2, 5, 1, dtype=f64)
+    p, gram = scores.softmax(-1), head_gram(wo, H)
+    a = torch.randn(2, 5, generator=torch.Generator().manual_seed(1), dtype=f64) * tokens
+    eps, total = 1e-6, 0
+    for h in range(H):
+        S_h, _ = output_metric(x, p[:, h:h + 1], v[:, h:h + 1], gram[h:h + 1], tokens, weights)
+        step = torch.zeros_like(scores)
+        step[:, h] = eps * a[:, None, :]
+        moved = output(scores + step, v, wo) - output(scores, v, wo)  # (B, T, d_out)
+        actual = (weights[..., None] * moved.pow(2)).sum((1, 2)) / eps**2  # per sequence
+        torch.testing.assert_close(torch.einsum("bj,bjk,bk->b", a, S_h, a), actual, rtol=1e-4, atol=1e-8)
+        total = total + S_h
+    torch.testing.assert_close(output_metric(x, p, v, gram, tokens, weights)[0], total)
+
+
+def test_the_head_shares_are_each_heads_part_of_the_output_error():
+    """share_h = tr(Y^T S_h Y): the metric of head h alone, seen through the inputs."""
+    scores, v, wo, tokens, weights = attention_case()
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(2), dtype=f64)
+    p, gram = scores.softmax(-1), head_gram(wo, 3)
+    _, share = output_metric(x, p, v, gram, tokens, weights)
+    for h in range(3):
+        S_h, _ = output_metric(x, p[:, h:h + 1], v[:, h:h + 1], gram[h:h + 1], tokens, weights)
+        torch.testing.assert_close(share[h], torch.einsum("btd,bts,bsd->", x, S_h, x))
+
+
+def moments_of(d=8, heads=2, seed=0):
+    """Output moments of random, anisotropic inputs and a random positive key metric (the original stream only)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = OutputMoments(d, heads)
+    for _ in range(3):
+        x = torch.randn(4, 10, d, generator=gen, dtype=f64) @ torch.diag(torch.logspace(-1, 1, d, dtype=f64)) + 0.3
+        tokens = torch.ones(4, 10, dtype=torch.bool)
+        r = torch.randn(4, 10, 10, generator=gen, dtype=f64)
+        S = r @ r.transpose(-1, -2)
+        weights = torch.rand(4, 10, generator=gen, dtype=f64) + 0.5
+        m.add(x, x, tokens, weights, S, torch.tensor([1.0, 4.0], dtype=f64))
+    return m
+
+
+def test_the_closed_form_solve_is_the_truncated_svd_in_the_output_metric():
+    """Per-head SVD under the output objective: A_hat_h = Cq^-1/2 [Cq^1/2 A_h Ck^1/2]_r Ck^-1/2, the best rank-r fit
+    in the metric, whatever the head weights (heads are independent); unequal shares make a wrong unscaling fail."""
+    d, heads, dh, r = 8, 2, 4, 2
+    gen = torch.Generator().manual_seed(3)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    m = moments_of(d, heads)
+    config = ReductionConfig(key_dim=heads * r, method="svd")
+    f, _, report = solve_output(wq, None, wk, heads, heads * r, config, m, identity=True)
+    assert report["head_weights"][0] != report["head_weights"][1]
+
+    def power(c, e):
+        evals, vecs = torch.linalg.eigh(c)
+        return (vecs * evals.pow(e)) @ vecs.T
+
+    cq, ck = m.query_metric(), m.key_metric()
+    for h in range(heads):
+        a = wq[h * dh:(h + 1) * dh].T @ wk[h * dh:(h + 1) * dh]  # (d, d)
+        u, s, vt = torch.linalg.svd(power(cq, 0.5) @ a @ power(ck, 0.5))
+        want = power(cq, -0.5) @ (u[:, :r] * s[:r]) @ vt[:r] @ power(ck, -0.5)
+        torch.testing.assert_close(f.U[h] @ f.V[h].T, want)
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_the_content_bias_keeps_the_mean_query_exact(method):
+    """For the (weighted) mean query input, reduced scores mu^T A_hat_h y + c_h . y equal the original
+    (W_q^h mu + b_q^h) . W_k^h y for every key y, at any key dim."""
+    d, heads, dh = 8, 2, 4
+    gen = torch.Generator().manual_seed(4)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    bq = torch.randn(heads * dh, generator=gen, dtype=f64)
+    m = moments_of(d, heads)
+    f, bias, _ = solve_output(wq, bq, wk, heads, 4, ReductionConfig(key_dim=4, method=method), m, identity=True)
+    mu = m.means()[0]
+    y = torch.randn(d, 5, generator=gen, dtype=f64)
+    reduced = key_side(f, mu) @ y + bias @ y  # (H, 5)
+    original = torch.einsum("hi,hid->hd", (wq @ mu + bq).view(heads, dh), wk.view(heads, dh, d)) @ y
+    torch.testing.assert_close(reduced, original)
+
+
+def test_at_full_rank_the_centred_bias_is_the_plain_content_bias():
+    d, heads, dh = 8, 2, 4
+    gen = torch.Generator().manual_seed(5)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    bq, mu = torch.randn(heads * dh, generator=gen, dtype=f64), torch.randn(d, generator=gen, dtype=f64)
+    exact = methods.get("cp").solve(wq, wk, heads, heads * dh)
+    got = centred_content_bias(wq, bq, wk, heads, mu, exact, mu, None)
+    torch.testing.assert_close(got, content_bias(wk, bq, heads), atol=1e-9, rtol=1e-7)
+
+
+def test_rollout_follows_the_attention_maps_from_the_readout():
+    """Two layers: the last layer's weights are the readout, the first's one rollout step back."""
+    tokens = torch.tensor([[True, True, True]])
+    move = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])  # token i attends to i+1
+    readout = readout_weights(tokens, first_token=True)
+    w = rollout([move, move], readout, tokens, residual=0.25)
+    torch.testing.assert_close(w[1], torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(w[0], torch.tensor([[0.25, 0.75, 0.0]]))  # residual part, and on to the attended key
+    torch.testing.assert_close(readout_weights(torch.tensor([[True, True, False]]), first_token=False),
+                               torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
+    p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    sp = p.softmax(-1)
+    assert float(divergence(p, q, True)) == pytest.approx(float((sp * (sp.log() - torch.log(torch.tensor(0.5)))).sum()))
+    assert float(divergence(torch.tensor([[3.0]]), torch.tensor([[1.0]]), True)) == pytest.approx(2.0)
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    assert float(divergence(e, torch.tensor([[1.0, 0.0]]), False)) == pytest.approx(1 - 2**-0.5)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_measured_sensitivity_leaves_the_model_unchanged_and_is_zero_when_exact(head):
+    model = tiny_model("bert", head=head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [padded_batch(lengths=(9, 4, 7, 1, 8, 6), seed=i) for i in range(3)]
+    plan = Plan(compensate=True, first_token_last=head)
+    curves = output_curves(model, ReductionConfig(key_dim=4), [2, 8, 32], batches, plan)
+    assert len(curves) == 2 and all(c[32] == 0.0 and c[2] > 0 for c in curves)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, before[name]), name
+    assert candidates(model, "svd", 8) == [4, 8, 12, 16]  # multiples of the 4 heads around 8
