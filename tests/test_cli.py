@@ -147,6 +147,22 @@ def test_reduce_budget_chooses_per_layer_dims_within_budget(tiny_dir, tmp_path):
     assert [m.key_dim for _, _, m in attention_modules(model)] == report["key_dims"]
 
 
+def test_calibrated_budget_allocates_by_the_measured_output_divergence(tiny_dir, calibration_file):
+    result = invoke("reduce", tiny_dir, "--budget", "0.5", "--calibrate", calibration_file, "--samples", "16",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["params"]["after"] <= 0.5 * report["params"]["before"]
+    curves = report["budget"]["curves"]  # 1 - cosine of the embeddings, per layer and candidate key dim
+    assert len(curves) == 2 and all(str(k) in c for c, k in zip(curves, report["key_dims"]))
+    assert all(0 <= e < 1 for c in curves for e in c.values()) and any(e > 0 for c in curves for e in c.values())
+
+
+def test_parallel_calibration_refuses_the_sequential_steps(tiny_dir, calibration_file):
+    result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--parallel", "--compensate")
+    assert_one_line_error(result, "drop --parallel")
+
+
 def test_reduce_refine_reports_output_errors(tiny_dir, calibration_file):
     result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--refine", "5", "--json")
     assert result.exit_code == 0, result.output
