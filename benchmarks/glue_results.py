@@ -3,8 +3,12 @@
 (a) STS-B dev (no fine-tuning: cosine of mean-pooled embeddings) at key dims 384 (exact), 192, 96, 48, 24 for cp,
     tucker and svd.
 (b) MiniLM fine-tuned (mhacompress.eval.finetune, what `mhacompress finetune` runs) on MRPC, RTE, CoLA, STS-B and
-    SST-2, then reduced with cp at 384, 192, 96, 48: scores without retraining (from the weights alone, and
-    calibrated on the task's train sentences), and after a short fine-tune of the reduced model.
+    SST-2, then reduced with cp at 384, 192, 96, 48: scores without retraining from the weights alone, and after a
+    short fine-tune of the reduced model.
+(c) The ablation ladder of the label-free, data-aware reduction (no labels, no retraining; `mhacompress.compress`,
+    what `mhacompress reduce` runs), one rung per row, each cell with its cost in seconds: on the fine-tuned models
+    (calibrated on the task's own train sentences) and on the sentence encoder (calibrated on MRPC's sentences, scored
+    on STS-B dev and, as a second metric no setting was tuned on, on the STS-B TRAIN pairs zero-shot).
 
 Fine-tuned checkpoints and per-run scores are cached under ~/.cache/mhacompress/glue_results (never in the repo), so
 an interrupted run resumes. Usage:
@@ -24,6 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")  # the paper's column order (tasks we can train on CPU)
 KEEP = "<!-- Everything below this line is written by hand and kept when the script rewrites the file. -->"
+RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement")
+RUNG_LABEL = {"weights": "weights only", "calibrated": "calibrated (whitened, all layers at once)",
+              "sequential": "+ sequential (score objective)", "output": "+ output objective",
+              "compensation": "+ compensation (the default)", "allocation": "+ allocation (`--budget`, same params)",
+              "refinement": "+ refinement (`--refine 200`, opt-in)"}
 LABEL = {"cola": "CoLA (mcc)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (spearman)",
          "rte": "RTE (acc)"}
 
@@ -39,18 +48,24 @@ def parse_args():
     p.add_argument("--iterations", type=int, default=30, help="ALS sweeps of the reductions in part (b)")
     p.add_argument("--retrain-limit", type=int, default=1000, help="examples of the short fine-tune after reduction")
     p.add_argument("--retrain-lr", type=float, default=2e-5)
-    p.add_argument("--cal-samples", type=int, default=512, help="train examples to calibrate on (rows `k + cal`)")
+    p.add_argument("--cal-samples", type=int, default=512, help="train sequences to calibrate on (part c)")
+    p.add_argument("--ladder-dims", default="96,48,192", help="key dims of part (c), in run order")
+    p.add_argument("--rungs", default=",".join(RUNGS), help="rungs of part (c), in run order")
+    p.add_argument("--encoder-source", default="mrpc", help="calibration sentences of the encoder in part (c)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dims", default="192,96,48,384", help="run order (384, exact, last); the table sorts them")
     p.add_argument("--stsb-dims", default="384,192,96,48,24")
     p.add_argument("--tasks", default="sst2,cola,mrpc,rte,stsb", help="run order (cheapest first)")
     p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, output under /tmp")
+    p.add_argument("--parts", default="a,b,c", help="which parts to run; with only c, the ladder section of --out "
+                   "is replaced and the rest of the file kept")
     p.add_argument("--write-only", action="store_true", help="write the report from the cached scores, run nothing")
     args = p.parse_args()
     if args.quick:
         args.train_limit, args.retrain_limit, args.epochs = 64, 32, 1
         args.dims, args.stsb_dims, args.tasks = "384,48", "384,48", "mrpc,stsb"
+        args.ladder_dims, args.cal_samples = "48", 32
         args.cache, args.out = "/tmp/mhacompress-quick/cache", "/tmp/mhacompress-quick/results.md"
     return args
 
@@ -80,17 +95,74 @@ def reduced(model, dim, method="cp", n_iter_max=100, moments=None):
     return model
 
 
-def calibrated(args, folder, task, dim):
-    """The fine-tuned model reduced at ``dim`` with calibration on its task's TRAIN sentences (what
-    `mhacompress reduce FOLDER -k DIM --calibrate TASK --samples N` does); the tokenizer too."""
-    from mhacompress.cli.reduce import collect_moments
-    from mhacompress.calibration import calibration_texts
+def rung_config(rung: str, dim: int, source: str, samples: int, model):
+    """The ReductionConfig of one rung of the ladder at key dim ``dim`` (allocation: the budget fraction with the
+    same Q/K parameters as ``dim`` everywhere)."""
+    from mhacompress.reduction.allocate import budget_parameters
+    from mhacompress.reduction.config import Calibration, ReductionConfig
+    from mhacompress.reduction.surgery import model_shape
+
+    if rung == "weights":
+        return ReductionConfig(key_dim=dim)
+    kinds = {"calibrated": dict(sequential=False), "sequential": dict(objective="score", compensate=False),
+             "output": dict(objective="output", compensate=False), "compensation": {}, "allocation": {},
+             "refinement": dict(refine_steps=200)}
+    calibration = Calibration(source, samples=samples, **kinds[rung])
+    if rung not in ("allocation", "refinement"):
+        return ReductionConfig(key_dim=dim, calibration=calibration)
+    layers, _, _ = model_shape(model)
+    allowed, cost = budget_parameters(model, "cp", 1.0)
+    return ReductionConfig(budget=layers * cost(dim) / allowed, calibration=calibration)
+
+
+def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: dict) -> dict:
+    """One rung at one key dim: every metric of every scorer, the key dims chosen, and the seconds of the
+    reduction itself (loading the checkpoint and scoring not included)."""
+    from mhacompress import compress
     from mhacompress.hub import load_pretrained
 
     model, tok, _ = load_pretrained(folder)
-    texts = calibration_texts(task, args.cal_samples, seed=0, data_dir=args.data_dir)
-    moments = collect_moments(model, tok, texts, show_progress=False)
-    return reduced(model, dim, n_iter_max=args.iterations, moments=moments), tok
+    config = rung_config(rung, dim, source, args.cal_samples, model)
+    t0 = time.perf_counter()
+    result = compress(model, config, tokenizer=tok, data_dir=args.data_dir)
+    seconds = time.perf_counter() - t0
+    return {"scores": {name: scorer(result.model, tok) for name, scorer in scorers.items()},
+            "seconds": round(seconds, 1), "key_dims": result.report["key_dims"]}
+
+
+def part_c(args, cache):
+    """The ladder: {(task, rung, dim): cell} with task "encoder" for the sentence encoder."""
+    from mhacompress.eval.compare import Scorer
+    from mhacompress.hub import load_pretrained
+
+    cells = {}
+    dims = list(map(int, args.ladder_dims.split(",")))
+    rungs = args.rungs.split(",")
+    dev = Scorer.for_task("stsb", data_dir=args.data_dir, max_length=args.max_length)
+    train = Scorer.for_task("stsb", "train", data_dir=args.data_dir, max_length=args.max_length)
+    encoder = {"dev": dev, "train": train}
+    cells[("encoder", "original")] = cache.get("c/encoder/original", lambda: {
+        "scores": {n: s(*load_pretrained("minilm")[:2]) for n, s in encoder.items()}})
+    tag = f"n{args.train_limit}-e{args.epochs:g}-lr{args.lr:g}-b{args.batch_size}"
+    tasks = {}
+    for task in args.tasks.split(","):
+        folder = None if args.write_only else finetuned(args, task)
+        scorers = {"dev": Scorer.for_task(task, data_dir=args.data_dir, max_length=args.max_length)}
+        tasks[task] = folder, scorers
+        cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda: {
+            "scores": {"dev": scorers["dev"](*load_pretrained(folder)[:2])}})
+    for dim in dims:  # key dim outermost: an interrupted run has whole tables
+        for rung in rungs:
+            key = f"c/encoder/{args.encoder_source}{args.cal_samples}/{rung}/{dim}"
+            cells[("encoder", rung, dim)] = cache.get(key, lambda rung=rung, dim=dim: ladder_cell(
+                args, "minilm", rung, dim, args.encoder_source, encoder))
+        for task, (folder, scorers) in tasks.items():
+            for rung in rungs:
+                key = f"c/{tag}/{task}/cal{args.cal_samples}/{rung}/{dim}"
+                cells[(task, rung, dim)] = cache.get(key, lambda rung=rung, dim=dim, folder=folder, task=task,
+                                                     scorers=scorers: ladder_cell(args, folder, rung, dim, task,
+                                                                                  scorers))
+    return cells
 
 
 def part_a(args, cache):
@@ -159,12 +231,10 @@ def part_b(args, cache):
                 return {"plain": plain, "ft": scorer(model, tok)[spec.main]}
             r = cache.get(f"b/{tag}/{task}/cp{dim}/ft{args.retrain_limit}-lr{args.retrain_lr:g}", both) or {}
             rows[(dim, task)], rows[(f"{dim}+ft", task)] = r.get("plain"), r.get("ft")
-            rows[(f"{dim}+cal", task)] = cache.get(f"b/{tag}/{task}/cp{dim}/cal{args.cal_samples}", lambda dim=dim: (
-                scorer(*calibrated(args, folder, task, dim))[spec.main]))
     return rows
 
 
-def write(args, a, b, seconds):
+def write(args, a, b, c, seconds):
     tasks = [t for t in TASKS if t in args.tasks.split(",")]  # paper column order, whatever order they ran in
     dims = sorted(map(int, args.dims.split(",")), reverse=True)
     out = Path(args.out)
@@ -185,14 +255,14 @@ def write(args, a, b, seconds):
               f"{args.train_limit:,} train examples (a CPU budget: CoLA has 8,551, SST-2 67,349, STS-B 5,749; MRPC's "
               f"3,668 and RTE's 2,490 are used whole), "
               f"{args.epochs:g} epochs, AdamW lr {args.lr:g}, linear warm-up 10% and decay, batch {args.batch_size}, max "
-              f"length {args.max_length}. Then reduced with cp ({args.iterations} ALS sweeps) at each key dim: `k` rows are scores without retraining, "
-              f"`k cal` rows reduced data-aware instead (`--calibrate TASK --samples {args.cal_samples}`: the "
-              f"task's own train sentences, no labels, no training), `k + ft` rows the weights-only reduction after one "
+              f"length {args.max_length}. Then reduced with cp ({args.iterations} ALS sweeps) from the weights alone at "
+              f"each key dim: `k` rows are scores without retraining (for the data-aware reduction see the ladder "
+              f"below), `k + ft` rows the same reduction after one "
               f"epoch of fine-tuning on a fresh seeded sample of {args.retrain_limit:,} train examples (lr "
               f"{args.retrain_lr:g}). Main metric per task; Avg. is their mean.", "",
               "| key dim | " + " | ".join(LABEL[t] for t in tasks) + " | Avg. |",
               "|---|" + "---:|" * (len(tasks) + 1)]
-    for row in ["original"] + [r for d in dims for r in (d, f"{d}+cal", f"{d}+ft")]:
+    for row in ["original"] + [r for d in dims for r in (d, f"{d}+ft")]:
         vals = [b.get((row, t)) for t in tasks]
         avg = sum(vals) / len(vals) if None not in vals else None
         name = str(row).replace("+ft", " + ft").replace("+cal", " cal")
@@ -201,11 +271,79 @@ def write(args, a, b, seconds):
               "below MiniLM's published GLUE results; a dash marks a run that did not finish. Rerun with larger "
               "`--train-limit`, `--epochs` and `--retrain-limit` where compute allows.", "",
               f"![scores against key dim]({out.with_suffix('.png').name})", ""]
+    lines += ladder_lines(args, c)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = out.read_text().partition(KEEP)[2] if out.is_file() else ""
     out.write_text("\n".join(lines) + "\n" + KEEP + kept)
     plot(args, a, b, out.with_suffix(".png"), tasks, dims)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+MAIN = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "spearman", "rte": "accuracy"}
+
+
+def ladder_lines(args, c) -> list[str]:
+    """Part (c) as markdown: one table per key dim, a row per rung, a column per task (cells: score, seconds)."""
+    tasks = [t for t in TASKS if t in args.tasks.split(",")]
+    rungs = [r for r in RUNGS if r in args.rungs.split(",")]
+
+    def score(task, cell, metric, split="dev"):
+        return None if not cell else cell["scores"][split].get(metric)
+
+    def orig(task, metric, split="dev"):
+        return score(task, c.get((task, "original")), metric, split)
+
+    lines = [LADDER, "",
+             "Every rung adds one step to the one above; none uses labels or retraining. `calibrated`: each layer "
+             "whitened by its input second moments, all layers from the original's inputs; `+ sequential`: bottom-up, "
+             "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
+             "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ compensation`: "
+             "the attention output projection refitted by ridge least squares (what `--calibrate` does by default); "
+             "`+ allocation`: the same parameters as the uniform key dim (`--budget F`), spread over the layers by the "
+             "measured effect on the model's output; `+ refinement`: then 200 Adam steps per layer on the same "
+             "target, where no closed form exists (opt-in, `--refine`). Calibration: "
+             f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
+             f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
+             "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
+             "model that answers 'paraphrase' to everything: it scores F1 81.2).", ""]
+    head = ["rung"] + [LABEL[t] for t in tasks] + ["Avg. drop", "STS-B dev (encoder)", "STS-B train (encoder)"]
+    for dim in sorted(map(int, args.ladder_dims.split(",")), reverse=True):
+        lines += [f"### key dim {dim}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        row = ["original"] + [_pct(orig(t, MAIN[t])) + (f" / {_pct(orig(t, 'accuracy'))}" if t == "mrpc" else "")
+                              for t in tasks]
+        row += [""] + [f"{100 * v:.2f}" if v is not None else "–"
+                       for v in (orig("encoder", "spearman"), orig("encoder", "spearman", "train"))]
+        lines.append("| " + " | ".join(row) + " |")
+        for rung in rungs:
+            row, drops = [RUNG_LABEL[rung]], []
+            for t in tasks:
+                cell = c.get((t, rung, dim))
+                v = score(t, cell, MAIN[t])
+                drops.append(None if v is None or orig(t, MAIN[t]) is None else orig(t, MAIN[t]) - v)
+                text = _pct(v) + (f" / {_pct(score(t, cell, 'accuracy'))}" if t == "mrpc" else "")
+                row.append(text + (f" ({cell['seconds']:.0f} s)" if cell else ""))
+            row.append("–" if None in drops else f"{100 * sum(drops) / len(drops):.2f}")
+            enc = c.get(("encoder", rung, dim))
+            row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
+            row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+LADDER = "## Keeping the scores without retraining: the ablation ladder"
+
+
+def write_ladder(args, c) -> None:
+    """Replace the ladder section of ``args.out`` (up to the next top-level section or the hand-written part)."""
+    out = Path(args.out)
+    text = out.read_text() if out.is_file() else ""
+    generated, _, kept = text.partition(KEEP)
+    before, _, after = generated.partition(LADDER)
+    rest = after.partition("\n## ")[2]
+    body = before.rstrip("\n") + "\n\n" + "\n".join(ladder_lines(args, c)) + ("\n## " + rest if rest else "\n")
+    out.write_text(body + KEEP + kept)
+    print(f"wrote the ladder into {out}")
 
 
 def _pct(x):
@@ -228,11 +366,10 @@ def plot(args, a, b, path, tasks, dims):
         left.plot(stsb_dims, [_num(a.get(f"{m}/{d}")) for d in stsb_dims], marker="o", label=m)
     left.axhline(100 * a["original"], color="grey", ls="--", label="original")
     left.set(xscale="log", xlabel="key dim", ylabel="Spearman x100", title="STS-B, no fine-tuning")
-    rows = ["original"] + [r for d in dims for r in (d, f"{d}+cal", f"{d}+ft")]
+    rows = ["original"] + [r for d in dims for r in (d, f"{d}+ft")]
     tasks = [t for t in tasks if all(b.get((r, t)) is not None for r in rows)] or tasks  # the finished ones
     avg = lambda row: sum(_num(b.get((row, t))) for t in tasks) / len(tasks)  # noqa: E731
     right.plot(dims, [avg(d) for d in dims], marker="o", label="cp, no retraining")
-    right.plot(dims, [avg(f"{d}+cal") for d in dims], marker="^", label="cp calibrated, no retraining")
     right.plot(dims, [avg(f"{d}+ft") for d in dims], marker="s", label="cp + short fine-tune")
     right.axhline(avg("original"), color="grey", ls="--", label="original")
     right.set(xscale="log", xlabel="key dim", ylabel="GLUE average x100", title="Fine-tuned MiniLM, mean of " + ", ".join(tasks))
@@ -250,9 +387,13 @@ def main():
     cache = Cache(Path(args.cache) / "scores.json")
     if args.write_only:
         cache.get = lambda key, compute: cache.data.get(key)
+    if args.parts == "c":
+        write_ladder(args, part_c(args, cache))
+        return
     a = part_a(args, cache)
     b = part_b(args, cache)
-    write(args, a, b, time.perf_counter() - start)
+    c = part_c(args, cache)
+    write(args, a, b, c, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

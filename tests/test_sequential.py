@@ -64,6 +64,15 @@ def test_compensation_lowers_the_error_and_is_recorded(tmp_path):
     assert not torch.equal(changed, original.encoder.layer[0].attention.output.dense.weight)
 
 
+def test_refinement_with_compensation_refits_each_projection_once_more_and_names_it_once():
+    model, original, batches = tiny_model("bert"), tiny_model("bert"), calibration()
+    plan = sequential(model, 4, batches, compensate=True, refine_steps=10)
+    assert plan.modified == ["encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"]
+    compensated_only = tiny_model("bert")
+    sequential(compensated_only, 4, batches, compensate=True)
+    assert final_error(model, original, batches) < final_error(compensated_only, original, batches)
+
+
 def test_refinement_lowers_every_layers_output_error():
     model = tiny_model("bert")
     plan = sequential(model, 4, calibration(), refine_steps=40, refine_lr=1e-2)

@@ -295,7 +295,7 @@ class Plan:
     compensate: bool = False
     compensation_strength: float = 1e-2
     refine_steps: int = 0
-    refine_lr: float = 1e-3
+    refine_lr: float = 3e-3  # Adam step relative to each parameter's RMS
     first_token_last: bool = False  # the head reads only the first token of the last layer (classifiers)
     reports: list[dict] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
@@ -332,11 +332,15 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             targets = plan.compensate or plan.refine_steps > 0
             moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
             report = solve_qk_(model, index, config, dims[index], moments, identity=same)
+            proj = at.layer.get_submodule(arch_for(model.config).out_proj)
+            original = [t.detach().clone() for t in (proj.weight, proj.bias)]  # the compensation's prior
             if plan.compensate:
-                compensate_(model, index, at, data, spill, plan, same, device, progress)
+                compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             if plan.refine_steps:
                 with torch.enable_grad():
                     report.update(_refine(model, index, at, data, spill, plan, same, device))
+                if plan.compensate:  # W_O refitted to the refined scores
+                    compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             for i, batch in enumerate(data):  # pass 2: the REDUCED layer on x~
                 args, kwargs = spill.read_call(i, device)
                 xr = spill.read("x" if same else "xr", i, device)
@@ -467,9 +471,11 @@ def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, 
                      "head_weights": [round(float(a), 4) for a in alpha]}
 
 
-def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress) -> None:
+def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
+                prior: list[torch.Tensor | None] | None = None) -> None:
     """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
-    original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective."""
+    original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective;
+    pulled towards ``prior`` (weight, bias), by default the projection's current weights."""
     arch = arch_for(model.config)
     proj = at.layer.get_submodule(arch.out_proj)
     ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
@@ -482,11 +488,13 @@ def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, 
         w = None if at.weights is None else at.weights[i][rows]
         ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w)
         progress(f"layer {index}: compensation", i + 1, len(data))
-    weight, bias = ridge.solve(proj.weight, proj.bias, plan.compensation_strength)
+    weight, bias = ridge.solve(*(prior or (proj.weight, proj.bias)), plan.compensation_strength)
     proj.weight.copy_(weight.to(proj.weight.dtype))
     if proj.bias is not None:
         proj.bias.copy_(bias.to(proj.bias.dtype))
-    plan.modified.append(f"{arch.layers}.{index}.{arch.out_proj}")
+    name = f"{arch.layers}.{index}.{arch.out_proj}"
+    if name not in plan.modified:
+        plan.modified.append(name)
 
 
 def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device) -> dict:
@@ -499,7 +507,9 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=plan.refine_lr)
+    # steps relative to each tensor's RMS: after whitening, the query and key factors differ in scale by orders
+    rms = [float(p.detach().pow(2).mean().sqrt()) for p in params]
+    optimizer = torch.optim.Adam([{"params": [p], "lr": plan.refine_lr * r + 1e-12} for p, r in zip(params, rms)])
 
     def loss_of(i):
         batch = data[i]
