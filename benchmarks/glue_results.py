@@ -31,7 +31,7 @@ KEEP = "<!-- Everything below this line is written by hand and kept when the scr
 RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement")
 RUNG_LABEL = {"weights": "weights only", "calibrated": "calibrated (whitened, all layers at once)",
               "sequential": "+ sequential (score objective)", "output": "+ output objective",
-              "compensation": "+ compensation (the default)", "allocation": "+ allocation (`--budget`, same params)",
+              "compensation": "+ compensation (`--uniform`)", "allocation": "+ allocation (the default)",
               "refinement": "+ refinement (`--refine 200`, opt-in)"}
 LABEL = {"cola": "CoLA (mcc)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (spearman)",
          "rte": "RTE (acc)"}
@@ -96,11 +96,9 @@ def reduced(model, dim, method="cp", n_iter_max=100, moments=None):
 
 
 def rung_config(rung: str, dim: int, source: str, samples: int, model):
-    """The ReductionConfig of one rung of the ladder at key dim ``dim`` (allocation: the budget fraction with the
-    same Q/K parameters as ``dim`` everywhere)."""
-    from mhacompress.reduction.allocate import budget_parameters
+    """The ReductionConfig of one rung of the ladder at key dim ``dim`` (allocation: per-layer dims under the Q/K
+    parameters of ``dim`` everywhere, what `reduce -k DIM --calibrate SOURCE` does by default)."""
     from mhacompress.reduction.config import Calibration, ReductionConfig
-    from mhacompress.reduction.surgery import model_shape
 
     if rung == "weights":
         return ReductionConfig(key_dim=dim)
@@ -108,11 +106,7 @@ def rung_config(rung: str, dim: int, source: str, samples: int, model):
              "output": dict(objective="output", compensate=False), "compensation": {}, "allocation": {},
              "refinement": dict(refine_steps=200)}
     calibration = Calibration(source, samples=samples, **kinds[rung])
-    if rung not in ("allocation", "refinement"):
-        return ReductionConfig(key_dim=dim, calibration=calibration)
-    layers, _, _ = model_shape(model)
-    allowed, cost = budget_parameters(model, "cp", 1.0)
-    return ReductionConfig(budget=layers * cost(dim) / allowed, calibration=calibration)
+    return ReductionConfig(key_dim=dim, calibration=calibration, allocate=rung in ("allocation", "refinement"))
 
 
 def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: dict) -> dict:
@@ -298,9 +292,9 @@ def ladder_lines(args, c) -> list[str]:
              "whitened by its input second moments, all layers from the original's inputs; `+ sequential`: bottom-up, "
              "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
              "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ compensation`: "
-             "the attention output projection refitted by ridge least squares (what `--calibrate` does by default); "
-             "`+ allocation`: the same parameters as the uniform key dim (`--budget F`), spread over the layers by the "
-             "measured effect on the model's output; `+ refinement`: then 200 Adam steps per layer on the same "
+             "the attention output projection refitted by ridge least squares (`--uniform`: every layer at the key dim); "
+             "`+ allocation`: the same Q/K parameters as the uniform key dim, spread over the layers by the measured "
+             "effect on the model's output (what `reduce -k K --calibrate SOURCE` does by default); `+ refinement`: then 200 Adam steps per layer on the same "
              "target, where no closed form exists (opt-in, `--refine`). Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "

@@ -7,9 +7,10 @@ the BERT sizes; for XLM-R a unigram tokenizer with the full 250,002-entry vocabu
 `--calibrate mrpc --samples 512` (GLUE from $MHACOMPRESS_GLUE_DIR, default ../shared/glue), and reports parameters,
 checkpoint MB, the child's peak RSS (from wait4), RSS / checkpoint and seconds as a markdown table.
 
-Targets (issue 12): peak RSS <= 1.5x the checkpoint weights-only, <= 2x calibrated.
+Targets (issue 12): peak RSS <= 1.5x the checkpoint weights-only, <= 2x calibrated. Modes: weights only; calibrated
+(the default data-aware path: per-layer key dims allocated around d/4); uniform (calibrated, d/4 in every layer).
 
-    python benchmarks/memory.py                                   # all sizes, both modes (15-30 minutes on 2 cores)
+    python benchmarks/memory.py                                   # all sizes, all modes (30-60 minutes on 2 cores)
     python benchmarks/memory.py --sizes base,large --modes weights
     python benchmarks/memory.py --workdir /tmp/ckpts              # keep (and reuse) the checkpoints
 """
@@ -91,11 +92,13 @@ def _unigram_tokenizer(minilm, vocab_size: int):
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
 
-def run_reduce(folder: Path, key_dim: int, calibrated: bool, out: Path, samples: int) -> dict:
+MODES = {"weights": [], "calibrated": ["--calibrate", "mrpc"], "uniform": ["--calibrate", "mrpc", "--uniform"]}
+
+
+def run_reduce(folder: Path, key_dim: int, mode: str, out: Path, samples: int) -> dict:
     """One `mhacompress reduce` in a child process: its wall seconds, peak RSS (MB) and JSON report."""
     args = ["reduce", str(folder), "--key-dim", str(key_dim), "--output", str(out), "--force", "--json"]
-    if calibrated:
-        args += ["--calibrate", "mrpc", "--samples", str(samples)]
+    args += MODES[mode] + (["--samples", str(samples)] if MODES[mode] else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("MHACOMPRESS_GLUE_DIR", str(REPO.parent / "shared" / "glue"))
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -113,12 +116,14 @@ def run_reduce(folder: Path, key_dim: int, calibrated: bool, out: Path, samples:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
-    parser.add_argument("--modes", default="weights,calibrated", help="weights, calibrated or both")
+    parser.add_argument("--modes", default="weights,calibrated,uniform",
+                        help="weights; calibrated (the default data-aware path: per-layer key dims allocated); "
+                             "uniform (calibrated, --uniform)")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--workdir", type=Path, help="keep (and reuse) checkpoints and outputs here")
     args = parser.parse_args()
     sizes, modes = args.sizes.split(","), args.modes.split(",")
-    unknown = [s for s in sizes if s not in SIZES] + [m for m in modes if m not in ("weights", "calibrated")]
+    unknown = [s for s in sizes if s not in SIZES] + [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown sizes or modes: {', '.join(unknown)}")
 
@@ -130,7 +135,7 @@ def main() -> None:
             build_checkpoint(size, folder)
             mb = (folder / "model.safetensors").stat().st_size / 2**20
             for mode in modes:
-                run = run_reduce(folder, SIZES[size][2], mode == "calibrated", work / f"{size}-out", args.samples)
+                run = run_reduce(folder, SIZES[size][2], mode, work / f"{size}-out", args.samples)
                 rows.append((size, mode, mb, run))
                 print(f"{size} {mode}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
 
@@ -143,7 +148,7 @@ def main() -> None:
     for size, mode, mb, run in rows:
         params = run["report"].get("model_params", {}).get("before")
         ratio, target = run["peak_rss_mb"] / mb, 1.5 if mode == "weights" else 2.0
-        run_name = "weights only" if mode == "weights" else f"--calibrate mrpc --samples {args.samples}"
+        run_name = "weights only" if mode == "weights" else " ".join(MODES[mode] + ["--samples", str(args.samples)])
         print(f"| {LABELS[size]} | {params / 1e6:.0f}M | {mb:.0f} | {run_name} | {run['peak_rss_mb']:.0f} | "
               f"{ratio:.2f}x | {'<=' if ratio <= target else '**>**'} {target}x | {run['seconds']:.1f} |")
 

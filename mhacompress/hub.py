@@ -398,7 +398,7 @@ def check_block(block, where) -> None:
     except (ConfigError, TypeError) as err:
         raise UsageError(f"{where}: the compression block's reduction settings are invalid ({err}); {fix}") from None
     saved = [config.key_dim] * len(dims) if config.key_dim is not None else list(config.key_dims or dims)
-    if config.method != block["method"] or (config.budget is None and saved != dims):
+    if config.method != block["method"] or (config.budget is None and not config.allocate and saved != dims):
         raise UsageError(f"{where}: the compression block's reduction settings (method {config.method}, key dims "
                          f"{saved}) disagree with its layers (method {block['method']}, key dims {dims}); {fix}")
 

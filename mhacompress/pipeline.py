@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .errors import UsageError
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 Texts = Sequence["str | tuple[str, ...]"]
@@ -91,11 +92,12 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     curves = None
-    if config.budget is not None:
+    if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:
         dims = config.layer_key_dims(*model_shape(model))
     layers, modified = _reduce(model, config, dims, batches, notify)
+    _check_finite(model)
     from . import __version__
     from .reduction.surgery import finish_
 
@@ -178,13 +180,21 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
 
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:
-    """Per-layer key dims for ``config.budget``: by the measured effect on the model's output when calibrated
-    bottom-up (reduction/sensitivity.py), else by each layer's score or weight error (reduction/allocate.py)."""
+    """Per-layer key dims for ``config.budget``, or around an allocated ``config.key_dim`` (its Q/K parameters in
+    every layer): by the measured effect on the model's output when calibrated bottom-up
+    (reduction/sensitivity.py), else by each layer's score or weight error (reduction/allocate.py)."""
     from .reduction.allocate import allocate, budget_key_dims, budget_parameters, candidate_dims
     from .reduction.surgery import model_shape
 
-    allowed, cost = budget_parameters(model, config.method, config.budget)  # too small fails before calibration
     layers, heads, head_dim = model_shape(model)
+    if config.allocate and config.key_dim >= heads * head_dim:  # nothing to spread: every layer at full width
+        return [config.key_dim] * layers, None
+    if config.allocate:
+        allowed, cost = budget_parameters(model, config.method, 1.0)
+        _check_key_dim(config, heads, head_dim)
+        allowed = layers * cost(config.key_dim)
+    else:
+        allowed, cost = budget_parameters(model, config.method, config.budget)  # too small fails before calibration
     c = config.calibration
     if c is not None and c.sequential:
         from .reduction.modeling import is_classifier
@@ -288,3 +298,23 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
     if evaluated:
         out["eval"] = evaluated
     return out
+
+
+def _check_key_dim(config: ReductionConfig, heads: int, head_dim: int) -> None:
+    """The allocated key dim is a valid key dim of the model (the average the allocation keeps)."""
+    from .reduction import methods
+
+    problem = methods.get(config.method).check_key_dim(config.key_dim, heads, head_dim)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _check_finite(model) -> None:
+    """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word)."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UsageError(f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), "
+                         f"nothing was written; retry with more --samples or --uniform, or report this with the "
+                         f"command you ran")

@@ -90,3 +90,18 @@ def test_the_tensorly_solver_is_the_paper_procedure_through_compress(tiny_bert_d
     assert reference["solver"] == "tensorly"
     for a, b in zip(structured["layers"], reference["layers"]):  # same svd init: the same iterates
         assert a["relative_error"] == pytest.approx(b["relative_error"], abs=1e-4)
+
+
+def test_a_calibrated_key_dim_is_allocated_by_default_and_only_where_it_can_be_measured():
+    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).allocate is True
+    assert ReductionConfig(key_dim=8).allocate is False  # weights only: nothing to measure
+    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc", sequential=False)).allocate is False
+    assert ReductionConfig(key_dims=(8, 8), calibration=Calibration("mrpc")).allocate is False
+    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc"), allocate=False).allocate is False
+    with pytest.raises(ConfigError, match="--uniform"):
+        ReductionConfig(key_dim=8, allocate=True)
+    with pytest.raises(ConfigError, match="allocated --key-dim"):
+        ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8)
+    old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
+    del old["allocate"]  # saved before allocation existed: those models are uniform
+    assert ReductionConfig.from_dict(old).allocate is False

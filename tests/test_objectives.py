@@ -8,6 +8,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
 from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (OutputMoments, centred_content_bias, head_gram, key_side,
                                               output_metric, readout_weights, rollout)
 from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
@@ -150,6 +151,27 @@ def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
     assert float(divergence(torch.tensor([[3.0]]), torch.tensor([[1.0]]), True)) == pytest.approx(2.0)
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
     assert float(divergence(e, torch.tensor([[1.0, 0.0]]), False)) == pytest.approx(1 - 2**-0.5)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])
+@pytest.mark.parametrize("head", [False, True])
+def test_the_readout_from_a_known_depth_is_the_models_readout(model_type, head):
+    """The sensitivity runs the model from the measured layer up, the layers below replaced by their known output."""
+    from mhacompress.reduction.sensitivity import _returns_tuple, readout, readout_from
+    from mhacompress.reduction.sequential import layer_inputs, run_layer
+
+    model, batch = tiny_model(model_type, head=head), padded_batch()
+    with torch.no_grad():
+        want = readout(model, batch)
+        hidden, args, kwargs = layer_inputs(model, batch)
+        calls, as_tuple = [], _returns_tuple(model, batch)
+        layers(model)[0].register_forward_hook(lambda *a: calls.append(1))
+        for index, layer in enumerate(layers(model)):
+            calls.clear()
+            torch.testing.assert_close(readout_from(model, index, hidden, batch, as_tuple), want)
+            assert len(calls) == (index == 0)  # the layers below are not run again
+            hidden = run_layer(layer, hidden, args, kwargs)
+    assert all(not type(m).__name__.startswith("_Replay") for m in layers(model))
 
 
 @pytest.mark.parametrize("head", [False, True])

@@ -94,6 +94,10 @@ class ReductionConfig:
                  parafac / partial_tucker on the dense, whitened when calibrated, tensor).
     n_iter_max, tol, init, seed: the solver's settings (tensorly's names); the same seed gives bit-identical weights.
     calibration: a ``Calibration``, or None to reduce from the weights alone.
+    allocate:    with ``key_dim`` and a sequential calibration (the default there): ``key_dim`` is the AVERAGE, and the
+                 per-layer key dims are chosen under the Q/K parameters of ``key_dim`` everywhere by the measured
+                 effect of each layer on the model's output (reduction/sensitivity.py). False: ``key_dim`` in every
+                 layer (``--uniform``).
     first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
     """
 
@@ -108,6 +112,7 @@ class ReductionConfig:
     seed: int = 0
     calibration: Calibration | None = None
     first_token_only: bool = False
+    allocate: bool | None = None
 
     def __post_init__(self):
         if self.method not in methods.names():
@@ -136,11 +141,18 @@ class ReductionConfig:
         _flag("first_token_only", self.first_token_only)
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
+        bottom_up = self.calibration is not None and self.calibration.sequential
+        if self.allocate is None:  # the strongest label-free path: allocate whenever it can be measured
+            object.__setattr__(self, "allocate", self.key_dim is not None and bottom_up)
+        _flag("allocate", self.allocate)
+        if self.allocate and (self.key_dim is None or not bottom_up):
+            raise ConfigError("allocating per-layer key dims around --key-dim needs --key-dim and a sequential "
+                              "--calibrate; drop the allocation (--uniform) or use --budget")
 
     def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
-        if self.budget is not None:
-            raise ConfigError("with --budget the key dims are chosen by allocation (mhacompress.reduction.allocate)")
+        if self.budget is not None or self.allocate:
+            raise ConfigError("with --budget (or an allocated --key-dim) the key dims are chosen by allocation")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
             raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
@@ -184,6 +196,7 @@ class ReductionConfig:
             if calibration.get("sequential", True):
                 calibration.setdefault("objective", "score")
             data["calibration"] = Calibration(**calibration)
+        data.setdefault("allocate", False)  # saved before allocation existed: uniform
         if isinstance(data.get("key_dims"), list):
             data["key_dims"] = tuple(data["key_dims"])
         return cls(**data)
@@ -202,7 +215,7 @@ def compression_block(config: ReductionConfig, *, source: str, layers: list[dict
         "base_model_type": base_model_type,
         "method": config.method,
         "layout": method.layout,
-        "key_dim": config.key_dim,
+        "key_dim": None if config.allocate else config.key_dim,  # the layers' own, when they share one
         "reduction": config.to_dict(),
         "layers": layers,  # [{"index", "key_dim", "relative_error", ...}]
         "modified": list(modified),  # weights changed beyond query/key (e.g. compensated output projections)

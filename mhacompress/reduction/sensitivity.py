@@ -11,8 +11,10 @@ divergence of the output is what the budget should buy down (K-prune, ICLR 2024,
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +29,9 @@ from .sequential import (Batch, Plan, compensate_, embed, layer_at, layer_statis
 from .surgery import model_shape
 
 Progress = Callable[[str, int, int], None]
-SENSITIVITY_SEQUENCES = 128  # calibration sequences the curves are measured on (the reduction uses them all)
+# calibration sequences the curves are measured on (the reduction itself uses them all), and ALS sweeps per candidate
+SENSITIVITY_SEQUENCES = int(os.environ.get("MHACOMPRESS_SENSITIVITY_SEQUENCES", 128))
+CURVE_SWEEPS = 30
 
 
 def readout(model: nn.Module, encoding: dict) -> torch.Tensor:
@@ -38,6 +42,31 @@ def readout(model: nn.Module, encoding: dict) -> torch.Tensor:
     mask = encoding["attention_mask"].to(out.last_hidden_state.dtype)[..., None]  # (B, T, 1)
     pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)
     return nn.functional.normalize(pooled.float(), dim=-1)
+
+
+class _Replay(nn.Module):
+    """Stands in for a layer below the one being measured: returns the stored hidden states of that depth, so the
+    model runs only from the measured layer up (whatever the layers below would compute is already known)."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def readout_from(model: nn.Module, index: int, hidden: torch.Tensor, encoding: dict, as_tuple: bool) -> torch.Tensor:
+    """``readout`` with the layers below ``index`` replaced by their known output ``hidden`` (B, T, d)."""
+    layers = model_layers(model)
+    below = list(layers[:index])
+    try:
+        for j in range(index):
+            layers[j] = _Replay(hidden, as_tuple)
+        return readout(model, encoding)
+    finally:
+        for j, layer in enumerate(below):
+            layers[j] = layer
 
 
 def divergence(reference: torch.Tensor, output: torch.Tensor, classifier: bool) -> torch.Tensor:
@@ -77,9 +106,11 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
     device = next(model.parameters()).device
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
     reference = [readout(model, b.encoding) for b in data]
+    as_tuple = _returns_tuple(model, data[0].encoding)
     examples = sum(r.shape[0] for r in reference)
     scratch = Plan(objective=plan.objective, compensate=plan.compensate,
                    compensation_strength=plan.compensation_strength, first_token_last=plan.first_token_last)
+    quick = replace(config, n_iter_max=min(config.n_iter_max, CURVE_SWEEPS))  # curves rank; the reduction refines
     curves = []
     with tempfile.TemporaryDirectory(prefix="mhacompress-sensitivity-", dir=workdir) as folder:
         spill = embed(model, data, Path(folder))
@@ -98,11 +129,12 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
                     curve[k] = 0.0  # exact
                     continue
                 try:
-                    solve_qk_(model, index, config, k, moments, identity=True)
+                    solve_qk_(model, index, quick, k, moments, identity=True)
                     if plan.compensate:
                         compensate_(model, index, at, data, spill, scratch, True, device, lambda *a: None)
-                    total = sum(float(divergence(ref, readout(model, b.encoding), classifier).sum())
-                                for ref, b in zip(reference, data))
+                    total = sum(float(divergence(ref, readout_from(model, index, spill.read("x", i, device),
+                                                                   b.encoding, as_tuple), classifier).sum())
+                                for i, (ref, b) in enumerate(zip(reference, data)))
                     curve[k] = max(total / examples, 0.0)
                 finally:
                     setattr(parent, name, original)
@@ -111,3 +143,11 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
             spill.rename("x_next", "x", len(data))
             curves.append(curve)
     return curves
+
+
+def _returns_tuple(model: nn.Module, encoding: dict) -> bool:
+    """Whether the model's layers return a tuple (MPNet) or the hidden states themselves (BERT-like, v5)."""
+    from .sequential import layer_inputs
+
+    hidden, args, kwargs = layer_inputs(model, encoding)
+    return isinstance(model_layers(model)[0](hidden, *args, **kwargs), tuple)

@@ -1,0 +1,25 @@
+"""compress() as a library user meets it: refusals that protect what would be saved."""
+
+import pytest
+import torch
+
+import mhacompress
+from conftest import tiny_model
+from mhacompress import ReductionConfig
+from mhacompress.errors import UsageError
+
+
+def test_non_finite_weights_are_refused_before_anything_is_returned(monkeypatch):
+    from mhacompress import pipeline
+
+    real = pipeline._reduce
+
+    def poisoned(model, *args):
+        out = real(model, *args)
+        with torch.no_grad():
+            model.encoder.layer[1].attention.output.dense.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(pipeline, "_reduce", poisoned)
+    with pytest.raises(UsageError, match="non-finite weights .*encoder.layer.1.attention.output.dense.weight"):
+        mhacompress.compress(tiny_model("bert"), ReductionConfig(key_dim=8))
