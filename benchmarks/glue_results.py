@@ -300,7 +300,8 @@ def ladder_lines(args, c) -> list[str]:
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
              "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
              "model that answers 'paraphrase' to everything: it scores F1 81.2).", ""]
-    head = ["rung"] + [LABEL[t] for t in tasks] + ["Avg. drop", "STS-B dev (encoder)", "STS-B train (encoder)"]
+    label = {**LABEL, "mrpc": "MRPC (F1 / acc)"}
+    head = ["rung"] + [label[t] for t in tasks] + ["Avg. drop", "STS-B dev (encoder)", "STS-B train (encoder)"]
     for dim in sorted(map(int, args.ladder_dims.split(",")), reverse=True):
         lines += [f"### key dim {dim}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         row = ["original"] + [_pct(orig(t, MAIN[t])) + (f" / {_pct(orig(t, 'accuracy'))}" if t == "mrpc" else "")
@@ -321,8 +322,27 @@ def ladder_lines(args, c) -> list[str]:
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
             lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        lines += ["", _summary(c, tasks, dim, "allocation", score, orig), ""]
     return lines
+
+
+def _summary(c, tasks, dim, rung, score, orig) -> str:
+    """One line on the default path at ``dim``: average drop, the task that keeps least of its score, MRPC's drops,
+    the encoder's drops on both metrics."""
+    cells = {t: c.get((t, rung, dim)) for t in tasks + ["encoder"]}
+    if any(v is None for v in cells.values()):
+        return f"(the {rung} rung is not finished at key dim {dim})"
+    drops = {t: orig(t, MAIN[t]) - score(t, cells[t], MAIN[t]) for t in tasks}
+    kept = {t: score(t, cells[t], MAIN[t]) / orig(t, MAIN[t]) for t in tasks if orig(t, MAIN[t]) > 0}
+    low = min(kept, key=kept.get)
+    enc = [orig("encoder", "spearman", s) - score("encoder", cells["encoder"], "spearman", s) for s in ("dev", "train")]
+    mrpc = ""
+    if "mrpc" in tasks:
+        mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
+                f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
+    return (f"Default path (`-k {dim} --calibrate`, allocated): average drop {100 * sum(drops.values()) / len(drops):.2f} "
+            f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
+            f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")
 
 
 LADDER = "## Keeping the scores without retraining: the ablation ladder"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -92,6 +92,8 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     curves = None
+    _, heads, head_dim = model_shape(model)
+    config = replace(config, allocate=config.allocates(heads * head_dim))  # saved as decided for this model
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:

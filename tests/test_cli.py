@@ -158,17 +158,20 @@ def test_calibrated_budget_allocates_by_the_measured_output_divergence(tiny_dir,
     assert all(0 <= e < 1 for c in curves for e in c.values()) and any(e > 0 for c in curves for e in c.values())
 
 
-def test_calibrated_key_dim_is_an_average_spread_over_layers_unless_uniform(tiny_dir, calibration_file, tmp_path):
-    """--key-dim K --calibrate allocates per-layer dims under K's Q/K parameters; --uniform keeps K everywhere. Both
-    reload."""
+def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_dir, calibration_file, tmp_path):
+    """--key-dim K --calibrate allocates per-layer dims under K's Q/K parameters by default at K <= d/8 (d = 32
+    here) or with --allocate; otherwise, or with --uniform, K is in every layer. All reload."""
     import mhacompress
     from mhacompress.reduction.modeling import attention_modules
 
-    common = ["-k", "8", "--calibrate", calibration_file, "--samples", "16", "--json"]
-    allocated = json.loads(invoke("reduce", tiny_dir, *common, "-o", tmp_path / "a").stdout)
-    uniform = json.loads(invoke("reduce", tiny_dir, *common, "--uniform", "-o", tmp_path / "u").stdout)
+    common = ["--calibrate", calibration_file, "--samples", "16", "--json"]
+    allocated = json.loads(invoke("reduce", tiny_dir, "-k", "8", "--allocate", *common, "-o", tmp_path / "a").stdout)
+    uniform = json.loads(invoke("reduce", tiny_dir, "-k", "8", *common, "-o", tmp_path / "u").stdout)
+    small = json.loads(invoke("reduce", tiny_dir, "-k", "4", *common).stdout)
+    small_uniform = json.loads(invoke("reduce", tiny_dir, "-k", "4", "--uniform", *common).stdout)
     assert uniform["key_dims"] == [8, 8] and uniform["budget"] is None and uniform["config"]["allocate"] is False
     assert allocated["config"]["allocate"] is True and len(allocated["budget"]["curves"]) == 2
+    assert small["config"]["allocate"] is True and small_uniform["key_dims"] == [4, 4]
     assert allocated["params"]["after"] <= uniform["params"]["after"]
     for folder, report in ((tmp_path / "a", allocated), (tmp_path / "u", uniform)):
         model, _ = mhacompress.load(folder)

@@ -3,6 +3,7 @@ python -O), saved with the weights and read back equal; methods come from one re
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -63,9 +64,11 @@ def test_a_config_round_trips_through_its_dict(config):
 
 def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tmp_path, glue_dir):
     config = ReductionConfig(key_dim=8, seed=4, calibration=Calibration("mrpc", samples=16, compensate=True))
-    mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir)).save(tmp_path / "out")
+    result = mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir))
+    result.save(tmp_path / "out")
     model, _ = mhacompress.load(tmp_path / "out")
-    assert ReductionConfig.from_dict(model.config.compression["reduction"]) == config
+    assert result.config == replace(config, allocate=False)  # the default, decided for this model: 8 > 32 / 8
+    assert ReductionConfig.from_dict(model.config.compression["reduction"]) == result.config
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
 
 
@@ -92,8 +95,10 @@ def test_the_tensorly_solver_is_the_paper_procedure_through_compress(tiny_bert_d
         assert a["relative_error"] == pytest.approx(b["relative_error"], abs=1e-4)
 
 
-def test_a_calibrated_key_dim_is_allocated_by_default_and_only_where_it_can_be_measured():
-    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).allocate is True
+def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where_it_can_be_measured():
+    auto = ReductionConfig(key_dim=48, calibration=Calibration("mrpc"))
+    assert auto.allocate is None and auto.allocates(384) and not auto.allocates(383)  # decided per model: d/8
+    assert ReductionConfig(key_dim=96, calibration=Calibration("mrpc"), allocate=True).allocates(384)
     assert ReductionConfig(key_dim=8).allocate is False  # weights only: nothing to measure
     assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc", sequential=False)).allocate is False
     assert ReductionConfig(key_dims=(8, 8), calibration=Calibration("mrpc")).allocate is False
@@ -101,7 +106,8 @@ def test_a_calibrated_key_dim_is_allocated_by_default_and_only_where_it_can_be_m
     with pytest.raises(ConfigError, match="--uniform"):
         ReductionConfig(key_dim=8, allocate=True)
     with pytest.raises(ConfigError, match="allocated --key-dim"):
-        ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8)
+        ReductionConfig(key_dim=4, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8)
+    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8) == [8, 8]
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
     del old["allocate"]  # saved before allocation existed: those models are uniform
     assert ReductionConfig.from_dict(old).allocate is False

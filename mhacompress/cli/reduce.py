@@ -14,9 +14,9 @@ from .eval import check_drop, data_options, render_eval
 @click.argument("model")
 @click.option("--key-dim", "-k", type=int, help="Shared query/key width D~k: 1..H*dh (H*dh is exact for cp). With "
               "--calibrate, the average: per-layer widths are chosen under its Q/K parameters (see --uniform).")
-@click.option("--uniform", is_flag=True, help="With --calibrate: the same --key-dim in every layer, instead of "
-              "spreading its Q/K parameters over the layers by their measured effect on the output (faster: no sensitivity "
-              "passes; scores drop more at small key dims).")
+@click.option("--allocate/--uniform", default=None, help="With --calibrate: spread the Q/K parameters of --key-dim "
+              "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays; a few "
+              "forward passes per layer), or keep --key-dim in every layer (default above d/8).")
 @click.option("--key-dims", help="One key dim per layer, comma-separated (e.g. 64,96,96,128,128,192).")
 @click.option("--budget", type=float, help="Instead of key dims: keep this fraction (0 < F <= 1) of the original Q/K "
               "parameters, with per-layer key dims chosen where they cost least.")
@@ -58,7 +58,7 @@ from .eval import check_drop, data_options, render_eval
               "this on the task's main metric (absolute, e.g. 0.01), for CI gates.")
 @first_token_option("Saved with the model (reloads keep it); --eval scores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
-def reduce(model, key_dim, uniform, key_dims, budget, calibrate_source, samples, sequential, objective, compensate,
+def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples, sequential, objective, compensate,
            refine, weights_only, method, solver, output, force, seed, init, n_iter_max, tol, device, allow_pickle, eval_task,
            data_dir, max_drop, first_token_only, as_json):
     """Share one query/key projection of size KEY_DIM across the heads of every self-attention layer of MODEL.
@@ -91,7 +91,7 @@ def reduce(model, key_dim, uniform, key_dims, budget, calibrate_source, samples,
         config = ReductionConfig(key_dim=key_dim, key_dims=None if key_dims is None else tuple(parse_dims(key_dims)),
                                  budget=budget, method=method, solver=solver, seed=seed, init=init,
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
-                                 first_token_only=first_token_only, allocate=False if uniform else None)
+                                 first_token_only=first_token_only, allocate=allocate)
         if output is not None:  # refused at once: the source, an unwritable place, a run already writing there
             from ..hub import check_output
 

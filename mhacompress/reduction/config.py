@@ -94,10 +94,12 @@ class ReductionConfig:
                  parafac / partial_tucker on the dense, whitened when calibrated, tensor).
     n_iter_max, tol, init, seed: the solver's settings (tensorly's names); the same seed gives bit-identical weights.
     calibration: a ``Calibration``, or None to reduce from the weights alone.
-    allocate:    with ``key_dim`` and a sequential calibration (the default there): ``key_dim`` is the AVERAGE, and the
-                 per-layer key dims are chosen under the Q/K parameters of ``key_dim`` everywhere by the measured
-                 effect of each layer on the model's output (reduction/sensitivity.py). False: ``key_dim`` in every
-                 layer (``--uniform``).
+    allocate:    with ``key_dim`` and a sequential calibration: ``key_dim`` is the AVERAGE, and the per-layer key dims
+                 are chosen under the Q/K parameters of ``key_dim`` everywhere by the measured effect of each layer on
+                 the model's output (reduction/sensitivity.py). False: ``key_dim`` in every layer (``--uniform``).
+                 None (default): decided for the model by ``allocates``: on at key dims <= d/8, where it pays
+                 (docs/results.md: fine-tuned MiniLM average drop 3.09 -> 1.05 at d/8), off above, where it is
+                 neutral and costs several times the reduction.
     first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
     """
 
@@ -142,16 +144,17 @@ class ReductionConfig:
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
         bottom_up = self.calibration is not None and self.calibration.sequential
-        if self.allocate is None:  # the strongest label-free path: allocate whenever it can be measured
-            object.__setattr__(self, "allocate", self.key_dim is not None and bottom_up)
-        _flag("allocate", self.allocate)
+        if self.allocate is None and (self.key_dim is None or not bottom_up):
+            object.__setattr__(self, "allocate", False)  # nothing to measure the layers by
+        if self.allocate is not None:
+            _flag("allocate", self.allocate)
         if self.allocate and (self.key_dim is None or not bottom_up):
             raise ConfigError("allocating per-layer key dims around --key-dim needs --key-dim and a sequential "
                               "--calibrate; drop the allocation (--uniform) or use --budget")
 
     def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
-        if self.budget is not None or self.allocate:
+        if self.budget is not None or self.allocates(num_heads * head_dim):
             raise ConfigError("with --budget (or an allocated --key-dim) the key dims are chosen by allocation")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
@@ -163,6 +166,13 @@ class ReductionConfig:
             if problem:
                 raise ConfigError(problem)
         return dims
+
+    def allocates(self, width: int) -> bool:
+        """Whether the key dims are allocated per layer for a model of ``width`` = H*dh: as set, or by default at
+        key dims <= width / 8 with a sequential calibration."""
+        if self.allocate is not None:
+            return self.allocate
+        return self.key_dim * 8 <= width
 
     def solver_options(self) -> dict:
         """What ``Method.solve`` takes: the solver and its settings (tensorly's names)."""

@@ -11,7 +11,6 @@ divergence of the output is what the budget should buy down (K-prune, ICLR 2024,
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +29,7 @@ from .surgery import model_shape
 
 Progress = Callable[[str, int, int], None]
 # calibration sequences the curves are measured on (the reduction itself uses them all), and ALS sweeps per candidate
-SENSITIVITY_SEQUENCES = int(os.environ.get("MHACOMPRESS_SENSITIVITY_SEQUENCES", 128))
+SENSITIVITY_SEQUENCES = 128  # 64 was measurably worse on MRPC at key dim 48 (F1/acc 86.2/79.9 against 86.9/80.9)
 CURVE_SWEEPS = 30
 
 
