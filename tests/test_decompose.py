@@ -266,3 +266,29 @@ def test_solvers_run_single_threaded_and_leave_the_thread_count_alone(monkeypatc
     cp_als(wq, wk, H, 6, n_iter_max=2, tol=0)
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+def test_a_float32_breakdown_is_redone_in_float64(monkeypatch):
+    """Badly conditioned (whitened) weights can drive the float32 products to NaN; the ALS then starts again in
+    float64 and returns what a float64 run returns, never NaN factors."""
+    from mhacompress.reduction import decompose as dec
+
+    gen = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(16, 12, generator=gen, dtype=torch.float64), torch.randn(16, 12, generator=gen,
+                                                                                  dtype=torch.float64)
+    want = dec.cp_als(wq, wk, 4, 6, compute_dtype=torch.float64)
+    real, calls = dec._half_step, []
+
+    def breaks_in_float32(gram_w, X, S):
+        step = real(gram_w, X, S)
+        calls.append(gram_w.dtype)
+        if gram_w.dtype == torch.float32 and len(calls) > 4:
+            step.inner = step.inner * float("nan")
+        return step
+
+    monkeypatch.setattr(dec, "_half_step", breaks_in_float32)
+    got = dec.cp_als(wq, wk, 4, 6)
+    assert torch.float32 in calls and calls[-1] == torch.float64
+    torch.testing.assert_close(got.U, want.U)
+    torch.testing.assert_close(got.mixing, want.mixing)
+    assert got.errors == want.errors

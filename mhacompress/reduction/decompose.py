@@ -20,6 +20,7 @@ paper's procedure, ``solver="tensorly"``); tests compare.
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -183,9 +184,11 @@ def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int
 
     The (n, .) products run in ``compute_dtype`` (float32: twice as fast on CPU); the (rank, rank) Gram matrices,
     their inverses, the returned factors and errors are float64. Pass ``torch.float64`` to follow tensorly to the
-    last digit.
+    last digit. A float32 run that breaks down (non-finite errors: badly conditioned whitened weights from very
+    anisotropic calibration data) is redone in float64 from the same start.
     """
     n = wq.shape[0]
+    original = (wq, wk)
     wq, wk = _check(wq, wk, num_heads, rank, n)
     if rank == n and not isinstance(init, tuple):
         return cp_exact(wq, wk, num_heads)
@@ -221,6 +224,11 @@ def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int
         Q, VtV = mode2.WF, mode2.FtF
         # ||T - T_hat||^2 = ||T||^2 - 2 <T, T_hat> + ||T_hat||^2, both from the last mode's products
         errors.append(_rel(norm2 - 2 * mode2.inner + (lhs * VtV).sum(), norm2))
+        if not math.isfinite(errors[-1]):
+            if compute_dtype == torch.float64:
+                raise FloatingPointError(f"cp_als broke down at sweep {sweep + 1} even in float64")
+            return cp_als(*original, num_heads, rank, n_iter_max=n_iter_max, tol=tol, init=init,
+                          random_state=random_state, compute_dtype=torch.float64)
         if tol and len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             break
     if errors:  # form the factors once, from the last sweep's least-squares systems
