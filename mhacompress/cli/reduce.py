@@ -13,7 +13,7 @@ from .eval import check_drop, data_options, render_eval
 @click.command()
 @click.argument("model")
 @click.option("--key-dim", "-k", type=int, help="Shared query/key width D~k: 1..H*dh (H*dh is exact for cp). With "
-              "--calibrate, the average: per-layer widths are chosen under its Q/K parameters (see --uniform).")
+              "--calibrate at key dims <= d/8, the average: per-layer widths share its Q/K parameters (see --allocate).")
 @click.option("--allocate/--uniform", default=None, help="With --calibrate: spread the Q/K parameters of --key-dim "
               "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays; a few "
               "forward passes per layer), or keep --key-dim in every layer (default above d/8).")
