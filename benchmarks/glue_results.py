@@ -31,7 +31,7 @@ KEEP = "<!-- Everything below this line is written by hand and kept when the scr
 RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement")
 RUNG_LABEL = {"weights": "weights only", "calibrated": "calibrated (whitened, all layers at once)",
               "sequential": "+ sequential (score objective)", "output": "+ output objective",
-              "compensation": "+ compensation (`--uniform`)", "allocation": "+ allocation (the default)",
+              "compensation": "+ compensation (default above d/8)", "allocation": "+ allocation (default at d/8)",
               "refinement": "+ refinement (`--refine 200`, opt-in)"}
 LABEL = {"cola": "CoLA (mcc)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (spearman)",
          "rte": "RTE (acc)"}
@@ -273,6 +273,7 @@ def write(args, a, b, c, seconds):
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+MINILM_WIDTH = 384  # H * dh of the bundled MiniLM: allocation is the default at key dims <= width / 8
 MAIN = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "spearman", "rte": "accuracy"}
 
 
@@ -292,9 +293,10 @@ def ladder_lines(args, c) -> list[str]:
              "whitened by its input second moments, all layers from the original's inputs; `+ sequential`: bottom-up, "
              "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
              "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ compensation`: "
-             "the attention output projection refitted by ridge least squares (`--uniform`: every layer at the key dim); "
-             "`+ allocation`: the same Q/K parameters as the uniform key dim, spread over the layers by the measured "
-             "effect on the model's output (what `reduce -k K --calibrate SOURCE` does by default); `+ refinement`: then 200 Adam steps per layer on the same "
+             "the attention output projection refitted by ridge least squares, every layer at the key dim (what "
+             "`reduce -k K --calibrate SOURCE` does for K > d/8, or with `--uniform`); `+ allocation`: the same Q/K "
+             "parameters as the uniform key dim, spread over the layers by the measured effect on the model's output "
+             "(the default for K <= d/8, or with `--allocate`); `+ refinement`: then 200 Adam steps per layer on the same "
              "target, where no closed form exists (opt-in, `--refine`). Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
@@ -322,7 +324,8 @@ def ladder_lines(args, c) -> list[str]:
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", _summary(c, tasks, dim, "allocation", score, orig), ""]
+        default = "allocation" if dim * 8 <= MINILM_WIDTH else "compensation"  # what `-k DIM --calibrate` runs
+        lines += ["", _summary(c, tasks, dim, default, score, orig), ""]
     return lines
 
 
@@ -340,7 +343,8 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     if "mrpc" in tasks:
         mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
                 f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
-    return (f"Default path (`-k {dim} --calibrate`, allocated): average drop {100 * sum(drops.values()) / len(drops):.2f} "
+    how = "allocated" if rung == "allocation" else "uniform"
+    return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
             f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")
 

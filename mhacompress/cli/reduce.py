@@ -12,11 +12,12 @@ from .eval import check_drop, data_options, render_eval
 
 @click.command()
 @click.argument("model")
-@click.option("--key-dim", "-k", type=int, help="Shared query/key width D~k: 1..H*dh (H*dh is exact for cp). With "
-              "--calibrate at key dims <= d/8, the average: per-layer widths share its Q/K parameters (see --allocate).")
+@click.option("--key-dim", "-k", type=int, help="Shared query/key width D~k: 1..H*dh (H*dh is exact for cp). "
+              "With --calibrate at key dims <= d/8, the average: per-layer widths share its Q/K parameters "
+              "(see --allocate).")
 @click.option("--allocate/--uniform", default=None, help="With --calibrate: spread the Q/K parameters of --key-dim "
-              "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays; a few "
-              "forward passes per layer), or keep --key-dim in every layer (default above d/8).")
+              "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays; "
+              "a few forward passes per layer), or keep --key-dim in every layer (default above d/8).")
 @click.option("--key-dims", help="One key dim per layer, comma-separated (e.g. 64,96,96,128,128,192).")
 @click.option("--budget", type=float, help="Instead of key dims: keep this fraction (0 < F <= 1) of the original Q/K "
               "parameters, with per-layer key dims chosen where they cost least.")
@@ -59,8 +60,8 @@ from .eval import check_drop, data_options, render_eval
 @first_token_option("Saved with the model (reloads keep it); --eval scores it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples, sequential, objective, compensate,
-           refine, weights_only, method, solver, output, force, seed, init, n_iter_max, tol, device, allow_pickle, eval_task,
-           data_dir, max_drop, first_token_only, as_json):
+           refine, weights_only, method, solver, output, force, seed, init, n_iter_max, tol, device, allow_pickle,
+           eval_task, data_dir, max_drop, first_token_only, as_json):
     """Share one query/key projection of size KEY_DIM across the heads of every self-attention layer of MODEL.
 
     MODEL is a local folder, a Hugging Face hub id, or an alias: bert-base, bert-large, roberta-base, distilbert,
