@@ -172,6 +172,8 @@ def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_di
     assert uniform["key_dims"] == [8, 8] and uniform["budget"] is None and uniform["config"]["allocate"] is False
     assert allocated["config"]["allocate"] is True and len(allocated["budget"]["curves"]) == 2
     assert small["config"]["allocate"] is True and small_uniform["key_dims"] == [4, 4]
+    human = invoke("reduce", tiny_dir, "-k", "4", "--calibrate", calibration_file, "--samples", "16")
+    assert human.exit_code == 0 and "key dim 4 on average" in " ".join(human.stderr.split())
     assert allocated["params"]["after"] <= uniform["params"]["after"]
     for folder, report in ((tmp_path / "a", allocated), (tmp_path / "u", uniform)):
         model, _ = mhacompress.load(folder)

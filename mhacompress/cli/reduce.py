@@ -139,6 +139,8 @@ def render(result: dict) -> None:
     from rich.table import Table
 
     dims = f"key dim {result['key_dim']}" if result["key_dim"] else "per-layer key dims"
+    if result["key_dim"] and result["config"].get("allocate"):
+        dims += " on average (per-layer dims allocated by measured output sensitivity)"
     calibrated = result.get("calibration") is not None
     title = f"{result['model']}: {result['method']} at {dims}" + (
         f", calibrated on {result['calibration']['source']}" if calibrated else "")
