@@ -435,6 +435,21 @@ def _some(keys: list[str]) -> str:
 
 
 @contextlib.contextmanager
+def quiet_progress():
+    """transformers' own progress bars (loading weights, writing shards) off: the library prints nothing itself;
+    progress is the caller's ``on_progress``."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _loading(name):
     """Errors of transformers' loading code as one line, and its reports of skipped weights kept off stderr (we
     check them ourselves)."""
@@ -443,7 +458,8 @@ def _loading(name):
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        yield
+        with quiet_progress():
+            yield
     except (UsageError, ImportError):
         raise
     except (OSError, ValueError, RuntimeError, KeyError, AssertionError, AttributeError) as err:
@@ -552,7 +568,7 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     target = check_output(output, force, sources=[source, *loaded_from])
     folder = _source_folder(source)
     try:
-        with fsio.temp_dir(target) as tmp:
+        with fsio.temp_dir(target) as tmp, quiet_progress():
             model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
