@@ -30,9 +30,14 @@ def test_the_library_prints_nothing_itself(tiny_bert_dir, tmp_path, capfd):
     user's own progress-bar setting is left as it was."""
     from transformers.utils import logging
 
-    result = mhacompress.compress(str(tiny_bert_dir), ReductionConfig(key_dim=8))
-    result.save(tmp_path / "out")
-    mhacompress.load(tmp_path / "out")
-    out, err = capfd.readouterr()
-    assert out == "" and err == ""
-    assert logging.is_progress_bar_enabled()
+    was = logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()  # as a fresh Python session has it (the CLI tests switch it off)
+    try:
+        result = mhacompress.compress(str(tiny_bert_dir), ReductionConfig(key_dim=8))
+        result.save(tmp_path / "out")
+        mhacompress.load(tmp_path / "out")
+        out, err = capfd.readouterr()
+        assert out == "" and err == ""
+        assert logging.is_progress_bar_enabled()
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
