@@ -92,12 +92,12 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     curves = None
-    _, heads, head_dim = model_shape(model)
-    config = replace(config, allocate=config.allocates(heads * head_dim))  # saved as decided for this model
+    shape = model_shape(model)  # (layers, heads, head dim)
+    config = replace(config, allocate=config.allocates(shape[1] * shape[2]))  # saved as decided for this model
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:
-        dims = config.layer_key_dims(*model_shape(model))
+        dims = config.layer_key_dims(*shape)
     layers, modified = _reduce(model, config, dims, batches, notify)
     _check_finite(model)
     from . import __version__
@@ -191,23 +191,20 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
     layers, heads, head_dim = model_shape(model)
     if config.allocate and config.key_dim >= heads * head_dim:  # nothing to spread: every layer at full width
         return [config.key_dim] * layers, None
-    if config.allocate:
-        allowed, cost = budget_parameters(model, config.method, 1.0)
-        _check_key_dim(config, heads, head_dim)
-        allowed = layers * cost(config.key_dim)
+    if config.allocate:  # the Q/K parameters of key_dim in every layer, spread over the layers
+        config.check_key_dims([config.key_dim], heads, head_dim)
+        _, cost = budget_parameters(model, config.method, 1.0)
+        allowed, uniform = layers * cost(config.key_dim), config.key_dim
     else:
         allowed, cost = budget_parameters(model, config.method, config.budget)  # too small fails before calibration
+        uniform = max((k for k in range(1, heads * head_dim + 1) if layers * cost(k) <= allowed), default=1)
     c = config.calibration
     if c is not None and c.sequential:
-        from .reduction.modeling import is_classifier
         from .reduction.sensitivity import SENSITIVITY_SEQUENCES, candidates, output_curves
-        from .reduction.sequential import Plan
 
-        uniform = max((k for k in range(1, heads * head_dim + 1) if layers * cost(k) <= allowed), default=1)
-        plan = Plan(objective=c.objective, compensate=c.compensate, first_token_last=is_classifier(model))
         curves = output_curves(model, config, candidates(model, config.method, uniform),
-                               _first_sequences(batches, SENSITIVITY_SEQUENCES), plan,
-                               on_progress=lambda stage, done, total: notify(Progress(stage, done, total)))
+                               _first_sequences(batches, SENSITIVITY_SEQUENCES), _plan(c, model),
+                               on_progress=_stages(notify))
         dims = allocate([{k: e ** 0.5 for k, e in curve.items()} for curve in curves], cost, allowed)  # sums e
         return dims, [{str(k): e for k, e in curve.items()} for curve in curves]
     moments = None
@@ -225,6 +222,20 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
     return dims, [{str(k): e for k, e in c.items()} for c in curves]
 
 
+def _plan(c: Calibration, model):
+    """The sequential reduction's plan for ``model`` from its calibration settings."""
+    from .reduction.modeling import is_classifier
+    from .reduction.sequential import Plan
+
+    return Plan(objective=c.objective, compensate=c.compensate, refine_steps=c.refine_steps,
+                first_token_last=is_classifier(model))
+
+
+def _stages(notify) -> Callable[[str, int, int], None]:
+    """The reduction modules' (stage, done, total) callback, as Progress events."""
+    return lambda stage, done, total: notify(Progress(stage, done, total))
+
+
 def _first_sequences(batches: list[dict], count: int) -> list[dict]:
     """The leading batches holding ``count`` sequences (the last one cut to size)."""
     out, left = [], count
@@ -239,17 +250,13 @@ def _first_sequences(batches: list[dict], count: int) -> list[dict]:
 
 def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
     """Decompose every layer in place: from the weights, from the original's moments, or sequentially."""
-    from .reduction.modeling import is_classifier
     from .reduction.surgery import reduce_layers_
 
     c = config.calibration
     if c is not None and c.sequential:
-        from .reduction.sequential import Plan, reduce_sequential_
+        from .reduction.sequential import reduce_sequential_
 
-        plan = Plan(objective=c.objective, compensate=c.compensate, refine_steps=c.refine_steps,
-                    first_token_last=is_classifier(model))
-        reduce_sequential_(model, config, dims, batches,
-                           plan, on_progress=lambda stage, done, total: notify(Progress(stage, done, total)))
+        plan = reduce_sequential_(model, config, dims, batches, _plan(c, model), on_progress=_stages(notify))
         return plan.reports, plan.modified
     moments = None
     if c is not None:
@@ -300,15 +307,6 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
     if evaluated:
         out["eval"] = evaluated
     return out
-
-
-def _check_key_dim(config: ReductionConfig, heads: int, head_dim: int) -> None:
-    """The allocated key dim is a valid key dim of the model (the average the allocation keeps)."""
-    from .reduction import methods
-
-    problem = methods.get(config.method).check_key_dim(config.key_dim, heads, head_dim)
-    if problem:
-        raise ConfigError(problem)
 
 
 def _check_finite(model) -> None:

@@ -160,12 +160,16 @@ class ReductionConfig:
         if len(dims) != num_layers:
             raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
                               f"or one --key-dim for all")
+        self.check_key_dims(dims, num_heads, head_dim)
+        return dims
+
+    def check_key_dims(self, dims: list[int], num_heads: int, head_dim: int) -> None:
+        """Refuse a key dim the method cannot take on this model's heads (svd: a multiple of H, ...)."""
         method = methods.get(self.method)
         for k in dims:
             problem = method.check_key_dim(k, num_heads, head_dim)
             if problem:
                 raise ConfigError(problem)
-        return dims
 
     def allocates(self, width: int) -> bool:
         """Whether the key dims are allocated per layer for a model of ``width`` = H*dh: as set, or by default at

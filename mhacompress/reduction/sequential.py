@@ -332,9 +332,9 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             targets = plan.compensate or plan.refine_steps > 0
             moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
             report = solve_qk_(model, index, config, dims[index], moments, identity=same)
-            proj = at.layer.get_submodule(arch_for(model.config).out_proj)
-            original = [t.detach().clone() for t in (proj.weight, proj.bias)]  # the compensation's prior
             if plan.compensate:
+                proj = at.layer.get_submodule(arch_for(model.config).out_proj)
+                original = [None if t is None else t.detach().clone() for t in (proj.weight, proj.bias)]  # the prior
                 compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             if plan.refine_steps:
                 with torch.enable_grad():
