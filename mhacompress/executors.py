@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Callable
 from .errors import UsageError
 
 EXECUTORS = ("local", "ray")
-RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install ray)"
+RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install 'ray[client]')"
+PROBE_SECONDS = 5.0  # how long to wait for a cluster's port to answer before calling it unreachable
 
 Cell = dict
 Result = dict
@@ -160,6 +162,8 @@ def _run_on_ray(path: str, cells: list[Cell], todo: list[int], finished: Callabl
     ray = _ray()
     started = not ray.is_initialized()
     if started:
+        if address:
+            _probe(address)
         try:
             ray.init(address=address, num_cpus=None if address else local_cpus, log_to_driver=False,
                      include_dashboard=False)
@@ -176,6 +180,38 @@ def _run_on_ray(path: str, cells: list[Cell], todo: list[int], finished: Callabl
     finally:
         if started:
             ray.shutdown()
+
+
+def _probe(address: str, seconds: float = PROBE_SECONDS) -> None:
+    """Fail fast on a cluster that does not answer: Ray itself retries an unreachable address for a minute or more.
+
+    ``ray://HOST[:PORT]`` (Ray Client, port 10001 by default) and ``HOST:PORT`` (the head's GCS) are probed with one
+    TCP connection; ``auto``, ``local`` and anything else are left to Ray.
+    """
+    host, port = _host_port(address)
+    if host is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=seconds).close()
+    except OSError as err:
+        why = f"no answer in {seconds:g} s" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {why}; check the address "
+                         f"and that the head node is up ('ray status' on it)") from None
+
+
+def _host_port(address: str) -> tuple[str | None, int]:
+    """``(host, port)`` of a ``ray://`` or ``host:port`` address; ``(None, 0)`` when it is not one."""
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("["):  # [IPv6]:port
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host or (not port and not client) or (port and not port.isdigit()):
+        return None, 0
+    return host, int(port) if port else 10001
 
 
 def _ray_get(ray, ref, cell: Cell) -> Result:

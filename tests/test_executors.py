@@ -103,6 +103,39 @@ def test_ray_missing_is_a_one_line_error_with_the_pip_command(monkeypatch):
         run_cells(cells(1), square, executor="ray")
 
 
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a port that was just free: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_unreachable_cluster_is_a_one_line_error_before_ray_retries_it(monkeypatch, scheme):
+    import types
+
+    def init(**kwargs):
+        raise AssertionError("ray.init must not be called: it retries an unreachable address for a minute or more")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    address = f"{scheme}127.0.0.1:{closed_port()}"
+    with pytest.raises(UsageError, match=rf"cannot reach the Ray cluster at {address}: .*check the address"):
+        run_cells(cells(1), square, executor="ray", address=address)
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("ray://head:10001", ("head", 10001)), ("ray://head", ("head", 10001)), ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+    ("ray://[::1]:9000", ("::1", 9000)), ("[::1]:6379", ("::1", 6379)),
+    ("auto", (None, 0)), ("local", (None, 0)), ("head:port", (None, 0)),
+])
+def test_cluster_addresses_are_read_as_ray_reads_them(address, expected):
+    from mhacompress.executors import _host_port
+
+    assert _host_port(address) == expected
+
+
 @pytest.mark.slow
 def test_a_real_local_ray_instance_gives_the_local_results(tmp_path, monkeypatch):
     try:
