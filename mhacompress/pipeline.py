@@ -310,10 +310,17 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
 
 
 def _check_finite(model) -> None:
-    """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word)."""
+    """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word).
+
+    Only the transformer layers are read, which hold every weight a reduction writes: isfinite on a 250k-token
+    embedding would allocate a float copy of it (1 GB at XLM-R-large size) and set the run's peak memory."""
     import torch
 
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    from .reduction.modeling import arch_for, layers
+
+    prefix = arch_for(model.config).layers
+    bad = [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers(model)) for name, p in layer.named_parameters()
+           if not torch.isfinite(p).all()]
     if bad:
         raise UsageError(f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), "
                          f"nothing was written; retry with more --samples or --uniform, or report this with the "
