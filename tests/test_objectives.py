@@ -186,3 +186,10 @@ def test_measured_sensitivity_leaves_the_model_unchanged_and_is_zero_when_exact(
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, before[name]), name
     assert candidates(model, "svd", 8) == [4, 8, 12, 16]  # multiples of the 4 heads around 8
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    from mhacompress.reduction.objectives import mean_pooled
+
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2), the last token is padding
+    assert torch.equal(mean_pooled(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..reduction.modeling import is_classifier
+from ..reduction.objectives import mean_pooled
 from ..errors import UsageError
 from . import metrics as M
 from .data import Examples
@@ -97,9 +98,7 @@ def _logits(model, enc):
 
 
 def _mean_pooled(model, enc):
-    hidden = model(**enc).last_hidden_state  # (B, T, d)
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, d)
+    return mean_pooled(model(**enc).last_hidden_state, enc["attention_mask"])  # (B, d)
 
 
 def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_encoder_any_task: bool = False,

@@ -42,6 +42,13 @@ def head_gram(wo: Tensor, heads: int) -> Tensor:
     return torch.einsum("ohi,ohj->hij", w, w)
 
 
+def mean_pooled(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The mean over real tokens (B, d) of hidden states (B, T, d) under an attention mask (B, T): how a sentence
+    encoder is read, both when it is scored and when its sensitivity is measured."""
+    m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
 def output_metric(x: Tensor, p: Tensor, v: Tensor, gram: Tensor, tokens: Tensor, weights: Tensor
                   ) -> tuple[Tensor, Tensor]:
     """The key metric S (B, T, T), summed over heads, and each head's share (H,) of the output error,

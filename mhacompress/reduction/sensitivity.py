@@ -23,6 +23,7 @@ from . import methods
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
 from .modeling import layers as model_layers
+from .objectives import mean_pooled
 from .sequential import (Batch, Plan, compensate_, embed, layer_at, layer_statistics, solve_qk_,
                          token_weights)
 from .surgery import model_shape
@@ -38,9 +39,7 @@ def readout(model: nn.Module, encoding: dict) -> torch.Tensor:
     out = model(**encoding)
     if is_classifier(model):
         return out.logits.float()
-    mask = encoding["attention_mask"].to(out.last_hidden_state.dtype)[..., None]  # (B, T, 1)
-    pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return nn.functional.normalize(pooled.float(), dim=-1)
+    return nn.functional.normalize(mean_pooled(out.last_hidden_state, encoding["attention_mask"]).float(), dim=-1)
 
 
 class _Replay(nn.Module):
