@@ -189,10 +189,11 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
     from .reduction.surgery import model_shape
 
     layers, heads, head_dim = model_shape(model)
+    if config.allocate:  # a key dim the model cannot take (beyond H*dh, not a multiple of H for svd) fails first
+        config.check_key_dims([config.key_dim], heads, head_dim)
     if config.allocate and config.key_dim >= heads * head_dim:  # nothing to spread: every layer at full width
         return [config.key_dim] * layers, None
     if config.allocate:  # the Q/K parameters of key_dim in every layer, spread over the layers
-        config.check_key_dims([config.key_dim], heads, head_dim)
         _, cost = budget_parameters(model, config.method, 1.0)
         allowed, uniform = layers * cost(config.key_dim), config.key_dim
     else:
