@@ -50,6 +50,8 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     if executor not in EXECUTORS:
         raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     path = function_path(fn)
+    if resume is not None and not str(resume).strip():  # Path("") is the current folder
+        raise UsageError("resume is empty; pass the folder to keep finished cells in, e.g. resume='out/sweep-cells'")
     store = _Store(Path(resume)) if resume is not None else None
     results: list[Result | None] = [store.load(cell) if store else None for cell in cells]
     for result in results:
@@ -128,7 +130,8 @@ class _Store:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"cannot use resume folder {str(folder)!r}: {err.strerror}") from None
+            raise UsageError(f"cannot use resume folder {str(folder)!r}: {err.strerror or err}; pass a folder that "
+                             f"can be created and written") from None
         self.folder = folder
 
     def load(self, cell: Cell) -> Result | None:

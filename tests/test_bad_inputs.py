@@ -326,6 +326,11 @@ SWEEP = [
     case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
     case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
          setup=truncate("src/model.safetensors")),
+    case("sweep-resume-empty", SWEEP_ + "--resume ''", "--resume is empty", "pass the path"),
+    case("sweep-resume-is-a-file", SWEEP_ + "--resume {file}", "exists and is not a folder", "choose another --resume"),
+    case("sweep-resume-in-source", SWEEP_ + "--resume {src}/cells", "lies inside the source", "outside it"),
+    case("sweep-resume-unwritable", SWEEP_ + "--resume /sys/mhacompress-cells", "cannot write in /sys",
+         "choose a writable --resume"),
     case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
          "reduce the original"),
 ]

@@ -64,10 +64,13 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        if plot_file is not None:
-            from ..hub import check_output
+        from ..hub import check_output
 
+        if plot_file is not None:
             check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
+        if resume_dir is not None:  # cell files go in beside what is there: never into a source or the current folder
+            check_output(resume_dir, True, kind="contents", sources=[model, data_dir, calibrate_source],
+                         option="--resume", lock=False)
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
         cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
