@@ -225,6 +225,8 @@ CALIBRATION = [
          "one JSON object a line", setup=write("c.jsonl", "{text: oops}\n")),
     case("calibrate-jsonl-no-text", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no text field",
          "one JSON object a line", setup=write("c.jsonl", '{"n": 1}\n')),
+    case("calibrate-jsonl-empty-texts", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no calibration text",
+         "one sequence a line", setup=write("c.jsonl", '{"text": ""}\n"  "\n{"sentence1": "", "sentence2": " "}\n')),
     case("calibrate-unknown-task", "reduce {src} -k 8 --calibrate nosuch", "unknown task 'nosuch'",
          "pass a .txt / .jsonl file"),
     case("calibrate-binary-tsv", "reduce {src} -k 8 --calibrate mrpc --data-dir {data}", "binary data",
