@@ -144,7 +144,8 @@ def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -
                               "ReductionConfig(..., calibration=Calibration(source='python'))")
         hint = "pass a list of strings (or of sentence pairs: tuples of two strings), e.g. calibration=['a text', ...]"
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a string is not a list of its letters
-            raise ConfigError(f"calibration texts must be a list of texts; got {type(texts).__name__} {texts!r:.40}; {hint}")
+            raise ConfigError(f"calibration texts must be a list of texts; got {type(texts).__name__} {texts!r:.40}; "
+                              f"{hint}")
         texts = [(t,) if isinstance(t, str) else tuple(t) if isinstance(t, (tuple, list)) else t for t in texts]
         if not texts or not all(isinstance(t, tuple) and 1 <= len(t) <= 2 and all(isinstance(s, str) for s in t)
                                 for t in texts):
