@@ -393,6 +393,16 @@ def check_block(block, where) -> None:
     if top is not None and any(k != top for k in dims):
         raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have {sorted(set(dims))}; "
                          f"{fix}")
+    version = block.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UsageError(f"{where}: the compression block's format_version {version!r} is not a version number; {fix}")
+    for key in ("first_token_only",):  # a string such as "false" would switch the shortcut on
+        if not isinstance(block.get(key, False), bool):
+            raise UsageError(f"{where}: the compression block's {key} {block[key]!r} is not true or false; {fix}")
+    modified = block.get("modified", [])
+    if not isinstance(modified, list) or not all(isinstance(name, str) for name in modified):
+        raise UsageError(f"{where}: the compression block's modified list {modified!r} is not a list of weight "
+                         f"names; {fix}")
     base = block.get("base_architecture")
     if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
         raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
@@ -535,6 +545,8 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     for it) that has no tokenizer files."""
     from .reduction.modeling import COMPRESSION_KEY, arch_for, collaborative_model_class
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"load takes the folder of a reduced model (a str or Path); got {type(path).__name__}")
     path = Path(path).expanduser()
     check_path_length(str(path), "model")
     config = read_config(path)

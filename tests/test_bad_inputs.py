@@ -162,6 +162,17 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=block(key_dim=16, layer_key_dim=16)),
     case("block-method-unknown", "export {reduced} -o {ws}/m.onnx", "'magic' is not one of", "restore",
          setup=block(method="magic")),
+    case("block-reduction-not-an-object", "eval {reduced} --task stsb --limit 4", "must be an object", "restore",
+         setup=block(reduction="cp at 8")),
+    case("block-old-calibration-without-source", "eval {reduced} --task stsb --limit 4", "need a source and samples",
+         "restore", setup=edit_config("reduced", lambda c: c["compression"]["reduction"].update(
+             extra={"calibration": {}}))),
+    case("block-format-version-text", "eval {reduced} --task stsb --limit 4", "format_version '2'", "restore",
+         setup=block(format_version="2")),
+    case("block-first-token-only-text", "eval {reduced} --task stsb --limit 4", "first_token_only 'false'",
+         "restore", setup=block(first_token_only="false")),
+    case("block-modified-not-a-list", "report {reduced} --no-latency", "modified list 'all'", "restore",
+         setup=block(modified="all")),
     case("block-no-layers", "eval {reduced} --task stsb --limit 4", "has no layers", "restore",
          setup=block(layers=[])),
 ]

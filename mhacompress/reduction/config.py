@@ -196,10 +196,16 @@ class ReductionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ReductionConfig":
         """The config saved in a compression block (format 1 or 2); unknown settings are an error."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the reduction settings must be an object; got {type(data).__name__}")
         data = dict(data)
         extra = data.pop("extra", None) or {}  # format 1 kept calibration and budget here
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"the format-1 extra settings must be an object; got {type(extra).__name__}")
         if "calibration" in extra and data.get("calibration") is None:
             old = extra["calibration"]
+            if not isinstance(old, Mapping) or not {"source", "samples"} <= set(old):
+                raise ConfigError(f"the format-1 calibration settings need a source and samples; got {old!r}")
             data["calibration"] = {"source": old["source"], "samples": old["samples"],
                                    "refine_steps": old.get("refine_steps", 0), "sequential": False,
                                    "compensate": False}
