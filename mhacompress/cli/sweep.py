@@ -57,7 +57,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         from ..executors import run_cells
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..sweep import check_model, grid, run_cell, table
+        from ..sweep import check_model, grid, run_cell, table, usable
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -82,7 +82,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         with progress(not as_json) as bar:
             step = bar.add_task("sweep", total=len(cells))
             outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume_dir,
-                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell,
+                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, usable=usable,
                                  on_result=lambda out: bar.advance(step))
         result = table(cells, outcomes, model, task, time.perf_counter() - start)
         if plot_file is not None:
