@@ -191,6 +191,8 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
     case("key-dim-and-key-dims", "reduce {src} -k 8 --key-dims 8,8", "give exactly one of", "--key-dims"),
     case("budget-too-small", "reduce {src} --budget 0.001", "the budget allows", "raise --budget to at least"),
     case("svd-not-a-multiple", "reduce {src} -k 6 --method svd", "not a multiple of 4", "multiple"),
+    case("uniform-with-budget", "reduce {src} --budget 0.5 --uniform", "--uniform keeps --key-dim", "drop it"),
+    case("uniform-with-key-dims", "reduce {src} --key-dims 8,8 --uniform", "--uniform keeps --key-dim", "drop it"),
     case("allocate-key-dim-too-big", "reduce {src} -k 64 --allocate --calibrate stsb --samples 16", "out of range",
          "1..32"),
     case("allocate-svd-not-a-multiple", "reduce {src} -k 6 --method svd --allocate --calibrate stsb --samples 16",
@@ -344,6 +346,7 @@ SWEEP = [
     case("sweep-resume-in-source", SWEEP_ + "--resume {src}/cells", "lies inside the source", "outside it"),
     case("sweep-resume-unwritable", SWEEP_ + "--resume /sys/mhacompress-cells", "cannot write in /sys",
          "choose a writable --resume"),
+    case("sweep-address-empty", SWEEP_ + "--executor ray --address ''", "--address is empty", "e.g. ray://head"),
     case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
          "reduce the original"),
 ]

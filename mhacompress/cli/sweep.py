@@ -50,6 +50,9 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
             device = resolved_device(device)
         elif address is None and gpus_per_cell == 0:
             device = resolved_device(device)  # a local Ray instance sees this machine's devices
+        if address is not None and not address.strip():
+            raise click.UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
+                                   "it for a local Ray instance")
         if address and executor != "ray":
             raise click.UsageError("--address needs --executor ray")
         from ..eval.data import load_examples
