@@ -55,17 +55,19 @@ def _read_file(path: Path) -> list[tuple[str, ...]]:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not jsonl:
         return [(line,) for _, line in lines]
-    return [_record_texts(path, n, line) for n, line in lines]
+    records = (_record_texts(path, n, line) for n, line in lines)
+    return [r for r in records if r]  # records whose text is empty are skipped, like blank lines
 
 
 def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
-    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields (two at most)."""
+    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields (two at most);
+    empty strings dropped (an empty tuple when nothing is left)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}:{n} is not valid JSON ({err.msg}); {JSONL_HINT}") from None
     if isinstance(record, str):
-        return (record,)
+        return (record,) if record.strip() else ()
     if not isinstance(record, dict):
         kind = {list: "an array", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
         raise UsageError(f"{path}:{n}: {kind}, not an object or a string; {JSONL_HINT}")
@@ -73,4 +75,4 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         v for v in record.values() if isinstance(v, str)]
     if not fields:
         raise UsageError(f"{path}:{n}: no text field; {JSONL_HINT}")
-    return tuple(fields[:2])
+    return tuple(f for f in fields if f.strip())[:2]

@@ -38,7 +38,8 @@ Result = dict
 def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: str = "local",
               address: str | None = None, resume: str | os.PathLike | None = None, num_cpus: float = 1,
               num_gpus: float = 0, local_cpus: int | None = None,
-              on_result: Callable[[Result], None] | None = None) -> list[Result]:
+              on_result: Callable[[Result], None] | None = None,
+              usable: Callable[[Cell, object], bool] | None = None) -> list[Result]:
     """Run ``fn`` on every cell; one result per cell, in the order of ``cells``.
 
     ``fn``: an importable top-level function, or its ``"module:function"`` path (what Ray workers import).
@@ -46,11 +47,15 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     ``num_gpus`` GPUs; on the cluster at ``address``, else on a Ray instance already started in this process,
     else on a new local one with ``local_cpus`` CPUs, default all).
     ``on_result``: called with each result as it completes (resumed cells first), e.g. for a progress bar.
+    ``usable(cell, value)``: whether a stored value has the shape ``fn`` returns (a file edited by hand or written by
+    another version fails it, and the cell runs again).
     """
     if executor not in EXECUTORS:
         raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     path = function_path(fn)
-    store = _Store(Path(resume)) if resume is not None else None
+    if resume is not None and not str(resume).strip():  # Path("") is the current folder
+        raise UsageError("resume is empty; pass the folder to keep finished cells in, e.g. resume='out/sweep-cells'")
+    store = _Store(Path(resume), usable) if resume is not None else None
     results: list[Result | None] = [store.load(cell) if store else None for cell in cells]
     for result in results:
         if result is not None and on_result:
@@ -124,11 +129,13 @@ def cell_key(cell: Cell) -> str:
 class _Store:
     """One JSON file per successful cell: DIR/<cell_key>.json, written atomically."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, usable: Callable[[Cell, object], bool] | None = None):
+        self.usable = usable
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"cannot use resume folder {str(folder)!r}: {err.strerror}") from None
+            raise UsageError(f"cannot use resume folder {str(folder)!r}: {err.strerror or err}; pass a folder that "
+                             f"can be created and written") from None
         self.folder = folder
 
     def load(self, cell: Cell) -> Result | None:
@@ -138,9 +145,15 @@ class _Store:
         except (OSError, ValueError):
             return None
         valid = (isinstance(stored, dict) and stored.get("ok") is True and "result" in stored
-                 and stored.get("cell") == json.loads(json.dumps(cell)))
+                 and stored.get("cell") == json.loads(json.dumps(cell)) and self._usable(cell, stored["result"]))
         return {**_result(cell, True, stored["result"], None, stored.get("seconds", 0.0)), "resumed": True} \
             if valid else None
+
+    def _usable(self, cell: Cell, value) -> bool:
+        try:
+            return self.usable is None or bool(self.usable(cell, value))
+        except Exception:  # a check that trips over the value: not usable
+            return False
 
     def save(self, result: Result) -> None:
         target = self.folder / f"{cell_key(result['cell'])}.json"

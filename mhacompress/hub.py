@@ -173,7 +173,7 @@ def source_paths(sources) -> list[Path]:
 # ---- checking an output before any work ----------------------------------------------------------------------------
 
 def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), kind: str = "folder",
-                 option: str = "--output") -> Path:
+                 option: str = "--output", lock: bool = True) -> Path:
     """Refuse, before any work is done, an output that would destroy data or cannot be written, and reserve it.
 
     ``kind`` says what will be written: "folder" (replaced whole), "file" (replaced), or "contents" (a folder that
@@ -183,7 +183,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     existing file unless ``force``; a forced folder that is or contains the current or home folder; the wrong kind
     of thing; a name too long for the file system; a parent that is a file, cannot be created or is not writable;
     an output another run is writing. Missing parents are created (and removed again if the run writes nothing).
-    The output's lock is held until ``save`` finishes or the process exits. Returns the resolved output path.
+    The output's lock is held until ``save`` finishes or the process exits (``lock=False``: no lock, for a folder
+    that several runs may fill at once, such as sweep's --resume). Returns the resolved output path.
     """
     if output is None or not str(output).strip():
         raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} {_example(option, kind)}")
@@ -195,6 +196,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
     _check_existing(target, force, kind, option)
     _check_writable(target, option, kind)
+    if not lock:
+        return target
     try:
         _lock(target, output, option)
     except UsageError:
@@ -208,6 +211,8 @@ def _example(option: str, kind: str) -> str:
     """A path of the right kind for ``option``, for messages."""
     if option == "--plot":
         return "out/sweep.png" if kind == "file" else "out/figures"
+    if option == "--resume":
+        return "out/sweep-cells"
     return "out/model.onnx" if kind == "file" else "out/model"
 
 
@@ -388,6 +393,16 @@ def check_block(block, where) -> None:
     if top is not None and any(k != top for k in dims):
         raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have {sorted(set(dims))}; "
                          f"{fix}")
+    version = block.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UsageError(f"{where}: the compression block's format_version {version!r} is not a version number; {fix}")
+    for key in ("first_token_only",):  # a string such as "false" would switch the shortcut on
+        if not isinstance(block.get(key, False), bool):
+            raise UsageError(f"{where}: the compression block's {key} {block[key]!r} is not true or false; {fix}")
+    modified = block.get("modified", [])
+    if not isinstance(modified, list) or not all(isinstance(name, str) for name in modified):
+        raise UsageError(f"{where}: the compression block's modified list {modified!r} is not a list of weight "
+                         f"names; {fix}")
     base = block.get("base_architecture")
     if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
         raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
@@ -530,6 +545,8 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     for it) that has no tokenizer files."""
     from .reduction.modeling import COMPRESSION_KEY, arch_for, collaborative_model_class
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"load takes the folder of a reduced model (a str or Path); got {type(path).__name__}")
     path = Path(path).expanduser()
     check_path_length(str(path), "model")
     config = read_config(path)

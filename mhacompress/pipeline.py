@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,6 +65,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     on_progress: called with ``Progress`` events.
     """
     start = time.perf_counter()
+    _check_arguments(model_or_name, config, tokenizer, on_progress)
     notify = on_progress or (lambda event: None)
     if device is not None:
         from .devices import resolve_device
@@ -117,18 +119,45 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
 # ---- steps ------------------------------------------------------------------------------------------------
 
 
+def _check_arguments(model_or_name, config, tokenizer, on_progress) -> None:
+    """Arguments of the wrong kind, refused in one line before anything loads (not an AttributeError deep inside)."""
+    if not isinstance(config, ReductionConfig):
+        raise ConfigError(f"config must be a ReductionConfig, e.g. ReductionConfig(key_dim=96); got "
+                          f"{type(config).__name__}")
+    if not isinstance(model_or_name, (str, Path)) and not hasattr(getattr(model_or_name, "config", None),
+                                                                  "model_type"):
+        raise UsageError(f"model_or_name must be a model folder, hub id or alias, or a transformers model; got "
+                         f"{type(model_or_name).__name__}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise UsageError(f"tokenizer must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(...)); got "
+                         f"{type(tokenizer).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
+
+
+
 def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -> list[tuple[str, ...]] | None:
     """Calibration sequences, read before the model loads so that a bad source fails at once."""
     if texts is not None:
         if config.calibration is None:
             raise ConfigError("calibration texts were given but the config has no calibration: pass "
                               "ReductionConfig(..., calibration=Calibration(source='python'))")
-        texts = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
-        if not texts or not all(t and all(isinstance(s, str) for s in t) for t in texts):
-            raise ConfigError("calibration texts must be a non-empty list of strings or tuples of strings")
+        hint = "pass a list of strings (or of sentence pairs: tuples of two strings), e.g. calibration=['a text', ...]"
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):  # a string is not a list of its letters
+            raise ConfigError(f"calibration texts must be a list of texts; got {type(texts).__name__} {texts!r:.40}; "
+                              f"{hint}")
+        texts = [(t,) if isinstance(t, str) else tuple(t) if isinstance(t, (tuple, list)) else t for t in texts]
+        if not texts or not all(isinstance(t, tuple) and 1 <= len(t) <= 2 and all(isinstance(s, str) for s in t)
+                                for t in texts):
+            raise ConfigError(f"calibration texts must be a non-empty list of strings or pairs of strings; {hint}")
+        if not any(s.strip() for t in texts for s in t):
+            raise ConfigError(f"every calibration text is empty; {hint}")
         return texts
     if config.calibration is None:
         return None
+    if config.calibration.source == "python":
+        raise ConfigError("the calibration source is 'python' but no texts were given: pass them, "
+                          "compress(..., calibration=['a text', ...])")
     from .calibration import calibration_texts
 
     c = config.calibration
@@ -189,10 +218,11 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
     from .reduction.surgery import model_shape
 
     layers, heads, head_dim = model_shape(model)
+    if config.allocate:  # a key dim the model cannot take (beyond H*dh, not a multiple of H for svd) fails first
+        config.check_key_dims([config.key_dim], heads, head_dim)
     if config.allocate and config.key_dim >= heads * head_dim:  # nothing to spread: every layer at full width
         return [config.key_dim] * layers, None
     if config.allocate:  # the Q/K parameters of key_dim in every layer, spread over the layers
-        config.check_key_dims([config.key_dim], heads, head_dim)
         _, cost = budget_parameters(model, config.method, 1.0)
         allowed, uniform = layers * cost(config.key_dim), config.key_dim
     else:

@@ -76,6 +76,20 @@ def run_cell(cell: dict) -> dict:
     return row
 
 
+def usable(cell: dict, value) -> bool:
+    """Whether ``value`` has the shape ``run_cell`` returns for ``cell``: a resume file edited by hand or written by
+    another version is run again rather than breaking the table."""
+    from .eval.tasks import get_task
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    keys = ("qk_params", "seconds") + (() if cell["method"] is None else ("mean_relative_error",))
+    return (isinstance(value, dict) and isinstance(value.get("metrics"), dict)
+            and number(value["metrics"].get(get_task(cell["task"]).main)) and isinstance(value.get("examples"), int)
+            and all(number(value.get(k)) for k in keys))
+
+
 def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:
     """The `sweep --json` object from the outcomes (in cell order): the original, one row per reduction (its drop
     is original minus reduced on the task's main metric: positive = worse), and the failed cells."""
@@ -118,7 +132,7 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
                  device=device)
     check_model(model, methods, key_dims)
     outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
-                         num_gpus=num_gpus, on_result=on_result)
+                         num_gpus=num_gpus, on_result=on_result, usable=usable)
     return table(cells, outcomes, model, task, time.perf_counter() - start)
 
 

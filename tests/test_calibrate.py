@@ -123,6 +123,8 @@ def test_calibration_sources(tmp_path, glue_dir):
     (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n{"sentence1": "a", "sentence2": "b", "label": 1}\n')
     assert calibration_texts(str(tmp_path / "b.jsonl"), 10) == [("hello",), ("a", "b")]
     assert calibration_texts(str(tmp_path / "b.jsonl"), 10, pairs=False) == [("hello",), ("a",), ("b",)]
+    (tmp_path / "c.jsonl").write_text('{"text": ""}\n"hi"\n" "\n{"sentence1": "a", "sentence2": ""}\n')
+    assert calibration_texts(str(tmp_path / "c.jsonl"), 10) == [("hi",), ("a",)]  # empty texts skipped like blank lines
     texts = calibration_texts("mrpc", 16, data_dir=str(glue_dir))
     assert len(texts) == 16 and all(len(t) == 2 for t in texts)
     assert texts == calibration_texts("mrpc", 16, data_dir=str(glue_dir))  # seeded

@@ -19,6 +19,10 @@ from mhacompress.reduction.config import ConfigError
     ({"key_dim": 0}, "positive integers"),
     ({"key_dim": True}, "positive integers"),
     ({"key_dims": ()}, "one positive integer per layer"),
+    ({"key_dims": 8}, "one positive integer per layer, in layer order"),
+    ({"key_dims": {8, 16}}, "one positive integer per layer, in layer order"),
+    ({"key_dims": {"0": 8}}, "one positive integer per layer, in layer order"),
+    ({"key_dims": (k for k in [8, 0])}, "positive integers; got 0"),
     ({"budget": 0.0}, "0 < F <= 1"),
     ({"budget": float("nan")}, "0 < F <= 1"),
     ({"key_dim": 8, "method": "pca"}, "method must be one of cp, tucker, svd"),
@@ -111,3 +115,8 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
     del old["allocate"]  # saved before allocation existed: those models are uniform
     assert ReductionConfig.from_dict(old).allocate is False
+
+
+def test_key_dims_from_any_sequence_are_kept_as_a_tuple():
+    from_list, from_generator = ReductionConfig(key_dims=[8, 16]), ReductionConfig(key_dims=(k for k in (8, 16)))
+    assert from_list.key_dims == from_generator.key_dims == (8, 16)

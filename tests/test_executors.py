@@ -81,6 +81,20 @@ def test_a_corrupt_or_foreign_resume_file_is_redone_not_trusted(tmp_path, conten
     assert json.loads((tmp_path / f"{cell_key({'x': 1})}.json").read_text())["ok"] is True  # repaired
 
 
+@pytest.mark.parametrize("resume", ["", " "])
+def test_an_empty_resume_folder_is_refused_not_the_current_folder(tmp_path, monkeypatch, resume):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="resume is empty; pass the folder"):
+        run_cells(cells(2), square, resume=resume)
+    assert not CALLS and not list(tmp_path.iterdir())
+
+
+def test_a_resume_path_that_is_a_file_is_a_one_line_error_saying_what_to_pass(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="cannot use resume folder .*; pass a folder that can be created"):
+        run_cells(cells(2), square, resume=tmp_path / "f")
+
+
 def test_cell_names_are_stable_under_key_order():
     assert cell_key({"a": 1, "b": [2, 3]}) == cell_key({"b": [2, 3], "a": 1})
     assert cell_key({"a": 1}) != cell_key({"a": 2})

@@ -41,3 +41,38 @@ def test_the_library_prints_nothing_itself(tiny_bert_dir, tmp_path, capfd):
         assert logging.is_progress_bar_enabled()
     finally:
         (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
+def _raise(event):
+    raise AssertionError("never called: the arguments are refused first")
+
+
+CAL = mhacompress.Calibration("python", samples=4)
+
+
+@pytest.mark.parametrize("args,kwargs,fragment", [
+    (("{src}", {"key_dim": 8}), {}, "config must be a ReductionConfig"),
+    (("{src}", None), {}, "config must be a ReductionConfig"),
+    ((None, ReductionConfig(key_dim=8)), {}, "model_or_name must be a model folder"),
+    ((123, ReductionConfig(key_dim=8)), {}, "model_or_name must be a model folder"),
+    (("{src}", ReductionConfig(key_dim=8)), {"on_progress": True}, "on_progress must be a function"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"tokenizer": "bert", "calibration": ["a"]},
+     "tokenizer must be the model's tokenizer"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": "a whole text"},
+     "must be a list of texts; got str"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": b"bytes"}, "got bytes"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": 5}, "got int 5"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [None]}, "strings or pairs of strings"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [1, 2]}, "strings or pairs of strings"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [("a", "b", "c")]},
+     "strings or pairs of strings"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": ["", " ", ("", "")]},
+     "every calibration text is empty"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {}, "no texts were given"),
+])
+def test_arguments_of_the_wrong_kind_are_one_line_errors_before_anything_loads(tiny_bert_dir, args, kwargs,
+                                                                                fragment):
+    """Not an AttributeError or TypeError from deep inside, and never a string read as a list of its letters."""
+    args = tuple(str(tiny_bert_dir) if a == "{src}" else a for a in args)
+    with pytest.raises(UsageError, match=fragment):
+        mhacompress.compress(*args, **{"on_progress": _raise, **kwargs} if "on_progress" not in kwargs else kwargs)

@@ -183,3 +183,21 @@ def test_load_refuses_folders_that_are_not_reduced_models(tmp_path):
     tiny_model("bert").save_pretrained(tmp_path / "plain")
     with pytest.raises(UsageError, match="not a reduced model"):
         mhacompress.load(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("path", [None, 5, ["out"]])
+def test_load_refuses_a_path_of_the_wrong_kind_in_one_line(path):
+    with pytest.raises(UsageError, match="load takes the folder of a reduced model"):
+        mhacompress.load(path)
+
+
+@pytest.mark.parametrize("reduction,fragment", [
+    ("cp at 8", "must be an object"), ({"key_dim": 8, "extra": "x"}, "extra settings must be an object"),
+    ({"key_dim": 8, "extra": {"calibration": {}}}, "need a source and samples"),
+    ({"key_dim": 8, "extra": {"calibration": "mrpc"}}, "need a source and samples"),
+])
+def test_damaged_saved_settings_are_config_errors(reduction, fragment):
+    from mhacompress.reduction.config import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        ReductionConfig.from_dict(reduction)

@@ -76,6 +76,21 @@ def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder
     assert a["results"][0]["score"] == b["results"][0]["score"] and a["original"] == b["original"]
 
 
+@pytest.mark.parametrize("damage", [{"metrics": "garbage"}, {"metrics": {}}, {}, ["a list"], None])
+def test_a_resume_file_with_a_damaged_result_is_run_again_not_a_traceback(tiny_encoder, glue_dir, tmp_path, damage):
+    args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "8", "--key-dims",
+            "8", "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    for path in (tmp_path / "cells").glob("*.json"):  # an edited file, or one written by another version
+        stored = json.loads(path.read_text())
+        path.write_text(json.dumps({**stored, "result": damage}))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert a["original"] == b["original"] and a["results"][0]["score"] == b["results"][0]["score"]
+
+
 @pytest.mark.slow
 def test_sweep_on_a_real_local_ray_instance_gives_the_local_numbers(tiny_encoder, glue_dir):
     pytest.importorskip("ray")

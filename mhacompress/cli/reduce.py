@@ -80,6 +80,9 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
         from ..pipeline import compress
         from ..reduction.config import Calibration, ConfigError, ReductionConfig
 
+        if allocate is False and key_dim is None:  # (--allocate without --key-dim: the config refuses it)
+            raise ConfigError("--uniform keeps --key-dim in every layer: it needs --key-dim; drop it with "
+                              f"{'--budget (which allocates)' if budget is not None else '--key-dims'}")
         if max_drop is not None and eval_task is None:
             raise ConfigError("--max-drop needs --eval TASK (the task whose metric it bounds)")
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)

@@ -50,6 +50,9 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
             device = resolved_device(device)
         elif address is None and gpus_per_cell == 0:
             device = resolved_device(device)  # a local Ray instance sees this machine's devices
+        if address is not None and not address.strip():
+            raise click.UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
+                                   "it for a local Ray instance")
         if address and executor != "ray":
             raise click.UsageError("--address needs --executor ray")
         from ..eval.data import load_examples
@@ -57,17 +60,20 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         from ..executors import run_cells
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..sweep import check_model, grid, run_cell, table
+        from ..sweep import check_model, grid, run_cell, table, usable
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        if plot_file is not None:
-            from ..hub import check_output
+        from ..hub import check_output
 
+        if plot_file is not None:
             check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
+        if resume_dir is not None:  # cell files go in beside what is there: never into a source or the current folder
+            check_output(resume_dir, True, kind="contents", sources=[model, data_dir, calibrate_source],
+                         option="--resume", lock=False)
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
         cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
@@ -79,7 +85,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         with progress(not as_json) as bar:
             step = bar.add_task("sweep", total=len(cells))
             outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume_dir,
-                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell,
+                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, usable=usable,
                                  on_result=lambda out: bar.advance(step))
         result = table(cells, outcomes, model, task, time.perf_counter() - start)
         if plot_file is not None:

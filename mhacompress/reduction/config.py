@@ -7,6 +7,7 @@ message is what the CLI prints. ``to_dict`` / ``from_dict`` round-trip through t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import UsageError
@@ -125,10 +126,14 @@ class ReductionConfig:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if sum(x is not None for x in (self.key_dim, self.key_dims, self.budget)) != 1:
             raise ConfigError("give exactly one of --key-dim (e.g. --key-dim 96), --key-dims or --budget")
-        if self.key_dims is not None:
-            if isinstance(self.key_dims, (str, bytes)) or not len(self.key_dims):
-                raise ConfigError(f"--key-dims takes one positive integer per layer; got {self.key_dims!r}")
-            object.__setattr__(self, "key_dims", tuple(self.key_dims))
+        if self.key_dims is not None:  # in layer order: a list, tuple or other sequence (not a set, not one int)
+            dims = self.key_dims
+            ordered = isinstance(dims, Iterable) and not isinstance(dims, (str, bytes, Set, Mapping))
+            dims = tuple(dims) if ordered else ()
+            if not dims:
+                raise ConfigError(f"--key-dims takes one positive integer per layer, in layer order (a list or "
+                                  f"tuple); got {self.key_dims!r}")
+            object.__setattr__(self, "key_dims", dims)
         for k in self.key_dims or (() if self.key_dim is None else (self.key_dim,)):
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"key dims must be positive integers; got {k!r}")
@@ -191,10 +196,16 @@ class ReductionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ReductionConfig":
         """The config saved in a compression block (format 1 or 2); unknown settings are an error."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the reduction settings must be an object; got {type(data).__name__}")
         data = dict(data)
         extra = data.pop("extra", None) or {}  # format 1 kept calibration and budget here
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"the format-1 extra settings must be an object; got {type(extra).__name__}")
         if "calibration" in extra and data.get("calibration") is None:
             old = extra["calibration"]
+            if not isinstance(old, Mapping) or not {"source", "samples"} <= set(old):
+                raise ConfigError(f"the format-1 calibration settings need a source and samples; got {old!r}")
             data["calibration"] = {"source": old["source"], "samples": old["samples"],
                                    "refine_steps": old.get("refine_steps", 0), "sequential": False,
                                    "compensate": False}
