@@ -135,7 +135,6 @@ def _check_arguments(model_or_name, config, tokenizer, on_progress) -> None:
         raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
 
 
-
 def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -> list[tuple[str, ...]] | None:
     """Calibration sequences, read before the model loads so that a bad source fails at once."""
     if texts is not None:
