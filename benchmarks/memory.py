@@ -8,7 +8,9 @@ the BERT sizes; for XLM-R a unigram tokenizer with the full 250,002-entry vocabu
 checkpoint MB, the child's peak RSS (from wait4), RSS / checkpoint and seconds as a markdown table.
 
 Targets (issue 12): peak RSS <= 1.5x the checkpoint weights-only, <= 2x calibrated. Modes: weights only; calibrated
-(the default data-aware path: per-layer key dims allocated around d/4); uniform (calibrated, d/4 in every layer).
+(`--calibrate mrpc`, the default data-aware path as a user runs it: at d/4 it keeps d/4 in every layer, since
+per-layer allocation is the default only from d/8 down); uniform (the same with `--uniform`, for key dims where the
+default allocates).
 
     python benchmarks/memory.py                                   # all sizes, all modes (30-60 minutes on 2 cores)
     python benchmarks/memory.py --sizes base,large --modes weights
