@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -156,15 +155,11 @@ class _Store:
             return False
 
     def save(self, result: Result) -> None:
-        target = self.folder / f"{cell_key(result['cell'])}.json"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump({k: v for k, v in result.items() if k != "resumed"}, out, indent=1, sort_keys=True)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Written atomically, with the umask's permissions like every other output (a CI job's other users read it)."""
+        from .fsio import atomic_file
+
+        with atomic_file(self.folder / f"{cell_key(result['cell'])}.json") as tmp:
+            tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "resumed"}, indent=1, sort_keys=True))
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def test_resume_skips_finished_cells_and_reruns_failed_ones(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
+def test_resume_files_follow_the_umask_like_every_other_output(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_cells(cells(1), square, resume=tmp_path)
+    finally:
+        os.umask(old)
+    (stored,) = tmp_path.glob("*.json")
+    assert stored.stat().st_mode & 0o777 == 0o644  # readable by the group and others: a CI job's other steps
+
+
 @pytest.mark.parametrize("content", ["{\"ok\": tr", "[]", json.dumps({"cell": {"x": 99}, "ok": True, "result": 1}),
                                      json.dumps({"cell": {"x": 1}, "ok": False, "result": None})])
 def test_a_corrupt_or_foreign_resume_file_is_redone_not_trusted(tmp_path, content):
