@@ -152,3 +152,15 @@ def test_the_temporary_activations_are_removed(tmp_path):
     reduce_sequential_(model, config, [4, 4], calibration(2), Plan(), workdir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     assert all(type(m).__name__.startswith("Collaborative") for _, _, m in attention_modules(model))
+
+
+def test_refinement_that_diverges_gives_the_closed_form_back():
+    """A step size far too large for the model: the Adam steps raise the error, so they are undone."""
+    batches = calibration()
+    refined, closed_form = tiny_model("bert"), tiny_model("bert")
+    plan = sequential(refined, 4, batches, refine_steps=20, refine_lr=1e3)
+    sequential(closed_form, 4, batches)
+    assert [r["refined"] for r in plan.reports] == [False, False]
+    assert all(r["output_error_after"] == r["output_error_before"] for r in plan.reports)
+    for (name, a), b in zip(refined.named_parameters(), closed_form.parameters()):
+        assert torch.equal(a, b), name

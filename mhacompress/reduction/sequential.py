@@ -24,6 +24,7 @@ with the ``score`` objective (the simpler rung of the ablation):
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,7 +499,9 @@ def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, 
 
 
 def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device) -> dict:
-    """Adam steps on the layer's query/key parameters so that its residual sum matches the original's."""
+    """Adam steps on the layer's query/key parameters so that its residual sum matches the original's. Kept only
+    when they lower that error over the calibration batches: a step size that diverges on some model gives the closed
+    form back (report: ``refined`` false)."""
     module = attention_modules(model)[index][2]
     params = [module.query_proj.weight, module.key_proj.weight, module.content_bias.weight]
     params += [module.mixing] if module.mixing is not None else []
@@ -525,6 +528,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
     try:
         with torch.no_grad():
             before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+            start = [p.detach().clone() for p in params]
         for step in range(plan.refine_steps):
             loss = loss_of(step % len(data))
             optimizer.zero_grad()
@@ -532,7 +536,12 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
             optimizer.step()
         with torch.no_grad():
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+            kept = math.isfinite(after) and after < before
+            if not kept:
+                for p, value in zip(params, start):
+                    p.copy_(value)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return {"output_error_before": before ** 0.5, "output_error_after": after ** 0.5}
+    return {"output_error_before": before ** 0.5, "output_error_after": (after if kept else before) ** 0.5,
+            "refined": kept}
