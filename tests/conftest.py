@@ -16,6 +16,9 @@ TINY = {
     "roberta": ("RobertaConfig", {"pad_token_id": 1}),
     "xlm-roberta": ("XLMRobertaConfig", {"pad_token_id": 1}),
     "electra": ("ElectraConfig", {"embedding_size": 32}),
+    "camembert": ("CamembertConfig", {"pad_token_id": 1}),
+    "data2vec-text": ("Data2VecTextConfig", {"pad_token_id": 1}),
+    "ernie": ("ErnieConfig", {"pad_token_id": 0}),
     "mpnet": ("MPNetConfig", {"pad_token_id": 1}),
     "distilbert": ("DistilBertConfig", {"dim": 32, "n_heads": 4, "n_layers": 2, "hidden_dim": 64}),
 }

@@ -102,7 +102,7 @@ def test_reduced_model_stays_in_eval_mode():
 def test_unknown_model_type_names_the_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: bert, distilbert"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: bert, camembert, data2vec-text, distilbert"):
         arch_for(GPT2Config())
 
 

@@ -30,7 +30,8 @@ def run(model, batch):
 
 @pytest.mark.parametrize("model_type,head,method", [
     ("bert", False, "cp"), ("bert", True, "tucker"), ("mpnet", False, "cp"), ("distilbert", True, "svd"),
-    ("roberta", True, "cp"), ("electra", False, "cp"), ("xlm-roberta", False, "tucker"),
+    ("roberta", True, "cp"), ("electra", False, "cp"), ("xlm-roberta", False, "tucker"), ("camembert", True, "cp"),
+    ("data2vec-text", False, "svd"), ("ernie", True, "cp"),
 ])
 def test_save_then_load_gives_identical_outputs(tmp_path, model_type, head, method):
     model = reduced(model_type, head, method=method)

@@ -82,7 +82,7 @@ def test_shared_key_attention_is_softmax_attention_in_any_blocking(monkeypatch, 
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(5, 7, 32), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "mpnet", "electra"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "mpnet", "electra", "camembert", "ernie"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("key_dim", [6, 12])  # below and above the head dim (8)
 def test_first_token_shortcut_is_exact(model_type, attn, key_dim):

@@ -46,6 +46,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "data2vec-text": _BERT_LIKE,
+    "ernie": _BERT_LIKE,
     "mpnet": Arch(
         layers="encoder.layer", attention="attention.attn", query="q", key="k", value="v", output="o",
         out_proj="attention.attn.o", norm="attention.LayerNorm", heads="num_attention_heads", hidden="hidden_size",
