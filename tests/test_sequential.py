@@ -33,7 +33,7 @@ def test_layer_inputs_are_the_embeddings_and_run_layer_is_the_model():
         torch.testing.assert_close(hidden, model(**batch).last_hidden_state)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])
+@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert", "ernie"])
 @pytest.mark.parametrize("compensate", [False, True])
 def test_sequential_reduction_is_exact_at_full_key_dim(model_type, compensate):
     model, original, batches = tiny_model(model_type), tiny_model(model_type), calibration()
