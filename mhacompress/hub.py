@@ -189,6 +189,9 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     if output is None or not str(output).strip():
         raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} {_example(option, kind)}")
     check_path_length(str(output), option)
+    if kind == "file" and str(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
+        raise UsageError(f"{option} {output} ends in '/', so it names a folder; give a file name, e.g. "
+                         f"{output}{Path(_example(option, kind)).name}")
     try:
         target = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as err:

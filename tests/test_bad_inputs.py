@@ -400,6 +400,12 @@ EXPORT = [
     case("export-opset-5", "export {reduced} -o {ws}/m.onnx --opset 5", "--opset", ">=17"),
     case("export-missing-folder", "export {ws}/nope -o {ws}/m.onnx", "no config.json", "pass a folder"),
     case("export-output-empty", "export {reduced} -o ''", "--output is empty", "pass the path"),
+    case("export-output-ends-in-slash", "export {reduced} -o {ws}/new/", "ends in '/', so it names a folder",
+         "give a file name"),
+    case("export-tolerance-inf", "export {reduced} -o {ws}/m.onnx --tolerance inf", "--tolerance",
+         "finite non-negative number"),
+    case("export-opset-too-new", "export {reduced} -o {ws}/m.onnx --opset 99", "--opset 99 is newer",
+         "or less"),
 ]
 
 GLOBAL = [
