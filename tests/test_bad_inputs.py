@@ -385,6 +385,8 @@ REPORT = [
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than", "--seq-len 64 or less"),
     case("report-repeats-0", "report {reduced} --repeats 0", "--repeats", ">=1"),
+    case("report-batch-too-big-for-memory", "report {reduced} --repeats 1 --seq-len 64 --batch-size 1000000000000",
+         "out of memory", "pass a smaller --batch-size"),
 ]
 
 EXPORT = [
