@@ -306,6 +306,10 @@ EVAL = [
     case("eval-truncated-weights", "eval {reduced} --task stsb", "corrupt or truncated", "save the checkpoint again",
          setup=truncate("reduced/model.safetensors")),
     case("eval-device-nonsense", "eval {src} --task stsb --device nonsense", "nonsense", "auto"),
+    case("eval-test-split-without-labels", "eval {src} --task stsb --split test --data-dir {data}", "has no labels",
+         "--reference ORIGINAL", setup=write("data/STS-B/test.tsv", STSB_HEADER.replace("\tscore", "")
+                                             + "0\tg\tf\t2012\t0\ts\ts\tA man.\tA woman.\n" * 2)),
+    case("eval-stsb-one-example", "eval {src} --task stsb --limit 1", "need at least 2 examples", "--limit 2 or more"),
 ]
 
 FINETUNE = [
@@ -423,6 +427,65 @@ GLOBAL = [
 ]
 
 CASES = MODELS + REDUCE + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANALYZE + REPORT + EXPORT + GLOBAL
+
+
+# ---- the Python API: the project's own error (UsageError, ConfigError), with a message, before any work ---------
+
+def _api(call: str):
+    """A call of the public API, run with ``glue`` (the GLUE folder) and ``src`` (a tiny original checkpoint) in
+    scope; ``scorer(**kw)`` is Scorer.for_task('mrpc', data_dir=glue, limit=4, **kw)."""
+    def run(glue: Path, src: Path):
+        import mhacompress  # noqa: F401
+        from mhacompress import Calibration, ReductionConfig  # noqa: F401
+        from mhacompress.eval.compare import Scorer
+        from mhacompress.eval.data import load_examples  # noqa: F401
+        from mhacompress.eval.tasks import get_task  # noqa: F401
+
+        scorer = lambda **kw: Scorer.for_task("mrpc", data_dir=glue, limit=4, **kw)  # noqa: E731, F841
+        return eval(call)
+    return run
+
+
+API = [  # (call, fragment of the message)
+    ("scorer(batch_size=-1)", "batch_size must be an integer >= 1"),
+    ("scorer(batch_size=0)", "batch_size must be an integer >= 1"),
+    ("scorer(max_length=0)", "max_length must be an integer >= 8"),
+    ("scorer(device='gpu')", "gpu"),
+    ("scorer(on_batch=5)", "on_batch must be a function"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit=0)", "limit must be a positive number"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit=-3)", "limit must be a positive number"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit='5')", "limit must be a positive number"),
+    ("Scorer.for_task(None, data_dir=glue)", "the task must be a GLUE task name"),
+    ("Scorer.for_task('stsb', data_dir=glue, limit=1)", "need at least 2 examples"),
+    ("load_examples(get_task('mrpc'), data_dir=glue, limit=0)", "limit must be a positive number"),
+    ("load_examples(None, data_dir=glue)", "the task must be a GLUE task name"),
+    ("load_examples(get_task('mrpc'), data_dir=42)", "--data-dir must be a folder path"),
+    ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
+]
+
+
+@pytest.mark.parametrize("call,fragment", API, ids=[c for c, _ in API])
+def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glue_dir, tiny_bert_dir, tmp_path,
+                                                             monkeypatch):
+    from mhacompress.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    before = tree(tmp_path)
+    with pytest.raises(UsageError) as err:
+        _api(call)(glue_dir, tmp_path / "src")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert tree(tmp_path) == before
+
+
+def test_python_api_still_takes_a_task_object_or_name(glue_dir):
+    from mhacompress.eval.compare import Scorer
+    from mhacompress.eval.data import load_examples
+    from mhacompress.eval.tasks import get_task
+
+    assert len(Scorer.for_task(get_task("mrpc"), data_dir=glue_dir, limit=4).examples) == 4
+    assert len(load_examples("mrpc", data_dir=glue_dir, limit=3)) == 3
 
 
 # ---- running and judging ------------------------------------------------------------------------------------------

@@ -51,6 +51,11 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
 
         scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                                  max_length=max_length, device=device)
+        if scorer.examples.labels is None and reference is None:  # refused before any model loads
+            from ..errors import UsageError
+
+            raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate --split "
+                             f"validation, or pass --reference ORIGINAL for label-free fidelity on these texts")
         with status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
             ref = None if reference is None else load_pretrained(reference, allow_pickle=allow_pickle,
