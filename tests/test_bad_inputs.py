@@ -372,6 +372,8 @@ ANALYZE = [
     case("analyze-key-dims-0", "analyze {src} --key-dims 0", "key dims must be in 1..32", "1..32"),
     case("analyze-key-dims-too-big", "analyze {src} --key-dims 64", "key dims must be in 1..32", "1..32"),
     case("analyze-seq-len-0", "analyze {src} --seq-len 0", "--seq-len", ">=1"),
+    case("analyze-key-dims-without-curve", "analyze {src} --key-dims 8 --no-curve", "which --no-curve skips",
+         "drop one"),
     case("analyze-reduced", "analyze {reduced}", "already reduced", "analyze the original"),
     case("analyze-config-no-model-type", "analyze {src}", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
