@@ -434,9 +434,9 @@ CASES = MODELS + REDUCE + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANAL
 # ---- the Python API: the project's own error (UsageError, ConfigError), with a message, before any work ---------
 
 def _api(call: str):
-    """A call of the public API, run with ``glue`` (the GLUE folder) and ``src`` (a tiny original checkpoint) in
-    scope; ``scorer(**kw)`` is Scorer.for_task('mrpc', data_dir=glue, limit=4, **kw)."""
-    def run(glue: Path, src: Path):
+    """A call of the public API, run with ``glue`` (the GLUE folder), ``src`` (a tiny original checkpoint) and
+    ``reduced`` (it reduced) in scope; ``scorer(**kw)`` is Scorer.for_task('mrpc', data_dir=glue, limit=4, **kw)."""
+    def run(glue: Path, src: Path, reduced: Path):
         import mhacompress  # noqa: F401
         from mhacompress import Calibration, ReductionConfig  # noqa: F401
         from mhacompress.eval.compare import Scorer
@@ -463,20 +463,31 @@ API = [  # (call, fragment of the message)
     ("load_examples(None, data_dir=glue)", "the task must be a GLUE task name"),
     ("load_examples(get_task('mrpc'), data_dir=42)", "--data-dir must be a folder path"),
     ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
+    ("mhacompress.load('')", "no model given"),
+    ("mhacompress.load('  ')", "no model given"),
+    ("mhacompress.load(reduced, device='gpu')", "gpu"),
+    ("mhacompress.load(reduced, device='cuda:7')", "cuda:7"),
+    ("mhacompress.save(None, None, 'out')", "save takes a transformers model"),
+    ("mhacompress.save(str(src), None, 'out')", "save takes a transformers model"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), 'tok', 'out')",
+     "save takes the model's tokenizer"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
+     "--output must be a path"),
 ]
 
 
 @pytest.mark.parametrize("call,fragment", API, ids=[c for c, _ in API])
-def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glue_dir, tiny_bert_dir, tmp_path,
-                                                             monkeypatch):
+def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glue_dir, tiny_bert_dir,
+                                                             tiny_reduced_dir, tmp_path, monkeypatch):
     from mhacompress.errors import UsageError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    shutil.copytree(tiny_reduced_dir, tmp_path / "reduced")
     before = tree(tmp_path)
     with pytest.raises(UsageError) as err:
-        _api(call)(glue_dir, tmp_path / "src")
+        _api(call)(glue_dir, tmp_path / "src", tmp_path / "reduced")
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert tree(tmp_path) == before
 
