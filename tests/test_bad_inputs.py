@@ -472,7 +472,20 @@ API = [  # (call, fragment of the message)
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), 'tok', 'out')",
      "save takes the model's tokenizer"),
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
-     "--output must be a path"),
+     "--output must be a path"),    ("mhacompress.reduce_(str(src), ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(None, ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(__import__('transformers').AutoTokenizer.from_pretrained(src), ReductionConfig(key_dim=8))",
+     "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), {'key_dim': 8})",
+     "config must be a ReductionConfig"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), "
+     "ReductionConfig(key_dim=8, calibration=Calibration('stsb')))", "would ignore config.calibration"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), "
+     "ReductionConfig(key_dim=8, first_token_only=True))", "first_token_only is for sequence classifiers"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
+     "moments=[1, 2])", "moments must be a list of tensors"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
+     "on_layer=5)", "on_layer must be a function"),
 ]
 
 
