@@ -112,6 +112,22 @@ MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 BINARY = b"\x00\x01\x02PK\x03\x04" * 40
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 
+def _classifier(path: Path, num_labels: int) -> None:
+    """A tiny BERT sequence classifier with ``num_labels`` outputs and the bundled tokenizer, saved at ``path``."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_config
+    from mhacompress.hub import bundled_model_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config("bert", vocab_size=tokenizer.vocab_size, num_labels=num_labels)
+                                  ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def case(id_: str, *args, marks=(), **kw):
     return pytest.param(Bad(*args, **kw), id=id_, marks=marks)
 
@@ -331,6 +347,8 @@ FINETUNE = [
          "x>=0"),
     case("finetune-no-train-file", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "STS-B/train.tsv",
          "glue_data layout"),
+    case("finetune-head-of-another-task", "finetune {ws}/cls3 --task mrpc -o {ws}/ft --limit 4 --no-eval",
+         "mrpc needs 2 labels", "start from the encoder", setup=lambda ws: _classifier(ws / "cls3", 3)),
     case("finetune-header-only-train", "finetune {src} --task mrpc -o {ws}/ft --data-dir {data}",
          "a header but no examples", "official GLUE", setup=write("data/MRPC/train.tsv", MRPC_HEADER)),
 ]
