@@ -55,6 +55,33 @@ def padded_batch(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
+def max_opset() -> int:
+    """The newest ONNX opset the installed exporter can write: torch.onnx converts its graph with onnxscript's version
+    converter, which (falling back to onnx's) fails, with a traceback in its log, above this."""
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+    except ImportError:  # another onnxscript layout: what the onnx package itself knows
+        import onnx
+
+        return int(onnx.defs.onnx_opset_version())
+    return int(SUPPORTED_MAX_ONNX_OPSET)
+
+
+def check_settings(*, opset, tol) -> None:
+    """--opset and --tolerance, refused in one line before anything loads: an opset the exporter cannot write, a
+    tolerance that is not a finite number >= 0 (inf would let any graph pass the check)."""
+    import math
+
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise UsageError(f"--tolerance must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
+        raise UsageError(f"--opset must be an integer >= 17 (torch.onnx's exporter), got {opset!r}; pass --opset 18")
+    top = max_opset()
+    if opset > top:
+        raise UsageError(f"--opset {opset} is newer than the installed exporter can write (17..{top}); pass --opset "
+                         f"{top} or less")
+
+
 def _onnxruntime():
     try:
         import onnxruntime
@@ -99,8 +126,7 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
 
     from .hub import check_output
 
-    if not tol >= 0:  # also refuses nan
-        raise UsageError(f"--tolerance must be a non-negative number (e.g. 1e-4), got {tol}")
+    check_settings(opset=opset, tol=tol)
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
@@ -137,9 +163,10 @@ def _quiet():
     import warnings
 
     stack = contextlib.ExitStack()
-    logger = logging.getLogger("torch.onnx")
-    stack.callback(logger.setLevel, logger.level)
-    logger.setLevel(logging.ERROR)
+    for name in ("torch.onnx", "onnxscript"):  # onnxscript logs its version converter's fallbacks, tracebacks too
+        logger = logging.getLogger(name)
+        stack.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.ERROR if name == "torch.onnx" else logging.CRITICAL)
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")

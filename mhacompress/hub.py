@@ -188,7 +188,13 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     """
     if output is None or not str(output).strip():
         raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} {_example(option, kind)}")
+    if not isinstance(output, (str, os.PathLike)):
+        raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {option} "
+                         f"{_example(option, kind)}")
     check_path_length(str(output), option)
+    if kind == "file" and str(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
+        raise UsageError(f"{option} {output} ends in '/', so it names a folder; give a file name, e.g. "
+                         f"{output}{Path(_example(option, kind)).name}")
     try:
         target = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as err:
@@ -547,6 +553,11 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
 
     if not isinstance(path, (str, os.PathLike)):
         raise UsageError(f"load takes the folder of a reduced model (a str or Path); got {type(path).__name__}")
+    if not str(path).strip():  # Path("") is the current folder
+        raise UsageError("no model given; pass the folder of a reduced model, e.g. load('out/minilm-cp96')")
+    from .devices import resolve_device
+
+    device = str(resolve_device(device))  # a device this machine lacks fails now, not after the weights are read
     path = Path(path).expanduser()
     check_path_length(str(path), "model")
     config = read_config(path)
@@ -581,6 +592,11 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     id) that the save does not write itself is carried over, except the original's weights: sentence-transformers
     modules, vocabularies, README... A reduced model also gets its modelling code and ``auto_map`` (reload with
     trust_remote_code, without mhacompress)."""
+    if not hasattr(model, "save_pretrained") or not hasattr(getattr(model, "config", None), "model_type"):
+        raise UsageError(f"save takes a transformers model (e.g. from mhacompress.load or compress(...).model); got "
+                         f"{type(model).__name__}")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
     target = check_output(output, force, sources=[source, *loaded_from])
     folder = _source_folder(source)

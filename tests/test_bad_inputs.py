@@ -112,6 +112,22 @@ MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 BINARY = b"\x00\x01\x02PK\x03\x04" * 40
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 
+def _classifier(path: Path, num_labels: int) -> None:
+    """A tiny BERT sequence classifier with ``num_labels`` outputs and the bundled tokenizer, saved at ``path``."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_config
+    from mhacompress.hub import bundled_model_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config("bert", vocab_size=tokenizer.vocab_size, num_labels=num_labels)
+                                  ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def case(id_: str, *args, marks=(), **kw):
     return pytest.param(Bad(*args, **kw), id=id_, marks=marks)
 
@@ -202,6 +218,12 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
     case("tol-nan", "reduce {src} -k 8 --tol nan", "--tol", "finite number >= 0"),
     case("tol-negative", "reduce {src} -k 8 --tol -1", "--tol", "finite number >= 0"),
     case("seed-negative", "reduce {src} -k 8 --seed -1", "--seed", "integer >= 0"),
+    case("seed-too-big-for-the-solvers", "reduce {src} -k 8 --init random --seed 100000000000000000000000", "--seed",
+         "<= 4294967295"),
+    case("tensorly-seed-too-big", "reduce {src} -k 8 --solver tensorly --seed 4294967296", "--seed",
+         "<= 4294967295"),
+    case("finetune-seed-too-big", "finetune {src} --task stsb -o {ws}/ft --seed 100000000000000000000000", "--seed",
+         "0<=x<=4294967295"),
     case("samples-0", "reduce {src} -k 8 --calibrate stsb --samples 0", "--samples", "x>=1"),
     case("samples-0-uncalibrated", "reduce {src} -k 8 --samples 0", "--samples", "x>=1"),
     case("refine-negative", "reduce {src} -k 8 --calibrate stsb --refine -1", "--refine", "x>=0"),
@@ -300,6 +322,10 @@ EVAL = [
     case("eval-truncated-weights", "eval {reduced} --task stsb", "corrupt or truncated", "save the checkpoint again",
          setup=truncate("reduced/model.safetensors")),
     case("eval-device-nonsense", "eval {src} --task stsb --device nonsense", "nonsense", "auto"),
+    case("eval-test-split-without-labels", "eval {src} --task stsb --split test --data-dir {data}", "has no labels",
+         "--reference ORIGINAL", setup=write("data/STS-B/test.tsv", STSB_HEADER.replace("\tscore", "")
+                                             + "0\tg\tf\t2012\t0\ts\ts\tA man.\tA woman.\n" * 2)),
+    case("eval-stsb-one-example", "eval {src} --task stsb --limit 1", "need at least 2 examples", "--limit 2 or more"),
 ]
 
 FINETUNE = [
@@ -321,6 +347,8 @@ FINETUNE = [
          "x>=0"),
     case("finetune-no-train-file", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "STS-B/train.tsv",
          "glue_data layout"),
+    case("finetune-head-of-another-task", "finetune {ws}/cls3 --task mrpc -o {ws}/ft --limit 4 --no-eval",
+         "mrpc needs 2 labels", "start from the encoder", setup=lambda ws: _classifier(ws / "cls3", 3)),
     case("finetune-header-only-train", "finetune {src} --task mrpc -o {ws}/ft --data-dir {data}",
          "a header but no examples", "official GLUE", setup=write("data/MRPC/train.tsv", MRPC_HEADER)),
 ]
@@ -362,6 +390,8 @@ ANALYZE = [
     case("analyze-key-dims-0", "analyze {src} --key-dims 0", "key dims must be in 1..32", "1..32"),
     case("analyze-key-dims-too-big", "analyze {src} --key-dims 64", "key dims must be in 1..32", "1..32"),
     case("analyze-seq-len-0", "analyze {src} --seq-len 0", "--seq-len", ">=1"),
+    case("analyze-key-dims-without-curve", "analyze {src} --key-dims 8 --no-curve", "which --no-curve skips",
+         "drop one"),
     case("analyze-reduced", "analyze {reduced}", "already reduced", "analyze the original"),
     case("analyze-config-no-model-type", "analyze {src}", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
@@ -379,6 +409,8 @@ REPORT = [
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than", "--seq-len 64 or less"),
     case("report-repeats-0", "report {reduced} --repeats 0", "--repeats", ">=1"),
+    case("report-batch-too-big-for-memory", "report {reduced} --repeats 1 --seq-len 64 --batch-size 1000000000000",
+         "out of memory", "pass a smaller --batch-size"),
 ]
 
 EXPORT = [
@@ -400,6 +432,12 @@ EXPORT = [
     case("export-opset-5", "export {reduced} -o {ws}/m.onnx --opset 5", "--opset", ">=17"),
     case("export-missing-folder", "export {ws}/nope -o {ws}/m.onnx", "no config.json", "pass a folder"),
     case("export-output-empty", "export {reduced} -o ''", "--output is empty", "pass the path"),
+    case("export-output-ends-in-slash", "export {reduced} -o {ws}/new/", "ends in '/', so it names a folder",
+         "give a file name"),
+    case("export-tolerance-inf", "export {reduced} -o {ws}/m.onnx --tolerance inf", "--tolerance",
+         "finite non-negative number"),
+    case("export-opset-too-new", "export {reduced} -o {ws}/m.onnx --opset 99", "--opset 99 is newer",
+         "or less"),
 ]
 
 GLOBAL = [
@@ -409,6 +447,89 @@ GLOBAL = [
 ]
 
 CASES = MODELS + REDUCE + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANALYZE + REPORT + EXPORT + GLOBAL
+
+
+# ---- the Python API: the project's own error (UsageError, ConfigError), with a message, before any work ---------
+
+def _api(call: str):
+    """A call of the public API, run with ``glue`` (the GLUE folder), ``src`` (a tiny original checkpoint) and
+    ``reduced`` (it reduced) in scope; ``scorer(**kw)`` is Scorer.for_task('mrpc', data_dir=glue, limit=4, **kw)."""
+    def run(glue: Path, src: Path, reduced: Path):
+        import mhacompress  # noqa: F401
+        from mhacompress import Calibration, ReductionConfig  # noqa: F401
+        from mhacompress.eval.compare import Scorer
+        from mhacompress.eval.data import load_examples  # noqa: F401
+        from mhacompress.eval.tasks import get_task  # noqa: F401
+
+        scorer = lambda **kw: Scorer.for_task("mrpc", data_dir=glue, limit=4, **kw)  # noqa: E731, F841
+        return eval(call)
+    return run
+
+
+API = [  # (call, fragment of the message)
+    ("scorer(batch_size=-1)", "batch_size must be an integer >= 1"),
+    ("scorer(batch_size=0)", "batch_size must be an integer >= 1"),
+    ("scorer(max_length=0)", "max_length must be an integer >= 8"),
+    ("scorer(device='gpu')", "gpu"),
+    ("scorer(on_batch=5)", "on_batch must be a function"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit=0)", "limit must be a positive number"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit=-3)", "limit must be a positive number"),
+    ("Scorer.for_task('mrpc', data_dir=glue, limit='5')", "limit must be a positive number"),
+    ("Scorer.for_task(None, data_dir=glue)", "the task must be a GLUE task name"),
+    ("Scorer.for_task('stsb', data_dir=glue, limit=1)", "need at least 2 examples"),
+    ("load_examples(get_task('mrpc'), data_dir=glue, limit=0)", "limit must be a positive number"),
+    ("load_examples(None, data_dir=glue)", "the task must be a GLUE task name"),
+    ("load_examples(get_task('mrpc'), data_dir=42)", "--data-dir must be a folder path"),
+    ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
+    ("mhacompress.load('')", "no model given"),
+    ("mhacompress.load('  ')", "no model given"),
+    ("mhacompress.load(reduced, device='gpu')", "gpu"),
+    ("mhacompress.load(reduced, device='cuda:7')", "cuda:7"),
+    ("mhacompress.save(None, None, 'out')", "save takes a transformers model"),
+    ("mhacompress.save(str(src), None, 'out')", "save takes a transformers model"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), 'tok', 'out')",
+     "save takes the model's tokenizer"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
+     "--output must be a path"),    ("mhacompress.reduce_(str(src), ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(None, ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(__import__('transformers').AutoTokenizer.from_pretrained(src), ReductionConfig(key_dim=8))",
+     "reduce_ takes a transformers model"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), {'key_dim': 8})",
+     "config must be a ReductionConfig"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), "
+     "ReductionConfig(key_dim=8, calibration=Calibration('stsb')))", "would ignore config.calibration"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), "
+     "ReductionConfig(key_dim=8, first_token_only=True))", "first_token_only is for sequence classifiers"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
+     "moments=[1, 2])", "moments must be a list of tensors"),
+    ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
+     "on_layer=5)", "on_layer must be a function"),
+]
+
+
+@pytest.mark.parametrize("call,fragment", API, ids=[c for c, _ in API])
+def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glue_dir, tiny_bert_dir,
+                                                             tiny_reduced_dir, tmp_path, monkeypatch):
+    from mhacompress.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    shutil.copytree(tiny_reduced_dir, tmp_path / "reduced")
+    before = tree(tmp_path)
+    with pytest.raises(UsageError) as err:
+        _api(call)(glue_dir, tmp_path / "src", tmp_path / "reduced")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert tree(tmp_path) == before
+
+
+def test_python_api_still_takes_a_task_object_or_name(glue_dir):
+    from mhacompress.eval.compare import Scorer
+    from mhacompress.eval.data import load_examples
+    from mhacompress.eval.tasks import get_task
+
+    assert len(Scorer.for_task(get_task("mrpc"), data_dir=glue_dir, limit=4).examples) == 4
+    assert len(load_examples("mrpc", data_dir=glue_dir, limit=3)) == 3
 
 
 # ---- running and judging ------------------------------------------------------------------------------------------

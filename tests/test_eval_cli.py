@@ -190,3 +190,15 @@ def test_first_token_only_bad_inputs(encoder, mnli_classifier, tmp_path):
     assert not out.exists()
     one_line_error(invoke("eval", mnli_classifier, "-t", "mnli", "--data-dir", FIXTURES, "--first-token-only"),
                    "reduced model")
+
+
+def test_max_drop_gate_fails_on_an_undefined_metric():
+    """A nan drop (STS-B correlations of constant predictions) must not pass the CI gate: nan > x is False."""
+    import click
+
+    from mhacompress.cli.eval import check_drop
+
+    block = {"task": "stsb", "metric": "spearman", "original": 0.8, "reduced": float("nan"), "drop": float("nan")}
+    with pytest.raises(click.ClickException, match="undefined"):
+        check_drop({"eval": block}, 0.01)
+    check_drop({"eval": {**block, "reduced": 0.8, "drop": 0.0}}, 0.01)  # a real drop within bounds still passes

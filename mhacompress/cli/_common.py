@@ -41,10 +41,24 @@ def user_errors():
         if isinstance(err, (ConfigError, UnsupportedModelError)):
             raise click.ClickException(one_line(str(err))) from None
         raise
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        raise click.ClickException(f"out of memory ({one_line(str(err)).split(': ')[-1][:120] or type(err).__name__});"
+                                   f" pass a smaller --batch-size (or --seq-len, --samples, "
+                                   f"--limit), or use a device with more memory") from None
     except OSError as err:  # the file system refused (disk full, permissions changed mid-run): nothing was replaced
         where = f" {err.filename}" if err.filename else ""
         raise click.ClickException(f"cannot access{where}: {err.strerror or err}; nothing was replaced (check the "
                                    f"path, its permissions and free space)") from None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's error."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return "can't allocate memory" in text or "out of memory" in text
 
 
 def one_line(text: str) -> str:

@@ -36,6 +36,10 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
       mhacompress analyze bert-base --no-curve --seq-len 512 --json
     """
     with user_errors():
+        if key_dims is not None and no_curve:
+            from ..errors import UsageError
+
+            raise UsageError("--key-dims sets the key dims of the error curve, which --no-curve skips; drop one")
         dims = None if key_dims is None else _parse_dims(key_dims)
         if plot_dir is not None:
             from ..hub import check_output

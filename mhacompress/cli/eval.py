@@ -51,6 +51,11 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
 
         scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                                  max_length=max_length, device=device)
+        if scorer.examples.labels is None and reference is None:  # refused before any model loads
+            from ..errors import UsageError
+
+            raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate --split "
+                             f"validation, or pass --reference ORIGINAL for label-free fidelity on these texts")
         with status(f"loading {model}", not as_json):
             loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
             ref = None if reference is None else load_pretrained(reference, allow_pickle=allow_pickle,
@@ -105,6 +110,10 @@ def render_eval(block: dict) -> None:
 def check_drop(result: dict, max_drop: float | None) -> None:
     """Exit 1 (one line on stderr) when the reduced model lost more than ``max_drop`` on the main metric."""
     block = result.get("eval")
+    if max_drop is not None and block and block["drop"] != block["drop"]:  # nan: every comparison with it is False
+        raise click.ClickException(f"the {block['metric']} on {block['task']} is undefined (nan: constant predictions "
+                                   f"or labels), so --max-drop {max_drop} cannot be checked; evaluate on more "
+                                   f"examples or check the reduced model")
     if max_drop is not None and block and block["drop"] > max_drop:
         raise click.ClickException(f"the reduced model loses {block['drop']:.4f} {block['metric']} on "
                                    f"{block['task']}, more than --max-drop {max_drop}")

@@ -42,10 +42,11 @@ def export(directory, fmt, output, force, opset, tolerance, first_token_only, as
 def run_export(directory, *, fmt="onnx", output, force=False, opset=18, tolerance=1e-4, first_token_only=False,
                show_progress=True) -> dict:
     from ..errors import UsageError
-    from ..export import FORMATS, export_onnx
+    from ..export import FORMATS, check_settings, export_onnx
 
     if fmt not in FORMATS:
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
+    check_settings(opset=opset, tol=tolerance)
     from ..hub import check_output, load
 
     check_output(output, force, kind="file", sources=[directory])  # before any work

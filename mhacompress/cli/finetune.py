@@ -24,7 +24,8 @@ from .eval import data_options
 @click.option("--warmup", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Fraction of steps of linear warm-up (then linear decay to 0).")
 @click.option("--weight-decay", type=FiniteFloat(min=0), default=0.01, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head, data order and dropout.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the head, data order and dropout.")
 @click.option("--limit", type=click.IntRange(min=1), help="Train on a seeded random sample of N examples.")
 @data_options
 @device_option("Where to train")

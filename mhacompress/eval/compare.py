@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from .data import Examples, load_examples
 from .runner import Outputs, fidelity, run, score
 from .tasks import Task, get_task
@@ -23,8 +24,26 @@ class Scorer:
     on_batch: object = None
     last: Outputs | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        """Settings that would fail deep inside a run (an IndexError for batch_size=-1, a shape error for
+        max_length=0), refused in one line before any model runs."""
+        for name, value, low in (("batch_size", self.batch_size, 1), ("max_length", self.max_length, 8)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"{name} must be an integer >= {low}; got {value!r}")
+        if not isinstance(self.task, Task) or not isinstance(self.examples, Examples):
+            raise UsageError("Scorer takes a Task and its Examples; build one with Scorer.for_task('mrpc', ...)")
+        if self.on_batch is not None and not callable(self.on_batch):
+            raise UsageError(f"on_batch must be a function taking a batch size; got {type(self.on_batch).__name__}")
+        from ..devices import resolve_device
+
+        self.device = str(resolve_device(self.device))
+        if self.task.regression and len(self.examples) < 2:
+            raise UsageError(f"{self.task.name}'s correlations (Pearson, Spearman) need at least 2 examples, got "
+                             f"{len(self.examples)} from {self.examples.source}; pass --limit 2 or more (on a split "
+                             f"that has 2)")
+
     @classmethod
-    def for_task(cls, task: str, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":
+    def for_task(cls, task: str | Task, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":
         spec = get_task(task)
         return cls(spec, load_examples(spec, split, data_dir=data_dir, limit=limit), **kw)
 

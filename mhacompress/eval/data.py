@@ -44,6 +44,15 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
 
     An explicit ``data_dir`` is never bypassed: a file missing there is an error. ``limit`` keeps the first N
     examples (a seeded random sample when ``seed`` is given)."""
+    from .tasks import get_task
+
+    task = get_task(task)  # a name is taken too
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise UsageError(f"limit must be a positive number of examples (or None for all); got {limit!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise UsageError(f"seed must be an integer (or None for the first examples); got {seed!r}")
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise UsageError(f"--data-dir must be a folder path; got {type(data_dir).__name__}")
     local_name, hub_split = task.split(split)
     split = {"dev": "validation"}.get(split, split)
     if data_dir is not None:

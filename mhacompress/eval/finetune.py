@@ -21,7 +21,8 @@ def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
     sequence-classification model around the same encoder weights with a fresh head (num_labels of the task, one
     regression output for STS-B), labelled with the task's label names."""
     if is_classifier(model):
-        head_order(model, task, name)  # a head that does not fit is a UsageError
+        head_order(model, task, name, fix="finetune keeps an existing head, so start from the encoder it was "
+                                          "fine-tuned from (a checkpoint without this head)")  # not: run finetune
         return model
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 

@@ -30,19 +30,20 @@ class Outputs:
     embeddings: torch.Tensor | None = None
 
 
-def head_order(model, task: Task, name: str = "the model") -> list[int] | None:
+def head_order(model, task: Task, name: str = "the model", fix: str | None = None) -> list[int] | None:
     """For each of the task's labels, the column of the model's head that scores it; a head that does not fit the
-    task is a UsageError. Default names (LABEL_0, ...) are taken to be in the task's order."""
+    task is a UsageError (``fix``: what it says to do, instead of fine-tuning one). Default names (LABEL_0, ...)
+    are taken to be in the task's order."""
     n = model.config.num_labels
+    fix = fix or f"fine-tune one: mhacompress finetune MODEL --task {task.name} --output DIR"
     if task.regression:
         if n != 1:
             raise UsageError(f"{name} has a {n}-label classification head; {task.name} needs a 1-output regression "
-                             f"head (fine-tune one: mhacompress finetune MODEL --task {task.name} --output DIR)")
+                             f"head ({fix})")
         return None
     if n != task.num_labels:
         raise UsageError(f"{name} has a {n}-label head; {task.name} needs {task.num_labels} labels "
-                         f"({', '.join(task.labels)}): fine-tune one with mhacompress finetune MODEL --task "
-                         f"{task.name} --output DIR")
+                         f"({', '.join(task.labels)}): {fix}")
     norm = lambda s: str(s).strip().lower().replace(" ", "_").replace("-", "_")  # noqa: E731
     names = [norm(model.config.id2label[i]) for i in range(n)]
     if all(x in (f"label_{i}", str(i)) for i, x in enumerate(names)):

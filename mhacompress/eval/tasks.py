@@ -70,7 +70,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": "mnli", "mnli_mismatched": "mnli-mm"}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str | Task) -> Task:
+    """The task called ``name`` (case-insensitive; aliases such as sst-2), or ``name`` itself when it is a Task."""
+    if isinstance(name, Task):
+        return name
+    if not isinstance(name, str):
+        raise UsageError(f"the task must be a GLUE task name ({', '.join(TASKS)}); got {type(name).__name__}")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")

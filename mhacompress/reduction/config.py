@@ -22,9 +22,13 @@ class ConfigError(UsageError, ValueError):
     """An impossible reduction setting (the message says which and what is allowed)."""
 
 
-def _int(name: str, value, low: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger seed; torch's generators 2**64 - 1
+
+
+def _int(name: str, value, low: int = 0, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        upto = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{name} must be an integer >= {low}{upto}; got {value!r}")
 
 
 def _flag(name: str, value) -> None:
@@ -66,7 +70,7 @@ class Calibration:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
         _int("--samples", self.samples, 1)
-        _int("the calibration seed", self.seed)
+        _int("the calibration seed", self.seed, 0, SEED_MAX)
         _int("--refine", self.refine_steps)
         _int("the calibration max length", self.max_length, 8)
         _int("the calibration batch size", self.batch_size, 1)
@@ -144,7 +148,7 @@ class ReductionConfig:
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
                 or self.tol < 0:
             raise ConfigError(f"--tol must be a finite number >= 0; got {self.tol!r}")
-        _int("--seed", self.seed)
+        _int("--seed", self.seed, 0, SEED_MAX)
         _flag("first_token_only", self.first_token_only)
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")

@@ -12,10 +12,10 @@ from ..devices import cpu_threads, parallel_map, work_device
 from ..errors import UsageError
 from . import methods
 from .calibrate import unwhiten, whiten
-from .config import ReductionConfig, compression_block
+from .config import ConfigError, ReductionConfig, compression_block
 from .decompose import Factors, relative_error
 from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, base_model_type,
-                       collaborative_module, first_token_only_, promote_)
+                       collaborative_module, first_token_only_, is_classifier, promote_)
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -149,13 +149,39 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     decomposed in the whitened space, which minimises the expected score error on the calibration data (the report
     adds it as ``expected_score_error``). For the sequential, output-aware path use ``mhacompress.compress(...)``.
     """
+    _check_arguments(model, config, moments, on_layer)
     check_reducible(model)
+    if config.first_token_only and not is_classifier(model):
+        raise ConfigError(f"first_token_only is for sequence classifiers (their head reads only [CLS]); this is a "
+                          f"{type(model).__name__}: drop first_token_only")
     n_layers, heads, head_dim = model_shape(model)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
     if moments is not None and len(moments) != n_layers:
-        raise ValueError(f"{len(moments)} second moments given for {n_layers} layers")
+        raise ConfigError(f"{len(moments)} second moments given for {n_layers} layers; pass one per layer "
+                          f"(calibrate.second_moments(model, batches))")
     layers = reduce_layers_(model, config, dims, moments, on_layer)
     return finish_(model, config, layers, source=source, tool_version=tool_version)
+
+
+def _check_arguments(model, config, moments, on_layer) -> None:
+    """reduce_'s arguments of the wrong kind, refused in one line before any layer is touched (not an
+    AttributeError deep inside); a config whose calibration reduce_ would not apply (but record) is refused too."""
+    if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "model_type"):
+        raise UsageError(f"reduce_ takes a transformers model (e.g. AutoModel.from_pretrained(...)); got "
+                         f"{type(model).__name__}; for a folder or hub id use mhacompress.compress(name, config)")
+    if not isinstance(config, ReductionConfig):
+        raise ConfigError(f"config must be a ReductionConfig, e.g. ReductionConfig(key_dim=96); got "
+                          f"{type(config).__name__}")
+    if config.calibration is not None:
+        raise ConfigError("reduce_ reduces from the weights alone and would ignore config.calibration (yet record "
+                          "it); calibrate with mhacompress.compress(model, config, tokenizer=tokenizer), or drop "
+                          "calibration")
+    if moments is not None and (not isinstance(moments, (list, tuple))
+                                or not all(isinstance(m, torch.Tensor) for m in moments)):
+        raise ConfigError("moments must be a list of tensors, one per layer (calibrate.second_moments(model, "
+                          "batches))")
+    if on_layer is not None and not callable(on_layer):
+        raise UsageError(f"on_layer must be a function taking a layer's report; got {type(on_layer).__name__}")
 
 
 def finish_(model: nn.Module, config: ReductionConfig, layers: list[dict], *, source: str, tool_version: str,
