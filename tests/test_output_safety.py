@@ -227,7 +227,7 @@ def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
     save(reduced(), None, tmp_path / "m")
     for tolerance in ("-1", "nan"):
         one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--tolerance", tolerance),
-                       "--tolerance must be a non-negative number")
+                       "--tolerance must be a finite non-negative number")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
