@@ -9,16 +9,26 @@
     model, tokenizer = mhacompress.load("out/minilm-cp96")
 
     mhacompress.reduce_(model, ReductionConfig(key_dim=96))  # in place, from the weights alone
+
+    mhacompress.evaluate("out/minilm-cp96", "stsb", data_dir="glue_data")   # `mhacompress eval --json`
+    mhacompress.report("out/minilm-cp96")                                    # `mhacompress report --json`
+    mhacompress.to_onnx("out/minilm-cp96", "out/minilm-cp96.onnx")           # `mhacompress export --json`
+    mhacompress.run_sweep("minilm", "stsb", ["cp", "svd"], [192, 96], data_dir="glue_data")  # `sweep --json`
+
+Each returns the dict the command prints with ``--json`` (``run_sweep``'s with its schema envelope, the others
+without) and reports progress through a callback (``on_progress``; ``on_result`` for ``run_sweep``).
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["Calibration", "Compressed", "Progress", "ReductionConfig", "__version__", "compress", "load", "reduce_",
-           "save"]
+__all__ = ["Calibration", "Compressed", "Progress", "ReductionConfig", "__version__", "compress", "evaluate", "load",
+           "reduce_", "report", "run_sweep", "save", "to_onnx"]
 
 _LAZY = {  # keep `import mhacompress` (and so `mhacompress --help`) free of torch
     "load": "hub", "save": "hub", "reduce_": "reduction.surgery", "ReductionConfig": "reduction.config",
     "Calibration": "reduction.config", "compress": "pipeline", "Compressed": "pipeline", "Progress": "pipeline",
+    "evaluate": "commands", "report": "commands", "to_onnx": "commands",
+    "run_sweep": "sweep:sweep",  # not `mhacompress.sweep`: importing the submodule would shadow it
 }
 
 
@@ -26,5 +36,6 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(f".{module}", __name__), attr or name)
     raise AttributeError(f"module 'mhacompress' has no attribute {name!r}")

@@ -20,7 +20,7 @@ LAYERS = [
     ("bench.py", "hub", {"modeling", "reduction", "errors"}),
     ("errors.py", "errors", set()),
     ("cli/", "cli", {"pipeline", "eval", "hub", "reduction", "modeling", "errors", "root"}),
-    ("", "pipeline", {"eval", "hub", "reduction", "modeling", "errors", "root"}),  # pipeline, sweep, calibration
+    ("", "pipeline", {"eval", "hub", "reduction", "modeling", "errors", "root"}),  # pipeline, commands, sweep, executors, calibration
 ]
 
 

@@ -98,29 +98,6 @@ def first_token_option(help_tail: str):
                         "(logits unchanged). " + help_tail)
 
 
-def require_classifier(model, name) -> None:
-    """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
-    from ..errors import UsageError
-    from ..reduction.modeling import is_classifier
-
-    if not is_classifier(model):
-        kind = type(model).__name__.removeprefix("Collaborative")
-        raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
-                         f"holds a {kind}")
-
-
-def first_token_shortcut(model, name) -> None:
-    """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
-    from ..errors import UsageError
-    from ..reduction.modeling import first_token_only_
-
-    require_classifier(model, name)
-    try:
-        first_token_only_(model)
-    except ValueError as err:
-        raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None
-
-
 def status(text: str, enabled: bool = True):
     """A spinner with ``text`` on stderr while a step without a count runs (loading, exporting, timing)."""
     if not enabled:

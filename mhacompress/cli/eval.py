@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (allow_pickle_option, console, device_option, emit_json, first_token_option, first_token_shortcut,
-                       progress, resolved_device, status, task_names, user_errors)
+from ._common import (ProgressBars, allow_pickle_option, console, device_option, emit_json, first_token_option,
+                      resolved_device, task_names, user_errors)
 
 
 def data_options(f):
@@ -45,29 +45,12 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
     """
     with user_errors():
         device = resolved_device(device)
-        from ..eval.compare import Scorer, evaluate
-        from ..eval.runner import is_classifier
-        from ..hub import load_pretrained
+        from ..commands import evaluate
 
-        scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                                 max_length=max_length, device=device)
-        if scorer.examples.labels is None and reference is None:  # refused before any model loads
-            from ..errors import UsageError
-
-            raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate --split "
-                             f"validation, or pass --reference ORIGINAL for label-free fidelity on these texts")
-        with status(f"loading {model}", not as_json):
-            loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
-            ref = None if reference is None else load_pretrained(reference, allow_pickle=allow_pickle,
-                                                                 device=device)[:2]
-        if first_token_only:
-            first_token_shortcut(loaded, model)
-        with progress(not as_json) as bar:
-            n = len(scorer.examples) * (1 if is_classifier(loaded) else len(scorer.examples.texts[0])) * (2 if ref else 1)
-            job = bar.add_task(f"{scorer.task.name} [{scorer.examples.split}]", total=n)
-            scorer.on_batch = lambda n: bar.advance(job, n)
-            result = evaluate(loaded, tokenizer, scorer, model_name=model,
-                              reference=(*ref, reference) if ref else None)
+        with ProgressBars(not as_json) as bars:
+            result = evaluate(model, task, split=split, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                              max_length=max_length, device=device, reference=reference,
+                              first_token_only=first_token_only, allow_pickle=allow_pickle, on_progress=bars)
     if as_json:
         emit_json(result, "eval", device)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, emit_json, first_token_option, first_token_shortcut, status, user_errors
+from ._common import ProgressBars, console, emit_json, first_token_option, user_errors
 
 
 @click.command()
@@ -31,32 +31,15 @@ def export(directory, fmt, output, force, opset, tolerance, first_token_only, as
       mhacompress export out/sst2-cp192 -o sst2.onnx --first-token-only --json
     """
     with user_errors():
-        result = run_export(directory, fmt=fmt, output=output, force=force, opset=opset, tolerance=tolerance,
-                            first_token_only=first_token_only, show_progress=not as_json)
+        from ..commands import to_onnx
+
+        with ProgressBars(not as_json) as bars:
+            result = to_onnx(directory, output, fmt=fmt, force=force, opset=opset, tolerance=tolerance,
+                             first_token_only=first_token_only, on_progress=bars)
     if as_json:
         emit_json(result, "export", None)
     else:
         render(result)
-
-
-def run_export(directory, *, fmt="onnx", output, force=False, opset=18, tolerance=1e-4, first_token_only=False,
-               show_progress=True) -> dict:
-    from ..errors import UsageError
-    from ..export import FORMATS, check_settings, export_onnx
-
-    if fmt not in FORMATS:
-        raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
-    check_settings(opset=opset, tol=tolerance)
-    from ..hub import check_output, load
-
-    check_output(output, force, kind="file", sources=[directory])  # before any work
-    with status(f"loading {directory}", show_progress):
-        model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
-    if first_token_only:
-        first_token_shortcut(model, directory)
-    with status(f"exporting to {output} and checking it in onnxruntime", show_progress):
-        result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
-    return {"model": str(directory), "first_token_only": first_token_only, **result}
 
 
 def render(result: dict) -> None:

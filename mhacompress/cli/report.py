@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import (console, device_option, emit_json, first_token_option, method_choice, resolved_device, status,
-                       user_errors)
+from ._common import (ProgressBars, console, device_option, emit_json, first_token_option, method_choice,
+                      resolved_device, user_errors)
 
 
 @click.command()
@@ -41,89 +41,16 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
     """
     with user_errors():
         device = resolved_device(device)
-        result = run_report(model, seq_len=seq_len, batch_size=batch_size, key_dim=key_dim, method=method,
-                            repeats=repeats, latency=not no_latency, first_token_only=first_token_only,
-                            attn_implementation=attn_implementation, show_progress=not as_json, device=device)
+        from ..commands import report as measure
+
+        with ProgressBars(not as_json) as bars:
+            result = measure(model, seq_len=seq_len, batch_size=batch_size, key_dim=key_dim, method=method,
+                             repeats=repeats, latency=not no_latency, first_token_only=first_token_only,
+                             attn_implementation=attn_implementation, device=device, on_progress=bars)
     if as_json:
         emit_json(result, "report", device)
     else:
         render(result)
-
-
-def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa"):
-    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory."""
-    import copy
-
-    from ..errors import UsageError
-    from ..hub import load_pretrained
-    from ..pipeline import compress
-    from ..reduction.config import ReductionConfig
-    from ..reduction.modeling import COMPRESSION_KEY
-
-    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
-    block = getattr(model.config, COMPRESSION_KEY, None)
-    if block:
-        if key_dim is not None:
-            raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop --key-dim")
-        source = block.get("source_model") or ""
-        try:
-            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
-        except UsageError as err:
-            raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
-        return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
-    if key_dim is None:
-        raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "
-                         f"written by `mhacompress reduce`")
-    config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
-    reduced = compress(copy.deepcopy(model), config).model
-    return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
-
-
-def run_report(name: str, *, seq_len=128, batch_size=32, key_dim=None, method="cp", repeats=7, latency=True,
-               first_token_only=False, attn_implementation="sdpa", show_progress=True, device="cpu") -> dict:
-    """The JSON report: counts per layer and total, and (``latency``) measured medians with ratios."""
-    import torch
-
-    from .. import bench
-    from ..reduction import cost
-    from ._common import first_token_shortcut
-
-    with status(f"loading {name}", show_progress):
-        original, reduced, info = load_pair(name, key_dim=key_dim, method=method,
-                                            attn_implementation=attn_implementation)
-    if first_token_only:
-        first_token_shortcut(reduced, name)
-    limit = max_tokens(original)
-    if limit is not None and seq_len > limit:
-        from ..errors import UsageError
-
-        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
-                         f"{limit} or less")
-    original, reduced = original.to(device), reduced.to(device)
-    result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
-              "first_token_only": first_token_only,
-              **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
-    if latency:
-        with status(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side", show_progress):
-            batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
-            cpu_model, cpu_layer = {}, {}
-            model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model, device=device)
-            layer_s = bench.attention_latency(original, reduced, batch_size, seq_len, repeats=repeats, cpu=cpu_layer,
-                                              device=device)
-            result["latency"] = {"model": bench.with_ratio(model_s, cpu_model),
-                                 "attention_layer": bench.with_ratio(layer_s, cpu_layer), "repeats": repeats}
-    return result
-
-
-def max_tokens(model) -> int | None:
-    """The longest sequence the model's learned position embeddings can take (None: it has none). RoBERTa-style
-    embeddings number positions from padding_idx + 1."""
-    embeddings = getattr(model.base_model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not hasattr(table, "num_embeddings"):
-        return None
-    offset = getattr(embeddings, "padding_idx", None)
-    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
 def verdict(ratio: float) -> str:

@@ -1,0 +1,179 @@
+"""The commands besides `reduce` as one Python call each, returning the dict their ``--json`` prints (without the
+schema envelope of schema_version, versions and device):
+
+    import mhacompress
+    mhacompress.evaluate("out/minilm-cp96", "stsb", data_dir="glue_data")   # mhacompress eval
+    mhacompress.report("out/minilm-cp96", batch_size=1)                      # mhacompress report
+    mhacompress.to_onnx("out/minilm-cp96", "out/minilm-cp96.onnx")           # mhacompress export
+
+(``compress``, in pipeline.py, is `reduce`; ``run_sweep``, in sweep.py, is `sweep`.) Progress is a callback of
+``Progress`` events, as for ``compress``; nothing here prints. Bad input raises ``UsageError`` with the one line the
+CLI shows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .errors import UsageError
+from .pipeline import Progress
+
+OnProgress = Callable[[Progress], None] | None
+
+
+def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", data_dir: str | None = None,
+             limit: int | None = None, batch_size: int = 64, max_length: int = 128, device: str = "cpu",
+             reference: str | os.PathLike | None = None, first_token_only: bool = False, allow_pickle: bool = False,
+             on_progress: OnProgress = None) -> dict:
+    """Score ``model`` (a folder, hub id or alias: original, fine-tuned or reduced) on a GLUE task's ``split`` with
+    the task's official metrics; with ``reference``, also the label-free fidelity to that model."""
+    from .eval.compare import Scorer
+    from .eval.compare import evaluate as score
+    from .hub import load_pretrained
+    from .reduction.modeling import is_classifier
+
+    notify = on_progress or (lambda event: None)
+    scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                             max_length=max_length, device=device)
+    if scorer.examples.labels is None and reference is None:  # refused before any model loads
+        raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate --split "
+                         f"validation, or pass --reference ORIGINAL for label-free fidelity on these texts")
+    notify(Progress(f"loading {model}"))
+    loaded, tokenizer, _ = load_pretrained(str(model), allow_pickle=allow_pickle, device=device)
+    ref = None if reference is None else load_pretrained(str(reference), allow_pickle=allow_pickle, device=device)[:2]
+    if first_token_only:
+        first_token_shortcut(loaded, model)
+    stage = f"{scorer.task.name} [{scorer.examples.split}]"
+    total = len(scorer.examples) * (1 if is_classifier(loaded) else len(scorer.examples.texts[0])) * (2 if ref else 1)
+    done = [0]
+
+    def batch_scored(n: int) -> None:
+        done[0] += n
+        notify(Progress(stage, done[0], total))
+
+    scorer.on_batch = batch_scored
+    return score(loaded, tokenizer, scorer, model_name=str(model),
+                 reference=(*ref, str(reference)) if ref else None)
+
+
+def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
+           method: str = "cp", repeats: int = 7, latency: bool = True, first_token_only: bool = False,
+           attn_implementation: str = "sdpa", device: str = "cpu", on_progress: OnProgress = None) -> dict:
+    """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
+    (``latency``) their measured medians side by side with ratios. ``model`` is a reduced folder (its original is
+    reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory."""
+    import torch
+
+    from . import bench
+    from .reduction import cost
+
+    notify = on_progress or (lambda event: None)
+    name = str(model)
+    notify(Progress(f"loading {name}"))
+    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation)
+    if first_token_only:
+        first_token_shortcut(reduced, name)
+    limit = max_tokens(original)
+    if limit is not None and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
+                         f"{limit} or less")
+    original, reduced = original.to(device), reduced.to(device)
+    result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
+              "first_token_only": first_token_only,
+              **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
+    if latency:
+        notify(Progress(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side"))
+        batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
+        cpu_model, cpu_layer = {}, {}
+        model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model, device=device)
+        layer_s = bench.attention_latency(original, reduced, batch_size, seq_len, repeats=repeats, cpu=cpu_layer,
+                                          device=device)
+        result["latency"] = {"model": bench.with_ratio(model_s, cpu_model),
+                             "attention_layer": bench.with_ratio(layer_s, cpu_layer), "repeats": repeats}
+    return result
+
+
+def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str = "onnx", force: bool = False,
+            opset: int = 18, tolerance: float = 1e-4, first_token_only: bool = False,
+            on_progress: OnProgress = None) -> dict:
+    """Export the reduced model in ``directory`` to ``output``, run in onnxruntime on padded batches and compared
+    with PyTorch before the file is written (a file that fails the check is never written)."""
+    from .export import FORMATS, check_settings, export_onnx
+    from .hub import check_output, load
+
+    notify = on_progress or (lambda event: None)
+    if fmt not in FORMATS:
+        raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
+    check_settings(opset=opset, tol=tolerance)
+    check_output(output, force, kind="file", sources=[directory])  # before any work
+    notify(Progress(f"loading {directory}"))
+    model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
+    if first_token_only:
+        first_token_shortcut(model, directory)
+    notify(Progress(f"exporting to {output} and checking it in onnxruntime"))
+    result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+    return {"model": str(directory), "first_token_only": first_token_only, **result}
+
+
+# ---- shared steps ----------------------------------------------------------------------------------------------
+
+
+def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa"):
+    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory."""
+    import copy
+
+    from .hub import load_pretrained
+    from .pipeline import compress
+    from .reduction.config import ReductionConfig
+    from .reduction.modeling import COMPRESSION_KEY
+
+    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
+    block = getattr(model.config, COMPRESSION_KEY, None)
+    if block:
+        if key_dim is not None:
+            raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop --key-dim")
+        source = block.get("source_model") or ""
+        try:
+            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
+        except UsageError as err:
+            raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
+        return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
+    if key_dim is None:
+        raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "
+                         f"written by `mhacompress reduce`")
+    config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
+    reduced = compress(copy.deepcopy(model), config).model
+    return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
+
+
+def max_tokens(model) -> int | None:
+    """The longest sequence the model's learned position embeddings can take (None: it has none). RoBERTa-style
+    embeddings number positions from padding_idx + 1."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not hasattr(table, "num_embeddings"):
+        return None
+    offset = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
+
+
+def require_classifier(model, name) -> None:
+    """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
+    from .reduction.modeling import is_classifier
+
+    if not is_classifier(model):
+        kind = type(model).__name__.removeprefix("Collaborative")
+        raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
+                         f"holds a {kind}")
+
+
+def first_token_shortcut(model, name) -> None:
+    """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
+    from .reduction.modeling import first_token_only_
+
+    require_classifier(model, name)
+    try:
+        first_token_only_(model)
+    except ValueError as err:
+        raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None

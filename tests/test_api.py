@@ -1,0 +1,66 @@
+"""Every command is one Python call that returns what the command prints with --json (less the schema envelope),
+reports progress through a callback and prints nothing itself."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import mhacompress
+from mhacompress.cli import main
+from mhacompress.errors import UsageError
+from mhacompress.schema import envelope
+
+TIMINGS = ("seconds",)
+
+
+def cli_json(*args) -> dict:
+    result = CliRunner().invoke(main, [*map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    return {k: v for k, v in out.items() if k not in envelope("eval", "cpu") and k not in TIMINGS}
+
+
+def without(d: dict, keys=TIMINGS) -> dict:
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in keys}, default=float))
+
+
+def test_evaluate_is_eval(tiny_reduced_dir, glue_dir, capfd):
+    events = []
+    got = mhacompress.evaluate(tiny_reduced_dir, "stsb", data_dir=glue_dir, limit=16, on_progress=events.append)
+    assert capfd.readouterr() == ("", "")
+    assert without(got) == cli_json("eval", tiny_reduced_dir, "--task", "stsb", "--data-dir", glue_dir, "--limit", 16)
+    assert events[0].stage.startswith("loading") and events[-1].done == events[-1].total == 2 * 16  # two sentences
+
+
+def test_report_is_report(tiny_reduced_dir):
+    got = mhacompress.report(tiny_reduced_dir, seq_len=16, batch_size=2, latency=False)
+    assert without(got) == cli_json("report", tiny_reduced_dir, "--seq-len", 16, "--batch-size", 2, "--no-latency")
+    assert got["key_dim"] == 8 and got["layers"]
+
+
+def test_to_onnx_is_export(tiny_reduced_dir, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    got = mhacompress.to_onnx(tiny_reduced_dir, tmp_path / "a.onnx")
+    cli = cli_json("export", tiny_reduced_dir, "-o", tmp_path / "b.onnx")
+    strip = lambda d: {k: v for k, v in without(d).items() if k not in ("output", "runs", "max_abs_diff")}  # noqa: E731
+    assert strip(got) == strip(cli) and (tmp_path / "a.onnx").is_file()
+
+
+def test_run_sweep_is_sweep_and_survives_the_submodule_import(tiny_bert_dir, glue_dir):
+    import mhacompress.sweep  # noqa: F401  (the submodule of the same stem must not shadow the function)
+
+    got = mhacompress.run_sweep(str(tiny_bert_dir), "stsb", ["cp"], [8], data_dir=str(glue_dir), limit=8,
+                                device="cpu")
+    cli = cli_json("sweep", tiny_bert_dir, "-t", "stsb", "--key-dims", 8, "--methods", "cp", "--data-dir", glue_dir,
+                   "--limit", 8, "--device", "cpu")
+    drop = lambda rows: [without(r) for r in rows]  # noqa: E731
+    assert drop(got["results"]) == drop(cli["results"]) and got["original"] == cli["original"]
+
+
+def test_bad_input_is_a_usage_error_before_any_model_loads(tiny_bert_dir, glue_dir):
+    with pytest.raises(UsageError, match="--key-dim"):
+        mhacompress.report(tiny_bert_dir, latency=False)  # an original model needs a key dim to compare with
+    with pytest.raises(UsageError):
+        mhacompress.evaluate(tiny_bert_dir, "no-such-task", data_dir=glue_dir)
