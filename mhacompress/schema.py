@@ -3,6 +3,7 @@ with the package). CI scripts can rely on ``schema_version``: within one version
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -18,6 +19,19 @@ def envelope(command: str, device: str | None = None) -> dict:
 
     return {"schema_version": SCHEMA_VERSION, "command": command, "tool_version": __version__,
             "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device or "cpu")}
+
+
+def strict(obj):
+    """``obj`` as strict JSON can carry it: NaN and infinities (an undefined metric, e.g. the correlation of constant
+    predictions) become null, which every JSON parser reads; Python's default would write NaN, which jq and most
+    others reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
 
 
 def validate(obj: dict) -> None:

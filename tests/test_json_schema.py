@@ -65,3 +65,19 @@ def test_the_library_report_is_the_reduce_json(tiny_bert_dir):
 
     report = compress(str(tiny_bert_dir), ReductionConfig(key_dim=8)).report
     validate({**report, "output": None})
+
+
+def test_an_undefined_metric_is_null_in_strict_json(capsys):
+    """A correlation of constant predictions is NaN; --json must stay parseable by strict parsers (jq): null."""
+    from mhacompress.cli._common import emit_json
+
+    emit_json({"model": "m", "task": "stsb", "split": "validation", "examples": 3, "seconds": 1.0,
+               "metrics": {"spearman": float("nan"), "pearson": float("inf")}}, "eval")
+    text = capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    out = json.loads(text, parse_constant=refuse)
+    assert out["metrics"] == {"spearman": None, "pearson": None}
+    validate(out)

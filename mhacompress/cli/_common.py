@@ -17,9 +17,10 @@ def console():
 
 def emit_json(obj: dict, command: str, device=None) -> None:
     """Exactly one JSON object on stdout: the envelope (schema_version, versions, device; see schema.json) first."""
-    from ..schema import envelope
+    from ..schema import envelope, strict
 
-    click.echo(json.dumps({**envelope(command, device), **obj}, default=float))
+    plain = json.loads(json.dumps({**envelope(command, device), **obj}, default=float))  # numpy / torch scalars too
+    click.echo(json.dumps(strict(plain), allow_nan=False))
 
 
 @contextlib.contextmanager
