@@ -73,6 +73,17 @@ def test_eval_classifier_and_reference(mnli_classifier):
     assert obj["fidelity"]["agreement"] == 1.0 and obj["fidelity"]["kl"] == pytest.approx(0, abs=1e-6)
 
 
+def test_a_reference_of_the_other_kind_is_refused_before_either_model_runs(mnli_classifier, encoder, monkeypatch):
+    from mhacompress.eval import compare
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model ran before the kinds were checked")
+
+    monkeypatch.setattr(compare.Scorer, "outputs", never)
+    result = invoke("eval", mnli_classifier, "-t", "mnli", "--data-dir", FIXTURES, "--reference", encoder)
+    one_line_error(result, "cannot compare a classifier", "with an encoder", "pass the original")
+
+
 def test_eval_encoder_fidelity_on_any_task(encoder):
     result = invoke("eval", encoder, "-t", "mrpc", "--data-dir", FIXTURES, "--reference", encoder, "--json")
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from .data import Examples, load_examples
-from .runner import Outputs, fidelity, run, score
+from .runner import Outputs, fidelity, is_classifier, run, score
 from .tasks import Task, get_task
 
 
@@ -60,6 +60,10 @@ def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=Non
     """The `eval --json` object: model, task, split, examples, metrics, seconds (and fidelity with a reference,
     given as (model, tokenizer, name))."""
     start = time.perf_counter()
+    if reference is not None and is_classifier(model) != is_classifier(reference[0]):  # before either model runs
+        kinds = [("a classifier" if is_classifier(m) else "an encoder") for m in (model, reference[0])]
+        raise UsageError(f"cannot compare {kinds[0]} ({model_name}) with {kinds[1]} ({reference[2]}) as the "
+                         f"reference; pass the original that {model_name} was reduced from, a model of the same kind")
     outputs = scorer.outputs(model, tokenizer, model_name, allow_encoder_any_task=reference is not None)
     scored = lambda out: score(scorer.examples, out) if out.kind == "classifier" or scorer.task.regression else {}  # noqa: E731
     result = {"model": model_name, "task": scorer.task.name, "split": scorer.examples.split,
