@@ -206,7 +206,7 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
     case("key-dims-count", "reduce {src} --key-dims 8,8,8", "3 key dims", "one per layer"),
     case("key-dim-and-key-dims", "reduce {src} -k 8 --key-dims 8,8", "give exactly one of", "--key-dims"),
     case("budget-too-small", "reduce {src} --budget 0.001", "the budget allows", "raise --budget to at least"),
-    case("svd-not-a-multiple", "reduce {src} -k 6 --method svd", "not a multiple of 4", "multiple"),
+    case("svd-not-a-multiple", "reduce {src} -k 6 --method svd", "not a multiple of 4", "pass 4 or 8, or --method cp"),
     case("uniform-with-budget", "reduce {src} --budget 0.5 --uniform", "--uniform keeps --key-dim", "drop it"),
     case("uniform-with-key-dims", "reduce {src} --key-dims 8,8 --uniform", "--uniform keeps --key-dim", "drop it"),
     case("allocate-key-dim-too-big", "reduce {src} -k 64 --allocate --calibrate stsb --samples 16", "out of range",

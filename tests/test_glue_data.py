@@ -114,6 +114,11 @@ def test_bad_rows_and_labels(tmp_path):
         D.load_examples(get_task("rte"), data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("typed", ["validation", "dev", "DEV", " Validation "])
+def test_split_names_are_read_in_any_case(typed):
+    assert get_task("rte").split(typed) == get_task("rte").split("validation")
+
+
 def test_unknown_split():
     with pytest.raises(UsageError, match="no split 'tset'"):
         get_task("rte").split("tset")

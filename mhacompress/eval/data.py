@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..fsio import read_text
-from .tasks import Task
+from .tasks import Task, canonical_split
 
 ENV_DIR = "MHACOMPRESS_GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
@@ -54,7 +54,7 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
         raise UsageError(f"--data-dir must be a folder path; got {type(data_dir).__name__}")
     local_name, hub_split = task.split(split)
-    split = {"dev": "validation"}.get(split, split)
+    split = canonical_split(split)
     if data_dir is not None:
         if not Path(data_dir).expanduser().is_dir():
             raise UsageError(f"--data-dir {data_dir} is not a folder; pass the folder in the official glue_data "

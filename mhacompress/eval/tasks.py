@@ -36,12 +36,18 @@ class Task:
         return 1 if self.labels is None else len(self.labels)
 
     def split(self, name: str) -> tuple[str, str]:
-        """(local file, hub split) of a split; ``dev`` is an alias of ``validation``."""
-        name = {"dev": "validation"}.get(name, name)
+        """(local file, hub split) of a split, named in any case; ``dev`` is an alias of ``validation``."""
+        name = canonical_split(name)
         for split, local, hub in self.files:
             if split == name:
                 return local, hub
         raise UsageError(f"{self.name} has no split {name!r}; choose one of {', '.join(s for s, _, _ in self.files)}")
+
+
+def canonical_split(name: str) -> str:
+    """``train``, ``validation`` or ``test`` from any spelling a user types (``DEV``, `` Validation``)."""
+    name = name.strip().lower() if isinstance(name, str) else name
+    return {"dev": "validation"}.get(name, name)
 
 
 _NLI = ("entailment", "not_entailment")

@@ -36,8 +36,10 @@ class Method:
         if not 1 <= key_dim <= top:
             return f"key dim {key_dim} is out of range: this model takes 1..{top} ({heads} heads x {head_dim})"
         if self.key_dim_multiple_of_heads and key_dim % heads:
+            lower, upper = key_dim // heads * heads, -(-key_dim // heads) * heads
+            near = " or ".join(str(k) for k in (lower, upper) if 1 <= k <= top)
             return (f"--method {self.name} splits the key dim over {heads} heads: {key_dim} is not a multiple of "
-                    f"{heads}")
+                    f"{heads}; pass {near}, or --method cp (any key dim)")
         return None
 
     def module_weights(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
