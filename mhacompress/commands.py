@@ -14,6 +14,7 @@ CLI shows.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
@@ -106,7 +107,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     if fmt not in FORMATS:
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
-    check_output(output, force, kind="file", sources=[directory])  # before any work
+    check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # before any work
     notify(Progress(f"loading {directory}"))
     model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
     if first_token_only:
@@ -145,6 +146,20 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
+
+
+def recorded_source(directory) -> str | None:
+    """The original model a reduced folder was made from, as its compression block records it (None if unreadable):
+    a command that writes must not overwrite it either."""
+    import json
+
+    from .reduction.modeling import COMPRESSION_KEY
+
+    try:
+        block = json.loads((Path(directory).expanduser() / "config.json").read_text()).get(COMPRESSION_KEY) or {}
+        return block.get("source_model") if isinstance(block, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def max_tokens(model) -> int | None:

@@ -221,6 +221,14 @@ def test_a_forced_save_removes_stale_leftovers_of_killed_runs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_export_never_writes_into_the_original_a_reduced_folder_was_made_from(src, tmp_path):
+    pytest.importorskip("onnxscript")
+    invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", tmp_path / "reduced")
+    before = tree(src)
+    one_line_error(invoke("export", tmp_path / "reduced", "-o", src / "model.onnx"), "lies inside the source")
+    assert tree(src) == before
+
+
 def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
