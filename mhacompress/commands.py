@@ -72,10 +72,13 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     notify = on_progress or (lambda event: None)
     name = str(model)
     notify(Progress(f"loading {name}"))
-    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation,
-                                        seq_len=seq_len)
+    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation)
     if first_token_only:
         first_token_shortcut(reduced, name)
+    limit = max_tokens(original)
+    if limit is not None and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
+                         f"{limit} or less")
     original, reduced = original.to(device), reduced.to(device)
     result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
               "first_token_only": first_token_only,
@@ -117,9 +120,8 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 # ---- shared steps ----------------------------------------------------------------------------------------------
 
 
-def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa", seq_len: int | None = None):
-    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory; a
-    ``seq_len`` longer than the model's positions is refused as soon as the first model is loaded."""
+def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa"):
+    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory."""
     import copy
 
     from .hub import load_pretrained
@@ -128,10 +130,6 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from .reduction.modeling import COMPRESSION_KEY
 
     model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
-    limit = max_tokens(model)
-    if seq_len is not None and limit is not None and seq_len > limit:
-        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
-                         f"{limit} or less")
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
