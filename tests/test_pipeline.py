@@ -76,3 +76,17 @@ def test_arguments_of_the_wrong_kind_are_one_line_errors_before_anything_loads(t
     args = tuple(str(tiny_bert_dir) if a == "{src}" else a for a in args)
     with pytest.raises(UsageError, match=fragment):
         mhacompress.compress(*args, **{"on_progress": _raise, **kwargs} if "on_progress" not in kwargs else kwargs)
+
+
+@pytest.mark.parametrize("entry", ["compress", "reduce_"])
+def test_an_unsupported_architecture_is_a_usage_error_from_every_entry_point(entry):
+    from transformers import GPT2Config, GPT2Model
+
+    from mhacompress.reduction.modeling import UnsupportedModelError
+
+    model = GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=4))
+    call = {"compress": lambda: mhacompress.compress(model, ReductionConfig(key_dim=8), tokenizer=lambda text: text),
+            "reduce_": lambda: mhacompress.reduce_(model, ReductionConfig(key_dim=8))}[entry]
+    with pytest.raises(UsageError, match="'gpt2' is not supported; supported: bert") as caught:
+        call()
+    assert isinstance(caught.value, UnsupportedModelError)  # and still what older code caught

@@ -14,8 +14,9 @@ from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
 from .decompose import Factors, relative_error
-from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, arch_for, attention_modules, base_model_type,
-                       collaborative_module, first_token_only_, is_classifier, promote_)
+from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, UnsupportedModelError, arch_for,
+                       attention_modules, base_model_type, collaborative_module, first_token_only_, is_classifier,
+                       promote_)
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -29,9 +30,18 @@ class AlreadyReducedError(UsageError, ValueError):
     """The model (or one of its layers) is already collaborative."""
 
 
+class UnsupportedArchitectureError(UsageError, UnsupportedModelError):
+    """An architecture the table has no entry for, raised by the library's entry points: a UsageError like every
+    other bad input (``UnsupportedModelError`` itself lives in the modelling code that saved folders carry, which
+    cannot import mhacompress)."""
+
+
 def check_reducible(model: nn.Module) -> None:
-    """A model that is already reduced (wholly or partly) is refused: reduce the original instead."""
-    arch_for(model.config)  # unsupported architectures fail here
+    """A model of an unsupported architecture, or one already reduced (wholly or partly), is refused."""
+    try:
+        arch_for(model.config)
+    except UnsupportedModelError as err:
+        raise UnsupportedArchitectureError(str(err)) from None
     if getattr(model.config, COMPRESSION_KEY, None) or any(
             isinstance(m, CollaborativeSelfAttention) for _, _, m in attention_modules(model)):
         raise AlreadyReducedError("this model is already reduced; reduce the original checkpoint instead")
