@@ -25,7 +25,8 @@ def data_options(f):
 @device_option("Where to run the model")
 @data_options
 @click.option("--reference", help="Original model to compare with, label-free: prediction agreement and mean KL "
-              "(classifiers), mean embedding cosine (encoders).")
+              "(classifiers), Pearson and mean absolute difference (regression heads), mean embedding cosine "
+              "(encoders).")
 @first_token_option("MODEL must be a reduced classifier.")
 @allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
