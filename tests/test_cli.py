@@ -200,3 +200,9 @@ def test_reduce_refine_reports_output_errors(tiny_dir, calibration_file):
 ])
 def test_reduce_bad_calibration_and_budget_options(tiny_dir, args, fragment):
     assert_one_line_error(invoke("reduce", tiny_dir, *args), fragment)
+
+
+def test_help_shows_no_meaningless_range_for_an_unbounded_number():
+    result = CliRunner().invoke(main, ["reduce", "--help"], terminal_width=200)
+    line = next(line for line in result.output.splitlines() if "--max-drop" in line and "RANGE" in line)
+    assert "None" not in line and "[finite]" in line, line

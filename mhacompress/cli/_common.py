@@ -126,6 +126,11 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number; give {wanted}", param, ctx)
         return number
 
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:  # click would print "x<=None"
+            return "finite"
+        return super()._describe_range()
+
 
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
     """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
