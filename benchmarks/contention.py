@@ -6,12 +6,15 @@ on a core each. Rows:
 
 - ``decompose_layers``: all layers' cp at once, one single-threaded worker per core (what a weights-only
   reduction should call);
-- ``reduce_``: the in-place surgery, one layer after another (each layer's solver single-threaded).
+- ``reduce_``: the in-place surgery, one layer after another (each layer's solver single-threaded);
+- with ``--calibrated N``, also ``compress`` with ``--calibrate mrpc --samples N``: the default data-aware path, whose
+  forward passes use torch's intra-op threads.
 
 The target is a slowdown within 2x of idle: with 2 busy neighbours on 2 cores, the fair share of a 2-worker job.
 
     python benchmarks/contention.py                    # 2 neighbours, 2 rounds, markdown table
     python benchmarks/contention.py --neighbours 4 --rounds 3
+    python benchmarks/contention.py --calibrated 128    # and the calibrated path on 128 MRPC sequences
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def spin() -> None:  # a neighbour: one core, busy, forever
@@ -87,12 +91,39 @@ def runs(model, key_dim: int) -> dict:
     return {"decompose_layers (all layers, one worker per core)": batched, "reduce_ (layer after layer)": surgery}
 
 
+def calibrated_run(model, key_dim: int, samples: int):
+    """The default data-aware path, `compress` with ``--calibrate mrpc --samples N`` (sequential, output objective,
+    compensation): its forward passes run on torch's intra-op threads, its solves single-threaded."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from mhacompress import compress
+    from mhacompress.hub import bundled_model_path
+    from mhacompress.reduction.config import Calibration, ReductionConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())  # BERT's 30,522-token vocabulary
+    data_dir = os.environ.get("MHACOMPRESS_GLUE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "glue"))
+    config = ReductionConfig(key_dim=key_dim, calibration=Calibration("mrpc", samples=samples))
+
+    def run():
+        fresh = copy.deepcopy(model)
+        start = time.perf_counter()
+        report = compress(fresh, config, tokenizer=tokenizer, data_dir=data_dir).report
+        return time.perf_counter() - start, statistics.mean(x["relative_error"] for x in report["layers"])
+
+    return {f"compress --calibrate mrpc --samples {samples} (layer after layer, with forward passes)": run}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--key-dim", type=int, default=192)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--neighbours", type=int, default=2, help="CPU-burning processes beside the busy runs")
     parser.add_argument("--rounds", type=int, default=2, help="idle/busy pairs per row (medians are reported)")
+    parser.add_argument("--calibrated", type=int, default=0, metavar="SAMPLES",
+                        help="also time the calibrated path on this many MRPC sequences (GLUE from "
+                             "$MHACOMPRESS_GLUE_DIR, default ../shared/glue)")
     args = parser.parse_args()
 
     import torch
@@ -100,9 +131,12 @@ def main() -> None:
     model = build(args.layers)
     load = os.getloadavg()[0]
     warm_up(model)
-    table = {name: {"idle": [], "busy": [], "error": None} for name in runs(model, args.key_dim)}
+    cases = runs(model, args.key_dim)
+    if args.calibrated:
+        cases.update(calibrated_run(model, args.key_dim, args.calibrated))
+    table = {name: {"idle": [], "busy": [], "error": None} for name in cases}
     for _ in range(args.rounds):
-        for name, run in runs(model, args.key_dim).items():
+        for name, run in cases.items():
             seconds, table[name]["error"] = run()
             table[name]["idle"].append(seconds)
             with neighbours(args.neighbours):
@@ -111,7 +145,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {platform.processor() or platform.machine()}, {cores} usable cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); load average before: {load:.1f}; BERT-base size "
-          f"({args.layers} layers), cp key dim {args.key_dim}, weights only; {args.neighbours} spinning neighbours; "
+          f"({args.layers} layers), cp key dim {args.key_dim}; {args.neighbours} spinning neighbours; "
           f"medians of {args.rounds} rounds\n")
     print("| run | idle s | busy s | slowdown | mean relative error |\n|---|---:|---:|---:|---:|")
     for name, row in table.items():
