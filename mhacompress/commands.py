@@ -151,15 +151,14 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
 def recorded_source(directory) -> str | None:
     """The original model a reduced folder was made from, as its compression block records it (None if unreadable):
     a command that writes must not overwrite it either."""
-    import json
-
+    from .hub import read_config
     from .reduction.modeling import COMPRESSION_KEY
 
     try:
-        block = json.loads((Path(directory).expanduser() / "config.json").read_text()).get(COMPRESSION_KEY) or {}
-        return block.get("source_model") if isinstance(block, dict) else None
-    except (OSError, ValueError, AttributeError):
+        block = read_config(Path(directory).expanduser()).get(COMPRESSION_KEY)
+    except (UsageError, OSError):  # loading the folder reports it in one line, right after
         return None
+    return block.get("source_model") if isinstance(block, dict) else None
 
 
 def max_tokens(model) -> int | None:
@@ -173,19 +172,10 @@ def max_tokens(model) -> int | None:
     return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
-def require_classifier(model, name) -> None:
-    """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
-    from .reduction.modeling import is_classifier
-
-    if not is_classifier(model):
-        kind = type(model).__name__.removeprefix("Collaborative")
-        raise UsageError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
-                         f"holds a {kind}")
-
-
 def first_token_shortcut(model, name) -> None:
     """Switch on the exact [CLS] shortcut, or fail with one line saying why it does not apply to ``name``."""
     from .reduction.modeling import first_token_only_
+    from .reduction.surgery import require_classifier
 
     require_classifier(model, name)
     try:

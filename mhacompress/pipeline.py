@@ -80,12 +80,11 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
                           "compress(model, config, tokenizer=tokenizer)")
     from .reduction.modeling import is_classifier
-    from .reduction.surgery import check_reducible, model_shape
+    from .reduction.surgery import check_reducible, model_shape, require_classifier
 
     check_reducible(model)
-    if config.first_token_only and not is_classifier(model):
-        raise ConfigError(f"--first-token-only is for sequence classifiers (their head reads only [CLS]); {name} "
-                          f"holds a {type(model).__name__}")
+    if config.first_token_only:
+        require_classifier(model, name)
     warnings = []
     if config.calibration is None and is_classifier(model):
         warnings.append("reducing a fine-tuned classifier from the weights alone loses accuracy; calibrate on its "

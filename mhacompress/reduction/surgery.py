@@ -47,6 +47,14 @@ def check_reducible(model: nn.Module) -> None:
         raise AlreadyReducedError("this model is already reduced; reduce the original checkpoint instead")
 
 
+def require_classifier(model: nn.Module, name: str) -> None:
+    """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
+    if not is_classifier(model):
+        kind = type(model).__name__.removeprefix("Collaborative")
+        raise ConfigError(f"--first-token-only / first_token_only is for sequence classifiers (their head reads only "
+                          f"[CLS]); {name} holds a {kind}: drop it")
+
+
 def content_bias(wk: torch.Tensor, bq: torch.Tensor | None, num_heads: int) -> torch.Tensor:
     """Row h: W_k^h^T b_q^h (H, d), the key-dependent part of the query bias, kept exactly."""
     d_out, d = wk.shape
@@ -161,9 +169,8 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     """
     _check_arguments(model, config, moments, on_layer)
     check_reducible(model)
-    if config.first_token_only and not is_classifier(model):
-        raise ConfigError(f"first_token_only is for sequence classifiers (their head reads only [CLS]); this is a "
-                          f"{type(model).__name__}: drop first_token_only")
+    if config.first_token_only:
+        require_classifier(model, "this model")
     n_layers, heads, head_dim = model_shape(model)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
     if moments is not None and len(moments) != n_layers:
