@@ -21,9 +21,9 @@ def export(directory, fmt, output, force, opset, tolerance, first_token_only, as
     """Export the reduced model in DIR (written by `mhacompress reduce`) to a file that runs without PyTorch.
 
     The graph takes input_ids and attention_mask with dynamic batch and sequence axes and returns logits
-    (classifiers) or last_hidden_state and, where the model has a pooler, pooler_output (encoders). Before the file is written it is run in
-    onnxruntime on padded batches of several shapes and compared with PyTorch; a file that fails or cannot be
-    checked is never written.
+    (classifiers) or last_hidden_state and, where the model has a pooler, pooler_output (encoders). Before the file
+    is written it is run in onnxruntime on padded batches of several shapes and compared with PyTorch; a file that
+    fails or cannot be checked is never written.
 
     \b
     Examples:

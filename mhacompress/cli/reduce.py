@@ -150,14 +150,12 @@ def render(result: dict) -> None:
     table = Table(title=title, title_justify="left")
     kind = next((k for k in ("expected_output_error", "expected_score_error")
                  if calibrated and all(k in x for x in result["layers"])), None)  # the calibrated objective's error
-    expected = kind is not None
     columns = ["layer", "key dim", "rel. error"] + ([kind.replace("expected_", "exp. ").replace("_", " ")]
-                                                    if expected else []) + [
-        "iters", "Q/K params before", "Q/K params after"]
+                                                    if kind else []) + ["iters", "Q/K params before", "Q/K params after"]
     for col in columns:
         table.add_column(col, justify="right")
     for x in result["layers"]:
-        extra = [f"{x[kind]:.4f}"] if expected else []
+        extra = [f"{x[kind]:.4f}"] if kind else []
         table.add_row(str(x["index"]), str(x["key_dim"]), f"{x['relative_error']:.4f}", *extra, str(x["n_iter"]),
                       f"{x['qk_params_before']:,}", f"{x['qk_params_after']:,}")
     before, after = result["params"]["before"], result["params"]["after"]

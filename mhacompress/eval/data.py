@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..fsio import read_text
-from .tasks import Task, canonical_split
+from .tasks import Task, canonical_split, get_task
 
 ENV_DIR = "MHACOMPRESS_GLUE_DIR"
 HUB_DATASET = "nyu-mll/glue"
@@ -44,8 +44,6 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
 
     An explicit ``data_dir`` is never bypassed: a file missing there is an error. ``limit`` keeps the first N
     examples (a seeded random sample when ``seed`` is given)."""
-    from .tasks import get_task
-
     task = get_task(task)  # a name is taken too
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise UsageError(f"limit must be a positive number of examples (or None for all); got {limit!r}")

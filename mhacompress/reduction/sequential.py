@@ -285,7 +285,7 @@ class Ridge:
         return solution[:-1].T, solution[-1]
 
 
-# ---- the driver ----
+# ---- the driver -------------------------------------------------------------------------------------------
 
 
 @dataclass
