@@ -51,6 +51,8 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     """
     if executor not in EXECUTORS:
         raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if on_result is not None and not callable(on_result):
+        raise UsageError(f"on_result must be a function taking one result; got {type(on_result).__name__}")
     path = function_path(fn)
     if resume is not None and not str(resume).strip():  # Path("") is the current folder
         raise UsageError("resume is empty; pass the folder to keep finished cells in, e.g. resume='out/sweep-cells'")

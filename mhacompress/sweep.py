@@ -13,17 +13,42 @@ from .reduction.config import Calibration, ConfigError, ReductionConfig
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
          seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto") -> list[dict]:
     """The cells of a sweep: the original first, then every (method, key dim), each a JSON-able dict."""
+    for name, value, example in (("methods", methods, "['cp', 'svd']"), ("key_dims", key_dims, "[96, 48]")):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, e.g. {example}; got {type(value).__name__} {value!r:.40}")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise ConfigError(f"calibration must be a Calibration or None, e.g. Calibration('mrpc'); got "
+                          f"{type(calibration).__name__}")
     if not methods:
         raise ConfigError("--methods is empty; give at least one method, e.g. --methods cp,svd")
     if not key_dims:
         raise ConfigError("--key-dims is empty; give at least one key dim, e.g. --key-dims 96,48")
+    model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy()}
     cells = [{**common, "method": None, "key_dim": None}]
     for method in methods:
         for key_dim in key_dims:
-            ReductionConfig(key_dim=key_dim, method=method)  # refuse bad settings before any work
+            ReductionConfig(key_dim=key_dim, method=method, seed=seed)  # refuse bad settings before any work
             cells.append({**common, "method": method, "key_dim": key_dim})
+    return cells
+
+
+def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
+            seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None) -> list[dict]:
+    """The cells of a sweep, after everything `sweep` checks before any cell runs: the settings, the ``resume``
+    folder (never in a source or the current folder), the task's data and the model."""
+    from .eval.data import load_examples
+    from .eval.tasks import get_task
+    from .hub import check_output
+
+    cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
+                 device=device)
+    if resume is not None:  # cell files go in beside what is there, without a lock: several runs may fill it
+        check_output(resume, True, kind="contents", sources=[model, data_dir, calibration and calibration.source],
+                     option="--resume", lock=False)
+    load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
+    check_model(cells[0]["model"], methods, key_dims)
     return cells
 
 
@@ -128,12 +153,11 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     from .executors import run_cells
 
     start = time.perf_counter()
-    cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
-                 device=device)
-    check_model(model, methods, key_dims)
+    cells = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir,
+                    limit=limit, device=device, resume=resume)
     outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
                          num_gpus=num_gpus, on_result=on_result, usable=usable)
-    return table(cells, outcomes, model, task, time.perf_counter() - start)
+    return table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
 
 
 def plot(result: dict, path) -> None:

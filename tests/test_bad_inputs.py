@@ -504,6 +504,20 @@ API = [  # (call, fragment of the message)
      "moments=[1, 2])", "moments must be a list of tensors"),
     ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
      "on_layer=5)", "on_layer must be a function"),
+    # run_sweep checks what `sweep` checks, before any cell runs: its cell files never go into the source
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, resume=str(src / 'cells'))",
+     "lies inside the source"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, resume='')", "resume is empty"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=str(src / 'nope'), limit=4)",
+     "is not a folder; pass the folder in the official glue_data layout"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=0)", "limit must be a positive"),
+    ("mhacompress.run_sweep(str(src), 'stsb', 'cp', [8], data_dir=glue, limit=4)", "methods must be a list"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], 8, data_dir=glue, limit=4)", "key_dims must be a list"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, calibration='stsb')",
+     "calibration must be a Calibration"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, on_result=5)",
+     "on_result must be a function"),
 ]
 
 

@@ -103,3 +103,11 @@ def test_sweep_on_a_real_local_ray_instance_gives_the_local_numbers(tiny_encoder
     assert [(r["method"], r["key_dim"], r["score"]) for r in a["results"]] == \
         [(r["method"], r["key_dim"], r["score"]) for r in b["results"]]
     assert a["original"] == b["original"]
+
+
+def test_run_sweep_takes_the_same_paths_as_the_other_calls(tiny_encoder, glue_dir):
+    """The model and data_dir as Paths, as compress and evaluate take them (cells are JSON: it was a TypeError)."""
+    import mhacompress
+
+    result = mhacompress.run_sweep(tiny_encoder, "stsb", ["cp"], [8], data_dir=glue_dir, limit=4)
+    assert [(r["method"], r["key_dim"]) for r in result["results"]] == [("cp", 8)] and not result["failed"]

@@ -55,12 +55,10 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
                                    "it for a local Ray instance")
         if address and executor != "ray":
             raise click.UsageError("--address needs --executor ray")
-        from ..eval.data import load_examples
-        from ..eval.tasks import get_task
         from ..executors import run_cells
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..sweep import check_model, grid, run_cell, table, usable
+        from ..sweep import prepare, run_cell, table, usable
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -71,14 +69,9 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
 
         if plot_file is not None:
             check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
-        if resume_dir is not None:  # cell files go in beside what is there: never into a source or the current folder
-            check_output(resume_dir, True, kind="contents", sources=[model, data_dir, calibrate_source],
-                         option="--resume", lock=False)
-        load_examples(get_task(task), "validation", data_dir=data_dir, limit=1)  # data problems show at once
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
-        cells = grid(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
-                     limit=limit, device=device)
-        check_model(model, method_list, dims)
+        cells = prepare(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
+                        limit=limit, device=device, resume=resume_dir)  # --resume never in a source
         import time
 
         start = time.perf_counter()
