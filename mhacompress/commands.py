@@ -34,7 +34,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     from .hub import load_pretrained
     from .reduction.modeling import is_classifier
 
-    notify = on_progress or (lambda event: None)
+    notify = checked_call(on_progress, model=model, reference=reference)
     scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                              max_length=max_length, device=device)
     if scorer.examples.labels is None and reference is None:  # refused before any model loads
@@ -69,7 +69,15 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     from . import bench
     from .reduction import cost
 
-    notify = on_progress or (lambda event: None)
+    notify = checked_call(on_progress, model=model)
+    for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # --seq-len etc. are IntRange(1)
+            raise UsageError(f"{option} must be an integer >= 1; got {value!r}")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise UsageError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
+    from .devices import resolve_device
+
+    device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any model loads
     name = str(model)
     notify(Progress(f"loading {name}"))
     original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation)
@@ -103,7 +111,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     from .export import FORMATS, check_settings, export_onnx
     from .hub import check_output, load
 
-    notify = on_progress or (lambda event: None)
+    notify = checked_call(on_progress, directory=directory)
     if fmt not in FORMATS:
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
@@ -118,6 +126,22 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 
 
 # ---- shared steps ----------------------------------------------------------------------------------------------
+
+
+def checked_call(on_progress: OnProgress, **models) -> Callable[[Progress], None]:
+    """The progress callback to use, after refusing arguments of the wrong kind in one line (not a TypeError from
+    deep inside): a model that is not a path or name (None counts only where it is optional), a callback that cannot
+    be called."""
+    for option, value in models.items():
+        if value is None and option == "reference":
+            continue
+        if not isinstance(value, (str, os.PathLike)):
+            what = "the folder of a reduced model" if option == "directory" else "a model folder, hub id or alias"
+            raise UsageError(f"{option} must be {what} (a str or Path); got {type(value).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
+    return on_progress or (lambda event: None)
+
 
 
 def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa"):

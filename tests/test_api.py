@@ -39,6 +39,13 @@ def test_report_is_report(tiny_reduced_dir):
     assert got["key_dim"] == 8 and got["layers"]
 
 
+def test_report_resolves_its_device_as_the_command_does(tiny_reduced_dir):
+    """device='auto' (the command's default) is CUDA, then MPS, then the CPU: it was torch's 'Expected one of cpu,
+    cuda, ...' error."""
+    got = mhacompress.report(tiny_reduced_dir, seq_len=16, batch_size=2, latency=False, device="auto")
+    assert got["key_dim"] == 8
+
+
 def test_to_onnx_is_export(tiny_reduced_dir, tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")

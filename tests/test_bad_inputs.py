@@ -518,6 +518,21 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, on_result=5)",
      "on_result must be a function"),
+    # evaluate, report and to_onnx refuse what their commands' options refuse, with the same kind of line
+    ("mhacompress.report(reduced, seq_len=0, latency=False)", "seq_len must be an integer >= 1"),
+    ("mhacompress.report(reduced, seq_len='16', latency=False)", "seq_len must be an integer >= 1"),
+    ("mhacompress.report(reduced, seq_len=16, batch_size=0)", "batch_size must be an integer >= 1"),
+    ("mhacompress.report(reduced, seq_len=16, batch_size=1, repeats=0)", "repeats must be an integer >= 1"),
+    ("mhacompress.report(reduced, seq_len=16, device='gpu', latency=False)", "gpu"),
+    ("mhacompress.report(reduced, seq_len=16, attn_implementation='flash', latency=False)",
+     "attn_implementation must be one of sdpa, eager"),
+    ("mhacompress.report(None, latency=False)", "model must be a model folder"),
+    ("mhacompress.report(reduced, seq_len=16, latency=False, on_progress=5)", "on_progress must be a function"),
+    ("mhacompress.evaluate(None, 'stsb', data_dir=glue, limit=4)", "model must be a model folder"),
+    ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, reference=5)", "reference must be a model folder"),
+    ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, on_progress=5)", "on_progress must be a function"),
+    ("mhacompress.to_onnx(None, 'm.onnx')", "directory must be the folder of a reduced model"),
+    ("mhacompress.to_onnx(reduced, 'm.onnx', on_progress=5)", "on_progress must be a function"),
 ]
 
 
