@@ -412,6 +412,10 @@ def check_block(block, where) -> None:
     base = block.get("base_architecture")
     if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
         raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
+    source = block.get("source_model")
+    if source is not None and not isinstance(source, str):  # report and export read it as a model name
+        raise UsageError(f"{where}: the compression block's source_model {source!r} is not a model folder or name; "
+                         f"{fix}")
     from .reduction.config import ConfigError, ReductionConfig
 
     try:  # the saved config says exactly how the model was made: it must still be a valid one

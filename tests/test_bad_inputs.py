@@ -191,6 +191,8 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=block(modified="all")),
     case("block-no-layers", "eval {reduced} --task stsb --limit 4", "has no layers", "restore",
          setup=block(layers=[])),
+    case("block-source-model-not-a-name", "report {reduced} --no-latency", "source_model 5 is not", "restore",
+         setup=block(source_model=5)),
 ]
 
 REDUCE = [  # reduction settings (the typed config) and reduce's own options
