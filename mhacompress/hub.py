@@ -553,7 +553,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     the model that was saved. Uses this package's code, never the python file shipped in the folder. Refuses a
     folder whose weights, compression block and config disagree, or (unless ``tokenizer=False``, which returns None
     for it) that has no tokenizer files."""
-    from .reduction.modeling import COMPRESSION_KEY, arch_for, collaborative_model_class
+    from .reduction.modeling import COMPRESSION_KEY, arch_for, base_model_type, collaborative_model_class
 
     if not isinstance(path, (str, os.PathLike)):
         raise UsageError(f"load takes the folder of a reduced model (a str or Path); got {type(path).__name__}")
@@ -578,6 +578,10 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
         cls = collaborative_model_class(block["base_architecture"])
         hf_config = cls.config_class.from_pretrained(path)  # format 1 folders say model_type "bert": same class
     arch_for(hf_config)
+    if base_model_type(cls.config_class) != base_model_type(hf_config):  # the class's type against the file's
+        raise UsageError(f"{path}: the compression block's base architecture {block['base_architecture']} is not a "
+                         f"{base_model_type(hf_config)} model (config.json's model_type {config['model_type']!r}); "
+                         f"restore {path}/config.json as mhacompress saved it")
     with _loading(path):
         model, info = cls.from_pretrained(path, config=hf_config, output_loading_info=True, use_safetensors=True,
                                           ignore_mismatched_sizes=True, **kwargs)

@@ -193,6 +193,8 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=block(layers=[])),
     case("block-source-model-not-a-name", "report {reduced} --no-latency", "source_model 5 is not", "restore",
          setup=block(source_model=5)),
+    case("block-base-architecture-of-another-type", "eval {reduced} --task stsb --limit 4",
+         "base architecture RobertaModel is not a bert model", "restore", setup=block(base_architecture="RobertaModel")),
 ]
 
 REDUCE = [  # reduction settings (the typed config) and reduce's own options
