@@ -333,7 +333,11 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
     """The folder's safetensors weights exist and are complete (headers parse, every tensor's bytes are there)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_json_file(index).get("weight_map", {}).values()))
+        weight_map = _json_file(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise UsageError(f"{index}: its weight_map is not an object of tensor names to file names; save the "
+                             f"checkpoint again")
+        files = sorted(set(weight_map.values()))
         if not files:
             raise UsageError(f"{index} lists no weight files; save the checkpoint again")
     elif (folder / "model.safetensors").is_file():
