@@ -491,11 +491,22 @@ def _loading(name):
             yield
     except (UsageError, ImportError):
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, AssertionError, AttributeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    except (OSError, ValueError, RuntimeError, KeyError, AssertionError, AttributeError, TypeError,
+            ArithmeticError, _strict_config_error()) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        first = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]  # "field 'x':" and its reason
         raise UsageError(f"cannot load {name}: {first}; pass a complete checkpoint written by save_pretrained") from None
     finally:
         logging.set_verbosity(level)
+
+
+def _strict_config_error() -> type:
+    """huggingface_hub's error for a config.json field of the wrong type (\"hidden_size\": \"32\")."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: configs are not typed there
+        return ValueError
+    return StrictDataclassError
 
 
 def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu", attn_implementation: str | None = None,
@@ -519,7 +530,11 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
-    arch_for(config)  # unsupported architectures fail here, before any weight is read
+    arch = arch_for(config)  # unsupported architectures fail here, before any weight is read
+    heads = getattr(config, arch.heads, None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:  # transformers: ZeroDivisionError
+        raise UsageError(f"{name}: config.json's {arch.heads} is {heads!r}, not a number of heads; restore the "
+                         f"checkpoint's own config.json")
     if folder:
         check_weights(folder, allow_pickle=allow_pickle)
         if tokenizer:
