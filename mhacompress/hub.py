@@ -432,9 +432,11 @@ def check_block(block, where) -> None:
                          f"{saved}) disagree with its layers (method {block['method']}, key dims {dims}); {fix}")
 
 
-def check_coverage(info: dict, name, *, allow_unexpected: bool = True) -> None:
+def check_coverage(info: dict, name, *, allow_unexpected: bool = True, layers: str | None = None) -> None:
     """Refuse weights that disagree with the model in shape, or leave parts of it uninitialised (transformers would
-    fill them randomly and only log it). ``info`` is from ``from_pretrained(..., output_loading_info=True)``."""
+    fill them randomly and only log it), or (``layers``: the path of the transformer layers) hold layers the model
+    does not have (a config.json with fewer layers: transformers would drop them silently). ``info`` is from
+    ``from_pretrained(..., output_loading_info=True)``."""
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
     if mismatched:
         key, ckpt, model = (list(mismatched[0]) + [None, None])[:3]
@@ -449,6 +451,10 @@ def check_coverage(info: dict, name, *, allow_unexpected: bool = True) -> None:
         raise UsageError(f"{name}: the weights do not cover the model: {_some(missing)} missing{hint}; transformers "
                          f"would fill them randomly: pass a complete checkpoint (config.json and weights saved "
                          f"together)")
+    dropped = [k for k in unexpected if layers and re.fullmatch(rf"(.*\.)?{re.escape(layers)}\.\d+\..*", k)]
+    if dropped:
+        raise UsageError(f"{name}: the weights hold layers that config.json does not describe: {_some(dropped)} "
+                         f"unused; restore the checkpoint's own config.json")
     if unexpected and not allow_unexpected:
         raise UsageError(f"{name}: the weights hold tensors the model does not have: {_some(unexpected)}; restore "
                          f"the folder as mhacompress saved it")
@@ -552,7 +558,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
                 raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
                                  f"--allow-pickle only if you trust this checkpoint") from None
             raise
-    check_coverage(info, name)
+    check_coverage(info, name, layers=arch.layers)
     return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
 
 

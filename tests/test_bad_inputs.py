@@ -176,6 +176,8 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=edit_config("src", lambda c: c.update(hidden_size=64, intermediate_size=128))),
     case("shapes-more-layers", "reduce {src} -k 8", "missing", "pass a complete checkpoint",
          setup=edit_config("src", lambda c: c.update(num_hidden_layers=4))),
+    case("shapes-fewer-layers", "reduce {src} -k 8", "layers that config.json does not describe",
+         "restore the checkpoint's own config.json", setup=edit_config("src", lambda c: c.update(num_hidden_layers=1))),
     case("weights-misnamed", "reduce {src} -k 8", "misnamed", "pass a complete checkpoint",
          setup=edit_weights("src", rename_tensors)),
     case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
