@@ -20,12 +20,13 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".json":
+    suffix = path.suffix.lower()  # c.JSONL is a jsonl file too (read as text, its lines were calibrated on as JSON)
+    if path.is_file() and suffix == ".json":
         raise UsageError(f"{source} is a .json file; calibration reads a .txt file (one sequence a line) or a .jsonl "
                          f"file (one JSON object a line): convert it to one of those")
     if path.is_file():
         texts = _read_file(path)
-    elif path.suffix in (".txt", ".jsonl", ".json") or "/" in source:
+    elif suffix in (".txt", ".jsonl", ".json") or "/" in source:
         raise UsageError(f"no calibration file at {source!r}; pass a GLUE task name, a .txt or a .jsonl file")
     else:
         from .eval.data import load_examples
@@ -50,7 +51,7 @@ TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
 
 
 def _read_file(path: Path) -> list[tuple[str, ...]]:
-    jsonl = path.suffix == ".jsonl"
+    jsonl = path.suffix.lower() == ".jsonl"
     text = read_text(path, hint=JSONL_HINT if jsonl else TXT_HINT)
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not jsonl:

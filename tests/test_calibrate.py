@@ -125,6 +125,11 @@ def test_calibration_sources(tmp_path, glue_dir):
     assert calibration_texts(str(tmp_path / "b.jsonl"), 10, pairs=False) == [("hello",), ("a",), ("b",)]
     (tmp_path / "c.jsonl").write_text('{"text": ""}\n"hi"\n" "\n{"sentence1": "a", "sentence2": ""}\n')
     assert calibration_texts(str(tmp_path / "c.jsonl"), 10) == [("hi",), ("a",)]  # empty texts skipped like blank lines
+    (tmp_path / "D.JSONL").write_text('{"text": "hello"}\n')  # the kind of file is read from its suffix in any case
+    assert calibration_texts(str(tmp_path / "D.JSONL"), 10) == [("hello",)]  # not the line '{"text": "hello"}'
+    (tmp_path / "E.JSON").write_text('["hello"]')
+    with pytest.raises(UsageError, match="is a .json file"):
+        calibration_texts(str(tmp_path / "E.JSON"), 10)
     texts = calibration_texts("mrpc", 16, data_dir=str(glue_dir))
     assert len(texts) == 16 and all(len(t) == 2 for t in texts)
     assert texts == calibration_texts("mrpc", 16, data_dir=str(glue_dir))  # seeded
