@@ -21,9 +21,9 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
         raise UsageError(f"--samples must be at least 1, got {samples}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()  # c.JSONL is a jsonl file too (read as text, its lines were calibrated on as JSON)
-    if path.is_file() and suffix == ".json":
-        raise UsageError(f"{source} is a .json file; calibration reads a .txt file (one sequence a line) or a .jsonl "
-                         f"file (one JSON object a line): convert it to one of those")
+    if path.is_file() and suffix in TABLE_SUFFIXES:  # read as text, a .tsv's labels would be calibrated on
+        raise UsageError(f"{source} is a {suffix} file; calibration reads a .txt file (one sequence a line) or a "
+                         f".jsonl file (one JSON object a line): convert it to one of those")
     if path.is_file():
         texts = _read_file(path)
     elif suffix in (".txt", ".jsonl", ".json") or "/" in source:
@@ -46,6 +46,8 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     return texts
 
 
+TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".arrow")
+NOT_TEXT = frozenset({"label", "labels", "idx", "id", "guid"})  # string fields of a record that are not its text
 JSONL_HINT = 'a .jsonl file holds one JSON object a line, e.g. {"text": "..."}'
 TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
 
@@ -61,8 +63,8 @@ def _read_file(path: Path) -> list[tuple[str, ...]]:
 
 
 def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
-    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields (two at most);
-    empty strings dropped (an empty tuple when nothing is left)."""
+    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields other than a
+    label or an id (two at most); empty strings dropped (an empty tuple when nothing is left)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -72,8 +74,10 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
     if not isinstance(record, dict):
         kind = {list: "an array", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
         raise UsageError(f"{path}:{n}: {kind}, not an object or a string; {JSONL_HINT}")
-    fields = [record["text"]] if isinstance(record.get("text"), str) else [
-        v for v in record.values() if isinstance(v, str)]
+    if "text" in record and not isinstance(record["text"], str):
+        raise UsageError(f"{path}:{n}: its text field is not a string; {JSONL_HINT}")
+    fields = [record["text"]] if "text" in record else [
+        v for k, v in record.items() if isinstance(v, str) and k.lower() not in NOT_TEXT]
     if not fields:
         raise UsageError(f"{path}:{n}: no text field; {JSONL_HINT}")
     return tuple(f for f in fields if f.strip())[:2]

@@ -43,6 +43,11 @@ CALIBRATION = {
     "number.jsonl": (b"42\n", "number.jsonl:1: a number, not an object", "one JSON object a line"),
     "null.jsonl": (b'"fine"\nnull\n', "null.jsonl:2: null, not an object", "one JSON object a line"),
     "notext.jsonl": (b'{"label": 1}\n', "notext.jsonl:1: no text field", '{"text": "..."}'),
+    "labelonly.jsonl": (b'{"label": "positive", "idx": "7"}\n', "labelonly.jsonl:1: no text field", '{"text": "..."}'),
+    "numbertext.jsonl": (b'{"text": 5, "label": "positive"}\n', "numbertext.jsonl:1: its text field is not a string",
+                         '{"text": "..."}'),
+    "train.tsv": (b"sentence\tlabel\nit is good\t1\n", "is a .tsv file", "convert it"),
+    "rows.CSV": (b"text,label\nit is good,1\n", "is a .csv file", "convert it"),
     "bad.jsonl": (b'{"text": "a"}\n{"text": \n', "bad.jsonl:2 is not valid JSON", "one JSON object a line"),
 }
 
