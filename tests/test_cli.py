@@ -46,6 +46,11 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def test_python_dash_m_runs_the_same_command_line():
+    result = subprocess.run([sys.executable, "-m", "mhacompress", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("mhacompress"), result.stderr
+
+
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
