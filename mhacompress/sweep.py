@@ -38,6 +38,7 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
             seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None) -> list[dict]:
     """The cells of a sweep, after everything `sweep` checks before any cell runs: the settings, the ``resume``
     folder (never in a source or the current folder), the task's data and the model."""
+    from .calibration import calibration_texts
     from .eval.data import load_examples
     from .eval.tasks import get_task
     from .hub import check_output
@@ -48,6 +49,8 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         check_output(resume, True, kind="contents", sources=[model, data_dir, calibration and calibration.source],
                      option="--resume", lock=False)
     load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
+    if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
+        calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
     check_model(cells[0]["model"], methods, key_dims)
     return cells
 

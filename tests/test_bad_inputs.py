@@ -505,7 +505,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), 'tok', 'out')",
      "save takes the model's tokenizer"),
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
-     "--output must be a path"),    ("mhacompress.reduce_(str(src), ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
+     "--output must be a path"),
+    ("mhacompress.reduce_(str(src), ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
     ("mhacompress.reduce_(None, ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
     ("mhacompress.reduce_(__import__('transformers').AutoTokenizer.from_pretrained(src), ReductionConfig(key_dim=8))",
      "reduce_ takes a transformers model"),
@@ -530,6 +531,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], 8, data_dir=glue, limit=4)", "key_dims must be a list"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, calibration='stsb')",
      "calibration must be a Calibration"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, "
+     "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, on_result=5)",
      "on_result must be a function"),
