@@ -76,6 +76,19 @@ def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tm
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
 
 
+def test_a_folder_saved_with_a_seed_beyond_the_solvers_limit_still_reads_back():
+    # seeds above 2**32 - 1 were accepted (the svd init never uses them) before the limit was enforced: such a saved
+    # block is provenance, kept as saved, while a NEW config with that seed is still refused
+    saved = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", samples=16)).to_dict()
+    saved["seed"], saved["calibration"]["seed"] = 2**40, 2**63
+    config = ReductionConfig.from_dict(saved)
+    assert (config.seed, config.calibration.seed, config.key_dim) == (2**40, 2**63, 8)
+    with pytest.raises(ConfigError, match="--seed"):
+        ReductionConfig(key_dim=8, seed=2**40)
+    with pytest.raises(ConfigError, match="--seed"):
+        ReductionConfig.from_dict({**saved, "seed": 2**64})
+
+
 def test_unknown_saved_settings_are_refused():
     with pytest.raises(ConfigError, match="unknown reduction settings"):
         ReductionConfig.from_dict({**ReductionConfig(key_dim=8).to_dict(), "magic": 1})

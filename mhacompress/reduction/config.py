@@ -224,11 +224,25 @@ class ReductionConfig:
             calibration = {"compensate": False, **calibration}  # saved before these settings existed
             if calibration.get("sequential", True):
                 calibration.setdefault("objective", "score")
-            data["calibration"] = Calibration(**calibration)
+            data["calibration"] = _saved_seed(Calibration, calibration)
         data.setdefault("allocate", False)  # saved before allocation existed: uniform
         if isinstance(data.get("key_dims"), list):
             data["key_dims"] = tuple(data["key_dims"])
-        return cls(**data)
+        return _saved_seed(cls, data)
+
+
+SAVED_SEED_MAX = 2**64 - 1  # what folders saved before SEED_MAX existed may hold (torch's generators' limit)
+
+
+def _saved_seed(cls, data: dict):
+    """``cls(**data)`` for a config read back from a saved folder: a seed above SEED_MAX (accepted before the solvers'
+    limit was enforced, and harmless for the svd init) is provenance, kept as saved rather than refusing the folder."""
+    seed = data.get("seed", 0)
+    if isinstance(seed, int) and not isinstance(seed, bool) and SEED_MAX < seed <= SAVED_SEED_MAX:
+        made = cls(**{**data, "seed": 0})
+        object.__setattr__(made, "seed", seed)
+        return made
+    return cls(**data)
 
 
 def compression_block(config: ReductionConfig, *, source: str, layers: list[dict], tool_version: str,
