@@ -41,7 +41,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("MHACOMPRESS_GLUE_DIR", str(REPO.parent / "shared" / "glue")))
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "mhacompress" / "glue_results"))
-    p.add_argument("--train-limit", type=int, default=4000, help="train examples per task (seeded sample; all of MRPC and RTE)")
+    p.add_argument("--train-limit", type=int, default=4000,
+                   help="train examples per task (seeded sample; all of MRPC and RTE)")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -246,12 +247,12 @@ def write(args, a, b, c, seconds):
         lines.append(f"| {dim} | " + " | ".join(_pct(a.get(f"{m}/{dim}")) for m in ("cp", "tucker", "svd")) + " |")
     lines += ["", "## Fine-tuned MiniLM, reduced after fine-tuning", "",
               f"MiniLM fine-tuned per task (`mhacompress finetune`) on a seeded random sample of up to "
-              f"{args.train_limit:,} train examples (a CPU budget: CoLA has 8,551, SST-2 67,349, STS-B 5,749; MRPC's "
-              f"3,668 and RTE's 2,490 are used whole), "
-              f"{args.epochs:g} epochs, AdamW lr {args.lr:g}, linear warm-up 10% and decay, batch {args.batch_size}, max "
-              f"length {args.max_length}. Then reduced with cp ({args.iterations} ALS sweeps) from the weights alone at "
-              f"each key dim: `k` rows are scores without retraining (for the data-aware reduction see the ladder "
-              f"below), `k + ft` rows the same reduction after one "
+              f"{args.train_limit:,} train examples (a CPU budget: CoLA has 8,551, SST-2 67,349, STS-B 5,749; "
+              f"MRPC's 3,668 and RTE's 2,490 are used whole), "
+              f"{args.epochs:g} epochs, AdamW lr {args.lr:g}, linear warm-up 10% and decay, batch {args.batch_size}, "
+              f"max length {args.max_length}. Then reduced with cp ({args.iterations} ALS sweeps) from the weights "
+              f"alone at each key dim: `k` rows are scores without retraining (for the data-aware reduction see the "
+              f"ladder below), `k + ft` rows the same reduction after one "
               f"epoch of fine-tuning on a fresh seeded sample of {args.retrain_limit:,} train examples (lr "
               f"{args.retrain_lr:g}). Main metric per task; Avg. is their mean.", "",
               "| key dim | " + " | ".join(LABEL[t] for t in tasks) + " | Avg. |",
@@ -292,12 +293,12 @@ def ladder_lines(args, c) -> list[str]:
              "Every rung adds one step to the one above; none uses labels or retraining. `calibrated`: each layer "
              "whitened by its input second moments, all layers from the original's inputs; `+ sequential`: bottom-up, "
              "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
-             "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ compensation`: "
-             "the attention output projection refitted by ridge least squares, every layer at the key dim (what "
-             "`reduce -k K --calibrate SOURCE` does for K > d/8, or with `--uniform`); `+ allocation`: the same Q/K "
-             "parameters as the uniform key dim, spread over the layers by the measured effect on the model's output "
-             "(the default for K <= d/8, or with `--allocate`); `+ refinement`: then 200 Adam steps per layer on the same "
-             "target, where no closed form exists (opt-in, `--refine`). Calibration: "
+             "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ "
+             "compensation`: the attention output projection refitted by ridge least squares, every layer at the key "
+             "dim (what `reduce -k K --calibrate SOURCE` does for K > d/8, or with `--uniform`); `+ allocation`: the "
+             "same Q/K parameters as the uniform key dim, spread over the layers by the measured effect on the model's "
+             "output (the default for K <= d/8, or with `--allocate`); `+ refinement`: then 200 Adam steps per layer "
+             "on the same target, where no closed form exists (opt-in, `--refine`). Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
              "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
@@ -390,7 +391,8 @@ def plot(args, a, b, path, tasks, dims):
     right.plot(dims, [avg(d) for d in dims], marker="o", label="cp, no retraining")
     right.plot(dims, [avg(f"{d}+ft") for d in dims], marker="s", label="cp + short fine-tune")
     right.axhline(avg("original"), color="grey", ls="--", label="original")
-    right.set(xscale="log", xlabel="key dim", ylabel="GLUE average x100", title="Fine-tuned MiniLM, mean of " + ", ".join(tasks))
+    right.set(xscale="log", xlabel="key dim", ylabel="GLUE average x100",
+              title="Fine-tuned MiniLM, mean of " + ", ".join(tasks))
     for ax in (left, right):
         ax.set_xticks(stsb_dims if ax is left else dims, [str(d) for d in (stsb_dims if ax is left else dims)])
         ax.minorticks_off()

@@ -107,7 +107,8 @@ def run(args) -> dict:
                 cpu: dict = {}
                 seconds = bench.time_side_by_side({k: (lambda m=m: m(**batch)) for k, m in models.items()},
                                                   warmup=warmup, repeats=repeats, cpu=cpu)
-                row.update(repeats=repeats, original_ms=seconds["original"] * 1e3, original_cpu_ms=cpu["original"] * 1e3,
+                row.update(repeats=repeats, original_ms=seconds["original"] * 1e3,
+                           original_cpu_ms=cpu["original"] * 1e3,
                            ratio={k: s / seconds["original"] for k, s in seconds.items() if k != "original"},
                            cpu_ratio={k: s / cpu["original"] for k, s in cpu.items() if k != "original"})
                 results["configs"].append(row)
@@ -150,7 +151,8 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def markdown(results: dict) -> str:

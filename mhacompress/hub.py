@@ -401,8 +401,8 @@ def check_block(block, where) -> None:
         raise UsageError(f"{where}: every layer of the compression block needs a positive integer key_dim; {fix}")
     top = block.get("key_dim")
     if top is not None and any(k != top for k in dims):
-        raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have {sorted(set(dims))}; "
-                         f"{fix}")
+        raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have "
+                         f"{sorted(set(dims))}; {fix}")
     version = block.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise UsageError(f"{where}: the compression block's format_version {version!r} is not a version number; {fix}")
@@ -501,7 +501,8 @@ def _loading(name):
             ArithmeticError, _strict_config_error()) as err:
         lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
         first = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]  # "field 'x':" and its reason
-        raise UsageError(f"cannot load {name}: {first}; pass a complete checkpoint written by save_pretrained") from None
+        raise UsageError(f"cannot load {name}: {first}; "
+                         "pass a complete checkpoint written by save_pretrained") from None
     finally:
         logging.set_verbosity(level)
 
@@ -515,8 +516,8 @@ def _strict_config_error() -> type:
     return StrictDataclassError
 
 
-def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu", attn_implementation: str | None = None,
-                    tokenizer: bool = True):
+def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu",
+                    attn_implementation: str | None = None, tokenizer: bool = True):
     """(model, tokenizer, source) for an ORIGINAL checkpoint: a sequence-classification model when the checkpoint has
     such a head, else the bare encoder. Reduced folders are recognised and loaded with ``load`` instead. Strict: see
     the module docstring. Pickled weights are read only with ``allow_pickle``; ``tokenizer=False`` skips the

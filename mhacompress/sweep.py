@@ -76,11 +76,10 @@ def cell_config(cell: dict) -> ReductionConfig:
 
 def run_cell(cell: dict) -> dict:
     """Score one cell: the original (method None), or the model reduced as the cell says."""
+    from .devices import resolve_device
     from .eval.compare import Scorer
     from .hub import load_pretrained
     from .pipeline import compress
-
-    from .devices import resolve_device
 
     start = time.perf_counter()
     device = str(resolve_device(cell["device"]))  # where the cell runs: a Ray worker resolves "auto" itself

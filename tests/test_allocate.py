@@ -4,8 +4,8 @@ import pytest
 
 from conftest import tiny_model
 from mhacompress.reduction.allocate import allocate, budget_key_dims, candidate_dims
-from mhacompress.reduction.cost import LayerShape, qk_params
 from mhacompress.reduction.config import ConfigError, ReductionConfig
+from mhacompress.reduction.cost import LayerShape, qk_params
 from mhacompress.reduction.surgery import reduce_
 
 

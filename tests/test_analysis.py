@@ -11,7 +11,11 @@ from conftest import tiny_model
 from mhacompress.cli import main
 from mhacompress.reduction.allocate import cp_error_curve
 from mhacompress.reduction.analysis import (
-    effective_rank, head_spectra, shared_bound, svd_error_curve, unfolding_spectra,
+    effective_rank,
+    head_spectra,
+    shared_bound,
+    svd_error_curve,
+    unfolding_spectra,
 )
 from mhacompress.reduction.decompose import head_svd, score_tensor
 

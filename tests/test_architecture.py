@@ -21,7 +21,8 @@ LAYERS = [
     ("errors.py", "errors", set()),
     ("cli/", "cli", {"pipeline", "eval", "hub", "reduction", "modeling", "errors", "root"}),
     ("__main__.py", "cli", {"cli"}),  # `python -m mhacompress`: the face, like the script
-    ("", "pipeline", {"eval", "hub", "reduction", "modeling", "errors", "root"}),  # pipeline, commands, sweep, executors, calibration
+    # pipeline, commands, sweep, executors, calibration
+    ("", "pipeline", {"eval", "hub", "reduction", "modeling", "errors", "root"}),
 ]
 
 

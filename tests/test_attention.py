@@ -6,7 +6,11 @@ import torch
 from conftest import TINY, padded_batch, tiny_config, tiny_model
 from mhacompress.reduction.config import ConfigError, ReductionConfig
 from mhacompress.reduction.modeling import (
-    ARCHITECTURES, CollaborativeSelfAttention, UnsupportedModelError, arch_for, attention_modules,
+    ARCHITECTURES,
+    CollaborativeSelfAttention,
+    UnsupportedModelError,
+    arch_for,
+    attention_modules,
 )
 from mhacompress.reduction.surgery import reduce_
 
@@ -102,7 +106,8 @@ def test_reduced_model_stays_in_eval_mode():
 def test_unknown_model_type_names_the_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; supported: bert, camembert, data2vec-text, distilbert"):
+    with pytest.raises(UnsupportedModelError,
+                       match="'gpt2' is not supported; supported: bert, camembert, data2vec-text, distilbert"):
         arch_for(GPT2Config())
 
 

@@ -115,11 +115,10 @@ NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 def _classifier(path: Path, num_labels: int) -> None:
     """A tiny BERT sequence classifier with ``num_labels`` outputs and the bundled tokenizer, saved at ``path``."""
     import torch
-    from transformers import BertForSequenceClassification
+    from transformers import AutoTokenizer, BertForSequenceClassification
 
     from conftest import tiny_config
     from mhacompress.hub import bundled_model_path
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
     torch.manual_seed(0)
@@ -205,7 +204,8 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("block-source-model-not-a-name", "report {reduced} --no-latency", "source_model 5 is not", "restore",
          setup=block(source_model=5)),
     case("block-base-architecture-of-another-type", "eval {reduced} --task stsb --limit 4",
-         "base architecture RobertaModel is not a bert model", "restore", setup=block(base_architecture="RobertaModel")),
+         "base architecture RobertaModel is not a bert model", "restore",
+         setup=block(base_architecture="RobertaModel")),
 ]
 
 REDUCE = [  # reduction settings (the typed config) and reduce's own options
@@ -285,7 +285,8 @@ CALIBRATION = [
 
 OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
     case("output-empty", "reduce {src} -k 8 -o ''", "--output is empty", "pass the path to write"),
-    case("output-is-source", "reduce {src} -k 8 -o {src} --force", "is the source", "choose a path outside it for --output"),
+    case("output-is-source", "reduce {src} -k 8 -o {src} --force", "is the source",
+         "choose a path outside it for --output"),
     case("output-inside-source", "reduce {src} -k 8 -o {src}/out", "lies inside the source", "outside it"),
     case("output-contains-source", "reduce {src} -k 8 -o {ws} --force", "contains the source", "outside it"),
     case("output-is-a-file", "reduce {src} -k 8 -o {file}", "exists and is not a folder", "choose another --output"),
@@ -422,7 +423,8 @@ REPORT = [
     case("report-source-gone", "report {reduced} --no-latency", "cannot load the original", "no model folder",
          setup=block(source_model="/nonexistent/original")),
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
-    case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than", "--seq-len 64 or less"),
+    case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than",
+         "--seq-len 64 or less"),
     case("report-repeats-0", "report {reduced} --repeats 0", "--repeats", ">=1"),
     case("report-batch-too-big-for-memory", "report {reduced} --repeats 1 --seq-len 64 --batch-size 1000000000000",
          "out of memory", "pass a smaller --batch-size"),

@@ -7,11 +7,11 @@ import torch
 
 from conftest import final_error, padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
+from mhacompress.errors import UsageError
 from mhacompress.reduction.calibrate import second_moments, unwhiten, whitening
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import decompose, relative_error
 from mhacompress.reduction.surgery import reduce_
-from mhacompress.errors import UsageError
 
 H, DH, D = 4, 4, 16
 

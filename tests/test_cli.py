@@ -42,8 +42,10 @@ def test_the_command_alone_shows_its_help():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from mhacompress.cli import main; print(any(m in sys.modules for m in ('torch', 'transformers')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    code = ("import sys; from mhacompress.cli import main; "
+            "print(any(m in sys.modules for m in ('torch', 'transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_python_dash_m_runs_the_same_command_line():
@@ -52,7 +54,8 @@ def test_python_dash_m_runs_the_same_command_line():
 
 
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
-    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"), "--json"])
+    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"),
+                                       "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"model", "method", "key_dim", "output", "seconds", "params", "layers"} <= report.keys()

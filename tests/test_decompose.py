@@ -7,7 +7,15 @@ import torch
 from tensorly.decomposition import parafac, partial_tucker
 
 from mhacompress.reduction.decompose import (
-    cp_als, cp_exact, cp_init, cp_relative_error, decompose, head_svd, score_norm2, score_tensor, tucker2,
+    cp_als,
+    cp_exact,
+    cp_init,
+    cp_relative_error,
+    decompose,
+    head_svd,
+    score_norm2,
+    score_tensor,
+    tucker2,
 )
 
 H, DH, D = 4, 4, 16  # heads, head dim, hidden
@@ -16,13 +24,15 @@ H, DH, D = 4, 4, 16  # heads, head dim, hidden
 def random_weights(seed=0, heads=H, head_dim=DH, hidden=D):
     gen = torch.Generator().manual_seed(seed)
     shape = (heads * head_dim, hidden)
-    return torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64),
+            torch.randn(shape, generator=gen, dtype=torch.float64))
 
 
 def weights_of_cp_rank(rank, seed=0):
     """W_q, W_k whose score tensor has CP rank ``rank`` > dh: head h uses a random subset of dh shared components."""
     gen = torch.Generator().manual_seed(seed)
-    U, V = torch.randn(D, rank, generator=gen, dtype=torch.float64), torch.randn(D, rank, generator=gen, dtype=torch.float64)
+    U = torch.randn(D, rank, generator=gen, dtype=torch.float64)
+    V = torch.randn(D, rank, generator=gen, dtype=torch.float64)
     wq, wk = [], []
     for _ in range(H):
         comps = torch.randperm(rank, generator=gen)[:DH]

@@ -7,8 +7,14 @@ import time
 import pytest
 import torch
 
-from mhacompress.devices import (available_devices, cpu_threads, default_workers, parallel_map, resolve_device,
-                                 work_device)
+from mhacompress.devices import (
+    available_devices,
+    cpu_threads,
+    default_workers,
+    parallel_map,
+    resolve_device,
+    work_device,
+)
 from mhacompress.errors import UsageError
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from mhacompress.hub import load_pretrained, save
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.surgery import reduce_
-from mhacompress.hub import load_pretrained, save
 
 SENTENCES = ["A man is playing a guitar.", "Attention heads can share their keys.", "short"]
 

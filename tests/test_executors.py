@@ -123,7 +123,8 @@ def test_bad_arguments_are_one_line_usage_errors():
 
 def test_ray_missing_is_a_one_line_error_with_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(UsageError, match=r"needs Ray, which is not installed: pip install 'mhacompress\[distributed\]'"):
+    with pytest.raises(UsageError,
+                       match=r"needs Ray, which is not installed: pip install 'mhacompress\[distributed\]'"):
         run_cells(cells(1), square, executor="ray")
 
 

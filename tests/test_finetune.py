@@ -67,10 +67,10 @@ def test_training_is_seeded(tokenizer):
 
 
 def test_reduced_model_keeps_collaborative_layers(tokenizer, tmp_path):
+    from mhacompress.hub import load_pretrained
     from mhacompress.reduction.config import ReductionConfig
     from mhacompress.reduction.modeling import CollaborativeSelfAttention
     from mhacompress.reduction.surgery import reduce_
-    from mhacompress.hub import load_pretrained
 
     encoder = tiny_encoder()
     reduce_(encoder, ReductionConfig(key_dim=8, method="cp", n_iter_max=5))

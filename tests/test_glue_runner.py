@@ -90,7 +90,8 @@ def test_fidelity(tokenizer):
     assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
     other = runner.fidelity(runner.run(b, tokenizer, ex), runner.run(a, tokenizer, ex))
     assert other["kl"] > 0
-    enc = runner.fidelity(runner.run(tiny(), tokenizer, examples("stsb")), runner.run(tiny(), tokenizer, examples("stsb")))
+    enc = runner.fidelity(runner.run(tiny(), tokenizer, examples("stsb")),
+                          runner.run(tiny(), tokenizer, examples("stsb")))
     assert enc["embedding_cosine"] == pytest.approx(1.0)
 
 

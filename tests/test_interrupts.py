@@ -12,9 +12,9 @@ import pytest
 
 import mhacompress
 from conftest import REPO, tiny_model
+from mhacompress.hub import save
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.surgery import reduce_
-from mhacompress.hub import save
 
 CHILD = r"""
 import os, pathlib, sys, time

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 import mhacompress
 from mhacompress.cli import main
+from mhacompress.hub import load_pretrained
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.surgery import reduce_
-from mhacompress.hub import load_pretrained
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -9,8 +9,15 @@ from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import layers
-from mhacompress.reduction.objectives import (OutputMoments, centred_content_bias, head_gram, key_side,
-                                              output_metric, readout_weights, rollout)
+from mhacompress.reduction.objectives import (
+    OutputMoments,
+    centred_content_bias,
+    head_gram,
+    key_side,
+    output_metric,
+    readout_weights,
+    rollout,
+)
 from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
 from mhacompress.reduction.sequential import Plan, solve_output
 from mhacompress.reduction.surgery import content_bias

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from conftest import tiny_model
 from mhacompress import fsio
 from mhacompress.cli import main
-from mhacompress.reduction.config import ReductionConfig
-from mhacompress.reduction.surgery import reduce_
 from mhacompress.errors import UsageError
 from mhacompress.hub import check_output, save
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 
 
 def tree(path):

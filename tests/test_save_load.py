@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 import mhacompress
 from conftest import padded_batch, tiny_model
-from mhacompress.reduction.config import ReductionConfig
-from mhacompress.reduction.surgery import reduce_
 from mhacompress.errors import UsageError
 from mhacompress.hub import REMOTE_CODE_FILE, save
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 
 
 def reduced(model_type="bert", head=False, key_dim=8, method="cp", seed=0):

@@ -163,4 +163,5 @@ def test_a_forward_that_raises_leaves_no_state_behind():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][:, :3])  # mismatched mask
         torch.testing.assert_close(model(**batch).logits, want, atol=0, rtol=0)
     layer = attention_modules(model)[-1][2]
-    assert not any(isinstance(v, torch.Tensor) and v.dim() == 3 for v in vars(layer).values())  # no stashed hidden states
+    # no stashed hidden states
+    assert not any(isinstance(v, torch.Tensor) and v.dim() == 3 for v in vars(layer).values())

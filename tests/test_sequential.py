@@ -8,7 +8,15 @@ from conftest import final_error, padded_batch, tiny_model
 from mhacompress.reduction.calibrate import second_moments
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import attention_modules, layers
-from mhacompress.reduction.sequential import LayerMoments, Plan, Ridge, Spill, layer_inputs, reduce_sequential_, run_layer
+from mhacompress.reduction.sequential import (
+    LayerMoments,
+    Plan,
+    Ridge,
+    Spill,
+    layer_inputs,
+    reduce_sequential_,
+    run_layer,
+)
 from mhacompress.reduction.surgery import finish_, reduce_
 
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 import mhacompress
 from conftest import tiny_model
 from mhacompress.cli import main
-from mhacompress.reduction.config import ReductionConfig
-from mhacompress.reduction.surgery import reduce_
 from mhacompress.errors import UsageError
 from mhacompress.hub import load_pretrained, save
+from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.surgery import reduce_
 
 
 @pytest.fixture(scope="module")

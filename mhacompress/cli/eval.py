@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import click
 
-from ._common import (ProgressBars, allow_pickle_option, console, device_option, emit_json, first_token_option,
-                      resolved_device, task_names, user_errors)
+from ._common import (
+    ProgressBars,
+    allow_pickle_option,
+    console,
+    device_option,
+    emit_json,
+    first_token_option,
+    resolved_device,
+    task_names,
+    user_errors,
+)
 
 
 def data_options(f):

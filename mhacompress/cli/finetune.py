@@ -6,8 +6,18 @@ import time
 
 import click
 
-from ._common import (FiniteFloat, allow_pickle_option, console, device_option, emit_json, progress, resolved_device,
-                       status, task_names, user_errors)
+from ._common import (
+    FiniteFloat,
+    allow_pickle_option,
+    console,
+    device_option,
+    emit_json,
+    progress,
+    resolved_device,
+    status,
+    task_names,
+    user_errors,
+)
 from .eval import data_options
 
 
@@ -78,7 +88,8 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
                         on_step=lambda loss: bar.update(job, advance=1, description=f"{spec.name}: loss {loss:.3f}"))
         save(loaded, tokenizer, output, force=force, source=model)
         result = {"model": model, "task": spec.name, "output": str(output), "examples": len(data),
-                  "steps": log["steps"], "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
+                  "steps": log["steps"],
+                  "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
         if scorer is not None:
             result["eval"] = {"split": "validation", "examples": len(scorer.examples),
                               "metrics": scorer(loaded, tokenizer, model)}

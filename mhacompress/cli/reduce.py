@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import click
 
-from ._common import (FiniteFloat, ProgressBars, allow_pickle_option, console, device_option, emit_json,
-                       first_token_option, method_choice, method_help, parse_dims, resolved_device, task_names,
-                       user_errors)
+from ._common import (
+    FiniteFloat,
+    ProgressBars,
+    allow_pickle_option,
+    console,
+    device_option,
+    emit_json,
+    first_token_option,
+    method_choice,
+    method_help,
+    parse_dims,
+    resolved_device,
+    task_names,
+    user_errors,
+)
 from .eval import check_drop, data_options, render_eval
 
 
@@ -150,8 +162,9 @@ def render(result: dict) -> None:
     table = Table(title=title, title_justify="left")
     kind = next((k for k in ("expected_output_error", "expected_score_error")
                  if calibrated and all(k in x for x in result["layers"])), None)  # the calibrated objective's error
-    columns = ["layer", "key dim", "rel. error"] + ([kind.replace("expected_", "exp. ").replace("_", " ")]
-                                                    if kind else []) + ["iters", "Q/K params before", "Q/K params after"]
+    columns = (["layer", "key dim", "rel. error"]
+               + ([kind.replace("expected_", "exp. ").replace("_", " ")] if kind else [])
+               + ["iters", "Q/K params before", "Q/K params after"])
     for col in columns:
         table.add_column(col, justify="right")
     for x in result["layers"]:

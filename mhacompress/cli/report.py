@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ._common import (ProgressBars, console, device_option, emit_json, first_token_option, method_choice,
-                      resolved_device, user_errors)
+from ._common import (
+    ProgressBars,
+    console,
+    device_option,
+    emit_json,
+    first_token_option,
+    method_choice,
+    resolved_device,
+    user_errors,
+)
 
 
 @click.command()

@@ -137,7 +137,8 @@ def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | Non
     where = (f"${ENV_DIR}={missing_local} has no {task.folder}/ file for split {split!r}" if missing_local
              else f"no local GLUE folder given (--data-dir or ${ENV_DIR})")
     hint = f"pass --data-dir DIR or set {ENV_DIR} to a folder in the official glue_data layout (DIR/{task.folder}/)"
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline or not hub_reachable(timeout=2.0):
         why = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
         raise UsageError(f"no GLUE data for {task.name}: {where} and {why}; {hint}")

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import UsageError
 from ..reduction.modeling import is_classifier
 from ..reduction.objectives import mean_pooled
-from ..errors import UsageError
 from . import metrics as M
 from .data import Examples
 from .tasks import Task

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .allocate import cp_error_curve
-from .decompose import mode_gram, head_cores
+from .decompose import head_cores, mode_gram
 
 Tensor = torch.Tensor
 RANK_RTOL = 1e-7  # a singular value below this fraction of its head's largest does not count towards the rank

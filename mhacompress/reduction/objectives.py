@@ -102,7 +102,9 @@ class OutputMoments:
     device: torch.device = torch.device("cpu")
 
     def __post_init__(self):
-        z = lambda *shape: torch.zeros(*shape, dtype=f64, device=self.device)
+        def z(*shape):
+            return torch.zeros(*shape, dtype=f64, device=self.device)
+
         self.n, self.n_key = 0.0, 0
         self.sum_r, self.sum_o, self.rr, self.cross = z(self.d), z(self.d), z(self.d, self.d), z(self.d, self.d)
         self.krr, self.kor, self.share = z(self.d, self.d), z(self.d, self.d), z(self.heads)

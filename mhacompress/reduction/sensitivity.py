@@ -24,8 +24,7 @@ from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
 from .modeling import layers as model_layers
 from .objectives import mean_pooled
-from .sequential import (Batch, Plan, compensate_, embed, layer_at, layer_statistics, solve_qk_,
-                         token_weights)
+from .sequential import Batch, Plan, compensate_, embed, layer_at, layer_statistics, solve_qk_, token_weights
 from .surgery import model_shape
 
 Progress = Callable[[str, int, int], None]

@@ -42,8 +42,16 @@ from .decompose import relative_error
 from .modeling import arch_for, attention_modules
 from .modeling import layers as model_layers
 from .modeling.attention import additive_mask
-from .objectives import (OutputMoments, centred_content_bias, head_gram, output_metric, readout_weights, rollout,
-                         unscale_heads, whitened_problem)
+from .objectives import (
+    OutputMoments,
+    centred_content_bias,
+    head_gram,
+    output_metric,
+    readout_weights,
+    rollout,
+    unscale_heads,
+    whitened_problem,
+)
 from .surgery import content_bias, decompose_layer, install_, model_shape, qk_parameters, qk_weights
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

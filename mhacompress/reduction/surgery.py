@@ -14,9 +14,19 @@ from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
 from .decompose import Factors, relative_error
-from .modeling import (COMPRESSION_KEY, Arch, CollaborativeSelfAttention, UnsupportedModelError, arch_for,
-                       attention_modules, base_model_type, collaborative_module, first_token_only_, is_classifier,
-                       promote_)
+from .modeling import (
+    COMPRESSION_KEY,
+    Arch,
+    CollaborativeSelfAttention,
+    UnsupportedModelError,
+    arch_for,
+    attention_modules,
+    base_model_type,
+    collaborative_module,
+    first_token_only_,
+    is_classifier,
+    promote_,
+)
 
 
 def model_shape(model: nn.Module) -> tuple[int, int, int]:

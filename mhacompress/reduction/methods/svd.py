@@ -15,5 +15,6 @@ class HeadSVD(Method):
         return key_dim  # H heads x R/H
 
 
-METHOD = HeadSVD(name="svd", layout="per-head", solvers={"structured": decompose.head_svd, "tensorly": decompose.svd_tensorly},
+METHOD = HeadSVD(name="svd", layout="per-head",
+                 solvers={"structured": decompose.head_svd, "tensorly": decompose.svd_tensorly},
                  iterative=False, key_dim_multiple_of_heads=True)

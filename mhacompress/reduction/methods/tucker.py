@@ -9,4 +9,5 @@ class Tucker(Method):
         return heads * key_dim * key_dim
 
 
-METHOD = Tucker(name="tucker", layout="core", solvers={"structured": decompose.tucker2, "tensorly": decompose.tucker_tensorly})
+METHOD = Tucker(name="tucker", layout="core",
+                solvers={"structured": decompose.tucker2, "tensorly": decompose.tucker_tensorly})
