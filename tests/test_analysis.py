@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_model
 from mhacompress.cli import main
+from mhacompress.cli.analyze import FIGURES
 from mhacompress.reduction.allocate import cp_error_curve
 from mhacompress.reduction.analysis import (
     effective_rank,
@@ -137,6 +138,18 @@ def test_plot_writes_pngs(tiny_dir, tmp_path):
     assert pngs == ["cp_error.png", "head_spectra.png", "unfolding_spectra.png"]
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
+
+
+def test_a_plot_folder_holds_the_figures_of_one_run(tiny_dir, tmp_path):
+    """A cp_error.png of an earlier run (another model, other key dims) is not left beside the figures of a run
+    --no-curve; the user's own files stay."""
+    out = tmp_path / "figs"
+    assert invoke(tiny_dir, "--plot", out, "--key-dims", "8").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = invoke(tiny_dir, "--plot", out, "--no-curve", "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["head_spectra.png", "notes.txt", "unfolding_spectra.png"]
+    assert sorted(json.loads(result.stdout)["figures"]) == sorted(str(out / p) for p in FIGURES[:2])
 
 
 def one_line_error(result) -> str:

@@ -136,7 +136,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_figures(result: dict, out: Path) -> list[Path]:
-    """The PNGs of a report: per-layer head spectra, unfolding spectra, and (with a curve) CP error vs key dim."""
+    """The PNGs of a report: per-layer head spectra, unfolding spectra, and (with a curve) CP error vs key dim. A
+    figure of an earlier run that this one does not draw (cp_error.png, --no-curve) is removed: the folder shows one
+    run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +148,8 @@ def write_figures(result: dict, out: Path) -> list[Path]:
     paths = [_head_spectra_figure(plt, result, out / FIGURES[0]), _unfolding_figure(plt, result, out / FIGURES[1])]
     if result["key_dims"]:
         paths.append(_curve_figure(plt, result, out / FIGURES[2]))
+    elif (out / FIGURES[2]).is_file():
+        (out / FIGURES[2]).unlink()
     plt.close("all")
     return paths
 
