@@ -152,6 +152,11 @@ def test_a_plot_folder_holds_the_figures_of_one_run(tiny_dir, tmp_path):
     assert sorted(json.loads(result.stdout)["figures"]) == sorted(str(out / p) for p in FIGURES[:2])
 
 
+def test_a_run_that_fails_leaves_no_plot_folder_behind(tiny_reduced_dir, tmp_path):
+    one_line_error(invoke(tiny_reduced_dir, "--plot", tmp_path / "new" / "figs", "--no-curve"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def one_line_error(result) -> str:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

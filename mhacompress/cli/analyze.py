@@ -45,7 +45,7 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
             from ..hub import check_output
 
             check_output(plot_dir, sources=[model], kind="contents", option="--plot")
-        plots = None if plot_dir is None else _check_plot_dir(plot_dir)
+        plots = None if plot_dir is None else Path(plot_dir).expanduser()  # created when the figures are written
         result = run_analyze(model, dims=dims, seq_len=seq_len, curve=not no_curve, allow_pickle=allow_pickle,
                              show_progress=not as_json)
         if plots:
@@ -63,20 +63,6 @@ def _parse_dims(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}") from None
-
-
-def _check_plot_dir(plot_dir: str) -> Path:
-    """The --plot folder, created before any work; a path that is a file (or cannot be created) is refused."""
-    from ..errors import UsageError
-
-    path = Path(plot_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path} exists and is not a folder; choose another --plot DIR")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create --plot folder {path}: {err.strerror}") from None
-    return path
 
 
 def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pickle=False,
