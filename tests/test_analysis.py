@@ -157,6 +157,15 @@ def test_a_run_that_fails_leaves_no_plot_folder_behind(tiny_reduced_dir, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_plotting_without_matplotlib_is_refused_before_the_analysis(tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    monkeypatch.setattr(sys.modules["mhacompress.cli.analyze"], "run_analyze", lambda *a, **k: pytest.fail("analyzed"))
+    assert "pip install 'mhacompress[plot]'" in one_line_error(invoke(tiny_dir, "--plot", tmp_path / "figs"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def one_line_error(result) -> str:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

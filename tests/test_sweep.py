@@ -49,6 +49,22 @@ def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("name,fragment", [("sweep.xyz", "cannot write .xyz figures"),
+                                           ("sweep.png", "pip install 'mhacompress[plot]'")])
+def test_a_plot_that_cannot_be_written_is_refused_before_any_cell(tiny_encoder, glue_dir, tmp_path, monkeypatch,
+                                                                  name, fragment):
+    import sys
+
+    if name.endswith(".png"):
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    monkeypatch.setattr("mhacompress.executors.run_cells", lambda *a, **k: pytest.fail("a cell ran first"))
+    result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir),
+                                       "--limit", "4", "--key-dims", "8", "--plot", str(tmp_path / name), "--json"])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], result.output
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def scored(spearman: float) -> dict:
     """A cell's outcome with a known STS-B score."""
     return {"ok": True, "error": None, "result": {"metrics": {"spearman": spearman, "pearson": 0.0}, "examples": 10,

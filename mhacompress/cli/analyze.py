@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import allow_pickle_option, console, emit_json, progress, status, user_errors
+from ._common import allow_pickle_option, console, emit_json, figure_format, progress, status, user_errors
 
 FIGURES = ("head_spectra.png", "unfolding_spectra.png", "cp_error.png")
 
@@ -44,6 +44,7 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
         if plot_dir is not None:
             from ..hub import check_output
 
+            figure_format(Path(plot_dir) / FIGURES[0])
             check_output(plot_dir, sources=[model], kind="contents", option="--plot")
         plots = None if plot_dir is None else Path(plot_dir).expanduser()  # created when the figures are written
         result = run_analyze(model, dims=dims, seq_len=seq_len, curve=not no_curve, allow_pickle=allow_pickle,

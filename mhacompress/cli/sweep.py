@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ._common import console, device_option, emit_json, parse_dims, progress, resolved_device, user_errors
+from ._common import (
+    console,
+    device_option,
+    emit_json,
+    figure_format,
+    parse_dims,
+    progress,
+    resolved_device,
+    user_errors,
+)
 from .eval import data_options
 
 
@@ -68,6 +77,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         from ..hub import check_output
 
         if plot_file is not None:
+            figure_format(plot_file)
             check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
         cells = prepare(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
