@@ -12,7 +12,7 @@ from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
          seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto") -> list[dict]:
-    """The cells of a sweep: the original first, then every (method, key dim), each a JSON-able dict."""
+    """The cells of a sweep: the original first, then every distinct (method, key dim), each a JSON-able dict."""
     for name, value, example in (("methods", methods, "['cp', 'svd']"), ("key_dims", key_dims, "[96, 48]")):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, e.g. {example}; got {type(value).__name__} {value!r:.40}")
@@ -27,11 +27,16 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy()}
     cells = [{**common, "method": None, "key_dim": None}]
-    for method in methods:
-        for key_dim in key_dims:
+    for method in _distinct(methods):  # a repeated method or key dim is one cell
+        for key_dim in _distinct(key_dims):
             ReductionConfig(key_dim=key_dim, method=method, seed=seed)  # refuse bad settings before any work
             cells.append({**common, "method": method, "key_dim": key_dim})
     return cells
+
+
+def _distinct(values) -> list:
+    """``values`` without repeats, in the order first given (unhashable ones too: the config refuses them next)."""
+    return [v for i, v in enumerate(values) if v not in values[:i]]
 
 
 def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,

@@ -49,6 +49,11 @@ def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
 
 
+def test_a_grid_runs_each_cell_once_whatever_the_repeats():
+    cells = grid("tiny", "stsb", ["cp", "svd", "cp"], [8, 16, 8])
+    assert [(c["method"], c["key_dim"]) for c in cells[1:]] == [("cp", 8), ("cp", 16), ("svd", 8), ("svd", 16)]
+
+
 @pytest.mark.parametrize("name,fragment", [("sweep.xyz", "cannot write .xyz figures"),
                                            ("sweep.png", "pip install 'mhacompress[plot]'")])
 def test_a_plot_that_cannot_be_written_is_refused_before_any_cell(tiny_encoder, glue_dir, tmp_path, monkeypatch,
