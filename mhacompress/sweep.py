@@ -44,15 +44,15 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
     """The cells of a sweep, after everything `sweep` checks before any cell runs: the settings, the ``resume``
     folder (never in a source or the current folder), the task's data and the model."""
     from .calibration import calibration_texts
-    from .eval.data import load_examples
+    from .eval.data import glue_folder, load_examples
     from .eval.tasks import get_task
     from .hub import check_output
 
     cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
                  device=device)
     if resume is not None:  # cell files go in beside what is there, without a lock: several runs may fill it
-        check_output(resume, True, kind="contents", sources=[model, data_dir, calibration and calibration.source],
-                     option="--resume", lock=False)
+        check_output(resume, True, kind="contents", option="--resume", lock=False,
+                     sources=[model, glue_folder(data_dir), calibration and calibration.source])
     load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
     if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
         calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)

@@ -91,6 +91,24 @@ def test_every_writing_command_refuses_to_touch_its_source(src, glue_dir, args):
     assert tree(src.parent) == before
 
 
+@pytest.mark.parametrize("args", [
+    ["reduce", "{src}", "-k", "8", "--eval", "stsb", "-o", "{data}", "--force"],
+    ["finetune", "{src}", "--task", "stsb", "-o", "{data}/glue", "--force", "--limit", "4"],
+    ["sweep", "{src}", "--task", "stsb", "--key-dims", "8", "--limit", "4", "--plot", "{data}/glue/sweep.png"],
+])
+def test_the_glue_folder_of_the_environment_is_a_source_too(src, glue_dir, tmp_path, monkeypatch, args):
+    """$MHACOMPRESS_GLUE_DIR is read like --data-dir, so --force never deletes it (it did: the GLUE data was gone)."""
+    data = tmp_path / "data"
+    for name in ("train.tsv", "dev.tsv"):
+        (data / "glue" / "STS-B").mkdir(parents=True, exist_ok=True)
+        lines = (glue_dir / "STS-B" / name).read_text().splitlines(keepends=True)
+        (data / "glue" / "STS-B" / name).write_text("".join(lines[:30]))
+    monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(data / "glue"))
+    before = tree(tmp_path)
+    one_line_error(invoke(*[a.format(src=src, data=data) for a in args]), "the source", "choose")
+    assert tree(tmp_path) == before
+
+
 def test_save_itself_refuses_the_folder_the_model_was_loaded_from(src):
     """Defence in depth: even a caller that passes no source cannot overwrite the checkpoint it loaded."""
     from mhacompress.hub import load_pretrained

@@ -57,13 +57,13 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
     """
     with user_errors():
         device = resolved_device(device)
-        from ..eval.data import load_examples
+        from ..eval.data import glue_folder, load_examples
         from ..eval.finetune import train, with_head
         from ..eval.tasks import get_task
         from ..hub import check_output, load_pretrained, save
 
         spec = get_task(task)
-        check_output(output, force, sources=[model, data_dir])
+        check_output(output, force, sources=[model, glue_folder(data_dir)])
         data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
         if data.labels is None:
             raise click.ClickException(f"{data.source} has no labels to train on")

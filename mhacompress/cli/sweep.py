@@ -74,11 +74,12 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
+        from ..eval.data import glue_folder
         from ..hub import check_output
 
         if plot_file is not None:
             figure_format(plot_file)
-            check_output(plot_file, True, kind="file", sources=[model, data_dir], option="--plot")
+            check_output(plot_file, True, kind="file", sources=[model, glue_folder(data_dir)], option="--plot")
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
         cells = prepare(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
                         limit=limit, device=device, resume=resume_dir)  # --resume never in a source

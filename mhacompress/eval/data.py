@@ -38,6 +38,12 @@ class Examples:
         return Examples(self.task, self.split, [self.texts[i] for i in idx], labels, self.source)
 
 
+def glue_folder(data_dir=None):
+    """The local GLUE folder ``load_examples`` reads: ``data_dir``, else $MHACOMPRESS_GLUE_DIR (None: neither). A
+    source like the model: no output may be, contain or lie inside it."""
+    return data_dir if data_dir is not None else os.environ.get(ENV_DIR) or None
+
+
 def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.PathLike | None = None,
                   limit: int | None = None, seed: int | None = None) -> Examples:
     """Read ``task``'s split from ``data_dir``, else from $MHACOMPRESS_GLUE_DIR, else from the hub.
