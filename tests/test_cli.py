@@ -53,6 +53,19 @@ def test_python_dash_m_runs_the_same_command_line():
     assert result.returncode == 0 and result.stdout.startswith("mhacompress"), result.stderr
 
 
+def test_a_deleted_current_folder_is_one_line_not_a_crash(tiny_dir, tmp_path):
+    """A shell left in a folder that was deleted: torch's libraries could not load (an 'Intel oneMKL FATAL ERROR'
+    and exit 2, for any command), so it is refused before they load."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (f"import os; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); from mhacompress.cli import main; "
+            f"main(['reduce', {str(tiny_dir)!r}, '-k', '8', '--json'], prog_name='mhacompress')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert len(lines) == 1 and "the current folder" in lines[0] and "cd to" in lines[0], result.stderr
+
+
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"),
                                        "--json"])

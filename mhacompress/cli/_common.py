@@ -26,9 +26,17 @@ def emit_json(obj: dict, command: str, device=None) -> None:
 @contextlib.contextmanager
 def user_errors():
     """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1, no
-    traceback. Ctrl-C and SIGTERM pass through to the command group, which reports them (see cli.main)."""
+    traceback. Ctrl-C and SIGTERM pass through to the command group, which reports them (see cli.main). A current
+    folder that was deleted is refused first: torch's libraries would fail to load, ending the process."""
+    import os
+
     from ..errors import UsageError
 
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise click.ClickException("the current folder no longer exists (it was deleted or moved); cd to an "
+                                   "existing folder and run the command again") from None
     try:
         yield
     except click.ClickException:
