@@ -247,6 +247,16 @@ def test_export_never_writes_into_the_original_a_reduced_folder_was_made_from(sr
     assert tree(src) == before
 
 
+def test_finetune_never_replaces_the_original_a_reduced_folder_was_made_from(src, glue_dir, tmp_path):
+    """Fine-tuning a reduced folder with --force onto its recorded original replaced it: `report` of the reduced
+    folder then compared it with the fine-tuned copy of itself as 'the original', without a word."""
+    invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", tmp_path / "reduced")
+    before = tree(src)
+    one_line_error(invoke("finetune", tmp_path / "reduced", "-t", "stsb", "--data-dir", glue_dir, "-o", src,
+                          "--force", "--limit", "4"), "is the source", "choose")
+    assert tree(src) == before
+
+
 def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")

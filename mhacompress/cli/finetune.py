@@ -63,7 +63,9 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
         from ..hub import check_output, load_pretrained, save
 
         spec = get_task(task)
-        check_output(output, force, sources=[model, glue_folder(data_dir)])
+        from ..commands import recorded_source
+
+        check_output(output, force, sources=[model, glue_folder(data_dir), recorded_source(model)])  # as export
         data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
         if data.labels is None:
             raise click.ClickException(f"{data.source} has no labels to train on")
