@@ -163,6 +163,9 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
             original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
         except UsageError as err:
             raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
+        if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions
+            raise UsageError(f"the original {source!r} recorded in {name} is itself a reduced model; restore the "
+                             f"original checkpoint there, or report an original with --key-dim")
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
     if key_dim is None:
         raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "

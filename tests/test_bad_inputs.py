@@ -422,6 +422,9 @@ REPORT = [
          "for sequence classifiers", "holds a"),
     case("report-source-gone", "report {reduced} --no-latency", "cannot load the original", "no model folder",
          setup=block(source_model="/nonexistent/original")),
+    case("report-source-is-reduced", "report {reduced} --no-latency --seq-len 16", "is itself a reduced model",
+         "restore the original", setup=lambda ws: edit_config("reduced", lambda c: c["compression"].update(
+             source_model=str(ws / "reduced")))(ws)),
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than",
          "--seq-len 64 or less"),
