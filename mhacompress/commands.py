@@ -112,7 +112,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     from .hub import check_output, load
 
     notify = checked_call(on_progress, directory=directory)
-    if fmt not in FORMATS:
+    if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
     check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # before any work

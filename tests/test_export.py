@@ -138,6 +138,12 @@ def test_an_export_that_cannot_be_checked_writes_nothing(tiny_dirs, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_format_is_read_in_any_case(tiny_dirs, tmp_path):
+    result = invoke("export", tiny_dirs[1], "--format", "ONNX", "-o", tmp_path / "m.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "onnx" and (tmp_path / "m.onnx").is_file()
+
+
 def test_bad_inputs_are_one_line_errors(tiny_dirs, tmp_path):
     original, reduced = tiny_dirs
     assert_one_line_error(invoke("export", reduced, "--format", "tflite", "-o", tmp_path / "m"), "unsupported",

@@ -9,7 +9,7 @@ from ._common import ProgressBars, console, emit_json, first_token_option, user_
 
 @click.command()
 @click.argument("directory", metavar="DIR")
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Output format (only onnx).")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Output format (only onnx; any case).")
 @click.option("--output", "-o", required=True, help="File to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True, help="ONNX opset.")
