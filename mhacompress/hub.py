@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -617,22 +618,22 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
 
 # ---- saving ---------------------------------------------------------------------------------------------------------
 
-def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None
-         ) -> Path:
+def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None,
+         inputs: Iterable = ()) -> Path:
     """Write a model as an ordinary HF folder, atomically: everything goes to a temporary sibling folder that
     replaces ``output`` only when complete (the previous folder is kept until then). An existing non-empty
-    ``output`` is refused unless ``force``; an output that is, contains or lies inside ``source`` or the folder the
-    model or tokenizer was loaded from is always refused. Every file of ``source`` (a folder, alias or cached hub
-    id) that the save does not write itself is carried over, except the original's weights: sentence-transformers
-    modules, vocabularies, README... A reduced model also gets its modelling code and ``auto_map`` (reload with
-    trust_remote_code, without mhacompress)."""
+    ``output`` is refused unless ``force``; an output that is, contains or lies inside ``source``, the folder the
+    model or tokenizer was loaded from, or one of ``inputs`` (data the reduction read) is always refused. Every file
+    of ``source`` (a folder, alias or cached hub id) that the save does not write itself is carried over, except the
+    original's weights: sentence-transformers modules, vocabularies, README... A reduced model also gets its
+    modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
     if not hasattr(model, "save_pretrained") or not hasattr(getattr(model, "config", None), "model_type"):
         raise UsageError(f"save takes a transformers model (e.g. from mhacompress.load or compress(...).model); got "
                          f"{type(model).__name__}")
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
-    target = check_output(output, force, sources=[source, *loaded_from])
+    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
     folder = _source_folder(source)
     try:
         with fsio.temp_dir(target) as tmp, quiet_progress():

@@ -39,6 +39,7 @@ class Compressed:
     report: dict
     config: ReductionConfig
     source: str | None = None  # the folder the original was read from (files to carry over when saving)
+    inputs: tuple = ()  # what else the reduction read (the GLUE folder, a calibration file): never saved over
     _saved: list = field(default_factory=list, repr=False)
 
     def save(self, directory, force: bool = False) -> Path:
@@ -46,7 +47,7 @@ class Compressed:
         tokenizer and every file of the source that the reduction does not change."""
         from .hub import save
 
-        path = save(self.model, self.tokenizer, directory, force=force, source=self.source)
+        path = save(self.model, self.tokenizer, directory, force=force, source=self.source, inputs=self.inputs)
         self._saved.append(str(path))
         return path
 
@@ -112,7 +113,19 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         evaluated = side_by_side(scorer.task, original_scores, scorer(model, tokenizer, "the reduced model"))
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
                      time.perf_counter() - start)
-    return Compressed(model, tokenizer, report, config, source=source)
+    return Compressed(model, tokenizer, report, config, source=source, inputs=_inputs(config, calibration, data_dir,
+                                                                                      evaluate))
+
+
+def _inputs(config: ReductionConfig, texts, data_dir, evaluate) -> tuple:
+    """The folders and files a reduction read besides the model: no save may be, contain or lie inside them."""
+    from .eval.data import glue_folder
+
+    c = config.calibration
+    file = c is not None and texts is None and Path(c.source).expanduser().is_file()
+    reads_glue = evaluate is not None or (c is not None and texts is None and not file)
+    return tuple(p for p in (glue_folder(data_dir) if reads_glue else data_dir, c.source if file else None)
+                 if p is not None)
 
 
 # ---- steps ------------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ import stat
 import pytest
 from click.testing import CliRunner
 
+import mhacompress
 from conftest import tiny_model
 from mhacompress import fsio
 from mhacompress.cli import main
 from mhacompress.errors import UsageError
 from mhacompress.hub import check_output, save
-from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.config import Calibration, ReductionConfig
 from mhacompress.reduction.surgery import reduce_
 
 
@@ -106,6 +107,27 @@ def test_the_glue_folder_of_the_environment_is_a_source_too(src, glue_dir, tmp_p
     monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(data / "glue"))
     before = tree(tmp_path)
     one_line_error(invoke(*[a.format(src=src, data=data) for a in args]), "the source", "choose")
+    assert tree(tmp_path) == before
+
+
+def test_a_python_save_never_replaces_the_data_the_reduction_read(src, glue_dir, tmp_path):
+    """compress(...).save(..., force=True) protects what compress read, as the CLI does: the GLUE folder of data_dir
+    and a calibration file."""
+    data = tmp_path / "data" / "glue" / "STS-B"
+    data.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("".join((glue_dir / "STS-B" / name).read_text().splitlines(keepends=True)[:30]))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "calib.txt").write_text("a first sentence\nand a second one\n")
+    before = tree(tmp_path)
+    on_task = mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3, calibration=Calibration(
+        "stsb", samples=8)), data_dir=str(tmp_path / "data" / "glue"))
+    with pytest.raises(UsageError, match="contains the source"):
+        on_task.save(tmp_path / "data", force=True)
+    on_file = mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3, calibration=Calibration(
+        str(tmp_path / "texts" / "calib.txt"), samples=8)))
+    with pytest.raises(UsageError, match="contains the source"):
+        on_file.save(tmp_path / "texts", force=True)
     assert tree(tmp_path) == before
 
 
