@@ -88,7 +88,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
         raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
                          f"{limit} or less")
     original, reduced = original.to(device), reduced.to(device)
-    result = {"model": name, **info, "attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
+    result = {"model": name, **info, "attn_implementation": reduced.config._attn_implementation,  # eager for MPNet
+              "threads": torch.get_num_threads(),
               "first_token_only": first_token_only,
               **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
     if latency:

@@ -549,7 +549,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
             check_tokenizer(folder)
     head = any("ForSequenceClassification" in a for a in (config.architectures or []))
     cls = AutoModelForSequenceClassification if head else AutoModel
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs = _attention(cls._model_mapping[type(config)], attn_implementation)
     with _loading(name):
         try:
             model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
@@ -562,6 +562,14 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
             raise
     check_coverage(info, name, layers=arch.layers)
     return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
+
+
+def _attention(cls: type, attn_implementation: str | None) -> dict:
+    """from_pretrained's attention argument: sdpa only where transformers has it for the class (not MPNet, whose
+    eager attention is then used; transformers would refuse the model), anything else as asked."""
+    if not attn_implementation or attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        return {}
+    return {"attn_implementation": attn_implementation}
 
 
 def _tokenizer(location, name, config=None):
@@ -600,7 +608,6 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     check_weights(path)
     if tokenizer:
         check_tokenizer(path)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _loading(path):
         cls = collaborative_model_class(block["base_architecture"])
         hf_config = cls.config_class.from_pretrained(path)  # format 1 folders say model_type "bert": same class
@@ -611,7 +618,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
                          f"restore {path}/config.json as mhacompress saved it")
     with _loading(path):
         model, info = cls.from_pretrained(path, config=hf_config, output_loading_info=True, use_safetensors=True,
-                                          ignore_mismatched_sizes=True, **kwargs)
+                                          ignore_mismatched_sizes=True, **_attention(cls, attn_implementation))
     check_coverage(info, path, allow_unexpected=False)
     return model.to(device).eval(), _tokenizer(path, path, model.config) if tokenizer else None
 

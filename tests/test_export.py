@@ -100,6 +100,22 @@ def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim, m
     assert np.abs(run_onnx(tmp_path / "e.onnx", batch)[0][keep] - want[keep]).max() <= 1e-4
 
 
+
+def test_an_mpnet_model_exports_and_reports(tmp_path):
+    """transformers has no sdpa attention for MPNet: export and report load it with its eager path, as every other
+    command does (both asked for sdpa, and transformers refused the folder)."""
+    import mhacompress
+    from mhacompress.hub import save
+
+    original = tiny_model("mpnet")
+    original.save_pretrained(tmp_path / "mpnet")
+    reduce_(original, ReductionConfig(key_dim=8, n_iter_max=3), source=str(tmp_path / "mpnet"))
+    save(original, None, tmp_path / "cp8")
+    assert mhacompress.to_onnx(tmp_path / "cp8", tmp_path / "m.onnx")["passed"]
+    report = mhacompress.report(tmp_path / "cp8", seq_len=8, batch_size=1, latency=False)
+    assert report["key_dim"] == 8 and report["attn_implementation"] == "eager"
+
+
 def fake_export(monkeypatch):
     """torch.onnx.export writes a stand-in file (fast): what follows is the check and the rename."""
     def write(model, args, f, **kwargs):
