@@ -90,3 +90,20 @@ def test_an_unsupported_architecture_is_a_usage_error_from_every_entry_point(ent
     with pytest.raises(UsageError, match="'gpt2' is not supported; supported: bert") as caught:
         call()
     assert isinstance(caught.value, UnsupportedModelError)  # and still what older code caught
+
+
+@pytest.mark.parametrize("entry", ["compress", "reduce_"])
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForTokenClassification"])
+def test_a_model_with_another_head_is_refused_from_every_entry_point(entry, head):
+    """Encoders and sequence classifiers are what a saved folder can be; any other head was reduced too, into a folder
+    that load then refused ('names no base architecture'): refused before any work, pointing at its encoder."""
+    import transformers
+
+    from conftest import tiny_config
+
+    model = getattr(transformers, head)(tiny_config("bert")).eval()
+    call = {"compress": lambda: mhacompress.compress(model, ReductionConfig(key_dim=8), tokenizer=lambda text: text),
+            "reduce_": lambda: mhacompress.reduce_(model, ReductionConfig(key_dim=8))}[entry]
+    with pytest.raises(UsageError, match=f"{head}.*encoders.*sequence classifiers.*model.base_model"):
+        call()
+    assert type(model.base_model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched

@@ -55,6 +55,10 @@ def check_reducible(model: nn.Module) -> None:
     if getattr(model.config, COMPRESSION_KEY, None) or any(
             isinstance(m, CollaborativeSelfAttention) for _, _, m in attention_modules(model)):
         raise AlreadyReducedError("this model is already reduced; reduce the original checkpoint instead")
+    name = type(model).__name__
+    if not (name.endswith("Model") or is_classifier(model)):  # what a saved folder can be (hub.check_block)
+        raise UnsupportedArchitectureError(f"a {name} cannot be reduced: only encoders (e.g. BertModel) and sequence "
+                                           f"classifiers are supported; reduce its encoder, model.base_model, instead")
 
 
 def require_classifier(model: nn.Module, name: str) -> None:
