@@ -8,6 +8,7 @@ nothing here prints, and nothing here imports mhacompress.cli.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -195,6 +196,7 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
 
             device = str(resolve_device("auto"))
         model, loaded_tokenizer, source = load_pretrained(name, allow_pickle=allow_pickle, device=device)
+        _check_no_head_dropped(model, name)
         return model, tokenizer or loaded_tokenizer, source.location, name
     model = model_or_name
     if device is not None:
@@ -202,6 +204,16 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
     path = getattr(model.config, "_name_or_path", "") or ""
     source = path if path and Path(path).is_dir() else None
     return model.eval(), tokenizer, source, path or type(model).__name__
+
+
+def _check_no_head_dropped(model, name: str) -> None:
+    """A checkpoint fine-tuned with a head other than sequence classification is read as its bare encoder: refuse it
+    rather than save a model without its head. Pre-training heads (masked LM: bert-base-uncased) are meant to go."""
+    for architecture in getattr(model.config, "architectures", None) or []:
+        if re.search(r"For(TokenClassification|QuestionAnswering|MultipleChoice)$", architecture):
+            raise UsageError(f"{name} holds a {architecture} head, which would be dropped: mhacompress keeps encoders "
+                             f"and sequence-classification heads only; save its encoder (model.base_model) with "
+                             f"save_pretrained and reduce that")
 
 
 def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibration) -> list[dict]:

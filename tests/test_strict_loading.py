@@ -125,6 +125,24 @@ def test_a_missing_pooler_is_tolerated(original):
     assert model.config.num_hidden_layers == 2
 
 
+
+def test_a_fine_tuned_head_that_would_be_dropped_is_refused(tiny_bert_dir, tmp_path):
+    """A token-classification (or question-answering, multiple-choice) checkpoint was loaded as its bare encoder and
+    reduced without a word: its fine-tuned head silently gone. A pre-training head (masked LM: bert-base-uncased) is
+    still read as the encoder, the documented way to reduce a base model."""
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForTokenClassification
+
+    from conftest import tiny_config
+
+    for cls in (BertForTokenClassification, BertForMaskedLM):
+        cls(tiny_config("bert")).save_pretrained(tmp_path / cls.__name__)
+        AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / cls.__name__)
+    with pytest.raises(UsageError, match="BertForTokenClassification head.*dropped.*sequence-classification"):
+        mhacompress.compress(str(tmp_path / "BertForTokenClassification"), ReductionConfig(key_dim=8))
+    reduced = mhacompress.compress(str(tmp_path / "BertForMaskedLM"), ReductionConfig(key_dim=8, n_iter_max=3))
+    assert type(reduced.model).__name__ == "CollaborativeBertModel"
+
+
 def test_an_edited_key_dim_is_refused(reduced):
     edit_config(reduced, lambda c: c["compression"].update(key_dim=12))
     refused(reduced, "says key_dim 12 but its layers have [8]")
