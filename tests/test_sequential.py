@@ -49,6 +49,32 @@ def test_sequential_reduction_is_exact_at_full_key_dim(model_type, compensate):
     assert final_error(model, original, batches) < 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["bert", "distilbert"])
+def test_a_classifier_calibrated_on_fewer_first_tokens_than_its_width_is_still_exact_at_full_key_dim(model_type):
+    # the last layer is fitted at the first token only: 12 of them span 12 of 32 directions, and the input map must
+    # not invent the other 20 (it made logits on unseen sequences differ by up to 1.8)
+    model, original = tiny_model(model_type, head=True), tiny_model(model_type, head=True)
+    p = reduce_sequential_(model, ReductionConfig(key_dim=32, n_iter_max=30), [32, 32], calibration(2),
+                           Plan(first_token_last=True))
+    finish_(model, ReductionConfig(key_dim=32), p.reports, source="tiny", tool_version="test", modified=p.modified)
+    with torch.no_grad():
+        for batch in calibration(4, seed=1000):
+            torch.testing.assert_close(model(**batch).logits, original(**batch).logits, atol=2e-3, rtol=0)
+
+
+def test_the_input_map_is_the_identity_where_the_tokens_say_nothing():
+    gen = torch.Generator().manual_seed(0)
+    xr = torch.zeros(1, 200, 6, dtype=torch.float64)
+    xr[..., :3] = torch.randn(1, 200, 3, generator=gen, dtype=torch.float64)  # the tokens span 3 of 6 directions
+    x = xr @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    tokens = torch.ones(1, 200, dtype=torch.bool)
+    m = LayerMoments(6)
+    m.add(x, xr, tokens, tokens)
+    p = m.input_map()
+    torch.testing.assert_close(p[:, 3:], torch.eye(6, dtype=torch.float64)[:, 3:])  # unseen: x~ taken as x
+    torch.testing.assert_close(xr[0] @ p.T, x[0], atol=1e-2, rtol=1e-2)  # seen: the least-squares map
+
+
 def test_sequential_beats_parallel_on_the_final_layer():
     batches, held_out = calibration(30), calibration(10, seed=1000)  # enough tokens for a 32 x 32 input map
     original = tiny_model("bert")

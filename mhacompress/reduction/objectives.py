@@ -155,12 +155,16 @@ class OutputMoments:
         return share.clamp_min(floor).pow(power)
 
 
-def ridge_map(metric: Tensor, cross: Tensor, ridge: float = 1e-6) -> Tensor:
-    """P = cross (metric + ridge * mean eigenvalue I)^-1 (d, d): the least-squares map from reduced to original
-    inputs, given the reduced inputs' metric and the original-reduced cross moment."""
+def ridge_map(metric: Tensor, cross: Tensor, ridge: float = 1e-3) -> Tensor:
+    """P = (cross + r I)(metric + r I)^-1 (d, d), r = ridge * mean eigenvalue of ``metric``: the least-squares map
+    from reduced to original inputs (x ~ P x~), given the reduced inputs' metric and the original-reduced cross
+    moment, pulled towards the identity (the two streams start equal). Where the calibration tokens span every
+    direction this is the plain least-squares map; in directions they never reach (fewer tokens than the width,
+    as at a classifier's last layer, read at its first token only) it is the identity, not whatever the rounding
+    noise of a near-singular metric makes of it."""
     d = metric.shape[0]
-    c = metric + ridge * metric.trace() / d * torch.eye(d, dtype=metric.dtype, device=metric.device)
-    return torch.linalg.solve(c, cross.T).T  # C symmetric
+    r = ridge * metric.trace() / d * torch.eye(d, dtype=metric.dtype, device=metric.device)
+    return torch.linalg.solve(metric + r, (cross + r).T).T  # metric symmetric
 
 
 def scale_heads(w: Tensor, alpha: Tensor) -> Tensor:

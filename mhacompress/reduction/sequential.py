@@ -48,6 +48,7 @@ from .objectives import (
     head_gram,
     output_metric,
     readout_weights,
+    ridge_map,
     rollout,
     unscale_heads,
     whitened_problem,
@@ -243,11 +244,10 @@ class LayerMoments:
         self.n_key += k.shape[0]
         self.n_query += q.shape[0]
 
-    def input_map(self, ridge: float = 1e-6) -> torch.Tensor:
-        """P (d, d) with x ~ P x~ in least squares: E[x x~^T] (E[x~ x~^T] + ridge * mean eigenvalue I)^-1."""
-        c = self.key / self.n_key
-        c = c + ridge * c.trace() / self.d * torch.eye(self.d, dtype=c.dtype, device=c.device)
-        return torch.linalg.solve(c, (self.cross / self.n_key).T).T  # cross C^-1, C symmetric
+    def input_map(self, ridge: float = 1e-3) -> torch.Tensor:
+        """P (d, d) with x ~ P x~ in least squares, E[x x~^T] E[x~ x~^T]^-1, pulled towards the identity where the
+        tokens say nothing (``objectives.ridge_map``)."""
+        return ridge_map(self.key / self.n_key, self.cross / self.n_key, ridge)
 
     def query_moment(self) -> torch.Tensor:
         return self.query / max(self.n_query, 1)
