@@ -181,7 +181,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     files are written into, its other contents kept: figures). Refused, with a one-line UsageError naming the
     problem and the fix: an output that is a source, lies inside one or (except "contents") contains one
     (``sources``: folders, files or model names; symlinks and ``..`` resolved); an existing non-empty folder or
-    existing file unless ``force``; a forced folder that is or contains the current or home folder; the wrong kind
+    existing file unless ``force``; a forced folder that is or contains the current or home folder, or holds files
+    but no config.json (not a model folder that a save wrote); the wrong kind
     of thing; a name too long for the file system; a parent that is a file, cannot be created or is not writable;
     an output another run is writing. Missing parents are created (and removed again if the run writes nothing).
     The output's lock is held until ``save`` finishes or the process exits (``lock=False``: no lock, for a folder
@@ -265,11 +266,20 @@ def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
     if force:
         if kind == "folder":
             _check_not_a_home(target, option)
+            _check_a_model_folder(target, option)
         return
     if kind == "folder" and any(target.iterdir()):
         raise UsageError(f"{target} exists and is not empty; choose another {option} or pass --force to replace it")
     if kind == "file":
         raise UsageError(f"{target} exists; choose another {option} or pass --force to replace it")
+
+
+def _check_a_model_folder(target: Path, option: str) -> None:
+    """--force replaces a model folder (a config.json at its top, as every save writes), never a folder of other
+    files that a mistyped --output happens to name."""
+    if any(target.iterdir()) and not (target / "config.json").is_file():
+        raise UsageError(f"{option} {target} holds files but no model (no config.json), so --force will not delete "
+                         f"it; choose a new folder for {option}, or empty this one yourself")
 
 
 def _check_not_a_home(target: Path, option: str) -> None:

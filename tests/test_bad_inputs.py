@@ -5,7 +5,8 @@ A case is a command line with placeholders and two fragments that its error line
 fix. Every case runs in a fresh workspace (also the current folder) whose whole tree is hashed before and after:
   {src}      a tiny BERT checkpoint with the bundled tokenizer (its own copy: damage is local to the case)
   {reduced}  that checkpoint reduced to key dim 8 (its source_model is the session's tiny BERT)
-  {prev}     a previous output folder (not empty)
+  {prev}     a previous output folder (a model's: it has a config.json)
+  {notes}    a folder of the user's files (no model in it)
   {file}     a plain file
   {data}     a GLUE folder holding only what the case's setup wrote (empty by default)
   {ws}       the workspace itself
@@ -302,6 +303,10 @@ OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
     case("output-symlink-loop", "reduce {src} -k 8 -o {ws}/loop", "cannot use --output", "choose another --output",
          setup=lambda ws: (ws / "loop").symlink_to(ws / "loop")),
     case("output-forced-bad-key-dim", "reduce {src} -k 0 -o {prev} --force", "got 0", "positive integers"),
+    case("output-forced-not-a-model", "reduce {src} -k 8 -o {notes} --force", "no config.json",
+         "choose a new folder"),
+    case("finetune-output-forced-not-a-model", "finetune {src} --task stsb -o {notes} --force", "no config.json",
+         "choose a new folder"),
     case("output-forced-bad-model", "reduce {src} -k 8 -o {prev} --force", "corrupt or truncated",
          "save the checkpoint again", setup=truncate("src/model.safetensors")),
 ]
@@ -607,6 +612,9 @@ def workspace(tmp_path, tiny_bert_dir, tiny_reduced_dir, glue_dir, monkeypatch):
     shutil.copytree(tiny_reduced_dir, tmp_path / "reduced")
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev" / "keep.txt").write_text("a previous output")
+    (tmp_path / "prev" / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("the user's own notes")
     (tmp_path / "file").write_text("a plain file")
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -616,7 +624,7 @@ def workspace(tmp_path, tiny_bert_dir, tiny_reduced_dir, glue_dir, monkeypatch):
 
 
 def command_line(bad: Bad, ws: Path, as_json: bool = True) -> list[str]:
-    places = {name: ws / name for name in ("src", "reduced", "prev", "file", "data")}
+    places = {name: ws / name for name in ("src", "reduced", "prev", "notes", "file", "data")}
     return shlex.split(bad.args.format(**places, ws=ws)) + (["--json"] if as_json else [])
 
 

@@ -147,14 +147,23 @@ def test_same_seed_gives_bit_identical_weights():
 
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    save(reduced(), None, out)
+    (out / "notes.txt").write_text("a file of the earlier model")
     with pytest.raises(UsageError, match="exists and is not empty; choose another --output or pass --force"):
         save(reduced(), None, out)
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "notes.txt").exists()
     save(reduced(), None, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or backup folders left behind
+
+
+def test_force_never_deletes_a_folder_that_holds_no_model(tmp_path):
+    out = tmp_path / "projects"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="holds files but no model .no config.json., so --force will not delete it"):
+        save(reduced(), None, out, force=True)
+    assert (out / "keep.txt").read_text() == "precious" and [p.name for p in tmp_path.iterdir()] == ["projects"]
 
 
 def test_a_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
