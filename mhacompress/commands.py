@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
-from .pipeline import Progress
+from .pipeline import Progress, notifier
 
 OnProgress = Callable[[Progress], None] | None
 
@@ -139,9 +139,7 @@ def checked_call(on_progress: OnProgress, **models) -> Callable[[Progress], None
         if not isinstance(value, (str, os.PathLike)):
             what = "the folder of a reduced model" if option == "directory" else "a model folder, hub id or alias"
             raise UsageError(f"{option} must be {what} (a str or Path); got {type(value).__name__}")
-    if on_progress is not None and not callable(on_progress):
-        raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
-    return on_progress or (lambda event: None)
+    return notifier(on_progress)
 
 
 

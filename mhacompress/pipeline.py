@@ -67,8 +67,8 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     on_progress: called with ``Progress`` events.
     """
     start = time.perf_counter()
-    _check_arguments(model_or_name, config, tokenizer, on_progress)
-    notify = on_progress or (lambda event: None)
+    _check_arguments(model_or_name, config, tokenizer)
+    notify = notifier(on_progress)
     if device is not None:
         from .devices import resolve_device
 
@@ -114,25 +114,27 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         evaluated = side_by_side(scorer.task, original_scores, scorer(model, tokenizer, "the reduced model"))
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
                      time.perf_counter() - start)
-    return Compressed(model, tokenizer, report, config, source=source, inputs=_inputs(config, calibration, data_dir,
-                                                                                      evaluate))
+    inputs = data_sources(config, data_dir, evaluate, calibration)
+    return Compressed(model, tokenizer, report, config, source=source, inputs=inputs)
 
 
-def _inputs(config: ReductionConfig, texts, data_dir, evaluate) -> tuple:
-    """The folders and files a reduction read besides the model: no save may be, contain or lie inside them."""
+def data_sources(config: ReductionConfig, data_dir=None, evaluate: str | None = None, texts=None) -> tuple:
+    """What a reduction reads besides the model: the GLUE folder (``data_dir``, else $MHACOMPRESS_GLUE_DIR) when it
+    evaluates or calibrates from a source, and that source (``texts``: the calibration texts were handed over
+    instead). No output may be, contain or lie inside them: `reduce` checks before any work, ``Compressed.save`` at
+    saving."""
     from .eval.data import glue_folder
 
     c = config.calibration
-    file = c is not None and texts is None and Path(c.source).expanduser().is_file()
-    reads_glue = evaluate is not None or (c is not None and texts is None and not file)
-    return tuple(p for p in (glue_folder(data_dir) if reads_glue else data_dir, c.source if file else None)
-                 if p is not None)
+    from_source = c is not None and texts is None
+    glue = glue_folder(data_dir) if evaluate is not None or from_source else data_dir
+    return tuple(p for p in (glue, c.source if from_source else None) if p is not None)
 
 
 # ---- steps ------------------------------------------------------------------------------------------------
 
 
-def _check_arguments(model_or_name, config, tokenizer, on_progress) -> None:
+def _check_arguments(model_or_name, config, tokenizer) -> None:
     """Arguments of the wrong kind, refused in one line before anything loads (not an AttributeError deep inside)."""
     if not isinstance(config, ReductionConfig):
         raise ConfigError(f"config must be a ReductionConfig, e.g. ReductionConfig(key_dim=96); got "
@@ -144,8 +146,14 @@ def _check_arguments(model_or_name, config, tokenizer, on_progress) -> None:
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(f"tokenizer must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(...)); got "
                          f"{type(tokenizer).__name__}")
+
+
+def notifier(on_progress) -> Callable[[Progress], None]:
+    """The progress callback of a Python call (a no-op for None); one that cannot be called is refused in one line,
+    not a TypeError at the first event."""
     if on_progress is not None and not callable(on_progress):
         raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
+    return on_progress or (lambda event: None)
 
 
 def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -> list[tuple[str, ...]] | None:

@@ -109,12 +109,10 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
                                  first_token_only=first_token_only, allocate=allocate)
         if output is not None:  # refused at once: the source, an unwritable place, a run already writing there
-            from ..eval.data import glue_folder
             from ..hub import check_output
+            from ..pipeline import data_sources
 
-            reads_glue = eval_task is not None or source is not None  # ($MHACOMPRESS_GLUE_DIR too)
-            check_output(output, force, sources=[model, glue_folder(data_dir) if reads_glue else data_dir,
-                                                  calibrate_source])
+            check_output(output, force, sources=[model, *data_sources(config, data_dir, eval_task)])
         with ProgressBars(not as_json) as bars:
             result = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
                               data_dir=data_dir, evaluate=eval_task)
