@@ -194,6 +194,9 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {option} "
                          f"{_example(option, kind)}")
     check_path_length(str(output), option)
+    from .reduction.config import _flag
+
+    _flag("force", force)  # 'no' is a true value: it would replace what is there
     if kind == "file" and str(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
         raise UsageError(f"{option} {output} ends in '/', so it names a folder; give a file name, e.g. "
                          f"{output}{Path(_example(option, kind)).name}")

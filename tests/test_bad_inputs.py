@@ -561,6 +561,10 @@ API = [  # (call, fragment of the message)
     ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, on_progress=5)", "on_progress must be a function"),
     ("mhacompress.to_onnx(None, 'm.onnx')", "directory must be the folder of a reduced model"),
     ("mhacompress.to_onnx(reduced, 'm.onnx', on_progress=5)", "on_progress must be a function"),
+    # force='no' is a true value in Python: it was read as True and replaced the existing folder or file
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3)).save(reduced, force='no')",
+     "force must be true or false"),
+    ("mhacompress.to_onnx(reduced, str(src / 'config.json'), force='no')", "force must be true or false"),
 ]
 
 
