@@ -538,8 +538,10 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     tokenizer (returned as None) for callers that need none."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+    from .reduction.config import _flag
     from .reduction.modeling import COMPRESSION_KEY, arch_for
 
+    _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     source = resolve(name)
     ensure_available(source)
     folder = Path(source.location) if source.local else None

@@ -565,6 +565,11 @@ API = [  # (call, fragment of the message)
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3)).save(reduced, force='no')",
      "force must be true or false"),
     ("mhacompress.to_onnx(reduced, str(src / 'config.json'), force='no')", "force must be true or false"),
+    # allow_pickle='no' read as True would load pickled weights, which can run code
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), allow_pickle='no')",
+     "allow_pickle must be true or false"),
+    ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, allow_pickle='no')",
+     "allow_pickle must be true or false"),
 ]
 
 
