@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from . import fsio
 from .errors import UsageError
 from .pipeline import Progress, notifier
 
@@ -116,13 +117,16 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
-    check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # before any work
-    notify(Progress(f"loading {directory}"))
-    model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
-    if first_token_only:
-        first_token_shortcut(model, directory)
-    notify(Progress(f"exporting to {output} and checking it in onnxruntime"))
-    result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+    target = check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # first
+    try:
+        notify(Progress(f"loading {directory}"))
+        model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
+        if first_token_only:
+            first_token_shortcut(model, directory)
+        notify(Progress(f"exporting to {output} and checking it in onnxruntime"))
+        result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+    finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
+        fsio.release(target)
     return {"model": str(directory), "first_token_only": first_token_only, **result}
 
 

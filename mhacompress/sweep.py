@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 
+from . import fsio
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 
@@ -50,13 +51,19 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
 
     cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
                  device=device)
+    target = None
     if resume is not None:  # cell files go in beside what is there, without a lock: several runs may fill it
-        check_output(resume, True, kind="contents", option="--resume", lock=False,
-                     sources=[model, glue_folder(data_dir), calibration and calibration.source])
-    load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
-    if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
-        calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
-    check_model(cells[0]["model"], methods, key_dims)
+        target = check_output(resume, True, kind="contents", option="--resume", lock=False,
+                              sources=[model, glue_folder(data_dir), calibration and calibration.source])
+    try:
+        load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
+        if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
+            calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
+        check_model(cells[0]["model"], methods, key_dims)
+    except BaseException:
+        if target is not None:  # the parent folders made for it go again (a Python session does not exit)
+            fsio.release(target)
+        raise
     return cells
 
 

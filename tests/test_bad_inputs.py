@@ -570,6 +570,11 @@ API = [  # (call, fragment of the message)
      "allow_pickle must be true or false"),
     ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, allow_pickle='no')",
      "allow_pickle must be true or false"),
+    # a call refused after its output was reserved leaves nothing: no lock file, no parent folder made for it (they
+    # stayed until the Python process exited, and the lock kept other runs out)
+    ("mhacompress.to_onnx(src, 'new/m.onnx')", "is not a reduced model"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, resume='new/cells', "
+     "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
 ]
 
 
