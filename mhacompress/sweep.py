@@ -14,6 +14,9 @@ from .reduction.config import Calibration, ConfigError, ReductionConfig
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
          seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto") -> list[dict]:
     """The cells of a sweep: the original first, then every distinct (method, key dim), each a JSON-able dict."""
+    from .commands import checked_call
+
+    checked_call(None, model=model)  # not an AttributeError from deep inside
     for name, value, example in (("methods", methods, "['cp', 'svd']"), ("key_dims", key_dims, "[96, 48]")):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, e.g. {example}; got {type(value).__name__} {value!r:.40}")

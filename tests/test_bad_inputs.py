@@ -544,6 +544,7 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
+    ("mhacompress.run_sweep(5, 'stsb', ['cp'], [8], data_dir=glue, limit=4)", "model must be a model folder"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, on_result=5)",
      "on_result must be a function"),
     # evaluate, report and to_onnx refuse what their commands' options refuse, with the same kind of line
