@@ -62,6 +62,10 @@ CAL = mhacompress.Calibration("python", samples=4)
      "must be a list of texts; got str"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": b"bytes"}, "got bytes"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": 5}, "got int 5"),
+    # a set has no order (a different sample, so different weights, under another PYTHONHASHSEED); a dict's keys
+    # are not its texts
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": {"a text", "another"}}, "got set"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": {"text": "a text"}}, "got dict"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [None]}, "strings or pairs of strings"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [1, 2]}, "strings or pairs of strings"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": [("a", "b", "c")]},
