@@ -170,11 +170,23 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     from .executors import run_cells
 
     start = time.perf_counter()
+    device = cell_device(device, executor, address, num_gpus)
     cells = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir,
                     limit=limit, device=device, resume=resume)
     outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
                          num_gpus=num_gpus, on_result=on_result, usable=usable)
     return table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
+
+
+def cell_device(device: str, executor: str = "local", address: str | None = None, num_gpus: float = 0) -> str:
+    """The device the cells get, refused at once when this machine lacks it: resolved here ('auto' too) where the
+    cells run on this machine's devices (this process, or a local Ray instance without GPUs per cell); as given for a
+    cluster, whose workers resolve it themselves."""
+    if executor == "local" or (address is None and num_gpus == 0):
+        from .devices import resolve_device
+
+        return str(resolve_device(device))
+    return device
 
 
 def plot(result: dict, path) -> None:

@@ -66,6 +66,14 @@ def test_run_sweep_is_sweep_and_survives_the_submodule_import(tiny_bert_dir, glu
     assert drop(got["results"]) == drop(cli["results"]) and got["original"] == cli["original"]
 
 
+def test_run_sweep_resolves_its_device_as_the_command_does(tiny_bert_dir, glue_dir):
+    """device='auto' runs where the command's --device auto runs, and the result names that device, not 'auto'."""
+    from mhacompress.devices import resolve_device
+
+    got = mhacompress.run_sweep(str(tiny_bert_dir), "stsb", ["cp"], [8], data_dir=str(glue_dir), limit=8)
+    assert got["device"] == str(resolve_device("auto")) and not got["failed"]
+
+
 def test_bad_input_is_a_usage_error_before_any_model_loads(tiny_bert_dir, glue_dir):
     with pytest.raises(UsageError, match="--key-dim"):
         mhacompress.report(tiny_bert_dir, latency=False)  # an original model needs a key dim to compare with

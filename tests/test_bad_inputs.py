@@ -545,6 +545,10 @@ API = [  # (call, fragment of the message)
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
     ("mhacompress.run_sweep(5, 'stsb', ['cp'], [8], data_dir=glue, limit=4)", "model must be a model folder"),
+    # a device this machine lacks is refused first, as `sweep --device` is (it failed once the sweep ran, as "scoring
+    # the original failed")
+    ("mhacompress.run_sweep(str(src / 'nope'), 'stsb', ['cp'], [8], data_dir=glue, limit=4, device='gpu')",
+     "device 'gpu' cannot be used"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, on_result=5)",
      "on_result must be a function"),
     # evaluate, report and to_onnx refuse what their commands' options refuse, with the same kind of line

@@ -11,7 +11,6 @@ from ._common import (
     figure_format,
     parse_dims,
     progress,
-    resolved_device,
     user_errors,
 )
 from .eval import data_options
@@ -55,10 +54,9 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
       mhacompress sweep minilm -t stsb --executor ray --address ray://head:10001 --resume out/sweep-cells
     """
     with user_errors():
-        if executor == "local":
-            device = resolved_device(device)
-        elif address is None and gpus_per_cell == 0:
-            device = resolved_device(device)  # a local Ray instance sees this machine's devices
+        from ..sweep import cell_device
+
+        device = cell_device(device, executor, address, gpus_per_cell)  # a local Ray instance: this machine's devices
         if address is not None and not address.strip():
             raise click.UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
                                    "it for a local Ray instance")
