@@ -25,17 +25,19 @@ OnProgress = Callable[[Progress], None] | None
 
 
 def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", data_dir: str | None = None,
-             limit: int | None = None, batch_size: int = 64, max_length: int = 128, device: str = "cpu",
+             limit: int | None = None, batch_size: int = 64, max_length: int = 128, device: str = "auto",
              reference: str | os.PathLike | None = None, first_token_only: bool = False, allow_pickle: bool = False,
              on_progress: OnProgress = None) -> dict:
     """Score ``model`` (a folder, hub id or alias: original, fine-tuned or reduced) on a GLUE task's ``split`` with
     the task's official metrics; with ``reference``, also the label-free fidelity to that model."""
+    from .devices import resolve_device
     from .eval.compare import Scorer
     from .eval.compare import evaluate as score
     from .hub import load_pretrained
     from .reduction.modeling import is_classifier
 
     notify = checked_call(on_progress, model=model, reference=reference)
+    device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
     scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                              max_length=max_length, device=device)
     if scorer.examples.labels is None and reference is None:  # refused before any model loads
@@ -61,7 +63,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
 
 def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
            method: str = "cp", repeats: int = 7, latency: bool = True, first_token_only: bool = False,
-           attn_implementation: str = "sdpa", device: str = "cpu", on_progress: OnProgress = None) -> dict:
+           attn_implementation: str = "sdpa", device: str = "auto", on_progress: OnProgress = None) -> dict:
     """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
     (``latency``) their measured medians side by side with ratios. ``model`` is a reduced folder (its original is
     reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory."""

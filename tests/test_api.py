@@ -74,6 +74,16 @@ def test_run_sweep_resolves_its_device_as_the_command_does(tiny_bert_dir, glue_d
     assert got["device"] == str(resolve_device("auto")) and not got["failed"]
 
 
+@pytest.mark.parametrize("call,command", [("evaluate", "eval"), ("report", "report"), ("run_sweep", "sweep")])
+def test_each_call_runs_where_its_command_runs_by_default(call, command):
+    """The command's --device auto (CUDA, then MPS, then the CPU): evaluate and report ran on the CPU by default,
+    so on a GPU machine the same call was slower than the command and could score differently."""
+    import inspect
+
+    option = next(p for p in main.commands[command].params if p.name == "device")
+    assert inspect.signature(getattr(mhacompress, call)).parameters["device"].default == option.default == "auto"
+
+
 def test_bad_input_is_a_usage_error_before_any_model_loads(tiny_bert_dir, glue_dir):
     with pytest.raises(UsageError, match="--key-dim"):
         mhacompress.report(tiny_bert_dir, latency=False)  # an original model needs a key dim to compare with
