@@ -36,7 +36,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     from .hub import load_pretrained
     from .reduction.modeling import is_classifier
 
-    notify = checked_call(on_progress, model=model, reference=reference)
+    notify = checked_call(on_progress, {"first_token_only": first_token_only}, model=model, reference=reference)
     device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
     scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                              max_length=max_length, device=device)
@@ -72,7 +72,7 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     from . import bench
     from .reduction import cost
 
-    notify = checked_call(on_progress, model=model)
+    notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only}, model=model)
     for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # --seq-len etc. are IntRange(1)
             raise UsageError(f"{option} must be an integer >= 1; got {value!r}")
@@ -115,7 +115,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     from .export import FORMATS, check_settings, export_onnx
     from .hub import check_output, load
 
-    notify = checked_call(on_progress, directory=directory)
+    notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
         raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
@@ -135,10 +135,14 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 # ---- shared steps ----------------------------------------------------------------------------------------------
 
 
-def checked_call(on_progress: OnProgress, **models) -> Callable[[Progress], None]:
+def checked_call(on_progress: OnProgress, flags: dict | None = None, **models) -> Callable[[Progress], None]:
     """The progress callback to use, after refusing arguments of the wrong kind in one line (not a TypeError from
-    deep inside): a model that is not a path or name (None counts only where it is optional), a callback that cannot
-    be called."""
+    deep inside): a model that is not a path or name (None counts only where it is optional), a flag that is not a
+    bool ('no' is a true value), a callback that cannot be called."""
+    from .reduction.config import _flag
+
+    for option, value in (flags or {}).items():
+        _flag(option, value)
     for option, value in models.items():
         if value is None and option == "reference":
             continue

@@ -577,6 +577,12 @@ API = [  # (call, fragment of the message)
      "allow_pickle must be true or false"),
     # a call refused after its output was reserved leaves nothing: no lock file, no parent folder made for it (they
     # stayed until the Python process exited, and the lock kept other runs out)
+    ("mhacompress.report(reduced, seq_len=16, batch_size=1, latency='no')", "latency must be true or false"),
+    ("mhacompress.report(reduced, seq_len=16, latency=False, first_token_only='no')",
+     "first_token_only must be true or false"),
+    ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit=4, first_token_only='no')",
+     "first_token_only must be true or false"),
+    ("mhacompress.to_onnx(reduced, 'm.onnx', first_token_only='no')", "first_token_only must be true or false"),
     ("mhacompress.to_onnx(src, 'new/m.onnx')", "is not a reduced model"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, resume='new/cells', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
