@@ -14,6 +14,8 @@
     mhacompress.report("out/minilm-cp96")                                    # `mhacompress report --json`
     mhacompress.to_onnx("out/minilm-cp96", "out/minilm-cp96.onnx")           # `mhacompress export --json`
     mhacompress.run_sweep("minilm", "stsb", ["cp", "svd"], [192, 96], data_dir="glue_data")  # `sweep --json`
+    mhacompress.finetune("minilm", "mrpc", "out/minilm-mrpc", data_dir="glue_data")        # `finetune --json`
+    mhacompress.analyze("minilm", plot="out/analyze-minilm")                               # `analyze --json`
 
 Each returns the dict the command prints with ``--json`` (``run_sweep``'s with its schema envelope, the others
 without) and reports progress through a callback (``on_progress``; ``on_result`` for ``run_sweep``).
@@ -21,13 +23,14 @@ without) and reports progress through a callback (``on_progress``; ``on_result``
 
 __version__ = "0.2.0"
 
-__all__ = ["Calibration", "Compressed", "Progress", "ReductionConfig", "__version__", "compress", "evaluate", "load",
-           "reduce_", "report", "run_sweep", "save", "to_onnx"]
+__all__ = ["Calibration", "Compressed", "Progress", "ReductionConfig", "__version__", "analyze", "compress", "evaluate",
+           "finetune", "load", "reduce_", "report", "run_sweep", "save", "to_onnx"]
 
 _LAZY = {  # keep `import mhacompress` (and so `mhacompress --help`) free of torch
     "load": "hub", "save": "hub", "reduce_": "reduction.surgery", "ReductionConfig": "reduction.config",
     "Calibration": "reduction.config", "compress": "pipeline", "Compressed": "pipeline", "Progress": "pipeline",
-    "evaluate": "commands", "report": "commands", "to_onnx": "commands",
+    "evaluate": "commands", "report": "commands", "to_onnx": "commands", "finetune": "commands",
+    "analyze": "commands",
     "run_sweep": "sweep:sweep",  # not `mhacompress.sweep`: importing the submodule would shadow it
 }
 

@@ -5,6 +5,8 @@ schema envelope of schema_version, versions and device):
     mhacompress.evaluate("out/minilm-cp96", "stsb", data_dir="glue_data")   # mhacompress eval
     mhacompress.report("out/minilm-cp96", batch_size=1)                      # mhacompress report
     mhacompress.to_onnx("out/minilm-cp96", "out/minilm-cp96.onnx")           # mhacompress export
+    mhacompress.finetune("minilm", "mrpc", "out/minilm-mrpc", data_dir="glue_data")  # mhacompress finetune
+    mhacompress.analyze("minilm", plot="out/analyze-minilm")                 # mhacompress analyze
 
 (``compress``, in pipeline.py, is `reduce`; ``run_sweep``, in sweep.py, is `sweep`.) Progress is a callback of
 ``Progress`` events, as for ``compress``; nothing here prints. Bad input raises ``UsageError`` with the one line the
@@ -132,6 +134,108 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     return {"model": str(directory), "first_token_only": first_token_only, **result}
 
 
+def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, force: bool = False,
+             epochs: float = 3, lr: float = 2e-5, batch_size: int = 32, max_length: int = 128, warmup: float = 0.1,
+             weight_decay: float = 0.01, seed: int = 0, limit: int | None = None, data_dir: str | None = None,
+             device: str = "auto", evaluate: bool = True, allow_pickle: bool = False,
+             on_progress: OnProgress = None) -> dict:
+    """Fine-tune ``model`` (a folder, hub id or alias) on ``task``'s train split and save it to ``output``
+    (atomically; ``force`` replaces a model folder there). A plain encoder gets a fresh sequence-classification head;
+    a reduced model keeps its collaborative layers. ``evaluate``: score the result on the dev split (``eval``: its
+    metrics, or why they were skipped). ``limit``: train on a seeded random sample of that many examples."""
+    import time
+
+    from .devices import resolve_device
+    from .eval.data import glue_folder, load_examples
+    from .eval.finetune import train, with_head
+    from .eval.tasks import get_task
+    from .hub import check_output, load_pretrained, save
+
+    notify = checked_call(on_progress, {"evaluate": evaluate, "allow_pickle": allow_pickle}, model=model)
+    check_training(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
+                   weight_decay=weight_decay, seed=seed, limit=limit)
+    device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any work
+    spec, name = get_task(task), str(model)
+    target = check_output(output, force, sources=[model, glue_folder(data_dir), recorded_source(model)])
+    try:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
+        data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
+        if data.labels is None:
+            raise UsageError(f"{data.source} has no labels to train on; fine-tune on a train split with labels")
+        scorer, skipped = dev_scorer(spec, data_dir, max_length, device) if evaluate else (None, None)
+        start = time.perf_counter()
+        notify(Progress(f"loading {name}"))
+        loaded, tokenizer, _ = load_pretrained(name, allow_pickle=allow_pickle, device=device)
+        loaded = with_head(loaded, spec, seed=seed, name=name)
+        steps, done = max(1, round(epochs * -(-len(data) // batch_size))), [0]
+        notify(Progress(f"{spec.name}: {len(data):,} examples", 0, steps))
+
+        def step(loss: float) -> None:
+            done[0] += 1
+            notify(Progress(f"{spec.name}: loss {loss:.3f}", done[0], steps))
+
+        log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                    warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, on_step=step)
+        notify(Progress(f"saving to {output}"))
+        save(loaded, tokenizer, output, force=force, source=name)
+    finally:
+        fsio.release(target)
+    result = {"model": name, "task": spec.name, "output": str(output), "examples": len(data), "steps": log["steps"],
+              "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
+    if scorer is not None:
+        notify(Progress(f"scoring on {spec.name} [validation]"))
+        result["eval"] = {"split": "validation", "examples": len(scorer.examples),
+                          "metrics": scorer(loaded, tokenizer, name)}
+    elif skipped:
+        result["eval"] = {"skipped": skipped}
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int] | None = None, curve: bool = True,
+            plot: str | os.PathLike | None = None, allow_pickle: bool = False, on_progress: OnProgress = None) -> dict:
+    """Spectra, effective ranks and (``curve``) error-vs-key-dim curves of every self-attention layer of an original
+    ``model``, with the layers whose heads are narrower than ``seq_len`` flagged (the low-rank bottleneck).
+    ``key_dims``: where the curves are evaluated (default about 8 up to H*dh). ``plot``: a folder (created) to
+    write the figures into (``figures``: their paths)."""
+    import time
+
+    from .figures import ANALYSIS_FIGURES, analysis_figures, figure_format
+    from .hub import check_output, load_pretrained
+    from .reduction.allocate import candidate_dims
+    from .reduction.analysis import analyze_model
+    from .reduction.config import _int
+    from .reduction.surgery import model_shape
+
+    notify = checked_call(on_progress, {"curve": curve, "allow_pickle": allow_pickle}, model=model)
+    _int("seq_len", seq_len, 1)
+    check_key_dims(key_dims, curve)
+    target = None
+    if plot is not None:  # refused before the work: no matplotlib, the source, a file, an unwritable place
+        figure_format(Path(str(plot)) / ANALYSIS_FIGURES[0])
+        target = check_output(plot, sources=[model], kind="contents", option="--plot")
+    try:
+        start, name = time.perf_counter(), str(model)
+        notify(Progress(f"loading {name}"))
+        loaded, _, source = load_pretrained(name, allow_pickle=allow_pickle, tokenizer=False)
+        layers, heads, head_dim = model_shape(loaded)
+        steps, done = layers * (1 + (len(set(key_dims or candidate_dims(heads, head_dim, "cp"))) if curve else 0)), [0]
+
+        def step() -> None:
+            done[0] += 1
+            notify(Progress("analyzing", done[0], steps))
+
+        report = analyze_model(loaded, key_dims=key_dims, seq_len=seq_len, curve=curve, on_step=step)
+        result = {"model": name, "source": source.location, **report,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if plot is not None:
+            notify(Progress(f"writing figures into {plot}"))
+            result["figures"] = [str(p) for p in analysis_figures(result, Path(plot).expanduser())]
+    finally:
+        if target is not None:
+            fsio.release(target)
+    return result
+
+
 # ---- shared steps ----------------------------------------------------------------------------------------------
 
 
@@ -218,3 +322,49 @@ def first_token_shortcut(model, name) -> None:
         first_token_only_(model)
     except ValueError as err:
         raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None
+
+
+def check_training(**settings) -> None:
+    """finetune's settings, refused in one line as its command's options are: --epochs, --lr > 0; --warmup in
+    0..1; --weight-decay >= 0 (all finite); --batch-size, --limit >= 1; --max-length >= 8; --seed 0..2**32-1."""
+    from .reduction.config import SEED_MAX, _int, _number
+
+    _number("epochs", settings["epochs"], 0, above=True)
+    _number("lr", settings["lr"], 0, above=True)
+    _number("warmup", settings["warmup"], 0, 1)
+    _number("weight_decay", settings["weight_decay"], 0)
+    _int("batch_size", settings["batch_size"], 1)
+    _int("max_length", settings["max_length"], 8)
+    _int("seed", settings["seed"], 0, SEED_MAX)
+    if settings["limit"] is not None:
+        _int("limit", settings["limit"], 1)
+
+
+def dev_scorer(task, data_dir, max_length: int, device: str):
+    """(the dev split's scorer, None), or (None, why it cannot be read): loaded before training, so that a missing
+    file shows at once, not after the run."""
+    from .eval.compare import Scorer
+
+    try:
+        return Scorer.for_task(task.name, data_dir=data_dir, max_length=max_length, device=device), None
+    except UsageError as err:
+        return None, str(err)
+
+
+def check_key_dims(key_dims, curve: bool) -> None:
+    """analyze's key dims: None, or a non-empty list of integers (their range is the model's to check), and only
+    with the curve they are for."""
+    from .reduction.config import ConfigError, _flag
+
+    _flag("curve", curve)
+    if key_dims is None:
+        return
+    if not isinstance(key_dims, (list, tuple)) or not key_dims or \
+            not all(isinstance(k, int) and not isinstance(k, bool) for k in key_dims):
+        raise ConfigError(f"key_dims must be a list of integers, e.g. [48, 96, 192]; got {key_dims!r:.40}")
+    if not curve:
+        raise ConfigError("--key-dims sets the key dims of the error curve, which --no-curve skips; drop one")
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)

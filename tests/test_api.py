@@ -2,6 +2,7 @@
 reports progress through a callback and prints nothing itself."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from mhacompress.errors import UsageError
 from mhacompress.schema import envelope
 
 TIMINGS = ("seconds",)
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 
 
 def cli_json(*args) -> dict:
@@ -72,6 +74,50 @@ def test_run_sweep_resolves_its_device_as_the_command_does(tiny_bert_dir, glue_d
 
     got = mhacompress.run_sweep(str(tiny_bert_dir), "stsb", ["cp"], [8], data_dir=str(glue_dir), limit=8)
     assert got["device"] == str(resolve_device("auto")) and not got["failed"]
+
+
+def test_finetune_is_finetune(tiny_bert_dir, tmp_path, capfd):
+    events = []
+    got = mhacompress.finetune(tiny_bert_dir, "qnli", tmp_path / "a", data_dir=FIXTURES, epochs=2, batch_size=2,
+                               lr=1e-3, on_progress=events.append)
+    assert capfd.readouterr() == ("", "")
+    cli = cli_json("finetune", tiny_bert_dir, "-t", "qnli", "-o", tmp_path / "b", "--data-dir", FIXTURES, "--epochs",
+                   2, "--batch-size", 2, "--lr", "1e-3")
+    assert without(got, TIMINGS + ("output",)) == without(cli, ("output",))
+    assert got["output"] == str(tmp_path / "a") and (tmp_path / "a" / "config.json").is_file()
+    counted = [e for e in events if e.total]
+    assert events[0].stage.startswith("loading") and counted[-1].done == counted[-1].total == got["steps"] == 4
+
+
+def test_analyze_is_analyze(tiny_bert_dir, tmp_path, capfd):
+    events = []
+    got = mhacompress.analyze(tiny_bert_dir, seq_len=8, key_dims=[8, 16], plot=tmp_path / "a",
+                              on_progress=events.append)
+    assert capfd.readouterr() == ("", "")
+    cli = cli_json("analyze", tiny_bert_dir, "--seq-len", 8, "--key-dims", "8,16", "--plot", tmp_path / "b")
+    assert without(got, TIMINGS + ("figures",)) == without(cli, ("figures",))
+    assert got["figures"] == [str(tmp_path / "a" / Path(f).name) for f in cli["figures"]]
+    counted = [e for e in events if e.total]
+    assert events[0].stage.startswith("loading") and counted[-1].done == counted[-1].total == 2 * (1 + 2)
+
+
+@pytest.mark.parametrize("call,command,renamed", [("finetune", "finetune", {"do_eval": "evaluate"}),
+                                                  ("analyze", "analyze", {"no_curve": None, "plot_dir": "plot"})])
+def test_finetune_and_analyze_take_their_commands_defaults(call, command, renamed):
+    import inspect
+
+    parameters = inspect.signature(getattr(mhacompress, call)).parameters
+    options = main.commands[command].make_context(command, [], resilient_parsing=True).params  # as parsed
+    for option in main.commands[command].params:
+        name = renamed.get(option.name, option.name)
+        if name and option.name != "as_json" and not option.required:
+            assert parameters[name].default == options[option.name], name
+
+
+def test_every_command_is_an_exported_and_documented_call():
+    for call in ("compress", "evaluate", "report", "to_onnx", "run_sweep", "finetune", "analyze"):
+        assert call in mhacompress.__all__ and f"mhacompress.{call}(" in mhacompress.__doc__
+        assert callable(getattr(mhacompress, call))
 
 
 @pytest.mark.parametrize("call,command", [("evaluate", "eval"), ("report", "report"), ("run_sweep", "sweep")])

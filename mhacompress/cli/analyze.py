@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from ._common import allow_pickle_option, console, emit_json, figure_format, progress, status, user_errors
-
-FIGURES = ("head_spectra.png", "unfolding_spectra.png", "cp_error.png")
+from ..figures import ANALYSIS_FIGURES as FIGURES
+from ._common import ProgressBars, allow_pickle_option, console, emit_json, user_errors
 
 
 @click.command()
@@ -36,21 +33,12 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
       mhacompress analyze bert-base --no-curve --seq-len 512 --json
     """
     with user_errors():
-        if key_dims is not None and no_curve:
-            from ..errors import UsageError
+        from ..commands import analyze as run
 
-            raise UsageError("--key-dims sets the key dims of the error curve, which --no-curve skips; drop one")
         dims = None if key_dims is None else _parse_dims(key_dims)
-        if plot_dir is not None:
-            from ..hub import check_output
-
-            figure_format(Path(plot_dir) / FIGURES[0])
-            check_output(plot_dir, sources=[model], kind="contents", option="--plot")
-        plots = None if plot_dir is None else Path(plot_dir).expanduser()  # created when the figures are written
-        result = run_analyze(model, dims=dims, seq_len=seq_len, curve=not no_curve, allow_pickle=allow_pickle,
-                             show_progress=not as_json)
-        if plots:
-            result["figures"] = [str(p) for p in write_figures(result, plots)]
+        with ProgressBars(not as_json) as bars:
+            result = run(model, seq_len=seq_len, key_dims=dims, curve=not no_curve, plot=plot_dir,
+                         allow_pickle=allow_pickle, on_progress=bars)
     if as_json:
         emit_json(result, "analyze", None)
     else:
@@ -64,142 +52,6 @@ def _parse_dims(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}") from None
-
-
-def run_analyze(model_name: str, *, dims=None, seq_len=128, curve=True, allow_pickle=False,
-                show_progress=True) -> dict:
-    """Load MODEL and analyze it: the JSON report."""
-    import time
-
-    from ..hub import load_pretrained
-    from ..reduction.allocate import candidate_dims
-    from ..reduction.analysis import analyze_model
-    from ..reduction.surgery import model_shape
-
-    start = time.perf_counter()
-    with status(f"loading {model_name}", show_progress):
-        model, _, source = load_pretrained(model_name, allow_pickle=allow_pickle, tokenizer=False)
-    layers, heads, head_dim = model_shape(model)
-    steps = layers * (1 + (len(set(dims or candidate_dims(heads, head_dim, "cp"))) if curve else 0))
-    with progress(show_progress) as bar:
-        task = bar.add_task("analyzing", total=steps)
-        report = analyze_model(model, key_dims=dims, seq_len=seq_len, curve=curve, on_step=lambda: bar.advance(task))
-    return {"model": model_name, "source": source.location, **report,
-            "seconds": round(time.perf_counter() - start, 3)}
-
-
-# ---- figures ----------------------------------------------------------------------------------------------------
-
-
-def _grid(plt, n: int, title: str, sharey: bool = True):
-    """A figure with one small panel per layer, 3 or 4 to a row (whichever leaves fewer empty panels)."""
-    cols = 3 if n % 3 == 0 and n % 4 and n <= 12 else min(n, 4)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.6), sharey=sharey,
-                             squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
-    return fig, list(axes.flat[:n])
-
-
-def _label_edges(axes, xlabel: str, ylabel: str) -> None:
-    """Axis labels on the bottom row and left column of a grid only."""
-    cols = axes[0].get_subplotspec().get_gridspec().ncols
-    for i, ax in enumerate(axes):
-        if i + cols >= len(axes):  # the lowest panel of its column
-            ax.set_xlabel(xlabel, fontsize=8)
-        if i % cols == 0:
-            ax.set_ylabel(ylabel, fontsize=8)
-
-
-def _save(fig, path: Path) -> Path:
-    from ..fsio import atomic_file
-
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    return path
-
-
-def write_figures(result: dict, out: Path) -> list[Path]:
-    """The PNGs of a report: per-layer head spectra, unfolding spectra, and (with a curve) CP error vs key dim. A
-    figure of an earlier run that this one does not draw (cp_error.png, --no-curve) is removed: the folder shows one
-    run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [_head_spectra_figure(plt, result, out / FIGURES[0]), _unfolding_figure(plt, result, out / FIGURES[1])]
-    if result["key_dims"]:
-        paths.append(_curve_figure(plt, result, out / FIGURES[2]))
-    elif (out / FIGURES[2]).is_file():
-        (out / FIGURES[2]).unlink()
-    plt.close("all")
-    return paths
-
-
-def _normalised(values: list[float]) -> list[float]:
-    top = max(values) if values and max(values) > 0 else 1.0
-    return [max(v / top, 1e-6) for v in values]  # floored so a log axis shows exact zeros at the bottom
-
-
-def _head_spectra_figure(plt, result: dict, path: Path) -> Path:
-    H, dh = result["heads"], result["head_dim"]
-    fig, axes = _grid(plt, len(result["layers"]), f"{result['model']}: singular values of each head's "
-                      f"W_q^h^T W_k^h, divided by its largest ({H} heads of {dh}, one line each)")
-    colors = plt.cm.viridis([h / max(H - 1, 1) for h in range(H)])
-    for ax, layer in zip(axes, result["layers"]):
-        for h, s in enumerate(layer["head_spectra"]):
-            ax.semilogy(range(1, dh + 1), _normalised(s), color=colors[h], lw=1, alpha=0.85)
-        erank = layer["head_effective_rank"]
-        ax.set_title(f"layer {layer['index']}: eff. rank {min(erank):.0f}-{max(erank):.0f} of {dh}", fontsize=9)
-        ax.grid(True, which="major", alpha=0.3)
-    _label_edges(axes, "index", "s / s_max")
-    return _save(fig, path)
-
-
-def _unfolding_figure(plt, result: dict, path: Path) -> Path:
-    H, dh, d = result["heads"], result["head_dim"], result["hidden"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    fig.suptitle(f"{result['model']}: singular values of the stacked tensor (H, d, d) unfolded along each mode, "
-                 f"divided by the largest", fontsize=11)
-    colors = plt.cm.plasma([i / max(len(result["layers"]), 1) for i in range(len(result["layers"]))])
-    titles = {"heads": f"heads (H = {H}): how alike the heads are", "query": f"query side (d = {d})",
-              "key": f"key side (d = {d})"}
-    for ax, mode in zip(axes, ("heads", "query", "key")):
-        for color, layer in zip(colors, result["layers"]):
-            s = layer["unfolding_spectra"][mode]
-            erank = layer["unfolding_effective_rank"][mode]
-            ax.semilogy(range(1, len(s) + 1), _normalised(s), color=color, lw=1.2,
-                        label=f"layer {layer['index']} (eff. rank {erank:.0f})")
-        if mode != "heads":
-            ax.axvline(dh, color="0.5", ls=":", lw=1)
-            ax.text(dh, 1.0, f" one head ({dh})", fontsize=7, color="0.4", va="top")
-        ax.set_title(titles[mode], fontsize=9)
-        ax.set_xlabel("index", fontsize=8)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=6, loc="lower left")
-        ax.set_ylabel("s / s_max", fontsize=8)
-    return _save(fig, path)
-
-
-def _curve_figure(plt, result: dict, path: Path) -> Path:
-    fig, axes = _grid(plt, len(result["layers"]), f"{result['model']}: relative error ||T - T_hat|| / ||T|| of the "
-                      f"scores' bilinear part vs key dim (lower is better)")
-    for ax, layer in zip(axes, result["layers"]):
-        for key, label, style in (("cp_error", "CP (collaborative)", "o-"), ("svd_error", "per-head SVD", "s--"),
-                                  ("shared_bound", "lower bound, any shared U, V", ":")):
-            curve = {int(k): v for k, v in layer[key].items()}
-            ax.plot(list(curve), list(curve.values()), style, ms=3, lw=1.3, label=label)
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"layer {layer['index']}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-    _label_edges(axes, "key dim", "relative error")
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
 
 
 # ---- rich summary -----------------------------------------------------------------------------------------------

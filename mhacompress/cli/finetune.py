@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from ._common import (
     FiniteFloat,
+    ProgressBars,
     allow_pickle_option,
     console,
     device_option,
     emit_json,
-    progress,
     resolved_device,
-    status,
     task_names,
     user_errors,
 )
@@ -57,47 +54,13 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
     """
     with user_errors():
         device = resolved_device(device)
-        from ..eval.data import glue_folder, load_examples
-        from ..eval.finetune import train, with_head
-        from ..eval.tasks import get_task
-        from ..hub import check_output, load_pretrained, save
+        from ..commands import finetune as train
 
-        spec = get_task(task)
-        from ..commands import recorded_source
-
-        check_output(output, force, sources=[model, glue_folder(data_dir), recorded_source(model)])  # as export
-        data = load_examples(spec, "train", data_dir=data_dir, limit=limit, seed=seed)
-        if data.labels is None:
-            raise click.ClickException(f"{data.source} has no labels to train on")
-        scorer, skipped = None, None
-        if do_eval:  # load the dev split before training: a missing file shows now, not after the run
-            from ..errors import UsageError
-            from ..eval.compare import Scorer
-
-            try:
-                scorer = Scorer.for_task(spec.name, data_dir=data_dir, max_length=max_length, device=device)
-            except UsageError as err:
-                skipped = str(err)
-        start = time.perf_counter()
-        with status(f"loading {model}", not as_json):
-            loaded, tokenizer, _ = load_pretrained(model, allow_pickle=allow_pickle, device=device)
-        loaded = with_head(loaded, spec, seed=seed, name=model)
-        steps = max(1, round(epochs * -(-len(data) // batch_size)))
-        with progress(not as_json) as bar:
-            job = bar.add_task(f"{spec.name}: {len(data):,} examples", total=steps)
-            log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                        warmup=warmup, weight_decay=weight_decay, seed=seed, device=device,
-                        on_step=lambda loss: bar.update(job, advance=1, description=f"{spec.name}: loss {loss:.3f}"))
-        save(loaded, tokenizer, output, force=force, source=model)
-        result = {"model": model, "task": spec.name, "output": str(output), "examples": len(data),
-                  "steps": log["steps"],
-                  "loss": {"first": _mean(log["losses"][:10]), "last": _mean(log["losses"][-10:])}}
-        if scorer is not None:
-            result["eval"] = {"split": "validation", "examples": len(scorer.examples),
-                              "metrics": scorer(loaded, tokenizer, model)}
-        elif skipped:
-            result["eval"] = {"skipped": skipped}
-        result["seconds"] = round(time.perf_counter() - start, 3)
+        with ProgressBars(not as_json) as bars:
+            result = train(model, task, output, force=force, epochs=epochs, lr=lr, batch_size=batch_size,
+                           max_length=max_length, warmup=warmup, weight_decay=weight_decay, seed=seed, limit=limit,
+                           data_dir=data_dir, device=device, evaluate=do_eval, allow_pickle=allow_pickle,
+                           on_progress=bars)
     if as_json:
         emit_json(result, "finetune", device)
         return
@@ -109,8 +72,4 @@ def finetune(model, task, output, force, epochs, lr, batch_size, max_length, war
     for name, value in result.get("eval", {}).get("metrics", {}).items():
         out.print(f"dev {name}: {value:.4f}")
     out.print(f"saved to {result['output']}")
-
-
-def _mean(xs):
-    return sum(xs) / len(xs)
 

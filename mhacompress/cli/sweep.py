@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ..figures import figure_format
 from ._common import (
     console,
     device_option,
     emit_json,
-    figure_format,
     parse_dims,
     progress,
     user_errors,

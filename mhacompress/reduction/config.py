@@ -31,6 +31,16 @@ def _int(name: str, value, low: int = 0, high: int | None = None) -> None:
         raise ConfigError(f"{name} must be an integer >= {low}{upto}; got {value!r}")
 
 
+def _number(name: str, value, low: float | None = None, high: float | None = None, *, above: bool = False) -> None:
+    """A finite real number >= ``low`` (> with ``above``) and <= ``high``: nan and inf are refused too (every
+    comparison with nan is False, so a range check alone lets it through)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        bounds = ([] if low is None else [f"{'>' if above else '>='} {low:g}"]) + \
+            ([] if high is None else [f"<= {high:g}"])
+        raise ConfigError(f"{name} must be a finite number{' ' if bounds else ''}{' and '.join(bounds)}; got {value!r}")
+
+
 def _flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false; got {value!r}")
