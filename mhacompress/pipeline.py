@@ -56,7 +56,7 @@ class Compressed:
 def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibration: Texts | None = None,
              on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
              allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,
-             eval_batch_size: int = 64) -> Compressed:
+             eval_batch_size: int = 64, max_drop: float | None = None) -> Compressed:
     """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
@@ -64,10 +64,14 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     calibration: the calibration sequences themselves (strings, or tuples for sentence pairs); by default they are
       read from ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
     evaluate: a GLUE task whose dev split scores the original and the reduced model (report["eval"]).
+    max_drop: with ``evaluate``, the gate of ``reduce --max-drop``: report["eval"]["passed"] is False when the reduced
+      model loses more than this on the task's main metric (absolute, e.g. 0.01; an undefined, nan, drop never
+      passes). Nothing is raised: the reduced model is returned either way, to inspect, save or discard.
     on_progress: called with ``Progress`` events.
     """
     start = time.perf_counter()
     _check_arguments(model_or_name, config, tokenizer)
+    check_gate(max_drop, evaluate)
     notify = notifier(on_progress)
     if device is not None:
         from .devices import resolve_device
@@ -109,9 +113,11 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     block = finish_(model, config, layers, source=source or name, tool_version=__version__, modified=modified)
     evaluated = None
     if scorer:
-        from .eval.compare import side_by_side
+        from .eval.compare import gated, side_by_side
 
         evaluated = side_by_side(scorer.task, original_scores, scorer(model, tokenizer, "the reduced model"))
+        if max_drop is not None:
+            evaluated = gated(evaluated, max_drop)
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
                      time.perf_counter() - start)
     inputs = data_sources(config, data_dir, evaluate, calibration)
@@ -146,6 +152,17 @@ def _check_arguments(model_or_name, config, tokenizer) -> None:
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(f"tokenizer must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(...)); got "
                          f"{type(tokenizer).__name__}")
+
+
+def check_gate(max_drop, evaluate) -> None:
+    """``max_drop`` bounds the drop on the ``evaluate`` task: a finite number, and only with a task."""
+    if max_drop is None:
+        return
+    from .reduction.config import _number
+
+    _number("max_drop", max_drop)
+    if evaluate is None:
+        raise ConfigError("--max-drop needs --eval TASK (compress: evaluate=TASK), the task whose metric it bounds")
 
 
 def notifier(on_progress) -> Callable[[Progress], None]:

@@ -162,20 +162,48 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
 
 def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
           seed: int = 0, data_dir=None, limit=None, device: str = "auto", executor: str = "local",
-          address: str | None = None, resume=None, num_cpus: float = 1, num_gpus: float = 0, on_result=None) -> dict:
+          address: str | None = None, resume=None, num_cpus: float = 1, num_gpus: float = 0, plot=None,
+          on_result=None) -> dict:
     """Every (method, key dim) of ``model`` scored on ``task`` beside the original: each cell in this process
     (``executor="local"``) or as a Ray task (``"ray"``, on the cluster at ``address``, with ``num_cpus`` /
     ``num_gpus`` per task). ``resume``: a folder of finished cells (one JSON file each), skipped on a rerun and
-    shareable between executors and machines. The table is the same whatever the order the cells finish in."""
+    shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
+    there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
+    the order the cells finish in."""
     from .executors import run_cells
 
     start = time.perf_counter()
     device = cell_device(device, executor, address, num_gpus)
-    cells = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir,
-                    limit=limit, device=device, resume=resume)
-    outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
-                         num_gpus=num_gpus, on_result=on_result, usable=usable)
-    return table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
+    figure = check_plot(plot, model, data_dir)
+    try:
+        cells = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir,
+                        limit=limit, device=device, resume=resume)
+        outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
+                             num_gpus=num_gpus, on_result=on_result, usable=usable)
+        result = table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
+        return result if plot is None else plotted(result, plot)
+    finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
+        if figure is not None:
+            fsio.release(figure)
+
+
+def check_plot(path, model, data_dir):
+    """The reserved path of ``sweep --plot``'s figure (None without one; release it when done), after refusing before
+    any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place."""
+    if path is None:
+        return None
+    from .eval.data import glue_folder
+    from .figures import figure_format
+    from .hub import check_output
+
+    figure_format(path)
+    return check_output(path, True, kind="file", sources=[model, glue_folder(data_dir)], option="--plot")
+
+
+def plotted(result: dict, path) -> dict:
+    """``result`` with its figure written at ``path`` (``plot``)."""
+    plot(result, path)
+    return {**result, "plot": str(path)}
 
 
 def cell_device(device: str, executor: str = "local", address: str | None = None, num_gpus: float = 0) -> str:

@@ -2,6 +2,7 @@
 reports progress through a callback and prints nothing itself."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,40 @@ def test_run_sweep_is_sweep_and_survives_the_submodule_import(tiny_bert_dir, glu
                    "--limit", 8, "--device", "cpu")
     drop = lambda rows: [without(r) for r in rows]  # noqa: E731
     assert drop(got["results"]) == drop(cli["results"]) and got["original"] == cli["original"]
+
+
+def test_compress_max_drop_reports_whether_the_gate_passed_as_reduce_max_drop_decides_it(tiny_bert_dir):
+    """reduce --max-drop exits 1 when the reduction loses more; a Python call reports it (eval.passed) instead."""
+    from mhacompress import ReductionConfig
+
+    config = ReductionConfig(key_dim=4, n_iter_max=5)
+    run = lambda drop: mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES,  # noqa: E731
+                                            max_drop=drop).report["eval"]
+    failed, passed = run(-1), run(2)  # every drop exceeds -1; none exceeds 2
+    assert (failed["max_drop"], failed["passed"]) == (-1, False) and (passed["max_drop"], passed["passed"]) == (2, True)
+    assert "max_drop" not in mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES
+                                                  ).report["eval"]
+    cli = cli_json("reduce", tiny_bert_dir, "-k", 4, "--iterations", 5, "--weights-only", "--eval", "stsb",
+                   "--data-dir", FIXTURES, "--max-drop", 2)
+    assert cli["eval"] == without(passed)
+
+
+def test_run_sweep_plot_is_sweep_plot(tiny_bert_dir, tmp_path):
+    got = mhacompress.run_sweep(tiny_bert_dir, "stsb", ["cp"], [8], data_dir=FIXTURES, plot=tmp_path / "s.png")
+    assert got["plot"] == str(tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name,fragment", [("s.xyz", "cannot write .xyz figures"), ("s.png", "mhacompress[plot]")])
+def test_run_sweep_refuses_a_plot_it_cannot_write_before_any_cell(tiny_bert_dir, tmp_path, monkeypatch, name,
+                                                                   fragment):
+    import sys
+
+    if name.endswith(".png"):
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    monkeypatch.setattr("mhacompress.executors.run_cells", lambda *a, **k: pytest.fail("a cell ran first"))
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        mhacompress.run_sweep(tiny_bert_dir, "stsb", ["cp"], [8], data_dir=FIXTURES, plot=tmp_path / "new" / name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_sweep_resolves_its_device_as_the_command_does(tiny_bert_dir, glue_dir):

@@ -584,6 +584,19 @@ API = [  # (call, fragment of the message)
      "first_token_only must be true or false"),
     ("mhacompress.to_onnx(reduced, 'm.onnx', first_token_only='no')", "first_token_only must be true or false"),
     ("mhacompress.to_onnx(src, 'new/m.onnx')", "is not a reduced model"),
+    # compress(max_drop=) and run_sweep(plot=) refuse what reduce --max-drop and sweep --plot refuse, before any work
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), max_drop=0.1)", "--max-drop needs --eval"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
+     "max_drop=float('nan'))", "max_drop must be a finite number"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop='0.1')",
+     "max_drop must be a finite number"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.xyz')",
+     "cannot write .xyz figures"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=str(src / 's.png'))",
+     "lies inside the source"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/')", "ends in '/'"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
+     "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, epochs=0)", "epochs must be a finite number > 0"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, lr=float('nan'))", "lr must be a finite"),

@@ -208,8 +208,10 @@ def test_max_drop_gate_fails_on_an_undefined_metric():
     import click
 
     from mhacompress.cli.eval import check_drop
+    from mhacompress.eval.compare import gated
 
     block = {"task": "stsb", "metric": "spearman", "original": 0.8, "reduced": float("nan"), "drop": float("nan")}
+    assert gated(block, 0.01)["passed"] is False
     with pytest.raises(click.ClickException, match="undefined"):
-        check_drop({"eval": block}, 0.01)
-    check_drop({"eval": {**block, "reduced": 0.8, "drop": 0.0}}, 0.01)  # a real drop within bounds still passes
+        check_drop({"eval": gated(block, 0.01)})
+    check_drop({"eval": gated({**block, "reduced": 0.8, "drop": 0.0}, 0.01)})  # a real drop within bounds passes

@@ -100,13 +100,15 @@ def render_eval(block: dict) -> None:
                     f"{block['reduced']:.4f}, drop {block['drop']:+.4f}")
 
 
-def check_drop(result: dict, max_drop: float | None) -> None:
-    """Exit 1 (one line on stderr) when the reduced model lost more than ``max_drop`` on the main metric."""
+def check_drop(result: dict) -> None:
+    """Exit 1 (one line on stderr) when the gate of --max-drop failed (eval.passed is False: compress decides it)."""
     block = result.get("eval")
-    if max_drop is not None and block and block["drop"] != block["drop"]:  # nan: every comparison with it is False
+    if not block or block.get("passed", True):
+        return
+    max_drop = block["max_drop"]
+    if block["drop"] != block["drop"]:  # nan: every comparison with it is False
         raise click.ClickException(f"the {block['metric']} on {block['task']} is undefined (nan: constant predictions "
                                    f"or labels), so --max-drop {max_drop} cannot be checked; evaluate on more "
                                    f"examples or check the reduced model")
-    if max_drop is not None and block and block["drop"] > max_drop:
-        raise click.ClickException(f"the reduced model loses {block['drop']:.4f} {block['metric']} on "
-                                   f"{block['task']}, more than --max-drop {max_drop}")
+    raise click.ClickException(f"the reduced model loses {block['drop']:.4f} {block['metric']} on "
+                               f"{block['task']}, more than --max-drop {max_drop}")

@@ -89,14 +89,13 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
     """
     with user_errors():
         device = resolved_device(device)
-        from ..pipeline import compress
+        from ..pipeline import check_gate, compress
         from ..reduction.config import Calibration, ConfigError, ReductionConfig
 
         if allocate is False and key_dim is None:  # (--allocate without --key-dim: the config refuses it)
             raise ConfigError("--uniform keeps --key-dim in every layer: it needs --key-dim; drop it with "
                               f"{'--budget (which allocates)' if budget is not None else '--key-dims'}")
-        if max_drop is not None and eval_task is None:
-            raise ConfigError("--max-drop needs --eval TASK (the task whose metric it bounds)")
+        check_gate(max_drop, eval_task)  # before --eval's data is read (compress checks it again)
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
         if source is None and (refine or compensate or objective):
             raise ConfigError("--refine, --compensate and --objective fit layers to calibration data: give "
@@ -115,7 +114,7 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
             check_output(output, force, sources=[model, *data_sources(config, data_dir, eval_task)])
         with ProgressBars(not as_json) as bars:
             result = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
-                              data_dir=data_dir, evaluate=eval_task)
+                              data_dir=data_dir, evaluate=eval_task, max_drop=max_drop)
             if output:
                 result.save(output, force=force)
         report = {**result.report, "output": str(output) if output else None}
@@ -123,7 +122,7 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
         emit_json(report, "reduce", device)
     else:
         render(report)
-    check_drop(report, max_drop)
+    check_drop(report)
 
 
 def calibration_source(calibrate: str | None, eval_task: str | None, weights_only: bool, data_dir) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..figures import figure_format
 from ._common import (
     console,
     device_option,
@@ -62,48 +61,31 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
                                    "it for a local Ray instance")
         if address and executor != "ray":
             raise click.UsageError("--address needs --executor ray")
-        from ..executors import run_cells
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
-        from ..sweep import prepare, run_cell, table, usable
+        from ..sweep import sweep as run_sweep
 
         dims = parse_dims(key_dims)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        from ..eval.data import glue_folder
-        from ..hub import check_output
-
-        if plot_file is not None:
-            figure_format(plot_file)
-            check_output(plot_file, True, kind="file", sources=[model, glue_folder(data_dir)], option="--plot")
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
-        cells = prepare(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
-                        limit=limit, device=device, resume=resume_dir)  # --resume never in a source
-        import time
-
-        start = time.perf_counter()
         with progress(not as_json) as bar:
-            step = bar.add_task("sweep", total=len(cells))
-            outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume_dir,
-                                 num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, usable=usable,
-                                 on_result=lambda out: bar.advance(step))
-        result = table(cells, outcomes, model, task, time.perf_counter() - start)
-        if plot_file is not None:
-            from ..sweep import plot
-
-            plot(result, plot_file)
-            result["plot"] = plot_file
+            step = bar.add_task("sweep", total=1 + len(set(method_list)) * len(set(dims)))  # the original too
+            result = run_sweep(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
+                               limit=limit, device=device, executor=executor, address=address, resume=resume_dir,
+                               num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, plot=plot_file,
+                               on_result=lambda out: bar.advance(step))
     if as_json:
         emit_json(result, "sweep", device)
     else:
         render(result)
     failed = result["failed"]
     if failed:
-        first = failed[0]
-        raise click.ClickException(f"{len(failed)} of {len(cells) - 1} reductions failed (first: {first['method']} at "
-                                   f"key dim {first['key_dim']}: {first['error']}); the rest are in the results")
+        first, cells = failed[0], len(failed) + len(result["results"])
+        raise click.ClickException(f"{len(failed)} of {cells} reductions failed (first: {first['method']} at key dim "
+                                   f"{first['key_dim']}: {first['error']}); the rest are in the results")
 
 
 def render(result: dict) -> None:

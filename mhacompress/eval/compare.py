@@ -82,3 +82,10 @@ def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, floa
     metric = task.main
     return {"task": task.name, "metric": metric, "original": original[metric], "reduced": reduced[metric],
             "drop": original[metric] - reduced[metric], "all": {"original": original, "reduced": reduced}}
+
+
+def gated(block: dict, max_drop: float) -> dict:
+    """``block`` (``side_by_side``'s) with the gate of ``reduce --max-drop``: ``passed`` when the drop is at most
+    ``max_drop``. An undefined drop (nan: constant predictions or labels) never passes: every comparison with nan is
+    False."""
+    return {**block, "max_drop": max_drop, "passed": bool(block["drop"] <= max_drop)}
