@@ -61,8 +61,9 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
       a local folder / hub id / alias (``minilm`` is bundled), loaded here.
-    calibration: the calibration sequences themselves (strings, or tuples for sentence pairs); by default they are
-      read from ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
+    calibration: the calibration sequences themselves (strings, or tuples for sentence pairs; blank ones skipped, as
+      the file readers skip blank lines and empty fields); by default they are read from
+      ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
     evaluate: a GLUE task whose dev split scores the original and the reduced model (report["eval"]).
     max_drop: with ``evaluate``, the gate of ``reduce --max-drop``: report["eval"]["passed"] is False when the reduced
       model loses more than this on the task's main metric (absolute, e.g. 0.01; an undefined, nan, drop never
@@ -188,7 +189,8 @@ def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -
         if not texts or not all(isinstance(t, tuple) and 1 <= len(t) <= 2 and all(isinstance(s, str) for s in t)
                                 for t in texts):
             raise ConfigError(f"calibration texts must be a non-empty list of strings or pairs of strings; {hint}")
-        if not any(s.strip() for t in texts for s in t):
+        texts = [kept for kept in (tuple(s for s in t if s.strip()) for t in texts) if kept]  # as the .txt and
+        if not texts:  # .jsonl readers skip blank lines and empty fields
             raise ConfigError(f"every calibration text is empty; {hint}")
         return texts
     if config.calibration is None:

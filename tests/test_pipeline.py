@@ -82,6 +82,16 @@ def test_arguments_of_the_wrong_kind_are_one_line_errors_before_anything_loads(t
         mhacompress.compress(*args, **{"on_progress": _raise, **kwargs} if "on_progress" not in kwargs else kwargs)
 
 
+def test_blank_calibration_texts_are_skipped_as_the_file_readers_skip_blank_lines(tiny_bert_dir):
+    """A .txt file's blank lines and a .jsonl record's empty fields are not calibrated on; an empty string handed to
+    compress was ([CLS] [SEP] alone), and changed the weights."""
+    config = ReductionConfig(key_dim=8, n_iter_max=3, calibration=CAL)
+    weights = lambda texts: mhacompress.compress(str(tiny_bert_dir), config, calibration=texts).model.state_dict()  # noqa: E731
+    plain, blanks = weights(["a text", "another one"]), weights(["a text", "", ("another one", " "), ("  ", "")])
+    for name, value in plain.items():
+        torch.testing.assert_close(blanks[name], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("entry", ["compress", "reduce_"])
 def test_an_unsupported_architecture_is_a_usage_error_from_every_entry_point(entry):
     from transformers import GPT2Config, GPT2Model
