@@ -49,8 +49,7 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     ``usable(cell, value)``: whether a stored value has the shape ``fn`` returns (a file edited by hand or written by
     another version fails it, and the cell runs again).
     """
-    if executor not in EXECUTORS:
-        raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    check_settings(executor, address, num_cpus, num_gpus)
     if on_result is not None and not callable(on_result):
         raise UsageError(f"on_result must be a function taking one result; got {type(on_result).__name__}")
     path = function_path(fn)
@@ -76,6 +75,28 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     else:
         _run_on_ray(path, cells, todo, finished, address, num_cpus, num_gpus, local_cpus)
     return results  # type: ignore[return-value]
+
+
+def check_settings(executor: str, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0) -> None:
+    """Refuse in one line, before any cell runs, what the executor would ignore or fail on late (one rule for
+    run_cells, run_sweep and sweep's options): an unknown executor, an address that is empty or given without the
+    Ray executor (the local one ignored it), CPUs per cell that are not a finite number > 0, GPUs that are not a
+    finite number >= 0."""
+    from .reduction.config import _number
+
+    if executor not in EXECUTORS:
+        raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if address is not None and not isinstance(address, str):
+        raise UsageError(f"address must be the Ray cluster's address, a str (e.g. 'ray://head:10001'); got "
+                         f"{type(address).__name__}")
+    if address is not None and not address.strip():
+        raise UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop it for a "
+                         "local Ray instance")
+    if address is not None and executor != "ray":
+        raise UsageError("--address needs --executor ray (run_sweep: executor='ray'), which runs the cells on that "
+                         "cluster; drop the address to run them here")
+    _number("num_cpus", num_cpus, 0, above=True)
+    _number("num_gpus", num_gpus, 0)
 
 
 def function_path(fn: Callable | str) -> str:

@@ -170,9 +170,10 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
     there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
     the order the cells finish in."""
-    from .executors import run_cells
+    from .executors import check_settings, run_cells
 
     start = time.perf_counter()
+    check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir)
     try:

@@ -396,6 +396,10 @@ SWEEP = [
     case("sweep-resume-unwritable", SWEEP_ + "--resume /sys/mhacompress-cells", "cannot write in /sys",
          "choose a writable --resume"),
     case("sweep-address-empty", SWEEP_ + "--executor ray --address ''", "--address is empty", "e.g. ray://head"),
+    case("sweep-address-without-ray", SWEEP_ + "--address ray://x:1", "--address needs --executor ray",
+         "--executor ray"),
+    case("sweep-cpus-nan", SWEEP_ + "--executor ray --cpus-per-cell nan", "'nan' is not a finite", "x>0"),
+    case("sweep-gpus-inf", SWEEP_ + "--executor ray --gpus-per-cell inf", "'inf' is not a finite", "x>=0"),
     case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
          "reduce the original"),
 ]
@@ -584,6 +588,17 @@ API = [  # (call, fragment of the message)
      "first_token_only must be true or false"),
     ("mhacompress.to_onnx(reduced, 'm.onnx', first_token_only='no')", "first_token_only must be true or false"),
     ("mhacompress.to_onnx(src, 'new/m.onnx')", "is not a reduced model"),
+    # run_sweep refuses executor settings as sweep does (the local executor ignored an address)
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, address='ray://x:1')",
+     "--address needs --executor ray"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, executor='ray', address='')",
+     "--address is empty"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_cpus=0)",
+     "num_cpus must be a finite number > 0"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_cpus=float('nan'))",
+     "num_cpus must be a finite number > 0"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_gpus=-1)",
+     "num_gpus must be a finite number >= 0"),
     # compress(max_drop=) and run_sweep(plot=) refuse what reduce --max-drop and sweep --plot refuse, before any work
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), max_drop=0.1)", "--max-drop needs --eval"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "

@@ -121,6 +121,24 @@ def test_bad_arguments_are_one_line_usage_errors():
         function_path("test_executors.square")
 
 
+@pytest.mark.parametrize("settings,fragment", [
+    ({"address": "ray://x:1"}, "--address needs --executor ray"),  # the local executor would ignore it
+    ({"executor": "ray", "address": ""}, "--address is empty"),
+    ({"executor": "ray", "address": "  "}, "--address is empty"),
+    ({"executor": "ray", "address": 5}, "address must be the Ray cluster's address"),
+    ({"num_cpus": 0}, "num_cpus must be a finite number > 0"),
+    ({"num_cpus": float("nan")}, "num_cpus must be a finite number > 0"),
+    ({"num_cpus": "1"}, "num_cpus must be a finite number > 0"),
+    ({"num_gpus": -1}, "num_gpus must be a finite number >= 0"),
+    ({"num_gpus": float("inf")}, "num_gpus must be a finite number >= 0"),
+])
+def test_executor_settings_are_refused_in_one_line_before_any_cell_runs(settings, fragment):
+    """As sweep's --address, --cpus-per-cell and --gpus-per-cell are: one rule for both."""
+    with pytest.raises(UsageError, match=fragment):
+        run_cells(cells(1), square, **settings)
+    assert CALLS == []
+
+
 def test_ray_missing_is_a_one_line_error_with_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UsageError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import (
+    FiniteFloat,
     console,
     device_option,
     emit_json,
@@ -32,9 +33,9 @@ from .eval import data_options
                    "'mhacompress[distributed]').")
 @click.option("--address", help="With --executor ray: the cluster to join (e.g. ray://head:10001); default a local "
               "Ray instance.")
-@click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--cpus-per-cell", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="With --executor ray: CPUs each cell's task asks for.")
-@click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--gpus-per-cell", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="With --executor ray: GPUs each cell's task asks for (e.g. 0.5 shares a GPU between two).")
 @click.option("--resume", "resume_dir", metavar="DIR", help="Keep each finished "
               "cell in DIR (one JSON file) and skip the cells already there: rerun after an interruption, or split "
@@ -53,14 +54,6 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
       mhacompress sweep minilm -t stsb --executor ray --address ray://head:10001 --resume out/sweep-cells
     """
     with user_errors():
-        from ..sweep import cell_device
-
-        device = cell_device(device, executor, address, gpus_per_cell)  # a local Ray instance: this machine's devices
-        if address is not None and not address.strip():
-            raise click.UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
-                                   "it for a local Ray instance")
-        if address and executor != "ray":
-            raise click.UsageError("--address needs --executor ray")
         from ..reduction import methods as registry
         from ..reduction.config import Calibration, ConfigError
         from ..sweep import sweep as run_sweep
@@ -78,7 +71,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
                                num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, plot=plot_file,
                                on_result=lambda out: bar.advance(step))
     if as_json:
-        emit_json(result, "sweep", device)
+        emit_json(result, "sweep", result["device"])  # where the cells ran (auto resolved unless on a cluster)
     else:
         render(result)
     failed = result["failed"]
