@@ -80,6 +80,10 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
             raise UsageError(f"{option} must be an integer >= 1; got {value!r}")
     if attn_implementation not in ("sdpa", "eager"):
         raise UsageError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
+    from .reduction import methods
+
+    if method not in methods.names():  # --method is a choice: refused for a reduced folder too, not ignored
+        raise UsageError(f"method must be one of {', '.join(methods.names())}; got {method!r}")
     from .devices import resolve_device
 
     device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any model loads

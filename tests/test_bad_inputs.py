@@ -563,6 +563,9 @@ API = [  # (call, fragment of the message)
     ("mhacompress.report(reduced, seq_len=16, device='gpu', latency=False)", "gpu"),
     ("mhacompress.report(reduced, seq_len=16, attn_implementation='flash', latency=False)",
      "attn_implementation must be one of sdpa, eager"),
+    # report --method is a choice, for a reduced folder too: an unknown method was silently ignored
+    ("mhacompress.report(reduced, seq_len=16, latency=False, method='pca')", "method must be one of cp, tucker, svd"),
+    ("mhacompress.report(reduced, seq_len=16, latency=False, method=None)", "method must be one of cp, tucker, svd"),
     ("mhacompress.report(None, latency=False)", "model must be a model folder"),
     ("mhacompress.report(reduced, seq_len=16, latency=False, on_progress=5)", "on_progress must be a function"),
     ("mhacompress.evaluate(None, 'stsb', data_dir=glue, limit=4)", "model must be a model folder"),
