@@ -610,6 +610,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     if not str(path).strip():  # Path("") is the current folder
         raise UsageError("no model given; pass the folder of a reduced model, e.g. load('out/minilm-cp96')")
     from .devices import resolve_device
+    from .reduction.config import _flag
+
+    _flag("tokenizer", tokenizer)  # 'no' is a true value: it asked for the tokenizer it meant to skip
 
     device = str(resolve_device(device))  # a device this machine lacks fails now, not after the weights are read
     path = Path(path).expanduser()

@@ -513,6 +513,7 @@ API = [  # (call, fragment of the message)
     ("mhacompress.load('')", "no model given"),
     ("mhacompress.load('  ')", "no model given"),
     ("mhacompress.load(reduced, device='gpu')", "gpu"),
+    ("mhacompress.load(reduced, tokenizer='no')", "tokenizer must be true or false"),  # 'no' is a true value
     ("mhacompress.load(reduced, device='cuda:7')", "cuda:7"),
     ("mhacompress.save(None, None, 'out')", "save takes a transformers model"),
     ("mhacompress.save(str(src), None, 'out')", "save takes a transformers model"),
