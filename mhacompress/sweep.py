@@ -4,6 +4,7 @@ top-level function, so an executor can run them anywhere (this process, or Ray w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -44,9 +45,10 @@ def _distinct(values) -> list:
 
 
 def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
-            seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None) -> list[dict]:
-    """The cells of a sweep, after everything `sweep` checks before any cell runs: the settings, the ``resume``
-    folder (never in a source or the current folder), the task's data and the model."""
+            seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None):
+    """(the cells of a sweep, the resume folder reserved: None without one), after everything `sweep` checks before
+    any cell runs: the settings, the ``resume`` folder (never in a source or the current folder), the task's data
+    and the model. A sweep that fails after this gives the folder back with ``give_back``."""
     from .calibration import calibration_texts
     from .eval.data import glue_folder, load_examples
     from .eval.tasks import get_task
@@ -67,7 +69,31 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         if target is not None:  # the parent folders made for it go again (a Python session does not exit)
             fsio.release(target)
         raise
-    return cells
+    return cells, target
+
+
+def run_or_give_back(cells: list[dict], folder, **options) -> list[dict]:
+    """``run_cells`` on the cells; when it fails (an unreachable cluster, Ctrl-C), the resume ``folder`` that
+    ``prepare`` reserved goes again as far as this call created it (``give_back``)."""
+    from .executors import run_cells
+
+    made = folder is not None and not folder.exists()  # its parents are made by now; run_cells makes it
+    try:
+        return run_cells(cells, run_cell, usable=usable, **options)
+    except BaseException:
+        if folder is not None:
+            give_back(folder, made)
+        raise
+
+
+def give_back(folder, made: bool) -> None:
+    """After a sweep failed: the resume ``folder`` removed if this sweep ``made`` it and no cell was stored in it,
+    then the parent folders made for it, if still empty. A folder that was there before, or holds a finished cell
+    (of this run or another one filling it), stays."""
+    if made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+    fsio.release(folder)
 
 
 def check_model(model: str, methods: list[str], key_dims: list[int], *, allow_pickle: bool = False) -> None:
@@ -170,17 +196,17 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
     there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
     the order the cells finish in."""
-    from .executors import check_settings, run_cells
+    from .executors import check_settings
 
     start = time.perf_counter()
     check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir)
     try:
-        cells = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir,
-                        limit=limit, device=device, resume=resume)
-        outcomes = run_cells(cells, run_cell, executor=executor, address=address, resume=resume, num_cpus=num_cpus,
-                             num_gpus=num_gpus, on_result=on_result, usable=usable)
+        cells, folder = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
+                                data_dir=data_dir, limit=limit, device=device, resume=resume)
+        outcomes = run_or_give_back(cells, folder, executor=executor, address=address, resume=resume,
+                                    num_cpus=num_cpus, num_gpus=num_gpus, on_result=on_result)
         result = table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
         return result if plot is None else plotted(result, plot)
     finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)

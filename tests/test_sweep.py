@@ -1,12 +1,15 @@
 """`sweep`: every (method, key dim) scored beside the original in one run, a table, JSON and a plot."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from mhacompress.cli import main
 from mhacompress.sweep import grid, table
+
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,30 @@ def test_run_sweep_takes_the_same_paths_as_the_other_calls(tiny_encoder, glue_di
 
     result = mhacompress.run_sweep(tiny_encoder, "stsb", ["cp"], [8], data_dir=glue_dir, limit=4)
     assert [(r["method"], r["key_dim"]) for r in result["results"]] == [("cp", 8)] and not result["failed"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a port that was just free: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_sweep_that_fails_after_its_checks_removes_only_the_folders_it_created(tiny_encoder, tmp_path, monkeypatch,
+                                                                                  existing):
+    """An unreachable cluster is found once the checks passed and the resume folder was made: new/ and new/cells
+    were left behind; a resume folder that was there before stays."""
+    import mhacompress
+    from mhacompress.errors import UsageError
+
+    pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)
+    if existing:
+        (tmp_path / "new" / "cells").mkdir(parents=True)
+    with pytest.raises(UsageError, match="cannot reach the Ray cluster"):
+        mhacompress.run_sweep(tiny_encoder, "stsb", ["cp"], [8], data_dir=FIXTURES, limit=4, resume="new/cells",
+                              executor="ray", address=f"127.0.0.1:{closed_port()}")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == (
+        ["new", "new/cells"] if existing else [])
