@@ -140,8 +140,17 @@ def test_finetune_without_train_split(encoder, tmp_path):
                    "WNLI/train.tsv")
 
 
+def test_reduce_eval_refuses_a_task_without_train_sentences_instead_of_reducing_from_the_weights(encoder, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("reduce", encoder, "-k", "4", "--eval", "stsb", "--data-dir", FIXTURES, "-o", out)
+    one_line_error(result, "--eval stsb calibrates on its train sentences", "STS-B/train.tsv", "--calibrate SOURCE",
+                   "--weights-only")
+    assert not out.exists()
+
+
 def test_reduce_eval_and_max_drop(encoder):
-    args = ["reduce", encoder, "-k", "4", "--iterations", "5", "--eval", "stsb", "--data-dir", FIXTURES]
+    args = ["reduce", encoder, "-k", "4", "--iterations", "5", "--eval", "stsb", "--weights-only", "--data-dir",
+            FIXTURES]
     result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     block = json.loads(result.stdout)["eval"]

@@ -65,7 +65,8 @@ from .eval import check_drop, data_options, render_eval
 @allow_pickle_option
 @click.option("--eval", "eval_task", metavar="TASK", help="Score the original and the reduced model on this GLUE "
               f"task's dev split ({task_names()}) and print both. "
-              "Without --calibrate, calibrates on the task's train sentences.")
+              "Without --calibrate, calibrates on the task's train sentences (refused when it has none: pass "
+              "--calibrate SOURCE or --weights-only).")
 @data_options
 @click.option("--max-drop", type=FiniteFloat(), help="With --eval: exit 1 when the reduced model loses more than "
               "this on the task's main metric (absolute, e.g. 0.01), for CI gates.")
@@ -126,7 +127,8 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
 
 
 def calibration_source(calibrate: str | None, eval_task: str | None, weights_only: bool, data_dir) -> str | None:
-    """--calibrate, else (for --eval TASK) the task's own train sentences when they can be had, else None."""
+    """--calibrate, else (for --eval TASK) the task's own train sentences, refused when they cannot be read; None
+    with --weights-only or with neither option."""
     if weights_only:
         if calibrate is not None:
             from ..reduction.config import ConfigError
@@ -143,10 +145,10 @@ def calibration_source(calibrate: str | None, eval_task: str | None, weights_onl
     load_examples(task, "validation", data_dir=data_dir, limit=1)
     try:
         load_examples(task, "train", data_dir=data_dir, limit=1)
-    except UsageError as err:
-        console().print(f"[yellow]warning[/yellow]: --eval {eval_task} cannot calibrate on its train sentences "
-                        f"({err}); reducing from the weights alone. Pass --calibrate SOURCE to calibrate.")
-        return None
+    except UsageError as err:  # refused, not a silent fall back to the weights alone (a classifier collapses there)
+        raise UsageError(f"--eval {eval_task} calibrates on its train sentences, which cannot be read ({err}); pass "
+                         "--calibrate SOURCE (another task's train split, or a .txt / .jsonl of unlabelled text like "
+                         "the model's inputs), or --weights-only to reduce from the weights alone") from None
     return eval_task
 
 
