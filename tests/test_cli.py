@@ -86,6 +86,17 @@ def test_reduce_without_output_is_a_dry_run(tiny_dir, tmp_path, monkeypatch):
     assert "dry run" in result.output and list(tmp_path.iterdir()) == []
 
 
+def test_reduce_from_the_weights_alone_points_to_calibration_and_a_calibrated_reduce_does_not(tiny_dir, tmp_path):
+    plain = invoke("reduce", tiny_dir, "-k", "8")
+    assert plain.exit_code == 0, plain.output
+    assert "hint: reduced from the weights alone; --calibrate SOURCE" in plain.output
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a first sentence to calibrate on\nand another one, a little longer than the first\n")
+    calibrated = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", texts, "--samples", "2")
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "hint:" not in calibrated.output
+
+
 @pytest.mark.parametrize("args,fragments", [
     ([], ["give exactly one of --key-dim"]),
     (["-k", "0"], ["positive integers"]),

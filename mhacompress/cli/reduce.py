@@ -188,6 +188,9 @@ def render(result: dict) -> None:
               f"(counts; `mhacompress report DIR` measures latency)")
     for warning in result.get("warnings", ()):
         out.print(f"[yellow]warning[/yellow]: {warning}")
+    if not calibrated and not result.get("warnings"):  # the classifier's warning already says it
+        out.print("hint: reduced from the weights alone; --calibrate SOURCE (unlabelled text like the model's "
+                  "inputs: a GLUE task's train split, a .txt or .jsonl file) keeps more of its scores")
     if result.get("eval"):
         render_eval(result["eval"])
     out.print(f"saved to {result['output']}" if result["output"] else "dry run: nothing written (pass --output DIR)")
