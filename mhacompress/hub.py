@@ -211,10 +211,12 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         return target
     try:
         _lock(target, output, option)
+        fsio.clean_stale(target)  # may put back an output that a killed run had moved aside
+        # again, now that no other run can write it: one may have finished it since the look above
+        _check_existing(target, force, kind, option)
     except UsageError:
         fsio.release(target)  # the folders just created, if any
         raise
-    fsio.clean_stale(target)
     return target
 
 

@@ -300,3 +300,34 @@ def test_sweep_figures_are_written_whole_in_the_format_of_their_name(tmp_path, n
           "examples": 10}, tmp_path / name)
     assert (tmp_path / name).read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_an_output_a_killed_run_had_moved_aside_is_put_back_and_not_replaced_without_force(tmp_path):
+    """A --force run killed between its two renames leaves the previous output as .out.mhacompress-old-*; the next
+    run puts it back. Without --force that run must then refuse it, not replace it after having found no output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    previous = tmp_path / f".out.mhacompress-old-{proc.pid}-0123abcd"
+    save(reduced(), None, previous)
+    before = tree(previous)
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        save(reduced(), None, tmp_path / "out")
+    assert tree(tmp_path / "out") == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_finished_by_another_run_just_before_the_lock_is_not_replaced_without_force(tmp_path, monkeypatch):
+    """Another run can finish writing the output between this run's look at it and this run taking the lock."""
+    out, acquire = tmp_path / "out", fsio.acquire
+
+    def finished_meanwhile(target):
+        monkeypatch.setattr(fsio, "acquire", acquire)
+        save(reduced(), None, out)  # the other run, done and gone
+        acquire(target)
+
+    monkeypatch.setattr(fsio, "acquire", finished_meanwhile)
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        check_output(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "model.safetensors").is_file()
