@@ -237,9 +237,13 @@ def acquire(target: Path) -> None:
         if same:
             break
         os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[target] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:  # a full disk: give the lock back (file and flock), or this process keeps it for good
+        release(target)
+        raise
 
 
 def _read_pid(fd: int) -> int | None:

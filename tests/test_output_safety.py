@@ -331,3 +331,22 @@ def test_an_output_finished_by_another_run_just_before_the_lock_is_not_replaced_
     with pytest.raises(UsageError, match="exists and is not empty"):
         check_output(out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "model.safetensors").is_file()
+
+
+def test_a_lock_that_cannot_be_written_on_a_full_disk_is_given_back_and_leaves_no_file(tmp_path, monkeypatch):
+    """The lock file is made, but the pid cannot be written into it: the refusal must not keep the lock (a Python
+    session could then never write this output again) nor leave the file."""
+    real, mine = os.write, f"{os.getpid()}\n".encode()
+
+    def full(fd, data):
+        if data == mine:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(UsageError, match="No space left on device"):
+        check_output(tmp_path / "out")
+    monkeypatch.setattr(os, "write", real)
+    assert list(tmp_path.iterdir()) == []
+    save(reduced(), None, tmp_path / "out")  # once there is room again
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
