@@ -664,7 +664,10 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     folder = _source_folder(source)
     try:
         with fsio.temp_dir(target) as tmp, quiet_progress():
-            model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
+            try:
+                model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
+            except Exception as err:
+                raise _os_error(err, target) or err
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if folder is not None:
@@ -674,6 +677,13 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     finally:
         fsio.release(target)
     return Path(output)
+
+
+def _os_error(err: Exception, target: Path) -> OSError | None:
+    """The OSError behind a failed weights write (a full disk), which safetensors raises as its own SafetensorError
+    ('... (os error 28)'), naming ``target``; None for any other error."""
+    found = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return OSError(int(found[1]), os.strerror(int(found[1])), str(target)) if found else None
 
 
 def _source_folder(source) -> Path | None:

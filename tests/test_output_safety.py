@@ -350,3 +350,21 @@ def test_a_lock_that_cannot_be_written_on_a_full_disk_is_given_back_and_leaves_n
     assert list(tmp_path.iterdir()) == []
     save(reduced(), None, tmp_path / "out")  # once there is room again
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_full_disk_during_the_weights_write_is_one_line_and_keeps_the_previous_output(src, tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, not an OSError: the CLI printed a traceback."""
+    import safetensors
+    import transformers.modeling_utils
+
+    out = tmp_path / "out"
+    save(reduced(), None, out)
+    before = tree(out)
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    one_line_error(invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", out, "--force"),
+                   f"{out}: No space left on device", "nothing was replaced")
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
