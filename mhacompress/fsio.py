@@ -323,12 +323,14 @@ def _terminate(signum, frame):
 @contextlib.contextmanager
 def signals_as_exceptions():
     """For a command-line run: SIGTERM and SIGHUP raise ``Terminated``, SIGINT ``KeyboardInterrupt``, so that every
-    ``finally`` block (temporary folders, locks) runs before the process ends. Main thread only."""
+    ``finally`` block (temporary folders, locks) runs before the process ends. A signal the process was started
+    ignoring (``nohup``, a script's background job) stays ignored. Main thread only."""
     if not _main_thread():
         yield
         return
     wanted = {s: _terminate for s in _CAUGHT if s != signal.SIGINT}
     wanted[signal.SIGINT] = signal.default_int_handler
+    wanted = {s: h for s, h in wanted.items() if signal.getsignal(s) != signal.SIG_IGN}
     previous = {s: signal.signal(s, h) for s, h in wanted.items()}
     try:
         yield
