@@ -134,8 +134,9 @@ def probe(target: Path) -> None:
     """Create and remove a temporary folder beside ``target``: the real test of writability (read-only file
     systems, permissions, ACLs, name length), done before any work. Raises OSError."""
     path = sibling(target, TMP, ".onnx")
-    os.mkdir(path, 0o777)
-    os.rmdir(path)
+    with deferred_signals():  # Ctrl-C in between would leave the folder, under a live pid in a Python session
+        os.mkdir(path, 0o777)
+        os.rmdir(path)
 
 
 def current_umask() -> int:
@@ -222,22 +223,23 @@ def acquire(target: Path) -> None:
     if target in _HELD or fcntl is None:
         return
     path = lock_path(target)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd)
-            os.close(fd)
-            raise OutputBusy(target, holder) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
-    _HELD[target] = fd
+    with deferred_signals():  # Ctrl-C between the flock and _HELD would keep the lock out of release's reach
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise OutputBusy(target, holder) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
+        _HELD[target] = fd
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

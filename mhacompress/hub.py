@@ -206,16 +206,15 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         raise UsageError(f"cannot use {option} {output}: {_reason(err)}; choose another {option}") from None
     _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
     _check_existing(target, force, kind, option)
-    _check_writable(target, option, kind)
-    if not lock:
-        return target
     try:
-        _lock(target, output, option)
-        fsio.clean_stale(target)  # may put back an output that a killed run had moved aside
-        # again, now that no other run can write it: one may have finished it since the look above
-        _check_existing(target, force, kind, option)
-    except UsageError:
-        fsio.release(target)  # the folders just created, if any
+        _check_writable(target, option, kind)
+        if lock:
+            _lock(target, output, option)
+            fsio.clean_stale(target)  # may put back an output that a killed run had moved aside
+            # again, now that no other run can write it: one may have finished it since the look above
+            _check_existing(target, force, kind, option)
+    except BaseException:  # a refusal or Ctrl-C: no lock or folder made for it stays (a Python session goes on)
+        fsio.release(target)
         raise
     return target
 
@@ -315,7 +314,6 @@ def _check_writable(target: Path, option: str, kind: str) -> None:
     try:
         fsio.probe(target)
     except OSError as err:
-        fsio.release(target)  # removes the folders just created
         raise UsageError(f"cannot write in {target.parent}: {_reason(err)}; choose a writable {option}") from None
 
 
@@ -660,9 +658,9 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
-    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
     folder = _source_folder(source)
-    try:
+    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
+    try:  # at once: a Python session goes on after Ctrl-C, and must not keep the lock
         with fsio.temp_dir(target) as tmp, quiet_progress():
             try:
                 model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map

@@ -368,3 +368,35 @@ def test_a_full_disk_during_the_weights_write_is_one_line_and_keeps_the_previous
     one_line_error(invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", out, "--force"),
                    f"{out}: No space left on device", "nothing was replaced")
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("where", ["probe", "flock", "clean_stale"])
+def test_ctrl_c_while_an_output_is_checked_leaves_nothing_and_no_lock_in_a_python_session(tmp_path, monkeypatch,
+                                                                                         where):
+    """A Python session goes on after Ctrl-C: a lock it kept would turn every other run away from the output until
+    the session ends ('being written by another mhacompress run'), and a probe folder of a live pid is never
+    cleaned."""
+    import fcntl
+    import signal
+
+    def interrupted_after(module, name, only=lambda *a: True):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if only(*args):
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        monkeypatch.setattr(module, name, call)
+
+    if where == "probe":
+        interrupted_after(os, "mkdir", lambda path, *a: str(path).endswith(".onnx"))
+    elif where == "flock":
+        interrupted_after(fcntl, "flock")
+    else:
+        interrupted_after(fsio, "clean_stale")
+    with pytest.raises(KeyboardInterrupt):
+        check_output(tmp_path / "new" / "out")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [] and not fsio._HELD
