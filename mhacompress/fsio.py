@@ -279,7 +279,7 @@ atexit.register(release_all)
 # ---- signals ------------------------------------------------------------------------------------------------------
 
 _depth = 0  # nesting of deferred_signals in the main thread
-_CAUGHT = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+CAUGHT = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 def _main_thread() -> bool:
@@ -303,7 +303,7 @@ def deferred_signals():
             _depth -= 1
         return
     pending: list[int] = []
-    previous = {s: signal.getsignal(s) for s in _CAUGHT}
+    previous = {s: signal.getsignal(s) for s in CAUGHT}
     previous = {s: h for s, h in previous.items() if h is not None}  # None: installed from C, leave it alone
     for s in previous:
         signal.signal(s, lambda signum, frame: pending.append(signum))
@@ -330,7 +330,7 @@ def signals_as_exceptions():
     if not _main_thread():
         yield
         return
-    wanted = {s: _terminate for s in _CAUGHT if s != signal.SIGINT}
+    wanted = {s: _terminate for s in CAUGHT if s != signal.SIGINT}
     wanted[signal.SIGINT] = signal.default_int_handler
     wanted = {s: h for s, h in wanted.items() if signal.getsignal(s) != signal.SIG_IGN}
     previous = {s: signal.signal(s, h) for s, h in wanted.items()}

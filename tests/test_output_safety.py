@@ -400,3 +400,28 @@ def test_ctrl_c_while_an_output_is_checked_leaves_nothing_and_no_lock_in_a_pytho
         check_output(tmp_path / "new" / "out")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [] and not fsio._HELD
+
+
+def test_a_second_signal_while_a_stopped_run_cleans_up_changes_nothing(src, tmp_path, monkeypatch):
+    """Ctrl-C twice (or Ctrl-C, then the SIGTERM of a CI timeout): the second one landed in the cleanup after the
+    one-line report, printed a traceback over it and left the lock and the folders made for the output."""
+    import signal
+
+    import mhacompress.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = fsio.release_all
+
+    def again():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**5):  # the handler runs between bytecodes
+            pass
+        real()
+
+    monkeypatch.setattr(mhacompress.pipeline, "compress", interrupted)
+    monkeypatch.setattr(fsio, "release_all", again)
+    result = invoke("reduce", src, "-k", "8", "-o", tmp_path / "new" / "out")
+    assert result.exit_code == 130 and result.output.strip().startswith("stopped by SIGINT"), result.output
+    assert len(result.output.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
