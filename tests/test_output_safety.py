@@ -425,3 +425,32 @@ def test_a_second_signal_while_a_stopped_run_cleans_up_changes_nothing(src, tmp_
     result = invoke("reduce", src, "-k", "8", "-o", tmp_path / "new" / "out")
     assert result.exit_code == 130 and result.output.strip().startswith("stopped by SIGINT"), result.output
     assert len(result.output.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "folder-of-an-earlier-run"])
+def test_analyze_figures_stopped_midway_leave_no_partial_folder_and_no_mix_of_runs(tiny_bert_dir, tmp_path,
+                                                                                   monkeypatch, existing):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figs = tmp_path / "figs"
+    if existing:  # another model's figures, so that a mix of the two runs shows
+        tiny_model("bert", seed=1).save_pretrained(tmp_path / "other")
+        mhacompress.analyze(str(tmp_path / "other"), key_dims=[4], plot=figs)
+    before = tree(figs) if existing else None
+    real, calls = Figure.savefig, []
+
+    def stopped_at_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        mhacompress.analyze(str(tiny_bert_dir), key_dims=[4], plot=figs)
+    if existing:
+        assert tree(figs) == before
+    else:
+        assert not figs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["figs", "other"] if existing else [])
