@@ -4,7 +4,8 @@ complete, and one writer per output at a time.
 - Work happens in a temporary sibling named ``.NAME.mhacompress-tmp-<pid>-<hex>``; the output it replaces is moved
   aside to ``.NAME.mhacompress-old-<pid>-<hex>`` and deleted only once the new one is in place (put back if that
   fails). Leftovers of a killed run are recognisable by these names and removed by the next run into the same place
-  once their pid is dead (an old folder whose replacement never arrived is put back instead).
+  once their pid is dead, or is this process's own and they are older than it (an old folder whose replacement never
+  arrived is put back instead).
 - ``.NAME.mhacompress-lock`` beside the output holds an exclusive ``flock`` for the whole run: a second run into the
   same output fails at once instead of mixing files.
 - ``signals_as_exceptions`` turns SIGTERM (and SIGHUP) into a ``Terminated`` exception in the main thread, so that a
@@ -24,6 +25,7 @@ import secrets
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 try:
@@ -34,6 +36,7 @@ except ImportError:  # not on Windows: runs there go unlocked
 TMP, OLD, LOCK = "mhacompress-tmp", "mhacompress-old", "mhacompress-lock"
 LONGEST_SUFFIX = len(f".{TMP}-{2**22}-{'0' * 8}.onnx") + 1  # what temporary names add to an output's name
 WRITTEN: list[str] = []  # outputs completed by this process (for the one-line report of an interrupted run)
+STARTED = time.time()  # before this process wrote anything: a leftover with its pid but older is a killed run's
 
 _HELD: dict[Path, int] = {}  # output -> open descriptor holding the flock of its lock file
 _CREATED: dict[Path, list[Path]] = {}  # output -> parent folders created for it (removed again if still empty)
@@ -101,7 +104,7 @@ def clean_stale(target: Path) -> list[Path]:
         return handled
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if not match or pid_alive(int(match.group(2))):
+        if not match or (pid_alive(int(match.group(2))) and not _before_this_process(entry, int(match.group(2)))):
             continue
         try:
             if match.group(1) == "old" and not os.path.lexists(target):
@@ -112,6 +115,15 @@ def clean_stale(target: Path) -> list[Path]:
             continue
         handled.append(entry)
     return handled
+
+
+def _before_this_process(entry: Path, pid: int) -> bool:
+    """A leftover named with this process's own pid, made before it started: a killed run's whose pid was reused (in
+    a container every run can be pid 1)."""
+    try:
+        return pid == os.getpid() and os.lstat(entry).st_ctime < STARTED
+    except OSError:
+        return False
 
 
 # ---- creating and replacing ---------------------------------------------------------------------------------------

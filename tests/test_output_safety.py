@@ -454,3 +454,16 @@ def test_analyze_figures_stopped_midway_leave_no_partial_folder_and_no_mix_of_ru
     else:
         assert not figs.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["figs", "other"] if existing else [])
+
+
+def test_leftovers_of_a_killed_run_whose_pid_this_run_reuses_are_removed(tmp_path, monkeypatch):
+    """In a container every run can be pid 1 (or the same small pid): a leftover named with this process's own pid
+    but older than this process is a killed run's, not this one's, and was kept for good (GBs of hidden weights)."""
+    import time
+
+    leftover = tmp_path / f".out.mhacompress-tmp-{os.getpid()}-0badc0de"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(fsio, "STARTED", time.time() + 60)  # this process started after the leftover was made
+    save(reduced(), None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
