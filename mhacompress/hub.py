@@ -204,6 +204,11 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         target = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as err:
         raise UsageError(f"cannot use {option} {output}: {_reason(err)}; choose another {option}") from None
+    try:
+        str(target).encode()  # the tokenizer and safetensors writers take UTF-8 paths only: refused now, not after
+    except UnicodeEncodeError:
+        raise UsageError(f"{option} {str(output)!r} is not valid UTF-8 (a byte of another encoding in the name), "
+                         f"which the model writers cannot take; choose another {option}") from None
     _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
     _check_existing(target, force, kind, option)
     try:

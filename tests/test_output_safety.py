@@ -467,3 +467,13 @@ def test_leftovers_of_a_killed_run_whose_pid_this_run_reuses_are_removed(tmp_pat
     monkeypatch.setattr(fsio, "STARTED", time.time() + 60)  # this process started after the leftover was made
     save(reduced(), None, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_before_any_work(src, tmp_path):
+    """A byte 0xff in the name (surrogate-escaped by Python): the tokenizer and safetensors writers cannot take the
+    path, so the run failed with a traceback after all its work."""
+    out = tmp_path / "bad\udcffname"
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        check_output(out)
+    one_line_error(invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", out), "not valid UTF-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
