@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -185,6 +186,12 @@ def temp_file(target: Path, suffix: str = ""):
     path = sibling(target, TMP, suffix)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return _removed_unless_moved(path)
+
+
+def scratch_dir(prefix: str, where: str | os.PathLike | None = None):
+    """A new private folder for a run's working files (in ``where``, else the system's temporary folder), removed on
+    the way out even when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then)."""
+    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=prefix, dir=where)))
 
 
 @contextlib.contextmanager
