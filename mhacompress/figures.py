@@ -54,33 +54,47 @@ def _label_edges(axes, xlabel: str, ylabel: str) -> None:
             ax.set_ylabel(ylabel, fontsize=8)
 
 
-def _save(fig, path: Path) -> Path:
-    from .fsio import atomic_file
-
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    return path
-
-
 def analysis_figures(result: dict, out: Path) -> list[Path]:
     """The PNGs of a report: per-layer head spectra, unfolding spectra, and (with a curve) CP error vs key dim. A
     figure of an earlier run that this one does not draw (cp_error.png, --no-curve) is removed: the folder shows one
-    run."""
+    run. All are written to temporary files first and put in place together, so that a run stopped midway changes
+    nothing (and leaves no folder it made)."""
+    import contextlib
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .fsio import deferred_signals, replace, temp_file
+
     spectra, unfolding, curve = (out / name for name in ANALYSIS_FIGURES)
-    paths = [_head_spectra_figure(plt, result, spectra), _unfolding_figure(plt, result, unfolding)]
-    if result["key_dims"]:
-        paths.append(_curve_figure(plt, result, curve))
-    elif curve.is_file():
-        curve.unlink()
-    plt.close("all")
-    return paths
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as temps:
+            drawn = [(_head_spectra_figure(plt, result), spectra), (_unfolding_figure(plt, result), unfolding)]
+            if result["key_dims"]:
+                drawn.append((_curve_figure(plt, result), curve))
+            written = []
+            for fig, path in drawn:
+                tmp = temps.enter_context(temp_file(path, path.suffix))
+                fig.tight_layout()
+                fig.savefig(tmp, dpi=110)
+                written.append((tmp, path))
+            with deferred_signals():
+                for tmp, path in written:
+                    replace(tmp, path)
+                if not result["key_dims"] and curve.is_file():
+                    curve.unlink()
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        raise
+    finally:
+        plt.close("all")
+    return [path for _, path in drawn]
 
 
 def _normalised(values: list[float]) -> list[float]:
@@ -88,7 +102,7 @@ def _normalised(values: list[float]) -> list[float]:
     return [max(v / top, 1e-6) for v in values]  # floored so a log axis shows exact zeros at the bottom
 
 
-def _head_spectra_figure(plt, result: dict, path: Path) -> Path:
+def _head_spectra_figure(plt, result: dict):
     H, dh = result["heads"], result["head_dim"]
     fig, axes = _grid(plt, len(result["layers"]), f"{result['model']}: singular values of each head's "
                       f"W_q^h^T W_k^h, divided by its largest ({H} heads of {dh}, one line each)")
@@ -100,10 +114,10 @@ def _head_spectra_figure(plt, result: dict, path: Path) -> Path:
         ax.set_title(f"layer {layer['index']}: eff. rank {min(erank):.0f}-{max(erank):.0f} of {dh}", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
     _label_edges(axes, "index", "s / s_max")
-    return _save(fig, path)
+    return fig
 
 
-def _unfolding_figure(plt, result: dict, path: Path) -> Path:
+def _unfolding_figure(plt, result: dict):
     H, dh, d = result["heads"], result["head_dim"], result["hidden"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     fig.suptitle(f"{result['model']}: singular values of the stacked tensor (H, d, d) unfolded along each mode, "
@@ -125,10 +139,10 @@ def _unfolding_figure(plt, result: dict, path: Path) -> Path:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=6, loc="lower left")
         ax.set_ylabel("s / s_max", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def _curve_figure(plt, result: dict, path: Path) -> Path:
+def _curve_figure(plt, result: dict):
     fig, axes = _grid(plt, len(result["layers"]), f"{result['model']}: relative error ||T - T_hat|| / ||T|| of the "
                       f"scores' bilinear part vs key dim (lower is better)")
     for ax, layer in zip(axes, result["layers"]):
@@ -141,4 +155,4 @@ def _curve_figure(plt, result: dict, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     _label_edges(axes, "key dim", "relative error")
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return fig

@@ -4,7 +4,8 @@ complete, and one writer per output at a time.
 - Work happens in a temporary sibling named ``.NAME.mhacompress-tmp-<pid>-<hex>``; the output it replaces is moved
   aside to ``.NAME.mhacompress-old-<pid>-<hex>`` and deleted only once the new one is in place (put back if that
   fails). Leftovers of a killed run are recognisable by these names and removed by the next run into the same place
-  once their pid is dead (an old folder whose replacement never arrived is put back instead).
+  once their pid is dead, or is this process's own and they are older than it (an old folder whose replacement never
+  arrived is put back instead).
 - ``.NAME.mhacompress-lock`` beside the output holds an exclusive ``flock`` for the whole run: a second run into the
   same output fails at once instead of mixing files.
 - ``signals_as_exceptions`` turns SIGTERM (and SIGHUP) into a ``Terminated`` exception in the main thread, so that a
@@ -23,7 +24,9 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 try:
@@ -34,6 +37,7 @@ except ImportError:  # not on Windows: runs there go unlocked
 TMP, OLD, LOCK = "mhacompress-tmp", "mhacompress-old", "mhacompress-lock"
 LONGEST_SUFFIX = len(f".{TMP}-{2**22}-{'0' * 8}.onnx") + 1  # what temporary names add to an output's name
 WRITTEN: list[str] = []  # outputs completed by this process (for the one-line report of an interrupted run)
+STARTED = time.time()  # before this process wrote anything: a leftover with its pid but older is a killed run's
 
 _HELD: dict[Path, int] = {}  # output -> open descriptor holding the flock of its lock file
 _CREATED: dict[Path, list[Path]] = {}  # output -> parent folders created for it (removed again if still empty)
@@ -101,7 +105,7 @@ def clean_stale(target: Path) -> list[Path]:
         return handled
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if not match or pid_alive(int(match.group(2))):
+        if not match or (pid_alive(int(match.group(2))) and not _before_this_process(entry, int(match.group(2)))):
             continue
         try:
             if match.group(1) == "old" and not os.path.lexists(target):
@@ -112,6 +116,15 @@ def clean_stale(target: Path) -> list[Path]:
             continue
         handled.append(entry)
     return handled
+
+
+def _before_this_process(entry: Path, pid: int) -> bool:
+    """A leftover named with this process's own pid, made before it started: a killed run's whose pid was reused (in
+    a container every run can be pid 1)."""
+    try:
+        return pid == os.getpid() and os.lstat(entry).st_ctime < STARTED
+    except OSError:
+        return False
 
 
 # ---- creating and replacing ---------------------------------------------------------------------------------------
@@ -134,8 +147,9 @@ def probe(target: Path) -> None:
     """Create and remove a temporary folder beside ``target``: the real test of writability (read-only file
     systems, permissions, ACLs, name length), done before any work. Raises OSError."""
     path = sibling(target, TMP, ".onnx")
-    os.mkdir(path, 0o777)
-    os.rmdir(path)
+    with deferred_signals():  # Ctrl-C in between would leave the folder, under a live pid in a Python session
+        os.mkdir(path, 0o777)
+        os.rmdir(path)
 
 
 def current_umask() -> int:
@@ -172,6 +186,12 @@ def temp_file(target: Path, suffix: str = ""):
     path = sibling(target, TMP, suffix)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return _removed_unless_moved(path)
+
+
+def scratch_dir(prefix: str, where: str | os.PathLike | None = None):
+    """A new private folder for a run's working files (in ``where``, else the system's temporary folder), removed on
+    the way out even when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then)."""
+    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=prefix, dir=where)))
 
 
 @contextlib.contextmanager
@@ -222,24 +242,29 @@ def acquire(target: Path) -> None:
     if target in _HELD or fcntl is None:
         return
     path = lock_path(target)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd)
-            os.close(fd)
-            raise OutputBusy(target, holder) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[target] = fd
+    with deferred_signals():  # Ctrl-C between the flock and _HELD would keep the lock out of release's reach
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise OutputBusy(target, holder) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
+        _HELD[target] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:  # a full disk: give the lock back (file and flock), or this process keeps it for good
+        release(target)
+        raise
 
 
 def _read_pid(fd: int) -> int | None:
@@ -273,7 +298,7 @@ atexit.register(release_all)
 # ---- signals ------------------------------------------------------------------------------------------------------
 
 _depth = 0  # nesting of deferred_signals in the main thread
-_CAUGHT = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+CAUGHT = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 def _main_thread() -> bool:
@@ -297,7 +322,7 @@ def deferred_signals():
             _depth -= 1
         return
     pending: list[int] = []
-    previous = {s: signal.getsignal(s) for s in _CAUGHT}
+    previous = {s: signal.getsignal(s) for s in CAUGHT}
     previous = {s: h for s, h in previous.items() if h is not None}  # None: installed from C, leave it alone
     for s in previous:
         signal.signal(s, lambda signum, frame: pending.append(signum))
@@ -319,12 +344,14 @@ def _terminate(signum, frame):
 @contextlib.contextmanager
 def signals_as_exceptions():
     """For a command-line run: SIGTERM and SIGHUP raise ``Terminated``, SIGINT ``KeyboardInterrupt``, so that every
-    ``finally`` block (temporary folders, locks) runs before the process ends. Main thread only."""
+    ``finally`` block (temporary folders, locks) runs before the process ends. A signal the process was started
+    ignoring (``nohup``, a script's background job) stays ignored. Main thread only."""
     if not _main_thread():
         yield
         return
-    wanted = {s: _terminate for s in _CAUGHT if s != signal.SIGINT}
+    wanted = {s: _terminate for s in CAUGHT if s != signal.SIGINT}
     wanted[signal.SIGINT] = signal.default_int_handler
+    wanted = {s: h for s, h in wanted.items() if signal.getsignal(s) != signal.SIG_IGN}
     previous = {s: signal.signal(s, h) for s, h in wanted.items()}
     try:
         yield

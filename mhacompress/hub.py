@@ -204,17 +204,23 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         target = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as err:
         raise UsageError(f"cannot use {option} {output}: {_reason(err)}; choose another {option}") from None
+    try:
+        str(target).encode()  # the tokenizer and safetensors writers take UTF-8 paths only: refused now, not after
+    except UnicodeEncodeError:
+        raise UsageError(f"{option} {str(output)!r} is not valid UTF-8 (a byte of another encoding in the name), "
+                         f"which the model writers cannot take; choose another {option}") from None
     _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
     _check_existing(target, force, kind, option)
-    _check_writable(target, option, kind)
-    if not lock:
-        return target
     try:
-        _lock(target, output, option)
-    except UsageError:
-        fsio.release(target)  # the folders just created, if any
+        _check_writable(target, option, kind)
+        if lock:
+            _lock(target, output, option)
+            fsio.clean_stale(target)  # may put back an output that a killed run had moved aside
+            # again, now that no other run can write it: one may have finished it since the look above
+            _check_existing(target, force, kind, option)
+    except BaseException:  # a refusal or Ctrl-C: no lock or folder made for it stays (a Python session goes on)
+        fsio.release(target)
         raise
-    fsio.clean_stale(target)
     return target
 
 
@@ -313,7 +319,6 @@ def _check_writable(target: Path, option: str, kind: str) -> None:
     try:
         fsio.probe(target)
     except OSError as err:
-        fsio.release(target)  # removes the folders just created
         raise UsageError(f"cannot write in {target.parent}: {_reason(err)}; choose a writable {option}") from None
 
 
@@ -658,11 +663,14 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
-    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
     folder = _source_folder(source)
-    try:
+    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
+    try:  # at once: a Python session goes on after Ctrl-C, and must not keep the lock
         with fsio.temp_dir(target) as tmp, quiet_progress():
-            model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
+            try:
+                model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
+            except Exception as err:
+                raise _os_error(err, target) or err
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if folder is not None:
@@ -672,6 +680,13 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     finally:
         fsio.release(target)
     return Path(output)
+
+
+def _os_error(err: Exception, target: Path) -> OSError | None:
+    """The OSError behind a failed weights write (a full disk), which safetensors raises as its own SafetensorError
+    ('... (os error 28)'), naming ``target``; None for any other error."""
+    found = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return OSError(int(found[1]), os.strerror(int(found[1])), str(target)) if found else None
 
 
 def _source_folder(source) -> Path | None:

@@ -54,12 +54,13 @@ def tree(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def child(tmp_path, tiny_dir, out, *extra, barrier="-", tag="a"):
+def child(tmp_path, tiny_dir, out, *extra, barrier="-", tag="a", ignored=()):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ready = tmp_path / f"ready-{tag}"
     args = ["reduce", tiny_dir, "-k", "8", "--iterations", "3", "-o", out, "--json", *extra]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), str(barrier), *map(str, args)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored])  # as nohup does
     return proc, ready
 
 
@@ -140,3 +141,20 @@ def test_two_runs_racing_into_one_output_give_one_folder_and_one_clear_error(tmp
     model, _ = mhacompress.load(out)
     assert model.config.compression["key_dim"] == 8
 
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background-job-of-a-script"])
+def test_a_run_started_with_a_signal_ignored_is_not_stopped_by_it(tmp_path, tiny_bert_dir, signum):
+    """`nohup mhacompress ...` ignores the hangup of a closed terminal (a script's `cmd &` ignores Ctrl-C): the run
+    must keep ignoring it, not end as 'stopped by SIGHUP'."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    out = tmp_path / "outs" / "out"
+    proc, ready = child(tmp_path, tiny_bert_dir, out, barrier=barrier, ignored=[signum])
+    wait_until_saving(proc, ready)
+    proc.send_signal(signum)
+    time.sleep(0.5)  # time to act on it, were it not ignored
+    (barrier / "go").touch()  # let the save finish
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert [p.name for p in out.parent.iterdir()] == ["out"] and "partial.bin" in tree(out)

@@ -300,3 +300,180 @@ def test_sweep_figures_are_written_whole_in_the_format_of_their_name(tmp_path, n
           "examples": 10}, tmp_path / name)
     assert (tmp_path / name).read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_an_output_a_killed_run_had_moved_aside_is_put_back_and_not_replaced_without_force(tmp_path):
+    """A --force run killed between its two renames leaves the previous output as .out.mhacompress-old-*; the next
+    run puts it back. Without --force that run must then refuse it, not replace it after having found no output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    previous = tmp_path / f".out.mhacompress-old-{proc.pid}-0123abcd"
+    save(reduced(), None, previous)
+    before = tree(previous)
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        save(reduced(), None, tmp_path / "out")
+    assert tree(tmp_path / "out") == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_finished_by_another_run_just_before_the_lock_is_not_replaced_without_force(tmp_path, monkeypatch):
+    """Another run can finish writing the output between this run's look at it and this run taking the lock."""
+    out, acquire = tmp_path / "out", fsio.acquire
+
+    def finished_meanwhile(target):
+        monkeypatch.setattr(fsio, "acquire", acquire)
+        save(reduced(), None, out)  # the other run, done and gone
+        acquire(target)
+
+    monkeypatch.setattr(fsio, "acquire", finished_meanwhile)
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        check_output(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "model.safetensors").is_file()
+
+
+def test_a_lock_that_cannot_be_written_on_a_full_disk_is_given_back_and_leaves_no_file(tmp_path, monkeypatch):
+    """The lock file is made, but the pid cannot be written into it: the refusal must not keep the lock (a Python
+    session could then never write this output again) nor leave the file."""
+    real, mine = os.write, f"{os.getpid()}\n".encode()
+
+    def full(fd, data):
+        if data == mine:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(UsageError, match="No space left on device"):
+        check_output(tmp_path / "out")
+    monkeypatch.setattr(os, "write", real)
+    assert list(tmp_path.iterdir()) == []
+    save(reduced(), None, tmp_path / "out")  # once there is room again
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_full_disk_during_the_weights_write_is_one_line_and_keeps_the_previous_output(src, tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, not an OSError: the CLI printed a traceback."""
+    import safetensors
+    import transformers.modeling_utils
+
+    out = tmp_path / "out"
+    save(reduced(), None, out)
+    before = tree(out)
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    one_line_error(invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", out, "--force"),
+                   f"{out}: No space left on device", "nothing was replaced")
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("where", ["probe", "flock", "clean_stale"])
+def test_ctrl_c_while_an_output_is_checked_leaves_nothing_and_no_lock_in_a_python_session(tmp_path, monkeypatch,
+                                                                                         where):
+    """A Python session goes on after Ctrl-C: a lock it kept would turn every other run away from the output until
+    the session ends ('being written by another mhacompress run'), and a probe folder of a live pid is never
+    cleaned."""
+    import fcntl
+    import signal
+
+    def interrupted_after(module, name, only=lambda *a: True):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if only(*args):
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        monkeypatch.setattr(module, name, call)
+
+    if where == "probe":
+        interrupted_after(os, "mkdir", lambda path, *a: str(path).endswith(".onnx"))
+    elif where == "flock":
+        interrupted_after(fcntl, "flock")
+    else:
+        interrupted_after(fsio, "clean_stale")
+    with pytest.raises(KeyboardInterrupt):
+        check_output(tmp_path / "new" / "out")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [] and not fsio._HELD
+
+
+def test_a_second_signal_while_a_stopped_run_cleans_up_changes_nothing(src, tmp_path, monkeypatch):
+    """Ctrl-C twice (or Ctrl-C, then the SIGTERM of a CI timeout): the second one landed in the cleanup after the
+    one-line report, printed a traceback over it and left the lock and the folders made for the output."""
+    import signal
+
+    import mhacompress.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = fsio.release_all
+
+    def again():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**5):  # the handler runs between bytecodes
+            pass
+        real()
+
+    monkeypatch.setattr(mhacompress.pipeline, "compress", interrupted)
+    monkeypatch.setattr(fsio, "release_all", again)
+    result = invoke("reduce", src, "-k", "8", "-o", tmp_path / "new" / "out")
+    assert result.exit_code == 130 and result.output.strip().startswith("stopped by SIGINT"), result.output
+    assert len(result.output.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "folder-of-an-earlier-run"])
+def test_analyze_figures_stopped_midway_leave_no_partial_folder_and_no_mix_of_runs(tiny_bert_dir, tmp_path,
+                                                                                   monkeypatch, existing):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figs = tmp_path / "figs"
+    if existing:  # another model's figures, so that a mix of the two runs shows
+        tiny_model("bert", seed=1).save_pretrained(tmp_path / "other")
+        mhacompress.analyze(str(tmp_path / "other"), key_dims=[4], plot=figs)
+    before = tree(figs) if existing else None
+    real, calls = Figure.savefig, []
+
+    def stopped_at_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        mhacompress.analyze(str(tiny_bert_dir), key_dims=[4], plot=figs)
+    if existing:
+        assert tree(figs) == before
+    else:
+        assert not figs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["figs", "other"] if existing else [])
+
+
+def test_leftovers_of_a_killed_run_whose_pid_this_run_reuses_are_removed(tmp_path, monkeypatch):
+    """In a container every run can be pid 1 (or the same small pid): a leftover named with this process's own pid
+    but older than this process is a killed run's, not this one's, and was kept for good (GBs of hidden weights)."""
+    import time
+
+    leftover = tmp_path / f".out.mhacompress-tmp-{os.getpid()}-0badc0de"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(fsio, "STARTED", time.time() + 60)  # this process started after the leftover was made
+    save(reduced(), None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_before_any_work(src, tmp_path):
+    """A byte 0xff in the name (surrogate-escaped by Python): the tokenizer and safetensors writers cannot take the
+    path, so the run failed with a traceback after all its work."""
+    out = tmp_path / "bad\udcffname"
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        check_output(out)
+    one_line_error(invoke("reduce", src, "-k", "8", "--iterations", "3", "-o", out), "not valid UTF-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

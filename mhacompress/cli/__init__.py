@@ -67,7 +67,11 @@ def _one_line_usage():
 
 
 def _stopped(err: BaseException) -> int:
-    """One line on stderr for a run stopped by a signal; its exit status (130 for Ctrl-C, 143 for SIGTERM)."""
+    """One line on stderr for a run stopped by a signal; its exit status (130 for Ctrl-C, 143 for SIGTERM). The run
+    is stopping: a second signal is ignored from here on (until signals_as_exceptions restores the handlers), so that
+    it cannot cut short the cleanup that follows (locks, folders made for the output) with a traceback."""
+    for s in fsio.CAUGHT:
+        signal.signal(s, signal.SIG_IGN)
     signum = getattr(err, "signum", signal.SIGINT)
     done = f"{', '.join(fsio.WRITTEN)} was written before that" if fsio.WRITTEN else "nothing was written"
     click.echo(f"stopped by {fsio.signal_name(signum)}; {done}, no partial output left", err=True)
