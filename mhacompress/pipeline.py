@@ -7,6 +7,7 @@ nothing here prints, and nothing here imports mhacompress.cli.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
@@ -283,9 +284,10 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
     if c is not None and c.sequential:
         from .reduction.sensitivity import SENSITIVITY_SEQUENCES, candidates, output_curves
 
-        curves = output_curves(model, config, candidates(model, config.method, uniform),
-                               _first_sequences(batches, SENSITIVITY_SEQUENCES), _plan(c, model),
-                               on_progress=_stages(notify))
+        with scratch("mhacompress-sensitivity-") as work:
+            curves = output_curves(model, config, candidates(model, config.method, uniform),
+                                   _first_sequences(batches, SENSITIVITY_SEQUENCES), _plan(c, model),
+                                   on_progress=_stages(notify), workdir=work)
         dims = allocate([{k: e ** 0.5 for k, e in curve.items()} for curve in curves], cost, allowed)  # sums e
         return dims, [{str(k): e for k, e in curve.items()} for curve in curves]
     moments = None
@@ -329,6 +331,17 @@ def _first_sequences(batches: list[dict], count: int) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def scratch(prefix: str):
+    """A folder (str) for the spilled calibration activations, removed with signals held back: a second Ctrl-C,
+    which users press when the first is slow to act inside a long torch call, cannot leave it (as large as the
+    activations) in the temporary folder. The reduction's own temporary folder lives inside it."""
+    from .fsio import scratch_dir
+
+    with scratch_dir(prefix) as folder:
+        yield str(folder)
+
+
 def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
     """Decompose every layer in place: from the weights, from the original's moments, or sequentially."""
     from .reduction.surgery import reduce_layers_
@@ -337,7 +350,9 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
     if c is not None and c.sequential:
         from .reduction.sequential import reduce_sequential_
 
-        plan = reduce_sequential_(model, config, dims, batches, _plan(c, model), on_progress=_stages(notify))
+        with scratch("mhacompress-calibration-") as work:
+            plan = reduce_sequential_(model, config, dims, batches, _plan(c, model), on_progress=_stages(notify),
+                                      workdir=work)
         return plan.reports, plan.modified
     moments = None
     if c is not None:

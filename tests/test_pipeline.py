@@ -121,3 +121,35 @@ def test_a_model_with_another_head_is_refused_from_every_entry_point(entry, head
     with pytest.raises(UsageError, match=f"{head}.*encoders.*sequence classifiers.*model.base_model"):
         call()
     assert type(model.base_model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched
+
+
+@pytest.mark.parametrize("allocate", [False, True], ids=["reduction", "sensitivity"])
+def test_a_second_ctrl_c_while_the_calibration_activations_are_removed_still_removes_them(tiny_bert_dir, tmp_path,
+                                                                                         monkeypatch, allocate):
+    """The first Ctrl-C can take a while to act (inside a long torch call), so users press it again: the second one
+    landed in the removal of the spilled activations and left them, as large as the calibration data, in /tmp."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    from mhacompress.reduction import sensitivity, sequential
+
+    real = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if "mhacompress-" in os.fspath(path):
+            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C
+        return real(path, *args, **kwargs)
+
+    def first_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    monkeypatch.setattr(sensitivity if allocate else sequential, "solve_qk_", first_ctrl_c)
+    config = ReductionConfig(key_dim=4, n_iter_max=5, allocate=allocate, calibration=CAL)
+    with pytest.raises(KeyboardInterrupt):
+        mhacompress.compress(str(tiny_bert_dir), config, calibration=["a first text", "and a second one", "three",
+                                                                       "the fourth and last text"])
+    assert list(tmp_path.iterdir()) == []

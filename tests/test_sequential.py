@@ -188,33 +188,6 @@ def test_the_temporary_activations_are_removed(tmp_path):
     assert all(type(m).__name__.startswith("Collaborative") for _, _, m in attention_modules(model))
 
 
-def test_a_second_ctrl_c_while_the_temporary_activations_are_removed_still_removes_them(tmp_path, monkeypatch):
-    """The first Ctrl-C can take a while to act (inside a long torch call), so users press it again: the second one
-    landed in the removal of the spill folder and left it, as large as the calibration activations, in /tmp."""
-    import os
-    import shutil
-    import signal
-
-    real = shutil.rmtree
-
-    def interrupted(path, *args, **kwargs):
-        if "mhacompress-" in os.fspath(path):
-            signal.raise_signal(signal.SIGINT)  # the second Ctrl-C
-        return real(path, *args, **kwargs)
-
-    def first_ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    import mhacompress.reduction.sequential as sequential_module
-
-    monkeypatch.setattr(shutil, "rmtree", interrupted)
-    monkeypatch.setattr(sequential_module, "solve_qk_", first_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        reduce_sequential_(tiny_model("bert"), ReductionConfig(key_dim=4, n_iter_max=5), [4, 4], calibration(2),
-                           Plan(), workdir=str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_refinement_that_diverges_gives_the_closed_form_back():
     """A step size far too large for the model: the Adam steps raise the error, so they are undone."""
     batches = calibration()

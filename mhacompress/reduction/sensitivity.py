@@ -11,13 +11,14 @@ divergence of the output is what the budget should buy down (K-prune, ICLR 2024,
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..fsio import scratch_dir
 from . import methods
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
@@ -108,8 +109,8 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
                    compensation_strength=plan.compensation_strength, first_token_last=plan.first_token_last)
     quick = replace(config, n_iter_max=min(config.n_iter_max, CURVE_SWEEPS))  # curves rank; the reduction refines
     curves = []
-    with scratch_dir("mhacompress-sensitivity-", workdir) as folder:
-        spill = embed(model, data, folder)
+    with tempfile.TemporaryDirectory(prefix="mhacompress-sensitivity-", dir=workdir) as folder:
+        spill = embed(model, data, Path(folder))
         weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
             if plan.objective == "output" else None
         for index in range(len(model_layers(model))):

@@ -25,6 +25,7 @@ with the ``score`` objective (the simpler rung of the ablation):
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..devices import cpu_threads, work_device
-from ..fsio import scratch_dir
 from . import methods
 from .calibrate import unwhiten
 from .config import OBJECTIVES, ReductionConfig
@@ -331,8 +331,8 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
     device = next(model.parameters()).device
     progress = on_progress or (lambda stage, done, total: None)
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
-    with scratch_dir("mhacompress-calibration-", workdir) as folder:
-        spill = embed(model, data, folder)
+    with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
+        spill = embed(model, data, Path(folder))
         weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
             if plan.objective == "output" else None
         same = True  # x~ == x until the first reduced layer
