@@ -40,6 +40,7 @@ WRITTEN: list[str] = []  # outputs completed by this process (for the one-line r
 STARTED = time.time()  # before this process wrote anything: a leftover with its pid but older is a killed run's
 
 _HELD: dict[Path, int] = {}  # output -> open descriptor holding the flock of its lock file
+_OWNER: dict[Path, int] = {}  # output -> the thread that holds its lock (reentrant for that thread only)
 _CREATED: dict[Path, list[Path]] = {}  # output -> parent folders created for it (removed again if still empty)
 
 
@@ -237,9 +238,14 @@ def atomic_file(path: str | os.PathLike, suffix: str | None = None):
 # ---- the output lock ----------------------------------------------------------------------------------------------
 
 def acquire(target: Path) -> None:
-    """Hold the exclusive lock of ``target`` until ``release`` (or exit); reentrant within a process. Raises
-    OutputBusy when another live process holds it, OSError when the lock file cannot be made."""
-    if target in _HELD or fcntl is None:
+    """Hold the exclusive lock of ``target`` until ``release`` (or exit); reentrant within the thread that holds it.
+    Raises OutputBusy when another live process, or another thread of this one, holds it, OSError when the lock file
+    cannot be made."""
+    if fcntl is None:
+        return
+    if target in _HELD:
+        if _OWNER.get(target) != threading.get_ident():  # two threads saving one output would interleave their files
+            raise OutputBusy(target, os.getpid())
         return
     path = lock_path(target)
     with deferred_signals():  # Ctrl-C between the flock and _HELD would keep the lock out of release's reach
@@ -258,7 +264,7 @@ def acquire(target: Path) -> None:
             if same:
                 break
             os.close(fd)  # its last holder deleted the file between our open and our flock: lock the new one
-        _HELD[target] = fd
+        _HELD[target], _OWNER[target] = fd, threading.get_ident()
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -278,6 +284,7 @@ def release(target: Path) -> None:
     """Give up ``target``'s lock: the lock file is deleted (while still locked), then closed; folders created for the
     output and still empty are removed."""
     fd = _HELD.pop(target, None)
+    _OWNER.pop(target, None)
     if fd is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path(target))

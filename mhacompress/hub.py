@@ -237,7 +237,8 @@ def _lock(target: Path, output, option: str) -> None:
     try:
         fsio.acquire(target)
     except fsio.OutputBusy as busy:
-        who = f"process {busy.pid}" if busy.pid else "another process"
+        who = ("another thread of this process" if busy.pid == os.getpid() else f"process {busy.pid}") \
+            if busy.pid else "another process"
         raise UsageError(f"{option} {output} is being written by another mhacompress run ({who}); wait for it to "
                          f"finish or choose another {option}") from None
     except OSError as err:

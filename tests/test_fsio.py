@@ -156,6 +156,39 @@ def test_a_second_process_cannot_take_a_held_lock(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_another_thread_of_the_process_cannot_take_a_held_lock(tmp_path):
+    """Reentrant for the thread that holds it (check_output, then save), not for the process: two threads saving
+    one output would interleave their files."""
+    import threading
+
+    out, taken, done = tmp_path / "out", threading.Event(), threading.Event()
+
+    def hold():
+        fsio.acquire(out)
+        taken.set()
+        done.wait(10)
+        fsio.release(out)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(10)
+        with pytest.raises(fsio.OutputBusy) as busy:
+            fsio.acquire(out)
+        assert busy.value.pid == os.getpid()
+        from mhacompress.hub import check_output
+
+        with pytest.raises(UsageError, match="being written by another mhacompress run \\(another thread of this"):
+            check_output(out)
+    finally:
+        done.set()
+        holder.join()
+    fsio.acquire(out)
+    fsio.acquire(out)  # reentrant in this thread
+    fsio.release(out)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_release_removes_created_parents_that_stayed_empty(tmp_path):
     out = tmp_path / "a" / "b" / "out"
     fsio.make_parents(out)
