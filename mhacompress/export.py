@@ -149,6 +149,10 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
                 raise UsageError(f"onnxruntime differs from PyTorch by {result['max_abs_diff']:.2e} > {tol:g}; "
                                  f"nothing was written")
             fsio.replace(tmp, target)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(output)) from None  # onnx's write errors name no file
     finally:
         fsio.release(target)
     return {"output": str(output), "format": "onnx", "opset": opset, "inputs": list(INPUTS), "outputs": names,

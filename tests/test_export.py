@@ -154,6 +154,20 @@ def test_an_export_that_cannot_be_checked_writes_nothing(tiny_dirs, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_during_the_export_names_the_output_and_writes_nothing(tiny_dirs, tmp_path, monkeypatch):
+    """onnx's write error carries no file name: the one-line message said 'cannot access: No space left on device'
+    without saying where."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    result = invoke("export", tiny_dirs[1], "-o", tmp_path / "m.onnx")
+    assert_one_line_error(result, f"cannot access {tmp_path / 'm.onnx'}: No space left on device", "nothing was")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_format_is_read_in_any_case(tiny_dirs, tmp_path):
     result = invoke("export", tiny_dirs[1], "--format", "ONNX", "-o", tmp_path / "m.onnx", "--json")
     assert result.exit_code == 0, result.output
