@@ -151,6 +151,23 @@ def test_rollout_follows_the_attention_maps_from_the_readout():
                                torch.tensor([[0.5, 0.5, 0.0]]))
 
 
+def test_rollout_steps_back_through_each_layers_own_map_and_is_zero_at_padding():
+    """Three layers with different maps: layer l's weights are layer l+1's carried back through layer l+1's map,
+    w_j <- r w_j + (1 - r) sum_i w_i M_ij, written out by index; the padding gets nothing, even from a readout and
+    maps that put weight there."""
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.tensor([[True, True, True, False]])
+    maps = [torch.rand(1, 4, 4, generator=gen, dtype=f64) for _ in range(3)]
+    maps = [m / m.sum(-1, keepdim=True) for m in maps]  # rows that also attend to the padding key
+    readout = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=f64)
+    got = rollout(maps, readout, tokens, residual=0.3)
+    want = [0.1, 0.2, 0.3, 0.0]
+    for index in (2, 1, 0):
+        torch.testing.assert_close(got[index], torch.tensor([want], dtype=f64))
+        M = maps[index][0]
+        want = [(0.3 * want[j] + 0.7 * sum(want[i] * float(M[i, j]) for i in range(4))) * (j < 3) for j in range(4)]
+
+
 def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
     p, q = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
     sp = p.softmax(-1)
