@@ -16,6 +16,7 @@ from mhacompress.reduction.objectives import (
     key_side,
     output_metric,
     readout_weights,
+    ridge_map,
     rollout,
 )
 from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
@@ -166,6 +167,29 @@ def test_rollout_steps_back_through_each_layers_own_map_and_is_zero_at_padding()
         torch.testing.assert_close(got[index], torch.tensor([want], dtype=f64))
         M = maps[index][0]
         want = [(0.3 * want[j] + 0.7 * sum(want[i] * float(M[i, j]) for i in range(4))) * (j < 3) for j in range(4)]
+
+
+def test_the_head_weights_are_the_root_of_each_heads_share_over_the_mean_with_a_floor():
+    """alpha_h = (share_h / mean share)^1/2, a head with no share (its W_O is zero) floored at 1e-3^1/2, not zero (the
+    factors are divided by alpha)."""
+    m = OutputMoments(2, 3)
+    m.share += torch.tensor([1.0, 5.0, 0.0], dtype=f64)  # mean 2
+    torch.testing.assert_close(m.head_weights(), torch.tensor([0.5, 2.5, 1e-3], dtype=f64).sqrt())
+
+
+def test_the_ridge_map_is_least_squares_pulled_to_the_identity_by_a_scale_free_ridge():
+    """P minimises ||X - X~ P^T||^2 / n + r ||P - I||^2, r = ridge x the mean eigenvalue of X~^T X~ / n: lstsq on the
+    data rows stacked over sqrt(r) I rows. The ridge is relative: the same P for the data scaled by 1000."""
+    gen = torch.Generator().manual_seed(8)
+    n, d, ridge = 7, 4, 0.3
+    xr, x = torch.randn(n, d, generator=gen, dtype=f64), torch.randn(n, d, generator=gen, dtype=f64)
+    r = ridge * (xr * xr).sum() / n / d
+    eye = torch.eye(d, dtype=f64)
+    want = torch.linalg.lstsq(torch.cat([xr / n**0.5, r.sqrt() * eye]), torch.cat([x / n**0.5, r.sqrt() * eye])
+                              ).solution.T
+    for scale in (1.0, 1e3):
+        xs, xrs = x * scale, xr * scale
+        torch.testing.assert_close(ridge_map(xrs.T @ xrs / n, xs.T @ xrs / n, ridge), want)
 
 
 def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
