@@ -8,6 +8,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
 from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (
     OutputMoments,
@@ -190,6 +191,48 @@ def test_the_ridge_map_is_least_squares_pulled_to_the_identity_by_a_scale_free_r
     for scale in (1.0, 1e3):
         xs, xrs = x * scale, xr * scale
         torch.testing.assert_close(ridge_map(xrs.T @ xrs / n, xs.T @ xrs / n, ridge), want)
+
+
+def random_factors(method, d=6, heads=2, r=3, seed=9):
+    """Truncated factors of any method, random (no solver structure to hide a swapped U and V), and their heads
+    A_hat (H, d, d) rebuilt by the method's own formula."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=f64)
+
+    if method == "svd":  # A_h = U_h V_h^T
+        f = Factors("svd", rand(heads, d, r), rand(heads, d, r), None, 0.0)
+        return f, torch.einsum("hdr,her->hde", f.U, f.V)
+    if method == "tucker":  # A_h = U G_h V^T, a non-square core
+        f = Factors("tucker", rand(d, r), rand(d, r + 1), rand(heads, r, r + 1), 0.0)
+        return f, torch.einsum("dr,hrs,es->hde", f.U, f.mixing, f.V)
+    f = Factors("cp", rand(d, r), rand(d, r), rand(heads, r), 0.0)  # A_h = U diag(m_h) V^T
+    return f, torch.einsum("dr,hr,er->hde", f.U, f.mixing, f.V)
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_the_key_side_is_the_reconstructed_heads_applied_to_the_query(method):
+    f, dense = random_factors(method)
+    mu = torch.randn(6, generator=torch.Generator().manual_seed(10), dtype=f64)
+    torch.testing.assert_close(key_side(f, mu), torch.einsum("hde,d->he", dense, mu))
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_the_centred_bias_keeps_the_mean_query_exact_on_the_reduced_stream(method):
+    """Off the identity: the reduced mean query mu_r differs from the original mu and keys are carried by a key map
+    (y ~ Pk y~). For every reduced key y~, mu_r^T A_hat_h y~ + c_h . y~ is the original mean query's score
+    (W_q^h mu + b_q^h) . W_k^h Pk y~, whatever the (truncated) factors."""
+    d, heads, dh = 6, 2, 3
+    gen = torch.Generator().manual_seed(11)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    bq, mu, mu_r = (torch.randn(n, generator=gen, dtype=f64) for n in (heads * dh, d, d))
+    key_map, y = torch.randn(d, d, generator=gen, dtype=f64), torch.randn(d, 5, generator=gen, dtype=f64)
+    f, dense = random_factors(method, d, heads)
+    bias = centred_content_bias(wq, bq, wk, heads, mu, f, mu_r, key_map)
+    reduced = torch.einsum("d,hde->he", mu_r, dense) @ y + bias @ y  # (H, 5)
+    original = torch.einsum("hi,hid->hd", (wq @ mu + bq).view(heads, dh), wk.view(heads, dh, d)) @ key_map @ y
+    torch.testing.assert_close(reduced, original)
 
 
 def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
