@@ -19,6 +19,7 @@ from mhacompress.reduction.objectives import (
     readout_weights,
     ridge_map,
     rollout,
+    whitened_problem,
 )
 from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
 from mhacompress.reduction.sequential import Plan, solve_output
@@ -233,6 +234,77 @@ def test_the_centred_bias_keeps_the_mean_query_exact_on_the_reduced_stream(metho
     reduced = torch.einsum("d,hde->he", mu_r, dense) @ y + bias @ y  # (H, 5)
     original = torch.einsum("hi,hid->hd", (wq @ mu + bq).view(heads, dh), wk.view(heads, dh, d)) @ key_map @ y
     torch.testing.assert_close(reduced, original)
+
+
+def drifted(d=4, heads=2, seed=12):
+    """Output moments of a reduced stream that has drifted from the original (x~ != x, its mean too), with padding,
+    uneven token weights and a key metric S = R R^T zero at padding; and the data, flattened per batch."""
+    gen = torch.Generator().manual_seed(seed)
+    m, data = OutputMoments(d, heads), []
+    tokens = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    for _ in range(2):
+        x = torch.randn(2, 5, d, generator=gen, dtype=f64) + 0.5
+        xr = x @ torch.randn(d, d, generator=gen, dtype=f64) * 0.5 + 0.3 * torch.randn(2, 5, d, generator=gen,
+                                                                                      dtype=f64) - 0.2
+        weights = (torch.rand(2, 5, generator=gen, dtype=f64) + 0.5) * tokens
+        R = torch.randn(2, 5, 5, generator=gen, dtype=f64) * tokens[..., None]
+        m.add(x, xr, tokens, weights, R @ R.transpose(-1, -2), torch.tensor([1.0, 3.0], dtype=f64))
+        data.append((x, xr, tokens, weights, R))
+    return m, data
+
+
+def test_the_output_moments_are_the_weighted_sums_of_both_streams():
+    """Against sums written out token by token: the weighted means of x and x~, the centred query metric, the key
+    metric Y~^T S Y~ per real token; the query map is the centred weighted least-squares map x - mu ~ Pq (x~ - mu~)
+    and the key map the least-squares map y ~ Pk y~ in the S metric (rows R^T Y~ for S = R R^T), both with the
+    ridge towards the identity."""
+    d = 4
+    m, data = drifted(d)
+    tok = [(x[b, j], xr[b, j], w[b, j]) for x, xr, tokens, w, _ in data for b in range(2) for j in range(5)
+           if tokens[b, j]]  # (x_i, x~_i, w_i) of every real token
+    n = sum(float(w) for _, _, w in tok)
+    mu = sum(w * x for x, _, w in tok) / n
+    mu_r = sum(w * xr for _, xr, w in tok) / n
+    torch.testing.assert_close(m.means()[0], mu)
+    torch.testing.assert_close(m.means()[1], mu_r)
+    cq = sum(w * torch.outer(xr - mu_r, xr - mu_r) for _, xr, w in tok) / n
+    torch.testing.assert_close(m.query_metric(), cq)
+    n_key = len(tok)
+    ck = sum(torch.outer(xr[b, i], xr[b, j]) * float((R[b] @ R[b].T)[i, j])
+             for _, xr, _, _, R in data for b in range(2) for i in range(5) for j in range(5)) / n_key
+    torch.testing.assert_close(m.key_metric(), ck)
+
+    eye = torch.eye(d, dtype=f64)
+
+    def ridge_lstsq(rows, targets, count, metric):
+        r = 1e-3 * metric.trace() / d * count  # ridge_map's default, in sums rather than means
+        return torch.linalg.lstsq(torch.cat([rows, r.sqrt() * eye]), torch.cat([targets, r.sqrt() * eye])).solution.T
+
+    root = torch.tensor([float(w) ** 0.5 for _, _, w in tok], dtype=f64)[:, None]
+    pq = ridge_lstsq(root * torch.stack([xr - mu_r for _, xr, _ in tok]),
+                     root * torch.stack([x - mu for x, _, _ in tok]), n, cq)
+    torch.testing.assert_close(m.query_map(), pq)
+    key_rows = torch.cat([R[b].T @ xr[b] for _, xr, _, _, R in data for b in range(2)])  # R^T Y~
+    key_targets = torch.cat([R[b].T @ x[b] for x, _, _, _, R in data for b in range(2)])  # R^T Y
+    torch.testing.assert_close(m.key_map(), ridge_lstsq(key_rows, key_targets, n_key, ck))
+
+
+def test_off_the_identity_the_whitened_target_is_the_original_heads_carried_by_the_input_maps():
+    """Once the streams differ, head h's target is Pq^T A_h Pk: the whitened, head-weighted weights mapped back
+    (Cq^-1/2 ... Ck^-1/2, over alpha_h) give it, with the moments' query and key maps (which differ)."""
+    d, heads, dh = 4, 2, 2
+    m, _ = drifted(d, heads)
+    gen = torch.Generator().manual_seed(13)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    wq_w, wk_w, inv_q, inv_k, alpha, key_map = whitened_problem(wq, wk, m, identity=False)
+    pq, pk = m.query_map(), m.key_map()
+    assert not torch.allclose(pq, pk, atol=1e-2)
+    torch.testing.assert_close(key_map, pk)
+    torch.testing.assert_close(alpha, m.head_weights())
+    for h in range(heads):
+        rows = slice(h * dh, (h + 1) * dh)
+        got = inv_q @ wq_w[rows].T @ wk_w[rows] @ inv_k / alpha[h]
+        torch.testing.assert_close(got, pq.T @ wq[rows].T @ wk[rows] @ pk)
 
 
 def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():
