@@ -171,6 +171,13 @@ def test_rollout_steps_back_through_each_layers_own_map_and_is_zero_at_padding()
         want = [(0.3 * want[j] + 0.7 * sum(want[i] * float(M[i, j]) for i in range(4))) * (j < 3) for j in range(4)]
 
 
+def test_rollout_keeps_half_of_each_step_on_the_residual_path_by_default():
+    """The sequential reduction calls rollout with its default: half the weight stays, half follows the map."""
+    tokens, swap = torch.tensor([[True, True]]), torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    w = rollout([swap, swap], torch.tensor([[1.0, 0.0]]), tokens)
+    torch.testing.assert_close(w[0], torch.tensor([[0.5, 0.5]]))
+
+
 def test_the_head_weights_are_the_root_of_each_heads_share_over_the_mean_with_a_floor():
     """alpha_h = (share_h / mean share)^1/2, a head with no share (its W_O is zero) floored at 1e-3^1/2, not zero (the
     factors are divided by alpha)."""
