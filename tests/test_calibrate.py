@@ -8,9 +8,9 @@ import torch
 from conftest import final_error, padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
 from mhacompress.errors import UsageError
-from mhacompress.reduction.calibrate import second_moments, unwhiten, whitening
+from mhacompress.reduction.calibrate import second_moments, unwhiten, whiten, whitening
 from mhacompress.reduction.config import ReductionConfig
-from mhacompress.reduction.decompose import decompose, relative_error
+from mhacompress.reduction.decompose import Factors, decompose, relative_error
 from mhacompress.reduction.surgery import reduce_
 
 H, DH, D = 4, 4, 16
@@ -37,6 +37,36 @@ def test_whitening_is_a_square_root_and_its_inverse():
     sqrt, inv_sqrt = whitening(moment)
     torch.testing.assert_close(sqrt @ sqrt, moment)
     torch.testing.assert_close(sqrt @ inv_sqrt, torch.eye(D, dtype=torch.float64))
+
+
+def test_whitening_floors_the_eigenvalues_at_eps_times_the_largest():
+    """Rank-deficient data at a tiny scale (a direction the tokens never take, eigenvalues 4e-8, 1e-8, 0): the
+    missing eigenvalue is raised to eps x the largest, relative to the data, and the others are kept."""
+    gen = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
+    moment = (basis * torch.tensor([4e-8, 1e-8, 0.0], dtype=torch.float64)) @ basis.T
+    floored = torch.tensor([4e-8, 1e-8, 4e-8 * 1e-6], dtype=torch.float64)
+    sqrt, inv_sqrt = whitening(moment, eps=1e-6)
+    torch.testing.assert_close(sqrt, (basis * floored.sqrt()) @ basis.T, rtol=1e-6, atol=0)
+    torch.testing.assert_close(inv_sqrt, (basis * floored.rsqrt()) @ basis.T, rtol=1e-6, atol=0)
+
+
+def test_whiten_takes_the_query_and_the_key_moment_on_their_own_sides():
+    """With query inputs of second moment Cq and independent key inputs of Ck, the whitened head's squared norm is
+    the expected squared score E[(x^T A_h y)^2] = tr(Cq A_h Ck A_h^T), and the maps back give A_h: directly, and
+    through unwhiten on exact factors of the whitened heads (U_h = W~_q^h^T, V_h = W~_k^h^T)."""
+    wq, wk, cq = anisotropic_problem(seed=3)
+    ck = anisotropic_problem(seed=4)[2] + torch.eye(D, dtype=torch.float64)
+    wq_w, wk_w, inv_q, inv_k = whiten(wq, wk, cq, ck)
+    exact = Factors("svd", wq_w.view(H, DH, D).transpose(1, 2), wk_w.view(H, DH, D).transpose(1, 2), None, 0.0)
+    back = unwhiten(exact, inv_q, inv_k)
+    for h in range(H):
+        rows = slice(h * DH, (h + 1) * DH)
+        a = wq[rows].T @ wk[rows]
+        whitened = wq_w[rows].T @ wk_w[rows]
+        torch.testing.assert_close(whitened.pow(2).sum(), torch.trace(cq @ a @ ck @ a.T))
+        torch.testing.assert_close(inv_q @ whitened @ inv_k, a)
+        torch.testing.assert_close(back.U[h] @ back.V[h].T, a)
 
 
 def test_expected_score_error_matches_a_monte_carlo_estimate():

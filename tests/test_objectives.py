@@ -8,6 +8,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
 from mhacompress.reduction.config import ReductionConfig
+from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (
     OutputMoments,
@@ -16,7 +17,9 @@ from mhacompress.reduction.objectives import (
     key_side,
     output_metric,
     readout_weights,
+    ridge_map,
     rollout,
+    whitened_problem,
 )
 from mhacompress.reduction.sensitivity import candidates, divergence, output_curves
 from mhacompress.reduction.sequential import Plan, solve_output
@@ -149,6 +152,166 @@ def test_rollout_follows_the_attention_maps_from_the_readout():
     torch.testing.assert_close(w[0], torch.tensor([[0.25, 0.75, 0.0]]))  # residual part, and on to the attended key
     torch.testing.assert_close(readout_weights(torch.tensor([[True, True, False]]), first_token=False),
                                torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def test_rollout_steps_back_through_each_layers_own_map_and_is_zero_at_padding():
+    """Three layers with different maps: layer l's weights are layer l+1's carried back through layer l+1's map,
+    w_j <- r w_j + (1 - r) sum_i w_i M_ij, written out by index; the padding gets nothing, even from a readout and
+    maps that put weight there."""
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.tensor([[True, True, True, False]])
+    maps = [torch.rand(1, 4, 4, generator=gen, dtype=f64) for _ in range(3)]
+    maps = [m / m.sum(-1, keepdim=True) for m in maps]  # rows that also attend to the padding key
+    readout = torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=f64)
+    got = rollout(maps, readout, tokens, residual=0.3)
+    want = [0.1, 0.2, 0.3, 0.0]
+    for index in (2, 1, 0):
+        torch.testing.assert_close(got[index], torch.tensor([want], dtype=f64))
+        M = maps[index][0]
+        want = [(0.3 * want[j] + 0.7 * sum(want[i] * float(M[i, j]) for i in range(4))) * (j < 3) for j in range(4)]
+
+
+def test_rollout_keeps_half_of_each_step_on_the_residual_path_by_default():
+    """The sequential reduction calls rollout with its default: half the weight stays, half follows the map."""
+    tokens, swap = torch.tensor([[True, True]]), torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    w = rollout([swap, swap], torch.tensor([[1.0, 0.0]]), tokens)
+    torch.testing.assert_close(w[0], torch.tensor([[0.5, 0.5]]))
+
+
+def test_the_head_weights_are_the_root_of_each_heads_share_over_the_mean_with_a_floor():
+    """alpha_h = (share_h / mean share)^1/2, a head with no share (its W_O is zero) floored at 1e-3^1/2, not zero (the
+    factors are divided by alpha)."""
+    m = OutputMoments(2, 3)
+    m.share += torch.tensor([1.0, 5.0, 0.0], dtype=f64)  # mean 2
+    torch.testing.assert_close(m.head_weights(), torch.tensor([0.5, 2.5, 1e-3], dtype=f64).sqrt())
+
+
+def test_the_ridge_map_is_least_squares_pulled_to_the_identity_by_a_scale_free_ridge():
+    """P minimises ||X - X~ P^T||^2 / n + r ||P - I||^2, r = ridge x the mean eigenvalue of X~^T X~ / n: lstsq on the
+    data rows stacked over sqrt(r) I rows. The ridge is relative: the same P for the data scaled by 1000."""
+    gen = torch.Generator().manual_seed(8)
+    n, d, ridge = 7, 4, 0.3
+    xr, x = torch.randn(n, d, generator=gen, dtype=f64), torch.randn(n, d, generator=gen, dtype=f64)
+    r = ridge * (xr * xr).sum() / n / d
+    eye = torch.eye(d, dtype=f64)
+    want = torch.linalg.lstsq(torch.cat([xr / n**0.5, r.sqrt() * eye]), torch.cat([x / n**0.5, r.sqrt() * eye])
+                              ).solution.T
+    for scale in (1.0, 1e3):
+        xs, xrs = x * scale, xr * scale
+        torch.testing.assert_close(ridge_map(xrs.T @ xrs / n, xs.T @ xrs / n, ridge), want)
+
+
+def random_factors(method, d=6, heads=2, r=3, seed=9):
+    """Truncated factors of any method, random (no solver structure to hide a swapped U and V), and their heads
+    A_hat (H, d, d) rebuilt by the method's own formula."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=f64)
+
+    if method == "svd":  # A_h = U_h V_h^T
+        f = Factors("svd", rand(heads, d, r), rand(heads, d, r), None, 0.0)
+        return f, torch.einsum("hdr,her->hde", f.U, f.V)
+    if method == "tucker":  # A_h = U G_h V^T, a non-square core
+        f = Factors("tucker", rand(d, r), rand(d, r + 1), rand(heads, r, r + 1), 0.0)
+        return f, torch.einsum("dr,hrs,es->hde", f.U, f.mixing, f.V)
+    f = Factors("cp", rand(d, r), rand(d, r), rand(heads, r), 0.0)  # A_h = U diag(m_h) V^T
+    return f, torch.einsum("dr,hr,er->hde", f.U, f.mixing, f.V)
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_the_key_side_is_the_reconstructed_heads_applied_to_the_query(method):
+    f, dense = random_factors(method)
+    mu = torch.randn(6, generator=torch.Generator().manual_seed(10), dtype=f64)
+    torch.testing.assert_close(key_side(f, mu), torch.einsum("hde,d->he", dense, mu))
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_the_centred_bias_keeps_the_mean_query_exact_on_the_reduced_stream(method):
+    """Off the identity: the reduced mean query mu_r differs from the original mu and keys are carried by a key map
+    (y ~ Pk y~). For every reduced key y~, mu_r^T A_hat_h y~ + c_h . y~ is the original mean query's score
+    (W_q^h mu + b_q^h) . W_k^h Pk y~, whatever the (truncated) factors."""
+    d, heads, dh = 6, 2, 3
+    gen = torch.Generator().manual_seed(11)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    bq, mu, mu_r = (torch.randn(n, generator=gen, dtype=f64) for n in (heads * dh, d, d))
+    key_map, y = torch.randn(d, d, generator=gen, dtype=f64), torch.randn(d, 5, generator=gen, dtype=f64)
+    f, dense = random_factors(method, d, heads)
+    bias = centred_content_bias(wq, bq, wk, heads, mu, f, mu_r, key_map)
+    reduced = torch.einsum("d,hde->he", mu_r, dense) @ y + bias @ y  # (H, 5)
+    original = torch.einsum("hi,hid->hd", (wq @ mu + bq).view(heads, dh), wk.view(heads, dh, d)) @ key_map @ y
+    torch.testing.assert_close(reduced, original)
+
+
+def drifted(d=4, heads=2, seed=12):
+    """Output moments of a reduced stream that has drifted from the original (x~ != x, its mean too), with padding,
+    uneven token weights and a key metric S = R R^T zero at padding; and the data, flattened per batch."""
+    gen = torch.Generator().manual_seed(seed)
+    m, data = OutputMoments(d, heads), []
+    tokens = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    for _ in range(2):
+        x = torch.randn(2, 5, d, generator=gen, dtype=f64) + 0.5
+        xr = x @ torch.randn(d, d, generator=gen, dtype=f64) * 0.5 + 0.3 * torch.randn(2, 5, d, generator=gen,
+                                                                                      dtype=f64) - 0.2
+        weights = (torch.rand(2, 5, generator=gen, dtype=f64) + 0.5) * tokens
+        R = torch.randn(2, 5, 5, generator=gen, dtype=f64) * tokens[..., None]
+        m.add(x, xr, tokens, weights, R @ R.transpose(-1, -2), torch.tensor([1.0, 3.0], dtype=f64))
+        data.append((x, xr, tokens, weights, R))
+    return m, data
+
+
+def test_the_output_moments_are_the_weighted_sums_of_both_streams():
+    """Against sums written out token by token: the weighted means of x and x~, the centred query metric, the key
+    metric Y~^T S Y~ per real token; the query map is the centred weighted least-squares map x - mu ~ Pq (x~ - mu~)
+    and the key map the least-squares map y ~ Pk y~ in the S metric (rows R^T Y~ for S = R R^T), both with the
+    ridge towards the identity."""
+    d = 4
+    m, data = drifted(d)
+    tok = [(x[b, j], xr[b, j], w[b, j]) for x, xr, tokens, w, _ in data for b in range(2) for j in range(5)
+           if tokens[b, j]]  # (x_i, x~_i, w_i) of every real token
+    n = sum(float(w) for _, _, w in tok)
+    mu = sum(w * x for x, _, w in tok) / n
+    mu_r = sum(w * xr for _, xr, w in tok) / n
+    torch.testing.assert_close(m.means()[0], mu)
+    torch.testing.assert_close(m.means()[1], mu_r)
+    cq = sum(w * torch.outer(xr - mu_r, xr - mu_r) for _, xr, w in tok) / n
+    torch.testing.assert_close(m.query_metric(), cq)
+    n_key = len(tok)
+    ck = sum(torch.outer(xr[b, i], xr[b, j]) * float((R[b] @ R[b].T)[i, j])
+             for _, xr, _, _, R in data for b in range(2) for i in range(5) for j in range(5)) / n_key
+    torch.testing.assert_close(m.key_metric(), ck)
+
+    eye = torch.eye(d, dtype=f64)
+
+    def ridge_lstsq(rows, targets, count, metric):
+        r = 1e-3 * metric.trace() / d * count  # ridge_map's default, in sums rather than means
+        return torch.linalg.lstsq(torch.cat([rows, r.sqrt() * eye]), torch.cat([targets, r.sqrt() * eye])).solution.T
+
+    root = torch.tensor([float(w) ** 0.5 for _, _, w in tok], dtype=f64)[:, None]
+    pq = ridge_lstsq(root * torch.stack([xr - mu_r for _, xr, _ in tok]),
+                     root * torch.stack([x - mu for x, _, _ in tok]), n, cq)
+    torch.testing.assert_close(m.query_map(), pq)
+    key_rows = torch.cat([R[b].T @ xr[b] for _, xr, _, _, R in data for b in range(2)])  # R^T Y~
+    key_targets = torch.cat([R[b].T @ x[b] for x, _, _, _, R in data for b in range(2)])  # R^T Y
+    torch.testing.assert_close(m.key_map(), ridge_lstsq(key_rows, key_targets, n_key, ck))
+
+
+def test_off_the_identity_the_whitened_target_is_the_original_heads_carried_by_the_input_maps():
+    """Once the streams differ, head h's target is Pq^T A_h Pk: the whitened, head-weighted weights mapped back
+    (Cq^-1/2 ... Ck^-1/2, over alpha_h) give it, with the moments' query and key maps (which differ)."""
+    d, heads, dh = 4, 2, 2
+    m, _ = drifted(d, heads)
+    gen = torch.Generator().manual_seed(13)
+    wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
+    wq_w, wk_w, inv_q, inv_k, alpha, key_map = whitened_problem(wq, wk, m, identity=False)
+    pq, pk = m.query_map(), m.key_map()
+    assert not torch.allclose(pq, pk, atol=1e-2)
+    torch.testing.assert_close(key_map, pk)
+    torch.testing.assert_close(alpha, m.head_weights())
+    for h in range(heads):
+        rows = slice(h * dh, (h + 1) * dh)
+        got = inv_q @ wq_w[rows].T @ wk_w[rows] @ inv_k / alpha[h]
+        torch.testing.assert_close(got, pq.T @ wq[rows].T @ wk[rows] @ pk)
 
 
 def test_divergence_is_kl_half_squared_error_or_one_minus_cosine():

@@ -149,6 +149,29 @@ def test_the_input_map_is_the_least_squares_solution():
     torch.testing.assert_close(m.input_map(ridge=0.0), want)
 
 
+def test_the_layer_moments_count_the_queries_and_the_keys_apart():
+    """A classifier's last layer: queries at the first token only, keys at every real token, the reduced stream
+    drifted from the original. The query moment is the mean x~ x~^T over the queries, the key moment over the real
+    tokens, and the input map is the least-squares map x ~ P x~ over the real tokens, whatever the query count."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.arange(6)[None, :] < torch.tensor([6, 4, 5])[:, None]  # (3, 6), padded
+    queries = torch.zeros_like(tokens)
+    queries[:, 0] = True
+    m, xs, xrs = LayerMoments(3), [], []
+    for _ in range(2):  # streamed in two batches
+        x = torch.randn(3, 6, 3, generator=gen, dtype=torch.float64)
+        xr = x @ torch.randn(3, 3, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(3, 6, 3, generator=gen,
+                                                                                              dtype=torch.float64)
+        m.add(x, xr, tokens, queries)
+        xs.append(x)
+        xrs.append(xr)
+    q = torch.cat([xr[queries] for xr in xrs])  # (6, 3)
+    k, orig = torch.cat([xr[tokens] for xr in xrs]), torch.cat([x[tokens] for x in xs])  # (30, 3)
+    torch.testing.assert_close(m.query_moment(), q.T @ q / 6)
+    torch.testing.assert_close(m.key_moment(), k.T @ k / 30)
+    torch.testing.assert_close(m.input_map(ridge=0.0), torch.linalg.lstsq(k, orig).solution.T)
+
+
 def test_the_ridge_refit_is_the_weighted_regularised_least_squares_solution():
     """Rows weighted, the weights pulled towards the original by lam = strength * mean input power, the bias free."""
     gen = torch.Generator().manual_seed(0)
