@@ -43,9 +43,10 @@ def test_layer_inputs_are_the_embeddings_and_run_layer_is_the_model():
 
 @pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert", "ernie"])
 @pytest.mark.parametrize("compensate", [False, True])
-def test_sequential_reduction_is_exact_at_full_key_dim(model_type, compensate):
+@pytest.mark.parametrize("objective", ["output", "score"])
+def test_sequential_reduction_is_exact_at_full_key_dim(model_type, compensate, objective):
     model, original, batches = tiny_model(model_type), tiny_model(model_type), calibration()
-    sequential(model, 32, batches, compensate=compensate, compensation_strength=1e-9)
+    sequential(model, 32, batches, objective=objective, compensate=compensate, compensation_strength=1e-9)
     assert final_error(model, original, batches) < 1e-4
 
 
