@@ -189,10 +189,10 @@ def temp_file(target: Path, suffix: str = ""):
     return _removed_unless_moved(path)
 
 
-def scratch_dir(prefix: str, where: str | os.PathLike | None = None):
-    """A new private folder for a run's working files (in ``where``, else the system's temporary folder), removed on
-    the way out even when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then)."""
-    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=prefix, dir=where)))
+def scratch_dir(prefix: str):
+    """A new private folder for a run's working files in the system's temporary folder, removed on the way out even
+    when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then)."""
+    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=prefix)))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ nothing here prints, and nothing here imports mhacompress.cli.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 import time
@@ -282,12 +281,13 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
         uniform = max((k for k in range(1, heads * head_dim + 1) if layers * cost(k) <= allowed), default=1)
     c = config.calibration
     if c is not None and c.sequential:
+        from .fsio import scratch_dir
         from .reduction.sensitivity import SENSITIVITY_SEQUENCES, candidates, output_curves
 
-        with scratch("mhacompress-sensitivity-") as work:
+        with scratch_dir("mhacompress-sensitivity-") as work:  # see _reduce
             curves = output_curves(model, config, candidates(model, config.method, uniform),
                                    _first_sequences(batches, SENSITIVITY_SEQUENCES), _plan(c, model),
-                                   on_progress=_stages(notify), workdir=work)
+                                   on_progress=_stages(notify), workdir=str(work))
         dims = allocate([{k: e ** 0.5 for k, e in curve.items()} for curve in curves], cost, allowed)  # sums e
         return dims, [{str(k): e for k, e in curve.items()} for curve in curves]
     moments = None
@@ -331,28 +331,20 @@ def _first_sequences(batches: list[dict], count: int) -> list[dict]:
     return out
 
 
-@contextlib.contextmanager
-def scratch(prefix: str):
-    """A folder (str) for the spilled calibration activations, removed with signals held back: a second Ctrl-C,
-    which users press when the first is slow to act inside a long torch call, cannot leave it (as large as the
-    activations) in the temporary folder. The reduction's own temporary folder lives inside it."""
-    from .fsio import scratch_dir
-
-    with scratch_dir(prefix) as folder:
-        yield str(folder)
-
-
 def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) -> tuple[list[dict], list[str]]:
     """Decompose every layer in place: from the weights, from the original's moments, or sequentially."""
     from .reduction.surgery import reduce_layers_
 
     c = config.calibration
     if c is not None and c.sequential:
+        from .fsio import scratch_dir
         from .reduction.sequential import reduce_sequential_
 
-        with scratch("mhacompress-calibration-") as work:
+        # the reduction spills its activations into a temporary folder of its own, made inside one that is removed
+        # with signals held back: a second Ctrl-C during the removal cannot leave them in the temporary folder
+        with scratch_dir("mhacompress-calibration-") as work:
             plan = reduce_sequential_(model, config, dims, batches, _plan(c, model), on_progress=_stages(notify),
-                                      workdir=work)
+                                      workdir=str(work))
         return plan.reports, plan.modified
     moments = None
     if c is not None:
