@@ -180,6 +180,9 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          "restore the checkpoint's own config.json", setup=edit_config("src", lambda c: c.update(num_hidden_layers=1))),
     case("weights-misnamed", "reduce {src} -k 8", "misnamed", "pass a complete checkpoint",
          setup=edit_weights("src", rename_tensors)),
+    # NaN or infinite weights (a damaged or diverged checkpoint) ended in a LinAlgError traceback from the solvers
+    case("weights-nan", "reduce {src} -k 8", "holds NaN or infinite values", "download or save it again",
+         setup=edit_weights("src", lambda w: w["encoder.layer.1.attention.self.query.weight"].fill_(float("nan")))),
     case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
          setup=remove(*(f"src/{name}" for name in TOKENIZER_FILES))),
     case("reduce-already-reduced", "reduce {reduced} -k 8", "already reduced", "reduce the original"),
@@ -418,6 +421,8 @@ ANALYZE = [
     case("analyze-key-dims-without-curve", "analyze {src} --key-dims 8 --no-curve", "which --no-curve skips",
          "drop one"),
     case("analyze-reduced", "analyze {reduced}", "already reduced", "analyze the original"),
+    case("analyze-weights-inf", "analyze {src} --no-curve", "holds NaN or infinite values", "download or save it",
+         setup=edit_weights("src", lambda w: w["encoder.layer.0.attention.self.key.weight"].fill_(float("inf")))),
     case("analyze-config-no-model-type", "analyze {src}", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
 ]

@@ -121,9 +121,10 @@ def analyze_model(model, key_dims: list[int] | None = None, seq_len: int = 128, 
     from ..errors import UsageError
     from .allocate import candidate_dims
     from .modeling import CollaborativeSelfAttention, arch_for, attention_modules
-    from .surgery import model_shape
+    from .surgery import check_finite_weights, model_shape
 
     arch = arch_for(model.config)
+    check_finite_weights(model)
     num_layers, H, dh = model_shape(model)
     top = H * dh
     dims = sorted(set(key_dims or candidate_dims(H, dh, "cp")))

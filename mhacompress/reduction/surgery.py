@@ -59,6 +59,16 @@ def check_reducible(model: nn.Module) -> None:
     if not (name.endswith("Model") or is_classifier(model)):  # what a saved folder can be (hub.check_block)
         raise UnsupportedArchitectureError(f"a {name} cannot be reduced: only encoders (e.g. BertModel) and sequence "
                                            f"classifiers are supported; reduce its encoder, model.base_model, instead")
+    check_finite_weights(model)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NaN or infinite weights (a damaged or diverged checkpoint) are refused before any work: the solvers would
+    fail deep inside their linear algebra. amax/amin, not isfinite: no bool copy of a large embedding."""
+    for name, p in model.named_parameters():
+        if p.numel() and p.is_floating_point() and not (torch.isfinite(p.amax()) and torch.isfinite(p.amin())):
+            raise UsageError(f"the model's weight {name} holds NaN or infinite values: the checkpoint is damaged (or "
+                             f"its training diverged); download or save it again")
 
 
 def require_classifier(model: nn.Module, name: str) -> None:
