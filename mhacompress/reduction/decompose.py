@@ -135,10 +135,13 @@ def cp_init(wq: Tensor, wk: Tensor, num_heads: int, rank: int, init: str = "svd"
 
 def _inverse(gram: Tensor) -> Tensor:
     """The inverse of a symmetric PSD gram (R, R), by Cholesky; a singular gram (a dead component) gets the
-    pseudo-inverse, so that ``rhs @ _inverse(gram)`` is the minimum-norm least-squares step."""
+    pseudo-inverse, so that ``rhs @ _inverse(gram)`` is the minimum-norm least-squares step. A non-finite gram (a
+    float32 run that broke down) gets NaN, which reaches the sweep's error: cp_als then redoes the run in float64."""
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
         return torch.cholesky_inverse(chol)
+    if not torch.isfinite(gram).all():  # pinv would raise a LinAlgError
+        return torch.full_like(gram, float("nan"))
     return torch.linalg.pinv(gram, hermitian=True)
 
 
