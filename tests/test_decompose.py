@@ -328,3 +328,15 @@ def test_a_float32_breakdown_that_reaches_the_least_squares_systems_is_redone_in
     assert calls[-1] == torch.float64
     torch.testing.assert_close(got.U, want.U)
     assert got.errors == want.errors
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+def test_a_layer_whose_scores_are_all_zero_is_reduced_exactly_by_every_method(method):
+    """A layer with W_k = 0 (pruned, or zeroed by hand) scores every token pair 0: cp_als raised FloatingPointError
+    (a traceback from `reduce` and `analyze`), svd and tucker reported a NaN error (null in the JSON report)."""
+    from mhacompress.reduction import methods
+
+    wq, _ = random_weights(seed=5)
+    f = methods.get(method).solve(wq, torch.zeros_like(wq), H, 8)
+    assert f.relative_error == 0.0
+    assert all(torch.isfinite(t).all() for t in (f.U, f.V) + ((f.mixing,) if f.mixing is not None else ()))

@@ -102,6 +102,8 @@ def _top_eigvecs(sym: Tensor, k: int) -> Tensor:
 
 
 def _rel(err2: Tensor, norm2: Tensor) -> float:
+    if not norm2 and not err2.clamp_min(0):  # a layer whose scores are all zero (W_q or W_k = 0), reproduced exactly
+        return 0.0
     return float(err2.clamp_min(0).sqrt() / norm2.sqrt())
 
 
