@@ -69,6 +69,8 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise UsageError(f"{path}:{n} is not valid JSON ({err.msg}); {JSONL_HINT}") from None
+    except RecursionError:
+        raise UsageError(f"{path}:{n} is not valid JSON (nested too deeply); {JSONL_HINT}") from None
     if isinstance(record, str):
         return (record,) if record.strip() else ()
     if not isinstance(record, dict):

@@ -164,7 +164,7 @@ class _Store:
         """The stored result of ``cell``, or None when absent or not trusted (unreadable, another cell, failed)."""
         try:
             stored = json.loads((self.folder / f"{cell_key(cell)}.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
             return None
         valid = (isinstance(stored, dict) and stored.get("ok") is True and "result" in stored
                  and stored.get("cell") == json.loads(json.dumps(cell)) and self._usable(cell, stored["result"]))

@@ -340,6 +340,9 @@ def read_config(folder: Path) -> dict:
     except json.JSONDecodeError as err:
         raise UsageError(f"{file}:{err.lineno}: not valid JSON ({err.msg}); fix it or restore it from the original "
                          f"checkpoint") from None
+    except RecursionError:  # nested deeper than the parser recurses
+        raise UsageError(f"{file}: not valid JSON (nested too deeply); fix it or restore it from the original "
+                         f"checkpoint") from None
     if not isinstance(config, dict):
         raise UsageError(f"{file} holds a JSON {type(config).__name__}, not an object; restore it from the original "
                          f"checkpoint")
@@ -377,7 +380,7 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
 def _json_file(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         data = None
     if not isinstance(data, dict):
         raise UsageError(f"{path} is not a JSON object; save the checkpoint again")

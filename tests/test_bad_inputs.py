@@ -112,6 +112,7 @@ STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsenten
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 BINARY = b"\x00\x01\x02PK\x03\x04" * 40
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested deeper than Python's parser recurses (RecursionError)
 
 def _classifier(path: Path, num_labels: int) -> None:
     """A tiny BERT sequence classifier with ``num_labels`` outputs and the bundled tokenizer, saved at ``path``."""
@@ -151,6 +152,12 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=write("src/config.json", "[1, 2]")),
     case("config-binary", "reduce {src} -k 8", "not valid JSON", "restore it", setup=write("src/config.json", BINARY)),
     case("config-latin1", "reduce {src} -k 8", "not UTF-8", "restore it", setup=write("src/config.json", NOT_UTF8)),
+    case("config-nested-too-deep", "reduce {src} -k 8", "not valid JSON", "restore it",
+         setup=write("src/config.json", DEEP)),
+    case("reduced-config-nested-too-deep", "eval {reduced} --task stsb --limit 4", "not valid JSON", "restore it",
+         setup=write("reduced/config.json", '{"model_type": "bert", "x": ' + DEEP + "}")),
+    case("weights-index-nested-too-deep", "reduce {src} -k 8", "is not a JSON object", "save the checkpoint again",
+         setup=both(remove("src/model.safetensors"), write("src/model.safetensors.index.json", DEEP))),
     case("config-no-model-type", "reduce {src} -k 8", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
     case("config-unsupported-type", "reduce {src} -k 8", "model_type 'gpt2' is not supported", "supported: bert",
@@ -277,6 +284,8 @@ CALIBRATION = [
          "one JSON object a line", setup=write("c.jsonl", '{"text": "fine"}\n[1, 2]\n')),
     case("calibrate-jsonl-invalid", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "c.jsonl:1 is not valid JSON",
          "one JSON object a line", setup=write("c.jsonl", "{text: oops}\n")),
+    case("calibrate-jsonl-nested-too-deep", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "c.jsonl:2 is not valid JSON",
+         "one JSON object a line", setup=write("c.jsonl", '{"text": "fine"}\n' + DEEP + "\n")),
     case("calibrate-jsonl-no-text", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no text field",
          "one JSON object a line", setup=write("c.jsonl", '{"n": 1}\n')),
     case("calibrate-jsonl-empty-texts", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no calibration text",
