@@ -350,6 +350,9 @@ EVAL = [
     case("eval-utf16-tsv", "eval {src} --task stsb --data-dir {data}", "UTF-16", "save it as UTF-8",
          setup=write("data/STS-B/dev.tsv", STSB_HEADER.encode("utf-16"))),
     case("eval-missing-reference", "eval {src} --task stsb --reference {ws}/nope", "no model folder", "pass a folder"),
+    # encoders are compared by their embeddings: one of another width ended in a RuntimeError traceback
+    case("eval-reference-of-another-width", "eval {reduced} --task stsb --limit 4 --reference minilm",
+         "embeddings of width 32", "pass the original that"),
     case("eval-first-token-on-encoder", "eval {reduced} --task stsb --first-token-only", "for sequence classifiers",
          "holds a"),
     case("eval-truncated-weights", "eval {reduced} --task stsb", "corrupt or truncated", "save the checkpoint again",

@@ -64,6 +64,12 @@ def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=Non
         kinds = [("a classifier" if is_classifier(m) else "an encoder") for m in (model, reference[0])]
         raise UsageError(f"cannot compare {kinds[0]} ({model_name}) with {kinds[1]} ({reference[2]}) as the "
                          f"reference; pass the original that {model_name} was reduced from, a model of the same kind")
+    if reference is not None and not is_classifier(model):  # encoders are compared by their embeddings
+        widths = [_width(m) for m in (model, reference[0])]
+        if widths[0] != widths[1]:
+            raise UsageError(f"cannot compare {model_name} (embeddings of width {widths[0]}) with the reference "
+                             f"{reference[2]} (width {widths[1]}); pass the original that {model_name} was reduced "
+                             f"from")
     outputs = scorer.outputs(model, tokenizer, model_name, allow_encoder_any_task=reference is not None)
     scored = lambda out: score(scorer.examples, out) if out.kind == "classifier" or scorer.task.regression else {}  # noqa: E731
     result = {"model": model_name, "task": scorer.task.name, "split": scorer.examples.split,
@@ -75,6 +81,13 @@ def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=Non
         result["fidelity"] = fidelity(outputs, ref)
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
+
+
+def _width(model) -> int:
+    """The width of an encoder's embeddings (hidden_size, or DistilBERT's dim)."""
+    from ..reduction.modeling import arch_for
+
+    return getattr(model.config, arch_for(model.config).hidden)
 
 
 def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, float]) -> dict:
