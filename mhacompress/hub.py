@@ -548,7 +548,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from .reduction.config import _flag
-    from .reduction.modeling import COMPRESSION_KEY, arch_for
+    from .reduction.modeling import COMPRESSION_KEY
 
     _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     source = resolve(name)
@@ -562,7 +562,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
-    arch = arch_for(config)  # unsupported architectures fail here, before any weight is read
+    arch = _architecture(config)  # unsupported architectures fail here, before any weight is read
     heads = getattr(config, arch.heads, None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:  # transformers: ZeroDivisionError
         raise UsageError(f"{name}: config.json's {arch.heads} is {heads!r}, not a number of heads; restore the "
@@ -586,6 +586,18 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
             raise
     check_coverage(info, name, layers=arch.layers)
     return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
+
+
+def _architecture(config):
+    """The table entry of ``config``'s architecture; an unsupported one (or a decoder) is a UsageError, like every
+    other bad input (the modelling code's own UnsupportedModelError is a bare ValueError)."""
+    from .reduction.modeling import UnsupportedModelError, arch_for
+    from .reduction.surgery import UnsupportedArchitectureError
+
+    try:
+        return arch_for(config)
+    except UnsupportedModelError as err:
+        raise UnsupportedArchitectureError(str(err)) from None
 
 
 def _attention(cls: type, attn_implementation: str | None) -> dict:
@@ -612,7 +624,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     the model that was saved. Uses this package's code, never the python file shipped in the folder. Refuses a
     folder whose weights, compression block and config disagree, or (unless ``tokenizer=False``, which returns None
     for it) that has no tokenizer files."""
-    from .reduction.modeling import COMPRESSION_KEY, arch_for, base_model_type, collaborative_model_class
+    from .reduction.modeling import COMPRESSION_KEY, base_model_type, collaborative_model_class
 
     if not isinstance(path, (str, os.PathLike)):
         raise UsageError(f"load takes the folder of a reduced model (a str or Path); got {type(path).__name__}")
@@ -638,7 +650,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     with _loading(path):
         cls = collaborative_model_class(block["base_architecture"])
         hf_config = cls.config_class.from_pretrained(path)  # format 1 folders say model_type "bert": same class
-    arch_for(hf_config)
+    _architecture(hf_config)
     if base_model_type(cls.config_class) != base_model_type(hf_config):  # the class's type against the file's
         raise UsageError(f"{path}: the compression block's base architecture {block['base_architecture']} is not a "
                          f"{base_model_type(hf_config)} model (config.json's model_type {config['model_type']!r}); "

@@ -689,6 +689,24 @@ def test_python_api_still_takes_a_task_object_or_name(glue_dir):
     assert len(load_examples("mrpc", data_dir=glue_dir, limit=3)) == 3
 
 
+def test_python_api_refuses_an_unsupported_architecture_with_its_own_error(glue_dir, tiny_bert_dir, tmp_path):
+    """A gpt2 (or a decoder) checkpoint raised the modelling code's UnsupportedModelError, a bare ValueError, from
+    compress, analyze and evaluate: not the UsageError the API promises for bad input."""
+    import mhacompress
+    from mhacompress import ReductionConfig
+    from mhacompress.errors import UsageError
+
+    for change, fragment in (({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+                             ({"is_decoder": True}, "configured as a decoder")):
+        src = shutil.copytree(tiny_bert_dir, tmp_path / str(len(fragment)))
+        edit_config(".", lambda c: c.update(change))(src)
+        for call in (lambda: mhacompress.compress(str(src), ReductionConfig(key_dim=8)),
+                     lambda: mhacompress.analyze(str(src), curve=False),
+                     lambda: mhacompress.evaluate(str(src), "stsb", data_dir=glue_dir, limit=4)):
+            with pytest.raises(UsageError, match=fragment):
+                call()
+
+
 # ---- running and judging ------------------------------------------------------------------------------------------
 
 def tree(root: Path) -> dict[str, str]:
