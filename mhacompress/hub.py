@@ -18,6 +18,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 from . import fsio
@@ -554,9 +555,12 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     source = resolve(name)
     ensure_available(source)
     folder = Path(source.location) if source.local else None
-    if folder and read_config(folder).get(COMPRESSION_KEY):
+    raw = read_config(folder) if folder else {}
+    if raw.get(COMPRESSION_KEY):
         model, tok = load(folder, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
+    if raw:  # before transformers, which checks the fields against the type's class (t5: "classifier_dropout ...")
+        _architecture(SimpleNamespace(model_type=raw["model_type"]))
     with _loading(name):
         config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
     if getattr(config, COMPRESSION_KEY, None):

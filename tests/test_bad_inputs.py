@@ -162,6 +162,11 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=edit_config("src", lambda c: c.pop("model_type"))),
     case("config-unsupported-type", "reduce {src} -k 8", "model_type 'gpt2' is not supported", "supported: bert",
          setup=edit_config("src", lambda c: c.update(model_type="gpt2"))),
+    # transformers checked the BERT fields against T5's config class first: "classifier_dropout doesn't match..."
+    case("config-unsupported-type-t5", "reduce {src} -k 8", "model_type 't5' is not supported", "supported: bert",
+         setup=edit_config("src", lambda c: c.update(model_type="t5"))),
+    case("config-unknown-type", "analyze {src}", "model_type 'zzz' is not supported", "supported: bert",
+         setup=edit_config("src", lambda c: c.update(model_type="zzz"))),
     case("config-field-of-the-wrong-type", "reduce {src} -k 8", "hidden_size", "expected int, got str",
          setup=edit_config("src", lambda c: c.update(hidden_size="32"))),
     case("config-zero-heads", "reduce {src} -k 8", "num_attention_heads is 0", "restore the checkpoint's own",
