@@ -352,6 +352,14 @@ EVAL = [
     case("eval-bad-label", "eval {src} --task stsb --data-dir {data}", "label 'high' is not a number",
          "official GLUE STS-B file",
          setup=write("data/STS-B/dev.tsv", STSB_HEADER + "0\tg\tf\t2012\t0\ts\ts\ta\tb\thigh\n")),
+    # float() reads nan and inf: the scores came out NaN (null), exit 0, and inf printed a scipy warning
+    case("eval-label-nan", "eval {src} --task stsb --data-dir {data}", "label 'nan' is not a number",
+         "official GLUE STS-B file", setup=write("data/STS-B/dev.tsv", STSB_HEADER
+                                                 + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t1.5\n"
+                                                 + "1\tg\tf\t2012\t0\ts\ts\tc\td\tnan\n")),
+    case("finetune-label-inf", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "label 'inf' is not a number",
+         "official GLUE STS-B file", setup=write("data/STS-B/train.tsv", STSB_HEADER
+                                                 + "0\tg\tf\t2012\t0\ts\ts\ta\tb\tinf\n")),
     case("eval-utf16-tsv", "eval {src} --task stsb --data-dir {data}", "UTF-16", "save it as UTF-8",
          setup=write("data/STS-B/dev.tsv", STSB_HEADER.encode("utf-16"))),
     case("eval-missing-reference", "eval {src} --task stsb --reference {ws}/nope", "no model folder", "pass a folder"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -126,6 +127,8 @@ def parse_label(task: Task, value: str, where: str):
     value = value.strip()
     try:
         if task.regression:
+            if not math.isfinite(float(value)):  # float() reads nan and inf: the scores would be NaN
+                raise ValueError(value)
             return float(value)
         if value.isdigit() and int(value) < task.num_labels:
             return int(value)
