@@ -133,3 +133,14 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
 def test_key_dims_from_any_sequence_are_kept_as_a_tuple():
     from_list, from_generator = ReductionConfig(key_dims=[8, 16]), ReductionConfig(key_dims=(k for k in (8, 16)))
     assert from_list.key_dims == from_generator.key_dims == (8, 16)
+
+
+def test_a_calibration_file_can_be_given_as_a_path_like_every_other_path_of_the_api(tmp_path):
+    """Calibration(Path('c.txt')) was refused with "must be a GLUE task name or a .txt / .jsonl file", of a .txt
+    file; compress, evaluate, load and save all take a Path. It is kept as a str: the saved block is JSON."""
+    from pathlib import Path
+
+    calibration = Calibration(tmp_path / "c.txt", samples=4)
+    assert calibration.source == str(tmp_path / "c.txt")
+    assert ReductionConfig(key_dim=8, calibration=calibration).to_dict()["calibration"]["source"] == str(
+        Path(tmp_path / "c.txt"))

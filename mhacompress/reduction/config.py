@@ -7,6 +7,7 @@ message is what the CLI prints. ``to_dict`` / ``from_dict`` round-trip through t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields
 
@@ -77,6 +78,8 @@ class Calibration:
     batch_size: int = 32
 
     def __post_init__(self):
+        if isinstance(self.source, os.PathLike):  # a file, as a Path: kept as a str (the saved block is JSON)
+            object.__setattr__(self, "source", os.fspath(self.source))
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
         _int("--samples", self.samples, 1)
