@@ -269,6 +269,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from .pipeline import compress
     from .reduction.config import ReductionConfig
     from .reduction.modeling import COMPRESSION_KEY
+    from .reduction.surgery import model_shape
 
     model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
     block = getattr(model.config, COMPRESSION_KEY, None)
@@ -283,6 +284,12 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
         if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions
             raise UsageError(f"the original {source!r} recorded in {name} is itself a reduced model; restore the "
                              f"original checkpoint there, or report an original with --key-dim")
+        shapes = [model_shape(m) for m in (original, model)]  # (layers, heads, head dim): another model since
+        if shapes[0] != shapes[1]:
+            original_shape, reduced_shape = ("{} layers x {} heads of {}".format(*shape) for shape in shapes)
+            raise UsageError(f"the original {source!r} recorded in {name} is not the model it was reduced from "
+                             f"({original_shape}; the reduced model: {reduced_shape}); restore the original "
+                             f"checkpoint there, or report an original with --key-dim")
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
     if key_dim is None:
         raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "

@@ -464,6 +464,9 @@ REPORT = [
     case("report-source-is-reduced", "report {reduced} --no-latency --seq-len 16", "is itself a reduced model",
          "restore the original", setup=lambda ws: edit_config("reduced", lambda c: c["compression"].update(
              source_model=str(ws / "reduced")))(ws)),
+    # an AssertionError traceback from the cost model ("6 original layers vs 2 reduced")
+    case("report-source-is-another-model", "report {reduced} --no-latency --seq-len 16", "is not the model",
+         "restore the original", setup=block(source_model="minilm")),
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than",
          "--seq-len 64 or less"),
