@@ -37,6 +37,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     from .eval.compare import evaluate as score
     from .hub import load_pretrained
     from .reduction.modeling import is_classifier
+    from .reduction.surgery import check_finite_weights
 
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, model=model, reference=reference)
     device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
@@ -48,6 +49,8 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     notify(Progress(f"loading {model}"))
     loaded, tokenizer, _ = load_pretrained(str(model), allow_pickle=allow_pickle, device=device)
     ref = None if reference is None else load_pretrained(str(reference), allow_pickle=allow_pickle, device=device)[:2]
+    for checked in (loaded, *(ref[:1] if ref else ())):  # NaN weights would score null metrics, exit 0
+        check_finite_weights(checked)
     if first_token_only:
         first_token_shortcut(loaded, model)
     stage = f"{scorer.task.name} [{scorer.examples.split}]"
@@ -154,6 +157,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     from .eval.finetune import train, with_head
     from .eval.tasks import get_task
     from .hub import check_output, load_pretrained, save
+    from .reduction.surgery import check_finite_weights
 
     notify = checked_call(on_progress, {"evaluate": evaluate, "allow_pickle": allow_pickle}, model=model)
     check_training(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
@@ -169,6 +173,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
         start = time.perf_counter()
         notify(Progress(f"loading {name}"))
         loaded, tokenizer, _ = load_pretrained(name, allow_pickle=allow_pickle, device=device)
+        check_finite_weights(loaded)  # training a damaged checkpoint writes a NaN model
         loaded = with_head(loaded, spec, seed=seed, name=name)
         steps, done = max(1, round(epochs * -(-len(data) // batch_size))), [0]
         notify(Progress(f"{spec.name}: {len(data):,} examples", 0, steps))

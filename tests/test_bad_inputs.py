@@ -375,9 +375,16 @@ EVAL = [
          "--reference ORIGINAL", setup=write("data/STS-B/test.tsv", STSB_HEADER.replace("\tscore", "")
                                              + "0\tg\tf\t2012\t0\ts\ts\tA man.\tA woman.\n" * 2)),
     case("eval-stsb-one-example", "eval {src} --task stsb --limit 1", "need at least 2 examples", "--limit 2 or more"),
+    # a damaged checkpoint was scored: exit 0 with null (NaN) metrics
+    case("eval-weights-nan", "eval {src} --task stsb --limit 4", "holds NaN or infinite values", "download or save it",
+         setup=edit_weights("src", lambda w: w["encoder.layer.1.output.dense.weight"].fill_(float("inf")))),
 ]
 
 FINETUNE = [
+    # a damaged checkpoint was trained on: exit 0, and a NaN model written to the output
+    case("finetune-weights-nan", "finetune {src} --task stsb -o {ws}/ft --limit 4 --epochs 1", "holds NaN or infinite",
+         "download or save it again", setup=edit_weights(
+             "src", lambda w: w["encoder.layer.0.attention.self.value.weight"].fill_(float("nan")))),
     case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "x>0"),
     case("finetune-epochs-nan", "finetune {src} --task stsb -o {ws}/ft --epochs nan", "'nan' is not a finite", "x>0"),
     case("finetune-epochs-inf", "finetune {src} --task stsb -o {ws}/ft --epochs inf", "'inf' is not a finite", "x>0"),
