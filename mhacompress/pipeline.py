@@ -258,7 +258,7 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
     device = next(model.parameters()).device
     return [{k: v.to(device) for k, v in enc.items()}
             for _, enc in batches(tokenizer, texts, batch_size=calibration.batch_size,
-                                  max_length=usable_length(model, calibration.max_length))]
+                                  max_length=usable_length(model, calibration.max_length), model=model)]
 
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:

@@ -10,12 +10,12 @@ from mhacompress.eval.data import Examples, load_examples
 from mhacompress.eval.tasks import get_task
 
 
-def tiny(head_labels=None, seed=0):
+def tiny(head_labels=None, seed=0, **overrides):
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
+                        intermediate_size=64, max_position_embeddings=128, **overrides)
     if head_labels is None:
         return BertModel(config).eval()
     config.num_labels = len(head_labels)
@@ -61,6 +61,17 @@ def test_head_labels_are_mapped_through_id2label(tokenizer):
     assert runner.head_order(default, get_task("rte")) == [0, 1]
     upper = tiny(["CONTRADICTION", "NEUTRAL", "ENTAILMENT"])
     assert runner.head_order(upper, get_task("mnli")) == [2, 1, 0]
+
+
+def test_a_model_with_one_token_type_scores_sentence_pairs_as_segment_zero(tokenizer):
+    """A checkpoint with type_vocab_size 1 and a BERT tokenizer: the tokenizer's segment ids of the second sentence
+    (1) are not fed to it (they ended in 'IndexError: index out of range in self' from eval, reduce and finetune)."""
+    model, ex = tiny(["entailment", "not_entailment"], type_vocab_size=1), examples("rte")
+    out = runner.forward_all(model, tokenizer, ex.texts, fn=runner._logits, batch_size=4)
+    enc = tokenizer(*[list(c) for c in zip(*ex.texts)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("labels,task,match", [

@@ -62,14 +62,24 @@ def usable_length(model, max_length: int) -> int:
     return max_length if not positions else max(1, min(max_length, positions - 2))
 
 
+def input_keys(enc, model=None) -> list[str]:
+    """The tokenizer outputs a model reads: token_type_ids only where the model has more than one segment type (a
+    type vocabulary of one, RoBERTa-style, takes segment 0 alone; a BERT tokenizer's 1s would index past it)."""
+    types = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    segments = not isinstance(types, int) or types > 1
+    return [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc
+            and (segments or k != "token_type_ids")]
+
+
 def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
-            sort: bool = True, pad_to_max: bool = False):
+            sort: bool = True, pad_to_max: bool = False, model=None):
     """Yield (indices, encoding): longest-first length-sorted batches padded to their own longest sequence
-    (``sort=False, pad_to_max=True`` is the naive scheme, kept for the speed benchmark)."""
+    (``sort=False, pad_to_max=True`` is the naive scheme, kept for the speed benchmark), with the fields ``model``
+    reads (``input_keys``)."""
     columns = list(zip(*texts))  # one tuple per text field
     enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i])) if sort else list(range(len(texts)))
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    keys = input_keys(enc, model)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         feats = [{k: enc[k][i] for k in keys} for i in idx]
@@ -83,7 +93,7 @@ def forward_all(model, tokenizer, texts, *, fn, batch_size=32, max_length=128, d
     """Run ``fn(model, encoding) -> (B, ...)`` over all texts in sorted batches; results in the input order."""
     out = None
     max_length = usable_length(model, max_length)
-    for idx, enc in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, **kw):
+    for idx, enc in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, model=model, **kw):
         enc = {k: v.to(device) for k, v in enc.items()}
         y = fn(model, enc).float().cpu()
         if out is None:
