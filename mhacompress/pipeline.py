@@ -111,7 +111,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     from . import __version__
     from .reduction.surgery import finish_
 
-    block = finish_(model, config, layers, source=source or name, tool_version=__version__, modified=modified)
+    # a local original by its absolute path: `report` reloads it from wherever it runs
+    recorded = str(Path(source).expanduser().absolute()) if source and Path(source).expanduser().is_dir() else None
+    block = finish_(model, config, layers, source=recorded or source or name, tool_version=__version__,
+                    modified=modified)
     evaluated = None
     if scorer:
         from .eval.compare import gated, side_by_side

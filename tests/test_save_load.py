@@ -211,3 +211,14 @@ def test_damaged_saved_settings_are_config_errors(reduction, fragment):
 
     with pytest.raises(ConfigError, match=fragment):
         ReductionConfig.from_dict(reduction)
+
+
+def test_a_folder_reduced_from_a_relative_path_reports_against_its_original_from_any_folder(tiny_bert_dir, tmp_path,
+                                                                                           monkeypatch):
+    # the block recorded 'bert' as typed, so `report` from another working folder looked for a hub model 'bert'
+    monkeypatch.chdir(tiny_bert_dir.parent)
+    mhacompress.compress(tiny_bert_dir.name, ReductionConfig(key_dim=8, n_iter_max=3)).save(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["compression"]
+    assert block["source_model"] == str(tiny_bert_dir)
+    assert mhacompress.report(tmp_path / "out", seq_len=32, latency=False)["original"] == str(tiny_bert_dir)
