@@ -94,8 +94,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         require_classifier(model, name)
     warnings = []
     if config.calibration is None and is_classifier(model):
-        warnings.append("reducing a fine-tuned classifier from the weights alone loses accuracy; calibrate on its "
-                        "task's unlabelled train sentences: --calibrate TASK (compress: config.calibration)")
+        warnings.append(f"{WEIGHTS_ONLY_CLASSIFIER} (compress: config.calibration)")
     params_before = sum(p.numel() for p in model.parameters())
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
@@ -126,6 +125,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
                      time.perf_counter() - start)
     inputs = data_sources(config, data_dir, evaluate, calibration)
     return Compressed(model, tokenizer, report, config, source=source, inputs=inputs)
+
+
+WEIGHTS_ONLY_CLASSIFIER = ("reducing a fine-tuned classifier from the weights alone loses accuracy; calibrate on its "
+                           "task's unlabelled train sentences: --calibrate TASK")
 
 
 def data_sources(config: ReductionConfig, data_dir=None, evaluate: str | None = None, texts=None) -> tuple:

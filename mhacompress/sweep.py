@@ -64,12 +64,12 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
         if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
             calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
-        check_model(cells[0]["model"], methods, key_dims)
+        warnings = check_model(cells[0]["model"], methods, key_dims, calibrated=calibration is not None)
     except BaseException:
         if target is not None:  # the parent folders made for it go again (a Python session does not exit)
             fsio.release(target)
         raise
-    return cells, target
+    return cells, target, warnings
 
 
 def run_or_give_back(cells: list[dict], folder, **options) -> list[dict]:
@@ -96,10 +96,14 @@ def give_back(folder, made: bool) -> None:
     fsio.release(folder)
 
 
-def check_model(model: str, methods: list[str], key_dims: list[int], *, allow_pickle: bool = False) -> None:
+def check_model(model: str, methods: list[str], key_dims: list[int], *, calibrated: bool = True,
+                allow_pickle: bool = False) -> list[str]:
     """Refuse, before any cell runs, a model that does not load or is already reduced, and key dims it cannot take:
-    the sweep fails in seconds with the reason, not cell by cell."""
+    the sweep fails in seconds with the reason, not cell by cell. Returns the sweep's warnings: a classifier reduced
+    from the weights alone (not ``calibrated``) gets reduce's."""
     from .hub import load_pretrained
+    from .pipeline import WEIGHTS_ONLY_CLASSIFIER
+    from .reduction.modeling import is_classifier
     from .reduction.surgery import check_reducible, model_shape
 
     loaded, _, _ = load_pretrained(model, allow_pickle=allow_pickle, tokenizer=False)
@@ -108,6 +112,8 @@ def check_model(model: str, methods: list[str], key_dims: list[int], *, allow_pi
     for method in methods:
         for key_dim in key_dims:
             ReductionConfig(key_dim=key_dim, method=method).layer_key_dims(*shape)
+    weights_only = not calibrated and is_classifier(loaded)
+    return [f"{WEIGHTS_ONLY_CLASSIFIER} (run_sweep: calibration=Calibration(TASK))"] if weights_only else []
 
 
 def cell_config(cell: dict) -> ReductionConfig:
@@ -203,11 +209,11 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir)
     try:
-        cells, folder = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
-                                data_dir=data_dir, limit=limit, device=device, resume=resume)
+        cells, folder, warnings = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
+                                          data_dir=data_dir, limit=limit, device=device, resume=resume)
         outcomes = run_or_give_back(cells, folder, executor=executor, address=address, resume=resume,
                                     num_cpus=num_cpus, num_gpus=num_gpus, on_result=on_result)
-        result = table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start)
+        result = {**table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start), "warnings": warnings}
         return result if plot is None else plotted(result, plot)
     finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
         if figure is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import tiny_config
 from mhacompress.cli import main
 from mhacompress.sweep import grid, table
 
@@ -38,6 +39,33 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["results"][0]
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, minilm_path):
+    """A tiny random BERT with a 2-label head (MRPC's shape) and the bundled tokenizer."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    path = tmp_path_factory.mktemp("tiny-clf") / "bert"
+    BertForSequenceClassification(tiny_config("bert", vocab_size=tokenizer.vocab_size, num_labels=2)).save_pretrained(
+        path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_sweep_of_a_classifier_from_the_weights_alone_warns_with_the_fix_as_reduce_does(tiny_classifier, glue_dir):
+    common = ["sweep", str(tiny_classifier), "-t", "mrpc", "--data-dir", str(glue_dir), "--limit", "8",
+              "--key-dims", "8", "--methods", "cp", "--json"]
+    plain = CliRunner().invoke(main, common)
+    assert plain.exit_code == 0, plain.output
+    warnings = json.loads(plain.stdout)["warnings"]
+    assert len(warnings) == 1 and "--calibrate" in warnings[0]
+    human = CliRunner().invoke(main, common[:-1])  # tables and warnings on stderr
+    assert human.exit_code == 0 and "warning" in human.stderr and "--calibrate TASK" in human.stderr, human.output
+    calibrated = CliRunner().invoke(main, [*common, "--calibrate", "mrpc", "--samples", "8"])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert json.loads(calibrated.stdout)["warnings"] == []
 
 
 @pytest.mark.parametrize("args,fragment", [

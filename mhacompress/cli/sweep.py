@@ -99,3 +99,5 @@ def render(result: dict) -> None:
         out.print(f"[red]failed[/red]: {f['method']} at key dim {f['key_dim']}: {f['error']}")
     if result.get("plot"):
         out.print(f"plot written to {result['plot']}")
+    for warning in result["warnings"]:
+        out.print(f"[yellow]warning[/yellow]: {warning}")
