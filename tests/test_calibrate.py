@@ -8,7 +8,7 @@ import torch
 from conftest import final_error, padded_batch, tiny_model
 from mhacompress.calibration import calibration_texts
 from mhacompress.errors import UsageError
-from mhacompress.reduction.calibrate import second_moments, unwhiten, whiten, whitening
+from mhacompress.reduction.calibrate import SHRINKAGE, second_moments, unwhiten, whiten, whitening
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import Factors, decompose, relative_error
 from mhacompress.reduction.surgery import reduce_
@@ -51,13 +51,26 @@ def test_whitening_floors_the_eigenvalues_at_eps_times_the_largest():
     torch.testing.assert_close(inv_sqrt, (basis * floored.rsqrt()) @ basis.T, rtol=1e-6, atol=0)
 
 
+def test_shrinkage_raises_every_eigenvalue_by_a_share_of_their_mean():
+    """whitening(C, shrink=r) is the square root of C + r x tr(C)/d x I: the moment pulled towards a multiple of the
+    identity, by the same amount in every direction (so a direction the sample makes small is not made tiny)."""
+    _, _, moment = anisotropic_problem(seed=6)
+    sqrt, inv_sqrt = whitening(moment, shrink=0.3)
+    shrunk = moment + 0.3 * torch.trace(moment) / D * torch.eye(D, dtype=torch.float64)
+    torch.testing.assert_close(sqrt @ sqrt, shrunk)
+    torch.testing.assert_close(inv_sqrt @ shrunk @ inv_sqrt, torch.eye(D, dtype=torch.float64))
+    wq, wk, _ = anisotropic_problem(seed=7)
+    wq_w, _, _, _ = whiten(wq, wk, moment)  # the solvers' default
+    torch.testing.assert_close(wq_w, wq @ whitening(moment, shrink=SHRINKAGE)[0])
+
+
 def test_whiten_takes_the_query_and_the_key_moment_on_their_own_sides():
     """With query inputs of second moment Cq and independent key inputs of Ck, the whitened head's squared norm is
     the expected squared score E[(x^T A_h y)^2] = tr(Cq A_h Ck A_h^T), and the maps back give A_h: directly, and
     through unwhiten on exact factors of the whitened heads (U_h = W~_q^h^T, V_h = W~_k^h^T)."""
     wq, wk, cq = anisotropic_problem(seed=3)
     ck = anisotropic_problem(seed=4)[2] + torch.eye(D, dtype=torch.float64)
-    wq_w, wk_w, inv_q, inv_k = whiten(wq, wk, cq, ck)
+    wq_w, wk_w, inv_q, inv_k = whiten(wq, wk, cq, ck, shrink=0.0)
     exact = Factors("svd", wq_w.view(H, DH, D).transpose(1, 2), wk_w.view(H, DH, D).transpose(1, 2), None, 0.0)
     back = unwhiten(exact, inv_q, inv_k)
     for h in range(H):

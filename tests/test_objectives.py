@@ -7,6 +7,7 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
+from mhacompress.reduction.calibrate import SHRINKAGE
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
@@ -92,9 +93,10 @@ def moments_of(d=8, heads=2, seed=0):
     return m
 
 
-def test_the_closed_form_solve_is_the_truncated_svd_in_the_output_metric():
+def test_the_closed_form_solve_is_the_truncated_svd_in_the_shrunk_output_metric():
     """Per-head SVD under the output objective: A_hat_h = Cq^-1/2 [Cq^1/2 A_h Ck^1/2]_r Ck^-1/2, the best rank-r fit
-    in the metric, whatever the head weights (heads are independent); unequal shares make a wrong unscaling fail."""
+    in the metric, whatever the head weights (heads are independent); unequal shares make a wrong unscaling fail.
+    Each metric is shrunk towards the identity first: C + SHRINKAGE x mean eigenvalue x I."""
     d, heads, dh, r = 8, 2, 4, 2
     gen = torch.Generator().manual_seed(3)
     wq, wk = torch.randn(heads * dh, d, generator=gen, dtype=f64), torch.randn(heads * dh, d, generator=gen, dtype=f64)
@@ -107,7 +109,7 @@ def test_the_closed_form_solve_is_the_truncated_svd_in_the_output_metric():
         evals, vecs = torch.linalg.eigh(c)
         return (vecs * evals.pow(e)) @ vecs.T
 
-    cq, ck = m.query_metric(), m.key_metric()
+    cq, ck = (c + SHRINKAGE * torch.trace(c) / d * torch.eye(d, dtype=f64) for c in (m.query_metric(), m.key_metric()))
     for h in range(heads):
         a = wq[h * dh:(h + 1) * dh].T @ wk[h * dh:(h + 1) * dh]  # (d, d)
         u, s, vt = torch.linalg.svd(power(cq, 0.5) @ a @ power(ck, 0.5))

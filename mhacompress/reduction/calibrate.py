@@ -52,20 +52,27 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-def whitening(moment: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C^1/2, C^-1/2), symmetric, with eigenvalues floored at ``eps`` x the largest (rank-deficient data)."""
+SHRINKAGE = 0.3  # what the solvers whiten by: each metric C shrunk to C + 0.3 x its mean eigenvalue x I
+
+
+def whitening(moment: torch.Tensor, eps: float = 1e-6, shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^1/2, C^-1/2), symmetric, with eigenvalues floored at ``eps`` x the largest (rank-deficient data), then
+    raised by ``shrink`` x their mean: C shrunk towards a multiple of the identity, as a covariance estimated from a
+    small sample is (Ledoit & Wolf 2004), so that a decomposition in this metric does not spend its rank on
+    directions that only the calibration sample makes large, nor let factors grow in the ones it leaves out."""
     evals, vecs = torch.linalg.eigh(moment.to(torch.float64))  # (d,), (d, d)
-    evals = evals.clamp_min(eps * evals.max())
+    evals = evals.clamp_min(eps * evals.max()) + shrink * evals.clamp_min(0).mean()
     return (vecs * evals.sqrt()) @ vecs.T, (vecs * evals.rsqrt()) @ vecs.T
 
 
-def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment: torch.Tensor | None = None,
+           shrink: float = SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whitened problem: W_q Cq^1/2 and W_k Ck^1/2 (float64), whose score tensor's error is the expected score
     error on the calibration data (query inputs with second moment Cq = ``moment``, key inputs with Ck =
-    ``key_moment``, by default the same), and Cq^-1/2, Ck^-1/2 to map its factors back (``unwhiten``)."""
-    sqrt_q, inv_q = whitening(moment)
-    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment)
+    ``key_moment``, by default the same; each shrunk by ``shrink``, see ``whitening``), and Cq^-1/2, Ck^-1/2 to map
+    its factors back (``unwhiten``)."""
+    sqrt_q, inv_q = whitening(moment, shrink=shrink)
+    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment, shrink=shrink)
     return wq.double() @ sqrt_q, wk.double() @ sqrt_k, inv_q, inv_k
 
 

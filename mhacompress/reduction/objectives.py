@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .calibrate import whitening
+from .calibrate import SHRINKAGE, whitening
 from .decompose import Factors
 
 f64 = torch.float64
@@ -212,7 +212,7 @@ def whitened_problem(wq: Tensor, wk: Tensor, moments: OutputMoments, identity: b
     if not identity:
         wq, key_map = wq @ moments.query_map(), moments.key_map()
         wk = wk @ key_map
-    sqrt_q, inv_q = whitening(moments.query_metric())
-    sqrt_k, inv_k = whitening(moments.key_metric())
+    sqrt_q, inv_q = whitening(moments.query_metric(), shrink=SHRINKAGE)
+    sqrt_k, inv_k = whitening(moments.key_metric(), shrink=SHRINKAGE)
     alpha = moments.head_weights()
     return scale_heads(wq @ sqrt_q, alpha), wk @ sqrt_k, inv_q, inv_k, alpha, key_map
