@@ -52,7 +52,7 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-SHRINKAGE = 0.3  # what the solvers whiten by: each metric C shrunk to C + 0.3 x its mean eigenvalue x I
+SHRINKAGE = 0.3  # the output objective's metrics C are shrunk to C + 0.3 x their mean eigenvalue x I
 
 
 def whitening(moment: torch.Tensor, eps: float = 1e-6, shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +65,15 @@ def whitening(moment: torch.Tensor, eps: float = 1e-6, shrink: float = 0.0) -> t
     return (vecs * evals.sqrt()) @ vecs.T, (vecs * evals.rsqrt()) @ vecs.T
 
 
-def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment: torch.Tensor | None = None,
-           shrink: float = SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whitened problem: W_q Cq^1/2 and W_k Ck^1/2 (float64), whose score tensor's error is the expected score
     error on the calibration data (query inputs with second moment Cq = ``moment``, key inputs with Ck =
-    ``key_moment``, by default the same; each shrunk by ``shrink``, see ``whitening``), and Cq^-1/2, Ck^-1/2 to map
-    its factors back (``unwhiten``)."""
-    sqrt_q, inv_q = whitening(moment, shrink=shrink)
-    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment, shrink=shrink)
+    ``key_moment``, by default the same), and Cq^-1/2, Ck^-1/2 to map its factors back (``unwhiten``). Not shrunk:
+    the raw moments' few outlier features make their mean eigenvalue a pull towards the weights-only fit (MiniLM
+    fine-tuned on MRPC, key dim 96, the score objective with shrinkage 0.3: F1 85.7 -> 77.2)."""
+    sqrt_q, inv_q = whitening(moment)
+    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment)
     return wq.double() @ sqrt_q, wk.double() @ sqrt_k, inv_q, inv_k
 
 
