@@ -116,7 +116,7 @@ class ReductionConfig:
                  are chosen under the Q/K parameters of ``key_dim`` everywhere by the measured effect of each layer on
                  the model's output (reduction/sensitivity.py). False: ``key_dim`` in every layer (``--uniform``).
                  None (default): decided for the model by ``allocates``: on at key dims <= d/8, where it pays
-                 (docs/results.md: fine-tuned MiniLM average drop 3.09 -> 0.83 at d/8), off above, where it is
+                 (docs/results.md: fine-tuned MiniLM average drop 4.17 -> 1.74 at d/8), off above, where it is
                  neutral and costs several times the reduction.
     first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
     """
