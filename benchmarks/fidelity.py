@@ -49,18 +49,11 @@ def parse_args():
     return p.parse_args()
 
 
-def with_shrinkage(r: float):
-    """The solvers' whitening with shrinkage ``r`` (mhacompress uses calibrate.SHRINKAGE)."""
-    import mhacompress.reduction.calibrate as calibrate
+def with_shrinkage(r: float) -> None:
+    """The output objective's shrinkage set to ``r`` (objectives.SHRINKAGE, read at every solve)."""
     import mhacompress.reduction.objectives as objectives
 
-    plain = getattr(with_shrinkage, "plain", None) or calibrate.whitening
-    with_shrinkage.plain = plain
-
-    def whitening(moment, eps=1e-6, shrink=0.0):
-        return plain(moment, eps, shrink=r)
-
-    calibrate.whitening = objectives.whitening = whitening
+    objectives.SHRINKAGE = r
 
 
 def text_sets(data_dir: str, n: int) -> dict[str, list[str]]:

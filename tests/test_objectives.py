@@ -7,11 +7,11 @@ import torch
 
 from conftest import padded_batch, tiny_model
 from mhacompress.reduction import methods
-from mhacompress.reduction.calibrate import SHRINKAGE
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (
+    SHRINKAGE,
     OutputMoments,
     centred_content_bias,
     head_gram,

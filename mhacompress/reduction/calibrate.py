@@ -52,9 +52,6 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-SHRINKAGE = 0.3  # the output objective's metrics C are shrunk to C + 0.3 x their mean eigenvalue x I
-
-
 def whitening(moment: torch.Tensor, eps: float = 1e-6, shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(C^1/2, C^-1/2), symmetric, with eigenvalues floored at ``eps`` x the largest (rank-deficient data), then
     raised by ``shrink`` x their mean: C shrunk towards a multiple of the identity, as a covariance estimated from a

@@ -30,10 +30,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .calibrate import SHRINKAGE, whitening
+from .calibrate import whitening
 from .decompose import Factors
 
 f64 = torch.float64
+SHRINKAGE = 0.3  # the query and key metrics are shrunk to C + 0.3 x their mean eigenvalue x I before whitening
 
 
 def head_gram(wo: Tensor, heads: int) -> Tensor:
