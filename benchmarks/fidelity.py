@@ -13,7 +13,7 @@ average over every example and show a change of method that scores hide, on more
   prediction for STS-B's regression head), and the share of dev examples whose predicted class is unchanged.
 
     python benchmarks/fidelity.py --key-dim 96 --shrink 0,0.3
-    python benchmarks/fidelity.py --key-dim 48 --rung allocation --tasks mrpc,stsb,sst2
+    python benchmarks/fidelity.py --key-dim 48 --rung refinement --tasks mrpc,stsb,sst2
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def parse_args():
                    help="where benchmarks/glue_results.py keeps its fine-tuned checkpoints")
     p.add_argument("--key-dim", type=int, default=96)
     p.add_argument("--rung", default="compensation", help="a rung of glue_results.py's ladder (compensation: the "
-                   "default path above d/8, allocation: at d/8)")
+                   "default path above d/8, refinement: at d/8)")
     p.add_argument("--shrink", default="0,0.3", help="whitening shrinkages to compare, comma-separated")
     p.add_argument("--samples", type=int, default=512, help="calibration sequences")
     p.add_argument("--encoder-source", default="mrpc", help="calibration source of the encoder ('' to skip it)")

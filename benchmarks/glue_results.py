@@ -31,8 +31,8 @@ KEEP = "<!-- Everything below this line is written by hand and kept when the scr
 RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement")
 RUNG_LABEL = {"weights": "weights only", "calibrated": "calibrated (whitened, all layers at once)",
               "sequential": "+ sequential (score objective)", "output": "+ output objective",
-              "compensation": "+ compensation (default above d/8)", "allocation": "+ allocation (default at d/8)",
-              "refinement": "+ refinement (`--refine 200`, opt-in)"}
+              "compensation": "+ compensation (default above d/8)", "allocation": "+ allocation (`--allocate`)",
+              "refinement": "+ refinement (`--refine 200`; default at d/8)"}
 LABEL = {"cola": "CoLA (mcc)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (spearman)",
          "rte": "RTE (acc)"}
 
@@ -98,14 +98,16 @@ def reduced(model, dim, method="cp", n_iter_max=100, moments=None):
 
 def rung_config(rung: str, dim: int, source: str, samples: int, model):
     """The ReductionConfig of one rung of the ladder at key dim ``dim`` (allocation: per-layer dims under the Q/K
-    parameters of ``dim`` everywhere, what `reduce -k DIM --calibrate SOURCE` does by default)."""
+    parameters of ``dim`` everywhere; refinement: then 200 Adam steps per layer, both what `reduce -k DIM --calibrate
+    SOURCE` does by default at DIM <= d/8)."""
     from mhacompress.reduction.config import Calibration, ReductionConfig
 
     if rung == "weights":
         return ReductionConfig(key_dim=dim)
-    kinds = {"calibrated": dict(sequential=False), "sequential": dict(objective="score", compensate=False),
-             "output": dict(objective="output", compensate=False), "compensation": {}, "allocation": {},
-             "refinement": dict(refine_steps=200)}
+    closed = dict(refine_steps=0)  # every rung but the last is the closed form alone, whatever the key dim
+    kinds = {"calibrated": dict(sequential=False), "sequential": dict(objective="score", compensate=False, **closed),
+             "output": dict(objective="output", compensate=False, **closed), "compensation": closed,
+             "allocation": closed, "refinement": dict(refine_steps=200)}
     calibration = Calibration(source, samples=samples, **kinds[rung])
     return ReductionConfig(key_dim=dim, calibration=calibration, allocate=rung in ("allocation", "refinement"))
 
@@ -274,7 +276,7 @@ def write(args, a, b, c, seconds):
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-MINILM_WIDTH = 384  # H * dh of the bundled MiniLM: allocation is the default at key dims <= width / 8
+MINILM_WIDTH = 384  # H * dh of the bundled MiniLM: allocation and refinement are the default at key dims <= width / 8
 MAIN = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "spearman", "rte": "accuracy"}
 
 
@@ -295,10 +297,11 @@ def ladder_lines(args, c) -> list[str]:
              "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
              "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ "
              "compensation`: the attention output projection refitted by ridge least squares, every layer at the key "
-             "dim (what `reduce -k K --calibrate SOURCE` does for K > d/8, or with `--uniform`); `+ allocation`: the "
-             "same Q/K parameters as the uniform key dim, spread over the layers by the measured effect on the model's "
-             "output (the default for K <= d/8, or with `--allocate`); `+ refinement`: then 200 Adam steps per layer "
-             "on the same target, where no closed form exists (opt-in, `--refine`). Calibration: "
+             "dim (what `reduce -k K --calibrate SOURCE` does for K > d/8); `+ allocation`: the same Q/K parameters "
+             "as the uniform key dim, spread over the layers by the measured effect on the model's output "
+             "(`--allocate`); `+ refinement`: then 200 Adam steps per layer on the same target, where no closed form "
+             "exists (`--refine 200`). For K <= d/8 `reduce -k K --calibrate SOURCE` allocates and refines by default "
+             "(`--uniform`, `--refine 0` to opt out). Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
              "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
@@ -325,7 +328,7 @@ def ladder_lines(args, c) -> list[str]:
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
             lines.append("| " + " | ".join(row) + " |")
-        default = "allocation" if dim * 8 <= MINILM_WIDTH else "compensation"  # what `-k DIM --calibrate` runs
+        default = "refinement" if dim * 8 <= MINILM_WIDTH else "compensation"  # what `-k DIM --calibrate` runs
         lines += ["", _summary(c, tasks, dim, default, score, orig), ""]
     return lines
 
@@ -344,7 +347,7 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     if "mrpc" in tasks:
         mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
                 f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
-    how = "allocated" if rung == "allocation" else "uniform"
+    how = {"allocation": "allocated", "refinement": "allocated and refined"}.get(rung, "uniform")
     return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
             f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")

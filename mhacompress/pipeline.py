@@ -100,7 +100,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
-    config = replace(config, allocate=config.allocates(shape[1] * shape[2]))  # saved as decided for this model
+    width = shape[1] * shape[2]
+    config = replace(config, allocate=config.allocates(width))  # saved as decided for this model, as is refinement
+    if config.calibration is not None:
+        config = replace(config, calibration=replace(config.calibration, refine_steps=config.refines(width)))
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:

@@ -419,6 +419,8 @@ SWEEP = [
     case("sweep-key-dims-too-big", "sweep {src} --task stsb --limit 4 --key-dims 64", "out of range", "1..32"),
     case("sweep-unknown-task", "sweep {src} --task nosuch", "unknown task 'nosuch'", "choose one of"),
     case("sweep-samples-0", SWEEP_ + "--calibrate stsb --samples 0", "--samples", "x>=1"),
+    case("sweep-refine-without-calibration", SWEEP_ + "--refine 0", "--refine", "give --calibrate SOURCE"),
+    case("sweep-refine-negative", SWEEP_ + "--calibrate stsb --refine -1", "--refine", "x>=0"),
     case("sweep-limit-0", "sweep {src} --task stsb --key-dims 8 --limit 0", "--limit", ">=1"),
     case("sweep-plot-on-a-folder", SWEEP_ + "--plot {prev}", "is a folder", "give a file name"),
     case("sweep-plot-empty", SWEEP_ + "--plot ''", "--plot is empty", "pass the path"),

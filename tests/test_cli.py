@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhacompress.cli import main
+from mhacompress.reduction.config import REFINE_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +205,9 @@ def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_di
     assert uniform["key_dims"] == [8, 8] and uniform["budget"] is None and uniform["config"]["allocate"] is False
     assert allocated["config"]["allocate"] is True and len(allocated["budget"]["curves"]) == 2
     assert small["config"]["allocate"] is True and small_uniform["key_dims"] == [4, 4]
+    # refined too at d/8 (saved as decided), with the closed form alone above it
+    assert small["config"]["calibration"]["refine_steps"] == REFINE_STEPS and "refined" in small["layers"][0]
+    assert uniform["config"]["calibration"]["refine_steps"] == 0 and "refined" not in uniform["layers"][0]
     human = invoke("reduce", tiny_dir, "-k", "4", "--calibrate", calibration_file, "--samples", "16")
     assert human.exit_code == 0 and "key dim 4 on average" in " ".join(human.stderr.split())
     assert allocated["params"]["after"] <= uniform["params"]["after"]

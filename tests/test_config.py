@@ -10,7 +10,7 @@ import pytest
 import mhacompress
 from mhacompress import Calibration, ReductionConfig
 from mhacompress.reduction import methods
-from mhacompress.reduction.config import ConfigError
+from mhacompress.reduction.config import REFINE_STEPS, ConfigError
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -71,7 +71,8 @@ def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tm
     result = mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir))
     result.save(tmp_path / "out")
     model, _ = mhacompress.load(tmp_path / "out")
-    assert result.config == replace(config, allocate=False)  # the default, decided for this model: 8 > 32 / 8
+    decided = replace(config.calibration, refine_steps=0)  # the defaults, decided for this model: 8 > 32 / 8
+    assert result.config == replace(config, allocate=False, calibration=decided)
     assert ReductionConfig.from_dict(model.config.compression["reduction"]) == result.config
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
 
@@ -128,6 +129,22 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
     del old["allocate"]  # saved before allocation existed: those models are uniform
     assert ReductionConfig.from_dict(old).allocate is False
+
+
+def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_otherwise():
+    def steps(width=384, calibration=Calibration("mrpc"), **dims):
+        return ReductionConfig(calibration=calibration, **dims).refines(width)
+
+    assert steps(key_dim=48) == REFINE_STEPS and steps(key_dim=48, width=383) == 0  # decided per model: d/8
+    assert steps(key_dim=96) == 0 and steps(key_dim=4, calibration=None) == 0  # above d/8; weights only
+    assert steps(key_dim=8, calibration=Calibration("mrpc", sequential=False)) == 0  # nothing to refine towards
+    assert steps(key_dims=(32, 64)) == REFINE_STEPS and steps(key_dims=(32, 65)) == 0  # on average over the layers
+    assert steps(budget=0.125) == REFINE_STEPS and steps(budget=0.13) == 0
+    assert steps(key_dim=48, calibration=Calibration("mrpc", refine_steps=0)) == 0  # as set, both ways
+    assert steps(key_dim=96, calibration=Calibration("mrpc", refine_steps=7)) == 7
+    old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", refine_steps=0)).to_dict()
+    del old["calibration"]["refine_steps"]  # saved before refinement existed: not refined
+    assert ReductionConfig.from_dict(old).calibration.refine_steps == 0
 
 
 def test_key_dims_from_any_sequence_are_kept_as_a_tuple():

@@ -41,6 +41,24 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
 
 
+def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_dir):
+    """--refine 0 keeps the closed form at d/8 (d = 32 here), where a calibrated reduction refines by default."""
+    from mhacompress.reduction.config import REFINE_STEPS
+    from mhacompress.sweep import cell_config
+
+    def calibration(*extra):
+        result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir),
+                                           "--limit", "8", "--key-dims", "4", "--methods", "cp", "--calibrate",
+                                           "mrpc", "--samples", "8", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["calibration"]
+
+    def steps(saved):
+        return cell_config({"key_dim": 4, "method": "cp", "seed": 0, "calibration": saved}).refines(32)
+
+    assert steps(calibration("--refine", "0")) == 0 and steps(calibration()) == REFINE_STEPS
+
+
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, minilm_path):
     """A tiny random BERT with a 2-label head (MRPC's shape) and the bundled tokenizer."""

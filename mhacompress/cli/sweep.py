@@ -24,6 +24,8 @@ from .eval import data_options
 @click.option("--calibrate", "calibrate_source", metavar="SOURCE",
               help="Calibrate every reduction on this GLUE task's train split, .txt or .jsonl file.")
 @click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration sequences.")
+@click.option("--refine", type=click.IntRange(min=0), metavar="STEPS", help="With --calibrate: Adam steps per layer, "
+              "as in reduce (default: 200 at key dims <= d/8, else 0).")
 @data_options
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N dev examples (quick looks).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -43,8 +45,8 @@ from .eval import data_options
 @click.option("--plot", "plot_file", help="Write a figure (PNG, or the format of the name's suffix): score vs key "
               "dim and vs Q/K parameters, one line per method.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
-def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, limit, seed, device, executor, address,
-          cpus_per_cell, gpus_per_cell, resume_dir, plot_file, as_json):
+def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, data_dir, limit, seed, device, executor,
+          address, cpus_per_cell, gpus_per_cell, resume_dir, plot_file, as_json):
     """Reduce MODEL at every (method, key dim) and score each on TASK beside the original, without retraining.
 
     \b
@@ -63,7 +65,10 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, data_dir, l
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed)
+        if calibrate_source is None and refine is not None:
+            raise ConfigError("--refine fits layers to calibration data: give --calibrate SOURCE too")
+        calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed,
+                                                                        refine_steps=refine)
         with progress(not as_json) as bar:
             step = bar.add_task("sweep", total=1 + len(set(method_list)) * len(set(dims)))  # the original too
             result = run_sweep(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,

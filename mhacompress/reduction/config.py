@@ -17,6 +17,7 @@ from .modeling.architectures import FORMAT_VERSION
 
 INITS = ("svd", "random")
 OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see reduction/objectives.py)
+REFINE_STEPS = 200  # refinement steps per layer by default at key dims <= d/8 (ReductionConfig.refines)
 
 
 class ConfigError(UsageError, ValueError):
@@ -64,7 +65,9 @@ class Calibration:
                   squares, so the residual sum matches the original's; recorded in the block's ``modified`` list.
                   Default: on when sequential.
     refine_steps: with ``sequential``: Adam steps per layer fitting the reduced layer's attention output to the
-                  original's (0: none).
+                  original's (0: none). None (default): decided for the model by ``ReductionConfig.refines``:
+                  ``REFINE_STEPS`` at key dims <= d/8, where the closed form alone leaves the most (docs/results.md),
+                  0 above, where it gains little and would cost a BERT-base-sized model minutes.
     """
 
     source: str
@@ -73,7 +76,7 @@ class Calibration:
     sequential: bool = True
     objective: str | None = None
     compensate: bool | None = None
-    refine_steps: int = 0
+    refine_steps: int | None = None
     max_length: int = 128
     batch_size: int = 32
 
@@ -84,7 +87,10 @@ class Calibration:
             raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
         _int("--samples", self.samples, 1)
         _int("the calibration seed", self.seed, 0, SEED_MAX)
-        _int("--refine", self.refine_steps)
+        if self.refine_steps is None and not self.sequential:
+            object.__setattr__(self, "refine_steps", 0)  # nothing to refine without the bottom-up targets
+        if self.refine_steps is not None:
+            _int("--refine", self.refine_steps)
         _int("the calibration max length", self.max_length, 8)
         _int("the calibration batch size", self.batch_size, 1)
         _flag("sequential", self.sequential)
@@ -198,7 +204,25 @@ class ReductionConfig:
         key dims <= width / 8 with a sequential calibration."""
         if self.allocate is not None:
             return self.allocate
-        return self.key_dim * 8 <= width
+        return self.deep(width)
+
+    def deep(self, width: int) -> bool:
+        """Whether this reduction keeps at most an eighth of a ``width`` = H*dh model's query/key width (on
+        average over the layers; a budget of at most 1/8): where the default path also allocates and refines."""
+        if self.budget is not None:
+            return self.budget * 8 <= 1
+        dims = self.key_dims or (self.key_dim,)
+        return sum(dims) * 8 <= width * len(dims)
+
+    def refines(self, width: int) -> int:
+        """The refinement steps per layer for a model of ``width`` = H*dh: as set in the calibration, or by default
+        ``REFINE_STEPS`` with a sequential calibration at key dims <= width / 8 (``deep``), else none."""
+        c = self.calibration
+        if c is None or not c.sequential:
+            return 0
+        if c.refine_steps is not None:
+            return c.refine_steps
+        return REFINE_STEPS if self.deep(width) else 0
 
     def solver_options(self) -> dict:
         """What ``Method.solve`` takes: the solver and its settings (tensorly's names)."""
@@ -234,7 +258,8 @@ class ReductionConfig:
             names = {f.name for f in fields(Calibration)}
             if set(calibration) - names:
                 raise ConfigError(f"unknown calibration settings {sorted(set(calibration) - names)}")
-            calibration = {"compensate": False, **calibration}  # saved before these settings existed
+            # saved before these settings existed: neither compensated nor refined
+            calibration = {"compensate": False, "refine_steps": 0, **calibration}
             if calibration.get("sequential", True):
                 calibration.setdefault("objective", "score")
             data["calibration"] = _saved_seed(Calibration, calibration)
