@@ -118,6 +118,15 @@ def test_refinement_with_compensation_refits_each_projection_once_more_and_names
     assert final_error(model, original, batches) < final_error(compensated_only, original, batches)
 
 
+def test_refinement_reports_its_steps_as_progress_of_each_layer():
+    events = []
+    config = ReductionConfig(key_dim=4, n_iter_max=30)
+    reduce_sequential_(tiny_model("bert"), config, [4, 4], calibration(2), Plan(refine_steps=3),
+                       on_progress=lambda *event: events.append(event))
+    refined = [e for e in events if e[0].endswith("refinement")]
+    assert refined == [(f"layer {i}: refinement", s, 3) for i in (0, 1) for s in (1, 2, 3)]
+
+
 def test_refinement_lowers_every_layers_output_error():
     model = tiny_model("bert")
     plan = sequential(model, 4, calibration(), refine_steps=40, refine_lr=1e-2)

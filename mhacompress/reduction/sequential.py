@@ -350,7 +350,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
                 compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             if plan.refine_steps:
                 with torch.enable_grad():
-                    report.update(_refine(model, index, at, data, spill, plan, same, device))
+                    report.update(_refine(model, index, at, data, spill, plan, same, device, progress))
                 if plan.compensate:  # W_O refitted to the refined scores
                     compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             diff = norm = 0.0
@@ -517,7 +517,7 @@ def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, 
         plan.modified.append(name)
 
 
-def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device) -> dict:
+def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress: Progress) -> dict:
     """Adam steps on the layer's query/key parameters so that its residual sum matches the original's. Kept only
     when they lower that error over the calibration batches: a step size that diverges on some model gives the closed
     form back (report: ``refined`` false)."""
@@ -553,6 +553,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
         with torch.no_grad():
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             kept = math.isfinite(after) and after < before
