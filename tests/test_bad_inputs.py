@@ -129,6 +129,17 @@ def _classifier(path: Path, num_labels: int) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _foreign_tokenizer(path: Path) -> None:
+    """A tiny BERT with a 100-token vocabulary saved with the bundled tokenizer's 30,522 tokens: not its own."""
+    from transformers import AutoTokenizer, BertModel
+
+    from conftest import tiny_config
+    from mhacompress.hub import bundled_model_path
+
+    BertModel(tiny_config("bert", vocab_size=100)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+
+
 def case(id_: str, *args, marks=(), **kw):
     return pytest.param(Bad(*args, **kw), id=id_, marks=marks)
 
@@ -141,6 +152,12 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("model-is-a-file", "reduce {src}/config.json -k 8", "is a file", "pass the model FOLDER"),
     case("model-hub-id-offline", "reduce nobody/no-such-model -k 8", "cannot download", "pass a local model folder"),
     case("model-invalid-name", "reduce 'not a model!' -k 8", "neither a model folder nor a hub id", "pass a local"),
+    case("model-with-a-foreign-tokenizer", "reduce {ws}/foreign -k 8 --calibrate stsb --samples 16",
+         "embeddings have 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+    case("eval-model-with-a-foreign-tokenizer", "eval {ws}/foreign --task stsb --limit 4", "embeddings have 100 rows",
+         "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+    case("finetune-model-with-a-foreign-tokenizer", "finetune {ws}/foreign --task mrpc -o {ws}/ft --limit 4 --no-eval",
+         "embeddings have 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
     case("model-empty-folder", "reduce {ws}/empty -k 8", "no config.json", "save_pretrained",
          setup=lambda ws: (ws / "empty").mkdir()),
     case("model-symlink-loop", "reduce {ws}/loop -k 8", "no model folder at", "pass a folder",

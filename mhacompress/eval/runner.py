@@ -71,6 +71,17 @@ def input_keys(enc, model=None) -> list[str]:
             and (segments or k != "token_type_ids")]
 
 
+def check_vocabulary(input_ids: list[list[int]], model) -> None:
+    """Refuse token ids beyond the model's embedding table (a tokenizer that is not the model's) in one line, before
+    they reach the embeddings as an IndexError."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    top = max((max(ids) for ids in input_ids if ids), default=-1)
+    if rows is not None and top >= rows:
+        raise UsageError(f"the tokenizer gives token id {top} but the model's embeddings have {rows} rows: the "
+                         f"tokenizer is not this model's; save the model's own tokenizer beside it")
+
+
 def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
             sort: bool = True, pad_to_max: bool = False, model=None):
     """Yield (indices, encoding): longest-first length-sorted batches padded to their own longest sequence
@@ -78,6 +89,8 @@ def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, ma
     reads (``input_keys``)."""
     columns = list(zip(*texts))  # one tuple per text field
     enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    if model is not None:
+        check_vocabulary(enc["input_ids"], model)
     order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i])) if sort else list(range(len(texts)))
     keys = input_keys(enc, model)
     for start in range(0, len(order), batch_size):
