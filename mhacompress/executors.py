@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import UsageError
+from .errors import UsageError, check_callback
 
 EXECUTORS = ("local", "ray")
 RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install 'ray[client]')"
@@ -50,8 +50,7 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     another version fails it, and the cell runs again).
     """
     check_settings(executor, address, num_cpus, num_gpus)
-    if on_result is not None and not callable(on_result):
-        raise UsageError(f"on_result must be a function taking one result; got {type(on_result).__name__}")
+    check_callback("on_result", on_result, "one result")
     path = function_path(fn)
     if resume is not None and not str(resume).strip():  # Path("") is the current folder
         raise UsageError("resume is empty; pass the folder to keep finished cells in, e.g. resume='out/sweep-cells'")

@@ -178,8 +178,9 @@ def check_gate(max_drop, evaluate) -> None:
 def notifier(on_progress) -> Callable[[Progress], None]:
     """The progress callback of a Python call (a no-op for None); one that cannot be called is refused in one line,
     not a TypeError at the first event."""
-    if on_progress is not None and not callable(on_progress):
-        raise UsageError(f"on_progress must be a function taking one Progress event; got {type(on_progress).__name__}")
+    from .errors import check_callback
+
+    check_callback("on_progress", on_progress, "one Progress event")
     return on_progress or (lambda event: None)
 
 

@@ -202,10 +202,12 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
     there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
     the order the cells finish in."""
+    from .errors import check_callback
     from .executors import check_settings
 
     start = time.perf_counter()
     check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
+    check_callback("on_result", on_result, "one result")  # not after the model has loaded (run_cells checks it too)
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir)
     try:

@@ -170,3 +170,47 @@ def test_bad_input_is_a_usage_error_before_any_model_loads(tiny_bert_dir, glue_d
         mhacompress.report(tiny_bert_dir, latency=False)  # an original model needs a key dim to compare with
     with pytest.raises(UsageError):
         mhacompress.evaluate(tiny_bert_dir, "no-such-task", data_dir=glue_dir)
+
+
+CALLBACK_CALLS = {
+    "compress": lambda src, cb: mhacompress.compress(src, mhacompress.ReductionConfig(key_dim=8), on_progress=cb),
+    "reduce_": lambda src, cb: mhacompress.reduce_(_tiny_bert(), mhacompress.ReductionConfig(key_dim=8), on_layer=cb),
+    "evaluate": lambda src, cb: mhacompress.evaluate(src, "stsb", limit=4, on_progress=cb),
+    "report": lambda src, cb: mhacompress.report(src, key_dim=8, latency=False, on_progress=cb),
+    "to_onnx": lambda src, cb: mhacompress.to_onnx(src, "m.onnx", on_progress=cb),
+    "finetune": lambda src, cb: mhacompress.finetune(src, "stsb", "ft", limit=4, on_progress=cb),
+    "analyze": lambda src, cb: mhacompress.analyze(src, curve=False, on_progress=cb),
+    "run_sweep": lambda src, cb: mhacompress.run_sweep(src, "stsb", ["cp"], [8], limit=4, on_result=cb),
+}
+
+
+def _tiny_bert():
+    from conftest import tiny_model
+
+    return tiny_model("bert")
+
+
+@pytest.mark.parametrize("call", CALLBACK_CALLS)
+def test_a_callback_that_takes_no_event_is_refused_before_any_model_loads(call, tiny_bert_dir, glue_dir, tmp_path,
+                                                                          monkeypatch):
+    """on_progress=lambda: ... was a TypeError at its first event; run_sweep's on_result one only after the model had
+    loaded and the original's cell had run."""
+    from mhacompress import hub
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the callback was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(glue_dir))
+    monkeypatch.setattr(hub, "load_pretrained", loaded)
+    monkeypatch.setattr(hub, "load", loaded)
+    with pytest.raises(UsageError, match=r"(on_progress|on_result|on_layer) must be a function taking .*cannot be "
+                                         r"called with one") as err:
+        CALLBACK_CALLS[call](str(tiny_bert_dir), lambda: None)
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("callback", [print, [].append, lambda *events: None, lambda event, extra=1: None],
+                         ids=["builtin", "bound-method", "varargs", "a-default"])
+def test_a_callback_that_takes_one_event_is_accepted(callback, tiny_bert_dir):
+    mhacompress.compress(str(tiny_bert_dir), mhacompress.ReductionConfig(key_dim=8, n_iter_max=2), on_progress=callback)

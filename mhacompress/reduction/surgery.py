@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..devices import cpu_threads, parallel_map, work_device
-from ..errors import UsageError
+from ..errors import UsageError, check_callback
 from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
@@ -221,8 +221,7 @@ def _check_arguments(model, config, moments, on_layer) -> None:
                                 or not all(isinstance(m, torch.Tensor) for m in moments)):
         raise ConfigError("moments must be a list of tensors, one per layer (calibrate.second_moments(model, "
                           "batches))")
-    if on_layer is not None and not callable(on_layer):
-        raise UsageError(f"on_layer must be a function taking a layer's report; got {type(on_layer).__name__}")
+    check_callback("on_layer", on_layer, "a layer's report")
 
 
 def finish_(model: nn.Module, config: ReductionConfig, layers: list[dict], *, source: str, tool_version: str,
