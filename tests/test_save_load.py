@@ -222,3 +222,25 @@ def test_a_folder_reduced_from_a_relative_path_reports_against_its_original_from
     block = json.loads((tmp_path / "out" / "config.json").read_text())["compression"]
     assert block["source_model"] == str(tiny_bert_dir)
     assert mhacompress.report(tmp_path / "out", seq_len=32, latency=False)["original"] == str(tiny_bert_dir)
+
+
+def test_reduce_records_a_path_source_as_the_text_of_the_path(tmp_path):
+    """source=Path(...) was stored as a Path in the compression block, and saving the model then failed with the JSON
+    encoder's 'Object of type PosixPath is not JSON serializable'."""
+    model = tiny_model("bert")
+    block = reduce_(model, ReductionConfig(key_dim=8, n_iter_max=2), source=tmp_path / "original")
+    assert block["source_model"] == str(tmp_path / "original")
+    save(model, None, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["compression"]
+    assert saved["source_model"] == str(tmp_path / "original")
+
+
+@pytest.mark.parametrize("kwargs,fragment", [({"source": 5}, "source is recorded .* must be the name or folder"),
+                                             ({"source": None}, "source is recorded .* must be the name or folder"),
+                                             ({"tool_version": 1.0}, "tool_version is recorded .* must be a str")])
+def test_reduce_refuses_a_source_or_version_that_is_not_text_before_any_layer(kwargs, fragment):
+    model = tiny_model("bert")
+    with pytest.raises(UsageError, match=fragment) as err:
+        reduce_(model, ReductionConfig(key_dim=8), **kwargs)
+    assert "\n" not in str(err.value)
+    assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched

@@ -3,6 +3,7 @@ style: ``reduce_(model, config)``), layer by layer so that the original query/ke
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -178,7 +179,7 @@ def reduce_layers_(model: nn.Module, config: ReductionConfig, dims: list[int],
     return reports
 
 
-def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool_version: str = "",
+def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathLike = "", tool_version: str = "",
             moments: list[torch.Tensor] | None = None, on_layer: Callable[[dict], None] | None = None) -> dict:
     """Replace every self-attention layer of ``model`` by collaborative attention, in place.
 
@@ -192,6 +193,13 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str = "", tool
     adds it as ``expected_score_error``). For the sequential, output-aware path use ``mhacompress.compress(...)``.
     """
     _check_arguments(model, config, moments, on_layer)
+    if isinstance(source, os.PathLike):  # recorded in the block, which is saved as JSON
+        source = os.fspath(source)
+    for name, value, what in (("source", source, "the name or folder of the original (a str or Path)"),
+                              ("tool_version", tool_version, "a str")):
+        if not isinstance(value, str):
+            raise UsageError(f"{name} is recorded in the compression block and must be {what}; got "
+                             f"{type(value).__name__}")
     check_reducible(model)
     if config.first_token_only:
         require_classifier(model, "this model")
