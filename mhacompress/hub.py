@@ -638,6 +638,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     from .reduction.config import _flag
 
     _flag("tokenizer", tokenizer)  # 'no' is a true value: it asked for the tokenizer it meant to skip
+    if attn_implementation not in (None, "sdpa", "eager"):  # else transformers' error, blaming the folder
+        raise UsageError(f"attn_implementation must be one of sdpa, eager (collaborative attention's kernels), or None "
+                         f"for transformers' default; got {attn_implementation!r}")
 
     device = str(resolve_device(device))  # a device this machine lacks fails now, not after the weights are read
     path = Path(path).expanduser()

@@ -244,3 +244,13 @@ def test_reduce_refuses_a_source_or_version_that_is_not_text_before_any_layer(kw
         reduce_(model, ReductionConfig(key_dim=8), **kwargs)
     assert "\n" not in str(err.value)
     assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched
+
+
+@pytest.mark.parametrize("attn", ["flash", "flash_attention_2", 5])
+def test_load_refuses_an_attention_implementation_it_has_no_kernel_for_as_a_bad_argument(tiny_reduced_dir, attn):
+    """It was transformers' error behind 'pass a complete checkpoint written by save_pretrained' (blaming the folder),
+    an AttributeError's text for a non-str, or an ImportError for flash_attention_2; collaborative attention has
+    eager and sdpa kernels only."""
+    with pytest.raises(UsageError, match=r"attn_implementation must be one of sdpa, eager .*got") as err:
+        mhacompress.load(tiny_reduced_dir, attn_implementation=attn)
+    assert "\n" not in str(err.value) and "checkpoint" not in str(err.value)
