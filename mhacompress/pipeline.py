@@ -159,6 +159,9 @@ def _check_arguments(model_or_name, config, tokenizer) -> None:
                                                                   "model_type"):
         raise UsageError(f"model_or_name must be a model folder, hub id or alias, or a transformers model; got "
                          f"{type(model_or_name).__name__}")
+    if isinstance(tokenizer, type):  # AutoTokenizer itself: a TypeError from inside the calibration, after loading
+        raise UsageError(f"tokenizer must be the model's tokenizer, not the class {tokenizer.__name__}: pass "
+                         f"{tokenizer.__name__}.from_pretrained(...) of the model's checkpoint")
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(f"tokenizer must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(...)); got "
                          f"{type(tokenizer).__name__}")

@@ -58,6 +58,12 @@ CAL = mhacompress.Calibration("python", samples=4)
     (("{src}", ReductionConfig(key_dim=8)), {"on_progress": True}, "on_progress must be a function"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"tokenizer": "bert", "calibration": ["a"]},
      "tokenizer must be the model's tokenizer"),
+    # the class, not a tokenizer: it was a TypeError from inside the calibration ("AutoTokenizer.__init__() got an
+    # unexpected keyword argument 'truncation'"), after the model had loaded
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"tokenizer": "AutoTokenizer", "calibration": ["a"]},
+     "tokenizer must be the model's tokenizer, not the class AutoTokenizer"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"tokenizer": "BertTokenizerFast", "calibration": ["a"]},
+     "tokenizer must be the model's tokenizer, not the class BertTokenizer"),  # an alias of it in transformers 5
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": "a whole text"},
      "must be a list of texts; got str"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": b"bytes"}, "got bytes"),
@@ -78,6 +84,10 @@ def test_arguments_of_the_wrong_kind_are_one_line_errors_before_anything_loads(t
                                                                                 fragment):
     """Not an AttributeError or TypeError from deep inside, and never a string read as a list of its letters."""
     args = tuple(str(tiny_bert_dir) if a == "{src}" else a for a in args)
+    if kwargs.get("tokenizer") in ("AutoTokenizer", "BertTokenizerFast"):
+        import transformers
+
+        kwargs = {**kwargs, "tokenizer": getattr(transformers, kwargs["tokenizer"])}
     with pytest.raises(UsageError, match=fragment):
         mhacompress.compress(*args, **{"on_progress": _raise, **kwargs} if "on_progress" not in kwargs else kwargs)
 
