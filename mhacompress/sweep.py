@@ -24,6 +24,10 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     if calibration is not None and not isinstance(calibration, Calibration):
         raise ConfigError(f"calibration must be a Calibration or None, e.g. Calibration('mrpc'); got "
                           f"{type(calibration).__name__}")
+    if calibration is not None and calibration.source == "python":  # else "unknown task 'python'"
+        raise ConfigError("run_sweep reads its calibration from a GLUE task or a .txt / .jsonl file, e.g. "
+                          "Calibration('mrpc'); Calibration('python') is for texts handed to compress(..., "
+                          "calibration=[...])")
     if not methods:
         raise ConfigError("--methods is empty; give at least one method, e.g. --methods cp,svd")
     if not key_dims:

@@ -608,6 +608,9 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
+    # Calibration('python') is compress's, for texts handed over: it was "unknown task 'python'"
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, calibration=Calibration('python'))",
+     "run_sweep reads its calibration from a GLUE task or a .txt / .jsonl file"),
     ("mhacompress.run_sweep(5, 'stsb', ['cp'], [8], data_dir=glue, limit=4)", "model must be a model folder"),
     # a device this machine lacks is refused first, as `sweep --device` is (it failed once the sweep ran, as "scoring
     # the original failed")
