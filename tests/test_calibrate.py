@@ -187,3 +187,16 @@ def test_bad_jsonl_line(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(UsageError, match="c.jsonl:2 is not valid JSON"):
         calibration_texts(str(tmp_path / "c.jsonl"), 8)
+
+
+@pytest.mark.parametrize("moment,fragment", [(torch.eye(5), r"second moment 0 has shape \(5, 5\); .*\(32, 32\)"),
+                                             (torch.ones(32), r"second moment 0 has shape \(32,\)"),
+                                             (torch.full((32, 32), float("nan")), "second moment 0 holds NaN")])
+def test_reduce_refuses_moments_of_another_shape_or_not_finite_before_any_layer(moment, fragment):
+    """They were a RuntimeError from the whitening's matmul ('mat1 and mat2 shapes cannot be multiplied') or the
+    solver's 'cp_als broke down', from inside the reduction."""
+    model = tiny_model("bert")
+    with pytest.raises(UsageError, match=fragment) as err:
+        reduce_(model, ReductionConfig(key_dim=8), moments=[moment, torch.eye(32)])
+    assert "\n" not in str(err.value)
+    assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched

@@ -208,6 +208,7 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     if moments is not None and len(moments) != n_layers:
         raise ConfigError(f"{len(moments)} second moments given for {n_layers} layers; pass one per layer "
                           f"(calibrate.second_moments(model, batches))")
+    _check_moments(model, moments)
     layers = reduce_layers_(model, config, dims, moments, on_layer)
     return finish_(model, config, layers, source=source, tool_version=tool_version)
 
@@ -230,6 +231,20 @@ def _check_arguments(model, config, moments, on_layer) -> None:
         raise ConfigError("moments must be a list of tensors, one per layer (calibrate.second_moments(model, "
                           "batches))")
     check_callback("on_layer", on_layer, "a layer's report")
+
+
+def _check_moments(model: nn.Module, moments) -> None:
+    """Each layer's second moment is (d, d) of its input, and finite: else the whitening's matmul or the solver fails
+    from inside the reduction."""
+    arch = arch_for(model.config)
+    for i, (moment, (_, _, module)) in enumerate(zip(moments or (), attention_modules(model))):
+        d = qk_weights(module, arch)[0].shape[1]
+        if tuple(moment.shape) != (d, d):
+            raise ConfigError(f"second moment {i} has shape {tuple(moment.shape)}; each is ({d}, {d}), of its layer's "
+                              f"input (calibrate.second_moments(model, batches) of this model)")
+        if not torch.isfinite(moment).all():
+            raise ConfigError(f"second moment {i} holds NaN or infinite values; compute it again with "
+                              f"calibrate.second_moments(model, batches)")
 
 
 def finish_(model: nn.Module, config: ReductionConfig, layers: list[dict], *, source: str, tool_version: str,
