@@ -73,6 +73,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     start = time.perf_counter()
     _check_arguments(model_or_name, config, tokenizer)
     check_gate(max_drop, evaluate)
+    if evaluate is not None:  # by its own name: the scorer would refuse it as batch_size
+        from .reduction.config import _int
+
+        _int("eval_batch_size", eval_batch_size, 1)
     notify = notifier(on_progress)
     if device is not None:
         from .devices import resolve_device

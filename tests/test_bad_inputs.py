@@ -671,6 +671,9 @@ API = [  # (call, fragment of the message)
      "max_drop=float('nan'))", "max_drop must be a finite number"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop='0.1')",
      "max_drop must be a finite number"),
+    # compress's eval_batch_size, by its name: it was refused as "batch_size must be ..."
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, eval_batch_size=0)",
+     "eval_batch_size must be an integer >= 1"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.xyz')",
      "cannot write .xyz figures"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=str(src / 's.png'))",

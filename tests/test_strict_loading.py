@@ -173,7 +173,7 @@ def test_a_layer_key_dim_that_disagrees_with_the_saved_reduction_settings_is_ref
     (lambda b: b.update(layers=b["layers"][:1]), "describes 1 layers"),
     (lambda b: b["layers"][1].update(key_dim="8"), "positive integer key_dim"),
     (lambda b: b.pop("base_architecture"), "base architecture"),
-    (lambda b: b["reduction"].update(n_iter_max=0), "--iterations must be an integer >= 1"),
+    (lambda b: b["reduction"].update(n_iter_max=0), "n_iter_max (--iterations) must be an integer >= 1"),
     (lambda b: b["reduction"].update(shiny=True), "unknown reduction settings"),
 ])
 def test_broken_compression_blocks_are_refused(reduced, change, fragment):

@@ -90,7 +90,7 @@ class Calibration:
         if self.refine_steps is None and not self.sequential:
             object.__setattr__(self, "refine_steps", 0)  # nothing to refine without the bottom-up targets
         if self.refine_steps is not None:
-            _int("--refine", self.refine_steps)
+            _int("refine_steps (--refine)", self.refine_steps)
         _int("the calibration max length", self.max_length, 8)
         _int("the calibration batch size", self.batch_size, 1)
         _flag("sequential", self.sequential)
@@ -102,7 +102,8 @@ class Calibration:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if not self.sequential and (self.objective != "score" or self.compensate or self.refine_steps):
-            raise ConfigError("--objective output, --compensate and --refine fit layers bottom-up: drop --parallel")
+            raise ConfigError("--objective output, --compensate and --refine fit layers bottom-up: drop --parallel "
+                              "(sequential=False in Python)")
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class ReductionConfig:
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if sum(x is not None for x in (self.key_dim, self.key_dims, self.budget)) != 1:
-            raise ConfigError("give exactly one of --key-dim (e.g. --key-dim 96), --key-dims or --budget")
+            raise ConfigError("give exactly one of --key-dim, --key-dims or --budget (in Python: key_dim=, key_dims= "
+                              "or budget=), e.g. --key-dim 96 (key_dim=96)")
         if self.key_dims is not None:  # in layer order: a list, tuple or other sequence (not a set, not one int)
             dims = self.key_dims
             ordered = isinstance(dims, Iterable) and not isinstance(dims, (str, bytes, Set, Mapping))
@@ -163,7 +165,7 @@ class ReductionConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not 0 < self.budget <= 1):
             raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {self.budget!r}")
-        _int("--iterations", self.n_iter_max, 1)
+        _int("n_iter_max (--iterations)", self.n_iter_max, 1)
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
                 or self.tol < 0:
             raise ConfigError(f"--tol must be a finite number >= 0; got {self.tol!r}")
@@ -178,7 +180,7 @@ class ReductionConfig:
             _flag("allocate", self.allocate)
         if self.allocate and (self.key_dim is None or not bottom_up):
             raise ConfigError("allocating per-layer key dims around --key-dim needs --key-dim and a sequential "
-                              "--calibrate; drop the allocation (--uniform) or use --budget")
+                              "--calibrate; drop the allocation (--uniform, allocate=False in Python) or use --budget")
 
     def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
