@@ -163,3 +163,22 @@ def test_a_second_ctrl_c_while_the_calibration_activations_are_removed_still_rem
         mhacompress.compress(str(tiny_bert_dir), config, calibration=["a first text", "and a second one", "three",
                                                                        "the fourth and last text"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("use", ["calibration", "evaluation"])
+def test_a_tokenizer_of_another_model_is_refused_in_one_line_before_any_layer_is_reduced(tiny_bert_dir, glue_dir,
+                                                                                          use):
+    """Another checkpoint's tokenizer gives ids beyond the model's embeddings: it was torch's 'IndexError: index out
+    of range in self' from inside the embedding lookup."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model("bert")  # a vocabulary of 100
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)  # MiniLM's, of 30522
+    kwargs = {"calibration": {"calibration": ["a text", "another text"]},
+              "evaluation": {"evaluate": "stsb", "data_dir": glue_dir}}[use]
+    calibration = mhacompress.Calibration("python", samples=4) if use == "calibration" else None
+    with pytest.raises(UsageError, match=r"token id \d+ .*embeddings have 100 rows.*the model's own") as err:
+        mhacompress.compress(model, ReductionConfig(key_dim=8, calibration=calibration), tokenizer=tokenizer,
+                             **kwargs)
+    assert "\n" not in str(err.value)
+    assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched

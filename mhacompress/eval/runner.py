@@ -79,7 +79,7 @@ def check_vocabulary(input_ids: list[list[int]], model) -> None:
     top = max((max(ids) for ids in input_ids if ids), default=-1)
     if rows is not None and top >= rows:
         raise UsageError(f"the tokenizer gives token id {top} but the model's embeddings have {rows} rows: the "
-                         f"tokenizer is not this model's; save the model's own tokenizer beside it")
+                         f"tokenizer is not this model's; use the model's own (saved beside it in its folder)")
 
 
 def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
