@@ -164,6 +164,21 @@ def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_oth
     assert ReductionConfig.from_dict(old).calibration.refine_steps == 0
 
 
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
+    import json
+
+    import numpy as np
+
+    config = ReductionConfig(key_dims=np.array([8, 16]), n_iter_max=np.int32(7), seed=np.uint8(3),
+                             calibration=Calibration("mrpc", samples=np.int64(64), refine_steps=np.int16(5)))
+    assert config == ReductionConfig(key_dims=(8, 16), n_iter_max=7, seed=3,
+                                     calibration=Calibration("mrpc", samples=64, refine_steps=5))
+    assert ReductionConfig(key_dim=np.int64(8)).key_dim == 8 and ReductionConfig(budget=np.float32(0.5)).budget == 0.5
+    json.dumps(config.to_dict())  # saved with the weights: plain numbers only
+    with pytest.raises(ConfigError, match="positive integers"):
+        ReductionConfig(key_dim=np.float64(8.0))  # a float is still not a key dim
+
+
 def test_key_dims_from_any_sequence_are_kept_as_a_tuple():
     from_list, from_generator = ReductionConfig(key_dims=[8, 16]), ReductionConfig(key_dims=(k for k in (8, 16)))
     assert from_list.key_dims == from_generator.key_dims == (8, 16)

@@ -7,6 +7,7 @@ message is what the CLI prints. ``to_dict`` / ``from_dict`` round-trip through t
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields
@@ -25,6 +26,19 @@ class ConfigError(UsageError, ValueError):
 
 
 SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger seed; torch's generators 2**64 - 1
+
+
+def _plain(value):
+    """A numpy (or other registered) integer or real scalar as the Python int or float it holds; anything else as
+    it is. A config is saved as JSON with the weights, and its checks are written for Python numbers."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_fields(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        object.__setattr__(config, name, _plain(getattr(config, name)))
 
 
 def _int(name: str, value, low: int = 0, high: int | None = None) -> None:
@@ -81,6 +95,7 @@ class Calibration:
     batch_size: int = 32
 
     def __post_init__(self):
+        _plain_fields(self, ("samples", "seed", "refine_steps", "max_length", "batch_size"))
         if isinstance(self.source, os.PathLike):  # a file, as a Path: kept as a str (the saved block is JSON)
             object.__setattr__(self, "source", os.fspath(self.source))
         if not isinstance(self.source, str) or not self.source.strip():
@@ -142,6 +157,7 @@ class ReductionConfig:
     allocate: bool | None = None
 
     def __post_init__(self):
+        _plain_fields(self, ("key_dim", "budget", "n_iter_max", "tol", "seed"))
         if self.method not in methods.names():
             raise ConfigError(f"method must be one of {', '.join(methods.names())}; got {self.method!r}")
         if self.solver not in methods.SOLVERS:
@@ -154,7 +170,7 @@ class ReductionConfig:
         if self.key_dims is not None:  # in layer order: a list, tuple or other sequence (not a set, not one int)
             dims = self.key_dims
             ordered = isinstance(dims, Iterable) and not isinstance(dims, (str, bytes, Set, Mapping))
-            dims = tuple(dims) if ordered else ()
+            dims = tuple(map(_plain, dims)) if ordered else ()
             if not dims:
                 raise ConfigError(f"--key-dims takes one positive integer per layer, in layer order (a list or "
                                   f"tuple); got {self.key_dims!r}")
