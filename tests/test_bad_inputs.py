@@ -356,6 +356,11 @@ EVAL = [
     case("eval-data-dir-missing", "eval {src} --task stsb --data-dir {ws}/nope", "is not a folder",
          "glue_data layout"),
     case("eval-data-dir-is-a-file", "eval {src} --task stsb --data-dir {file}", "not a folder", "glue_data layout"),
+    # '' was read as the current folder: GLUE files lying there were scored as if named
+    case("eval-data-dir-empty", "eval {src} --task stsb --limit 4 --data-dir ''", "--data-dir is empty",
+         "pass the folder that holds the GLUE tasks"),
+    case("reduce-eval-data-dir-empty", "reduce {src} -k 8 --eval stsb --data-dir ''", "--data-dir is empty",
+         "pass the folder that holds the GLUE tasks"),
     case("eval-empty-reference", "eval {src} --task stsb --limit 4 --reference ''", "no model given",
          "pass a local folder"),
     case("reduce-eval-no-dev-file", "reduce {src} -k 8 --eval stsb --data-dir {data}", "STS-B/dev.tsv",
@@ -418,6 +423,8 @@ FINETUNE = [
     case("finetune-batch-size-0", "finetune {src} --task stsb -o {ws}/ft --batch-size 0", "--batch-size", "x>=1"),
     case("finetune-weight-decay-inf", "finetune {src} --task stsb -o {ws}/ft --weight-decay inf", "--weight-decay",
          "x>=0"),
+    case("finetune-data-dir-empty", "finetune {src} --task stsb -o {ws}/ft --data-dir ''", "--data-dir is empty",
+         "pass the folder that holds the GLUE tasks"),
     case("finetune-no-train-file", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "STS-B/train.tsv",
          "glue_data layout"),
     case("finetune-head-of-another-task", "finetune {ws}/cls3 --task mrpc -o {ws}/ft --limit 4 --no-eval",
@@ -444,6 +451,7 @@ SWEEP = [
     case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
     case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
          setup=truncate("src/model.safetensors")),
+    case("sweep-data-dir-empty", SWEEP_ + "--data-dir ''", "--data-dir is empty", "pass the folder that holds"),
     case("sweep-resume-empty", SWEEP_ + "--resume ''", "--resume is empty", "pass the path"),
     case("sweep-resume-is-a-file", SWEEP_ + "--resume {file}", "exists and is not a folder", "choose another --resume"),
     case("sweep-resume-in-source", SWEEP_ + "--resume {src}/cells", "lies inside the source", "outside it"),
@@ -682,6 +690,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing
+    ("mhacompress.evaluate(str(src), 'stsb', data_dir='', limit=4)", "--data-dir is empty"),
+    ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir='')", "--data-dir is empty"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, epochs=0)", "epochs must be a finite number > 0"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, lr=float('nan'))", "lr must be a finite"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, warmup=2)", "warmup must be a finite number"),

@@ -89,6 +89,17 @@ def test_missing_file_in_data_dir(tmp_path):
         D.load_examples(get_task("qqp"), data_dir=tmp_path)
 
 
+def test_an_empty_environment_variable_is_unset_not_the_current_folder(glue_dir, tmp_path, monkeypatch):
+    (tmp_path / "STS-B").mkdir()
+    (tmp_path / "STS-B" / "dev.tsv").write_bytes((glue_dir / "STS-B" / "dev.tsv").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(D.ENV_DIR, "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert D.glue_folder() is None
+    with pytest.raises(UsageError, match="no local GLUE folder given"):
+        D.load_examples(get_task("stsb"))
+
+
 def test_offline_fails_fast_with_a_hint(monkeypatch):
     monkeypatch.delenv(D.ENV_DIR, raising=False)
     monkeypatch.setattr("mhacompress.hub.hub_reachable", lambda timeout=3.0: False)

@@ -39,9 +39,22 @@ class Examples:
         return Examples(self.task, self.split, [self.texts[i] for i in idx], labels, self.source)
 
 
+def check_data_dir(data_dir) -> None:
+    """Refuse a ``data_dir`` that is not a path, or is empty: Path('') is the current folder, which would be read
+    as if it had been named. (An empty $MHACOMPRESS_GLUE_DIR is taken as unset, like any empty variable.)"""
+    if data_dir is None:
+        return
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise UsageError(f"--data-dir must be a folder path; got {type(data_dir).__name__}")
+    if isinstance(data_dir, str) and not data_dir.strip():
+        raise UsageError("--data-dir is empty; pass the folder that holds the GLUE tasks in the official glue_data "
+                         f"layout (DIR/STS-B/dev.tsv, ...), or drop it to use ${ENV_DIR} or the hub copy")
+
+
 def glue_folder(data_dir=None):
     """The local GLUE folder ``load_examples`` reads: ``data_dir``, else $MHACOMPRESS_GLUE_DIR (None: neither). A
     source like the model: no output may be, contain or lie inside it."""
+    check_data_dir(data_dir)
     return data_dir if data_dir is not None else os.environ.get(ENV_DIR) or None
 
 
@@ -56,8 +69,7 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
         raise UsageError(f"limit must be a positive number of examples (or None for all); got {limit!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise UsageError(f"seed must be an integer (or None for the first examples); got {seed!r}")
-    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
-        raise UsageError(f"--data-dir must be a folder path; got {type(data_dir).__name__}")
+    check_data_dir(data_dir)
     local_name, hub_split = task.split(split)
     split = canonical_split(split)
     if data_dir is not None:
