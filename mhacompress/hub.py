@@ -39,6 +39,9 @@ NAME_MAX, PATH_MAX = 255, 4096  # bytes, as on Linux and macOS file systems
 # Files that hold a tokenizer's vocabulary: a folder with none of them has no real tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model", "sentencepiece.model")
+# The tokenizer's JSON files (each an object), checked before transformers reads them.
+TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+                  "vocab.json")
 # Weights and exports of the ORIGINAL model, never carried into a saved folder (top level of the source only:
 # sentence-transformers modules such as 2_Dense/ keep their own weights).
 STALE_FILES = re.compile(r".*\.(safetensors|bin|h5|msgpack|ckpt|pt|pth|onnx|onnx_data|ot|gguf|tflite|mlmodel)"
@@ -331,6 +334,16 @@ def read_config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json); pass a folder written by save_pretrained")
+    config = _json_object(file)
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise UsageError(f"{file} has no \"model_type\"; add the architecture's (e.g. \"model_type\": \"bert\") or "
+                         f"restore it from the original checkpoint")
+    return config
+
+
+def _json_object(file: Path) -> dict:
+    """A checkpoint's JSON file (config.json, tokenizer_config.json, ...) parsed; any damage is one line naming the
+    file and the fix."""
     data = file.read_bytes()
     if not data.strip():
         raise UsageError(f"{file} is empty; restore it from the original checkpoint")
@@ -347,9 +360,6 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise UsageError(f"{file} holds a JSON {type(config).__name__}, not an object; restore it from the original "
                          f"checkpoint")
-    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
-        raise UsageError(f"{file} has no \"model_type\"; add the architecture's (e.g. \"model_type\": \"bert\") or "
-                         f"restore it from the original checkpoint")
     return config
 
 
@@ -402,10 +412,14 @@ def _check_safetensors(path: Path) -> None:
 
 
 def check_tokenizer(folder: Path) -> None:
-    """A folder without any vocabulary file would get a junk tokenizer from transformers: refuse it."""
+    """A folder without any vocabulary file would get a junk tokenizer from transformers: refuse it. Its JSON files
+    must parse: transformers' own error ("Expecting value: line 1 column 19") names no file."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); copy them from the "
                          f"original checkpoint (tokenizer.save_pretrained(DIR))")
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            _json_object(folder / name)
 
 
 def check_block(block, where) -> None:

@@ -214,6 +214,13 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=edit_weights("src", lambda w: w["encoder.layer.1.attention.self.query.weight"].fill_(float("nan")))),
     case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
          setup=remove(*(f"src/{name}" for name in TOKENIZER_FILES))),
+    # the message was transformers' bare "Expecting value: line 1 column 19", naming no file
+    case("tokenizer-config-invalid-json", "reduce {src} -k 8", "tokenizer_config.json:1: not valid JSON",
+         "fix it or restore it", setup=write("src/tokenizer_config.json", '{"do_lower_case": tru')),
+    case("tokenizer-config-not-an-object", "eval {src} --task stsb --limit 4", "tokenizer_config.json holds a JSON "
+         "list", "restore it", setup=write("src/tokenizer_config.json", "[1, 2]")),
+    case("reduced-tokenizer-config-empty", "eval {reduced} --task stsb --limit 4", "tokenizer_config.json is empty",
+         "restore it", setup=write("reduced/tokenizer_config.json", "")),
     case("reduce-already-reduced", "reduce {reduced} -k 8", "already reduced", "reduce the original"),
     case("block-key-dim-edited", "eval {reduced} --task stsb --limit 4", "says key_dim 16", "restore",
          setup=block(key_dim=16)),
