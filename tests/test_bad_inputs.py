@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ def both(*setups):
 def rename_tensors(weights: dict) -> None:
     for key in [k for k in weights if ".attention.self.query." in k]:
         weights[key.replace(".query.", ".kwery.")] = weights.pop(key)
+
+
+def overflowing(weights: dict) -> None:
+    """Finite weights whose attention scores overflow (one query input feature at 1e30, the keys at 1e37)."""
+    weights["encoder.layer.1.attention.self.query.weight"][:, 0].mul_(1e30)
+    weights["encoder.layer.1.attention.self.key.weight"].mul_(1e37)
 
 
 def block(**changes):
@@ -212,6 +219,11 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     # NaN or infinite weights (a damaged or diverged checkpoint) ended in a LinAlgError traceback from the solvers
     case("weights-nan", "reduce {src} -k 8", "holds NaN or infinite values", "download or save it again",
          setup=edit_weights("src", lambda w: w["encoder.layer.1.attention.self.query.weight"].fill_(float("nan")))),
+    # finite weights whose scores overflow: the original's activations are NaN, and so is the layer's problem under
+    # the output objective: cp_als raised FloatingPointError, a traceback
+    case("weights-overflow-calibrating", "reduce {src} -k 8 --calibrate stsb --samples 16",
+         "layer 0 (key dim 8): the cp solver was given NaN or infinite values", "check the checkpoint",
+         setup=edit_weights("src", overflowing)),
     case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
          setup=remove(*(f"src/{name}" for name in TOKENIZER_FILES))),
     # the message was transformers' bare "Expecting value: line 1 column 19", naming no file
@@ -849,6 +861,43 @@ def explain(result, verdict: str) -> str:
 def test_bad_input_is_refused_in_one_line_that_says_what_to_do(bad, workspace):
     result, verdict = run_case(bad, workspace)
     assert verdict == "good", explain(result, verdict)
+
+
+# Every path that runs the cp solver, when it breaks down (its error not finite even in float64): a
+# FloatingPointError traceback. Badly scaled weights trigger it only on some runs (the float32 products' rounding
+# varies), so the solver is made to break down here. Layers solved in parallel may fail in either order.
+BREAKDOWNS = [
+    case("cp-breaks-down", "reduce {src} -k 8 --weights-only", "(key dim 8): the cp solver broke down",
+         "pass --init random"),
+    case("cp-breaks-down-parallel", "reduce {src} -k 8 --calibrate stsb --samples 16 --parallel",
+         "(key dim 8): the cp solver broke down", "pass --init random"),
+    case("cp-breaks-down-sequential", "reduce {src} -k 8 --calibrate stsb --samples 16 --objective score",
+         "layer 0 (key dim 8): the cp solver broke down", "pass --init random"),
+    case("cp-breaks-down-output-objective", "reduce {src} -k 8 --calibrate stsb --samples 16",
+         "layer 0 (key dim 8): the cp solver broke down", "pass --init random"),
+    case("cp-breaks-down-allocating", "reduce {src} --budget 0.5 --weights-only", "layer 0: the cp solver broke down",
+         "pass --init random"),
+    case("cp-breaks-down-analyze", "analyze {src}", "layer 0: the cp solver broke down", "pass --no-curve"),
+    case("cp-breaks-down-sweep", SWEEP_ + "--methods cp", "(key dim 8): the cp solver broke down",
+         "pass --init random"),
+]
+
+
+@pytest.mark.parametrize("bad", BREAKDOWNS)
+def test_a_solver_breakdown_is_refused_in_one_line_naming_the_layer(bad, workspace, monkeypatch):
+    from mhacompress.reduction import decompose
+
+    real = decompose._half_step
+
+    def breaks_down(*args):
+        step = real(*args)
+        step.inner = step.inner * float("nan")  # the sweep's error is NaN, in float32 and in float64
+        return step
+
+    monkeypatch.setattr(decompose, "_half_step", breaks_down)
+    result, verdict = run_case(bad, workspace)
+    assert verdict == "good", explain(result, verdict)
+    assert re.search(r"layer \d+ \(key dim 8\): |layer 0: ", result.stderr)  # parallel: whichever broke down first
 
 
 LATE = ("budget-too-small", "eval-encoder-on-classification", "sweep-key-dims-too-big",

@@ -48,6 +48,7 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     from dataclasses import replace
 
     from .calibrate import whiten
+    from .decompose import solving_layer
     from .modeling import arch_for, attention_modules
     from .surgery import decompose_layer, model_shape
 
@@ -58,19 +59,20 @@ def error_curves(model, config, moments=None, dims: list[int] | None = None,
     curves = []
     for index, (_, _, module) in enumerate(attention_modules(model)):
         wq, wk = getattr(module, arch.query).weight.detach(), getattr(module, arch.key).weight.detach()
-        # same numbers as one decomposition per key dim, with one init (and whitening) per layer
-        if config.method == "cp" and config.init == "svd" and config.solver == "structured":
-            if moments is not None:
-                wq, wk, _, _ = whiten(wq, wk, moments[index])
-            curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,
-                                         on_step=on_step))
-            continue
-        curve = {}
-        for k in dims:
-            _, report = decompose_layer(wq, wk, heads, k, quick, None if moments is None else moments[index])
-            curve[k] = report.get("expected_score_error", report["relative_error"])
-            if on_step:
-                on_step()
+        with solving_layer(index):
+            # same numbers as one decomposition per key dim, with one init (and whitening) per layer
+            if config.method == "cp" and config.init == "svd" and config.solver == "structured":
+                if moments is not None:
+                    wq, wk, _, _ = whiten(wq, wk, moments[index])
+                curves.append(cp_error_curve(wq, wk, heads, dims, n_iter_max=quick.n_iter_max, tol=quick.tol,
+                                             on_step=on_step))
+                continue
+            curve = {}
+            for k in dims:
+                _, report = decompose_layer(wq, wk, heads, k, quick, None if moments is None else moments[index])
+                curve[k] = report.get("expected_score_error", report["relative_error"])
+                if on_step:
+                    on_step()
         curves.append(curve)
     return curves
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .allocate import cp_error_curve
-from .decompose import head_cores, mode_gram
+from .decompose import head_cores, mode_gram, solving_layer
 
 Tensor = torch.Tensor
 RANK_RTOL = 1e-7  # a singular value below this fraction of its head's largest does not count towards the rank
@@ -139,7 +139,9 @@ def analyze_model(model, key_dims: list[int] | None = None, seq_len: int = 128, 
         if on_step:
             on_step()
         if curve:
-            report["cp_error"] = cp_error_curve(wq.detach().double(), wk.detach().double(), H, dims, on_step=on_step)
+            with solving_layer(index, fix="pass --no-curve to skip the CP error curve"):
+                report["cp_error"] = cp_error_curve(wq.detach().double(), wk.detach().double(), H, dims,
+                                                    on_step=on_step)
             report["svd_error"] = svd_error_curve(spectra, dims)
             report["shared_bound"] = shared_bound(unfolded, dims)
         layers.append({"index": index, **report})

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..devices import cpu_threads, parallel_map, work_device
+from ..errors import UsageError
 
 Tensor = torch.Tensor
 
@@ -231,7 +232,10 @@ def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int
         errors.append(_rel(norm2 - 2 * mode2.inner + (lhs * VtV).sum(), norm2))
         if not math.isfinite(errors[-1]):
             if compute_dtype == torch.float64:
-                raise FloatingPointError(f"cp_als broke down at sweep {sweep + 1} even in float64")
+                if not (torch.isfinite(wq).all() and torch.isfinite(wk).all()):
+                    raise NonFiniteProblem("the cp solver was given NaN or infinite values to decompose")
+                raise FloatingPointError(f"the cp solver broke down at sweep {sweep + 1}: its error is not finite, "
+                                         f"even in float64 (weights too large or too badly conditioned)")
             return cp_als(*original, num_heads, rank, n_iter_max=n_iter_max, tol=tol, init=init,
                           random_state=random_state, compute_dtype=torch.float64)
         if tol and len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
@@ -240,6 +244,29 @@ def cp_als(wq: Tensor, wk: Tensor, num_heads: int, rank: int, *, n_iter_max: int
         U = (wq_c.T @ X).to(torch.float64) @ mode1.S_inv  # (d, R)
         V = (wk_c.T @ Y).to(torch.float64) @ mode2.S_inv
     return Factors("cp", U, V, M, cp_relative_error(wq, wk, H, U, V, M), len(errors), errors)
+
+
+class NonFiniteProblem(FloatingPointError):
+    """cp_als was handed NaN or infinite values (weights, or statistics of activations that overflowed): no solver
+    setting can help."""
+
+
+# What to try when cp_als breaks down: the svd start is the same on every run, a random one is not; a larger key
+# dim is an easier problem.
+BREAKDOWN_FIX = "pass --init random (with another --seed if it breaks down again) or a larger key dim"
+NON_FINITE_FIX = ("the model's weights or its activations on the calibration data overflow: check the checkpoint "
+                  "(mhacompress eval scores it), or pass --weights-only")
+
+
+@contextmanager
+def solving_layer(index: int, key_dim: int | None = None, fix: str = BREAKDOWN_FIX):
+    """A solver breakdown (cp_als's FloatingPointError) in layer ``index`` as a one-line UsageError that names the
+    layer (and ``key_dim``) and ``fix`` (for a problem that is not finite, what to check instead)."""
+    try:
+        yield
+    except FloatingPointError as err:
+        at = f"layer {index}" + (f" (key dim {key_dim})" if key_dim is not None else "")
+        raise UsageError(f"{at}: {err}; {NON_FINITE_FIX if isinstance(err, NonFiniteProblem) else fix}") from None
 
 
 def cp_relative_error(wq: Tensor, wk: Tensor, num_heads: int, U: Tensor, V: Tensor, M: Tensor) -> float:

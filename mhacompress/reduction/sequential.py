@@ -38,7 +38,7 @@ from ..devices import cpu_threads, work_device
 from . import methods
 from .calibrate import unwhiten
 from .config import OBJECTIVES, ReductionConfig
-from .decompose import relative_error
+from .decompose import relative_error, solving_layer
 from .modeling import arch_for, attention_modules
 from .modeling import layers as model_layers
 from .modeling.attention import additive_mask
@@ -461,15 +461,16 @@ def solve_qk_(model, index: int, config: ReductionConfig, key_dim: int, moments,
     _, heads, _ = model_shape(model)
     old = attention_modules(model)[index][2]
     wq, wk, bq = (None if w is None else w.to(moments.device, torch.float64) for w in qk_weights(old, arch))
-    if isinstance(moments, OutputMoments):
-        factors, bias, report = solve_output(wq, bq, wk, heads, key_dim, config, moments, identity)
-    else:
-        if not identity:
-            p = moments.input_map()  # (d, d): x ~ P x~
-            wq, wk = wq @ p, wk @ p
-        factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(),
-                                          moments.key_moment())
-        bias = content_bias(wk, bq, heads)
+    with solving_layer(index, key_dim):
+        if isinstance(moments, OutputMoments):
+            factors, bias, report = solve_output(wq, bq, wk, heads, key_dim, config, moments, identity)
+        else:
+            if not identity:
+                p = moments.input_map()  # (d, d): x ~ P x~
+                wq, wk = wq @ p, wk @ p
+            factors, report = decompose_layer(wq, wk, heads, key_dim, config, moments.query_moment(),
+                                              moments.key_moment())
+            bias = content_bias(wk, bq, heads)
     before = qk_parameters(old, arch)
     new = install_(model, index, config, key_dim, factors, bias)
     return {"index": index, "key_dim": key_dim, **report, "qk_params_before": before,

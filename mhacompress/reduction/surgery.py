@@ -14,7 +14,7 @@ from ..errors import UsageError, check_callback
 from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
-from .decompose import Factors, relative_error
+from .decompose import Factors, relative_error, solving_layer
 from .modeling import (
     COMPRESSION_KEY,
     Arch,
@@ -162,7 +162,8 @@ def reduce_layers_(model: nn.Module, config: ReductionConfig, dims: list[int],
 
     def solve(index: int) -> tuple[Factors, dict]:
         wq, wk, _ = weights[index]
-        return decompose_layer(wq, wk, heads, dims[index], config, None if moments is None else moments[index])
+        with solving_layer(index, dims[index]):
+            return decompose_layer(wq, wk, heads, dims[index], config, None if moments is None else moments[index])
 
     def install(index: int, solved: tuple[Factors, dict]) -> None:
         (factors, report), (_, wk, bq) = solved, weights[index]
