@@ -75,6 +75,7 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     import torch
 
     from . import bench
+    from .eval.runner import max_tokens
     from .reduction import cost
 
     notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only}, model=model)
@@ -315,17 +316,6 @@ def recorded_source(directory) -> str | None:
     except (UsageError, OSError):  # loading the folder reports it in one line, right after
         return None
     return block.get("source_model") if isinstance(block, dict) else None
-
-
-def max_tokens(model) -> int | None:
-    """The longest sequence the model's learned position embeddings can take (None: it has none). RoBERTa-style
-    embeddings number positions from padding_idx + 1."""
-    embeddings = getattr(model.base_model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not hasattr(table, "num_embeddings"):
-        return None
-    offset = getattr(embeddings, "padding_idx", None)
-    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
 def first_token_shortcut(model, name) -> None:

@@ -94,6 +94,23 @@ def test_encoder_scores_stsb_and_refuses_the_rest(tokenizer):
         runner.run(model, tokenizer, examples("mrpc"))
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text",
+                                        "ernie", "mpnet", "distilbert"])
+def test_inputs_are_capped_at_exactly_the_positions_the_architecture_has(model_type):
+    """eval, finetune and calibration (usable_length) allow the longest input that report (--seq-len) does, and that
+    is what the model takes: every position of a BERT-style table, all but padding_idx + 1 of a RoBERTa-style one
+    (its positions are numbered from there). usable_length took two off every table: BERT's 512 became 510."""
+    from conftest import tiny_model
+
+    model = tiny_model(model_type)
+    longest = runner.usable_length(model, 10**6)
+    assert longest == runner.max_tokens(model)  # report's limit
+    assert runner.usable_length(model, 8) == 8
+    model(input_ids=torch.full((1, longest), 5))
+    with pytest.raises((IndexError, RuntimeError)):
+        model(input_ids=torch.full((1, longest + 1), 5))
+
+
 def test_fidelity(tokenizer):
     ex = examples("mnli")
     a, b = tiny(["entailment", "neutral", "contradiction"]), tiny(["entailment", "neutral", "contradiction"], seed=1)

@@ -55,11 +55,23 @@ def head_order(model, task: Task, name: str = "the model", fix: str | None = Non
                          f"({', '.join(task.labels)})") from None
 
 
+def max_tokens(model) -> int | None:
+    """The longest sequence the model's learned position embeddings can take (None: it has none). BERT-style
+    embeddings use every position; RoBERTa-style ones (a ``padding_idx``: RoBERTa, XLM-R, CamemBERT, data2vec-text,
+    MPNet) number positions from padding_idx + 1. The one rule for eval, finetune, calibration and report."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not hasattr(table, "num_embeddings"):
+        return None
+    offset = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
+
+
 def usable_length(model, max_length: int) -> int:
-    """``max_length`` capped to the positions the model has (RoBERTa-style models spend two on their padding offset):
-    longer inputs would fail inside the embeddings."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    return max_length if not positions else max(1, min(max_length, positions - 2))
+    """``max_length`` capped to the positions the model has (``max_tokens``): longer inputs would fail inside the
+    embeddings."""
+    limit = max_tokens(model)
+    return max_length if limit is None else max(1, min(max_length, limit))
 
 
 def input_keys(enc, model=None) -> list[str]:
