@@ -210,6 +210,7 @@ def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_di
     assert uniform["config"]["calibration"]["refine_steps"] == 0 and "refined" not in uniform["layers"][0]
     human = invoke("reduce", tiny_dir, "-k", "4", "--calibrate", calibration_file, "--samples", "16")
     assert human.exit_code == 0 and "key dim 4 on average" in " ".join(human.stderr.split())
+    assert f"of 2 layers kept their {REFINE_STEPS} steps" in " ".join(human.stderr.split())
     assert allocated["params"]["after"] <= uniform["params"]["after"]
     for folder, report in ((tmp_path / "a", allocated), (tmp_path / "u", uniform)):
         model, _ = mhacompress.load(folder)

@@ -183,6 +183,13 @@ def render(result: dict) -> None:
     out.print(f"model parameters {mb:,} -> {ma:,} ({ma / mb:.1%}); {result['seconds']:.1f} s")
     if result["modified"]:
         out.print(f"also refitted: {len(result['modified'])} attention output projections (--compensate)")
+    refined = [x for x in result["layers"] if "refined" in x]
+    if refined:
+        steps = result["config"]["calibration"]["refine_steps"]
+        mean = lambda k: sum(x[k] for x in refined) / len(refined)  # noqa: E731
+        out.print(f"refined: {sum(x['refined'] for x in refined)} of {len(refined)} layers kept their {steps} steps "
+                  f"(mean output error {mean('output_error_before'):.4f} -> {mean('output_error_after'):.4f}); "
+                  f"--refine 0 skips them")
     c = result["cost"]
     out.print(f"per {c['seq_len']}-token sequence: Q/K projection MACs {c['projection_macs']['ratio']:.0%}, score "
               f"MACs {c['score_macs']['ratio']:.0%}, Q/K total {c['qk_macs']['ratio']:.0%} of the original "
