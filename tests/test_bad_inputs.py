@@ -136,6 +136,12 @@ def _classifier(path: Path, num_labels: int) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _overflowing_classifier(path: Path) -> None:
+    """``_classifier`` (2 labels) with ``overflowing`` weights: finite, but its logits are NaN on any input."""
+    _classifier(path, 2)
+    edit_weights(path.name, lambda w: overflowing({k.removeprefix("bert."): v for k, v in w.items()}))(path.parent)
+
+
 def _foreign_tokenizer(path: Path) -> None:
     """A tiny BERT with a 100-token vocabulary saved with the bundled tokenizer's 30,522 tokens: not its own."""
     from transformers import AutoTokenizer, BertModel
@@ -419,6 +425,17 @@ EVAL = [
     # a damaged checkpoint was scored: exit 0 with null (NaN) metrics
     case("eval-weights-nan", "eval {src} --task stsb --limit 4", "holds NaN or infinite values", "download or save it",
          setup=edit_weights("src", lambda w: w["encoder.layer.1.output.dense.weight"].fill_(float("inf")))),
+    # finite weights whose outputs overflow: exit 0 with null metrics (an encoder's NaN embeddings, a regression
+    # head's NaN scores), or a classifier's NaN logits read as class 0 (accuracy 0.5): a CI gate judged noise
+    case("eval-outputs-overflow", "eval {src} --task stsb --limit 4", "outputs overflowed to nan/inf on stsb's inputs",
+         "check the checkpoint", setup=edit_weights("src", overflowing)),
+    case("eval-classifier-outputs-overflow", "eval {ws}/cls --task mrpc --limit 4",
+         "outputs overflowed to nan/inf on mrpc's inputs", "check the checkpoint",
+         setup=lambda ws: _overflowing_classifier(ws / "cls")),
+    case("eval-reference-outputs-overflow", "eval {reduced} --task stsb --limit 4 --reference {src}",
+         "src's outputs overflowed to nan/inf", "check the checkpoint", setup=edit_weights("src", overflowing)),
+    case("reduce-eval-outputs-overflow", "reduce {src} -k 8 --eval stsb", "the original's outputs overflowed",
+         "check the checkpoint", setup=edit_weights("src", overflowing)),
 ]
 
 FINETUNE = [
@@ -483,6 +500,8 @@ SWEEP = [
     case("sweep-gpus-inf", SWEEP_ + "--executor ray --gpus-per-cell inf", "'inf' is not a finite", "x>=0"),
     case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
          "reduce the original"),
+    case("sweep-outputs-overflow", SWEEP_, "the original's outputs overflowed to nan/inf", "check the checkpoint",
+         setup=edit_weights("src", overflowing)),
 ]
 
 ANALYZE = [
@@ -783,6 +802,24 @@ def test_python_api_refuses_an_unsupported_architecture_with_its_own_error(glue_
             with pytest.raises(UsageError, match=fragment):
                 call()
 
+
+
+def test_python_api_refuses_to_score_outputs_that_overflow(glue_dir, tiny_bert_dir, tmp_path):
+    """evaluate and compress(evaluate=) on finite weights whose outputs are NaN returned null metrics: refused, naming
+    the model, as the commands do."""
+    import mhacompress
+    from mhacompress import ReductionConfig
+    from mhacompress.errors import UsageError
+
+    src = shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    edit_weights(".", overflowing)(src)
+    for call, fragment in ((lambda: mhacompress.evaluate(str(src), "stsb", data_dir=glue_dir, limit=4),
+                            f"{src}'s outputs overflowed to nan/inf on stsb's inputs"),
+                           (lambda: mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate="stsb",
+                                                         data_dir=glue_dir),
+                            "the original's outputs overflowed to nan/inf on stsb's inputs")):
+        with pytest.raises(UsageError, match=re.escape(fragment)):
+            call()
 
 # ---- running and judging ------------------------------------------------------------------------------------------
 

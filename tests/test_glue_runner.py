@@ -1,6 +1,8 @@
 """Batched inference: sorted dynamic-padding batches equal naive padding, heads mapped through id2label, fidelity;
 and (slow) the bundled MiniLM's STS-B dev Spearman and Pearson."""
 
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,39 @@ def test_minilm_stsb_spearman_and_pearson(glue_dir):
     metrics = runner.score(ex, runner.run(model, tok, ex))
     assert metrics["spearman"] == pytest.approx(MINILM_STSB["spearman"], abs=BAND)
     assert metrics["pearson"] == pytest.approx(MINILM_STSB["pearson"], abs=BAND)
+
+
+def test_outputs_that_overflow_are_refused_naming_the_model_and_the_task(tokenizer):
+    """Finite weights too large for the model's dtype: NaN logits were read as class 0 (a score, exit 0), NaN
+    embeddings and regression scores as null metrics. The first batch that has them is refused; the fix names float32
+    for a half-precision model."""
+    for labels, task in ((["entailment", "not_entailment"], "rte"), (None, "stsb"), (["score"], "stsb")):
+        model = tiny(labels)
+        with torch.no_grad():
+            model.base_model.encoder.layer[1].attention.self.query.weight[:, 0].mul_(1e30)
+            model.base_model.encoder.layer[1].attention.self.key.weight.mul_(1e37)
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        with pytest.raises(UsageError, match=rf"^the big one's outputs overflowed to nan/inf on {task}'s inputs "
+                                             r"\(its float32 weights .*: check the checkpoint"):
+            runner.run(model, tokenizer, examples(task), name="the big one")
+    half = tiny(["score"]).to(torch.float16)
+    with torch.no_grad():
+        half.base_model.encoder.layer[0].intermediate.dense.weight.mul_(1e4)  # finite in float16 (200s)...
+        half.base_model.encoder.layer[0].output.dense.weight.mul_(1e3)  # ...but not the sums they make
+    assert all(bool(torch.isfinite(p).all()) for p in half.parameters())
+    with pytest.raises(UsageError, match="its float16 weights .*or load it in float32"):
+        runner.run(half, tokenizer, examples("stsb"))
+
+
+def test_a_metric_undefined_for_a_finite_model_is_scored_not_refused(tokenizer):
+    """A regression head that predicts one constant has no Pearson or Spearman correlation (nan, reported as null):
+    its outputs are finite, so it is scored, not refused as an overflow."""
+    model = tiny(["score"])
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+    ex = examples("stsb")
+    out = runner.run(model, tokenizer, ex)
+    assert len(set(out.preds)) == 1
+    with pytest.warns(Warning):  # scipy: the input is constant
+        scores = runner.score(ex, out)
+    assert all(math.isnan(v) for v in scores.values())

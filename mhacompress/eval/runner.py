@@ -114,19 +114,36 @@ def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, ma
 
 @torch.inference_mode()
 def forward_all(model, tokenizer, texts, *, fn, batch_size=32, max_length=128, device="cpu",
-                on_batch: Callable[[int], None] | None = None, **kw) -> torch.Tensor:
-    """Run ``fn(model, encoding) -> (B, ...)`` over all texts in sorted batches; results in the input order."""
+                on_batch: Callable[[int], None] | None = None, name: str = "the model", inputs: str = "its inputs",
+                **kw) -> torch.Tensor:
+    """Run ``fn(model, encoding) -> (B, ...)`` over all texts in sorted batches; results in the input order. Outputs
+    that are not finite (``check_finite_outputs``) are refused at the first batch that has them."""
     out = None
     max_length = usable_length(model, max_length)
     for idx, enc in batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, model=model, **kw):
         enc = {k: v.to(device) for k, v in enc.items()}
         y = fn(model, enc).float().cpu()
+        check_finite_outputs(y, model, name, inputs)
         if out is None:
             out = torch.empty((len(texts), *y.shape[1:]))
         out[idx] = y
         if on_batch:
             on_batch(len(idx))
     return out if out is not None else torch.empty(0)
+
+
+def check_finite_outputs(y: torch.Tensor, model, name: str = "the model", inputs: str = "its inputs") -> None:
+    """Refuse NaN or infinite outputs (logits, embeddings) in one line: a model whose weights are finite but too
+    large for its dtype. Scored, they gave null metrics, or argmax's class 0 for NaN logits, with exit 0. Metrics that
+    are undefined for finite outputs (the correlation of a constant prediction) are not this model's fault: not
+    refused."""
+    if y.numel() and not bool(torch.isfinite(y).all()):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        half = dtype in ("float16", "bfloat16")
+        fix = (f"check the checkpoint, or load it in float32 ({dtype} overflows where float32 may not)" if half else
+               "check the checkpoint (weights scaled up by mistake, or a training run that diverged)")
+        raise UsageError(f"{name}'s outputs overflowed to nan/inf on {inputs} (its {dtype} weights are finite but too "
+                         f"large): {fix}")
 
 
 def _logits(model, enc):
@@ -141,9 +158,10 @@ def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_
         **kw) -> Outputs:
     """Score a split. kw: batch_size, max_length, device, on_batch (called with the batch size)."""
     task = examples.task
+    inputs = f"{task.name}'s inputs"
     if is_classifier(model):
         order = head_order(model, task, name)
-        logits = forward_all(model, tokenizer, examples.texts, fn=_logits, **kw)  # (N, C)
+        logits = forward_all(model, tokenizer, examples.texts, fn=_logits, name=name, inputs=inputs, **kw)  # (N, C)
         if task.regression:
             scores = logits[:, 0]
             return Outputs("classifier", scores, scores.tolist())
@@ -155,7 +173,8 @@ def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_
                          f"--output DIR")
     fields = list(zip(*examples.texts))  # (F, N)
     flat = [(s,) for field in fields for s in field]
-    emb = forward_all(model, tokenizer, flat, fn=_mean_pooled, **kw).view(len(fields), len(examples), -1)  # (F, N, d)
+    emb = forward_all(model, tokenizer, flat, fn=_mean_pooled, name=name, inputs=inputs, **kw)
+    emb = emb.view(len(fields), len(examples), -1)  # (F, N, d)
     if len(fields) == 2:
         scores = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=-1)  # (N,)
     else:
