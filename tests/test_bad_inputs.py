@@ -106,6 +106,13 @@ def overflowing(weights: dict) -> None:
     weights["encoder.layer.1.attention.self.key.weight"].mul_(1e37)
 
 
+def ffn_overflowing(weights: dict) -> None:
+    """Finite weights whose first layer's feed-forward output overflows (both its matrices scaled by 1e20): every
+    later layer's calibration inputs, and so its statistics, are NaN, while all query/key weights are ordinary."""
+    weights["encoder.layer.0.intermediate.dense.weight"].mul_(1e20)
+    weights["encoder.layer.0.output.dense.weight"].mul_(1e20)
+
+
 def block(**changes):
     """Change the compression block of the reduced folder (``layer_key_dim=k``: every layer's key_dim)."""
     def change(config: dict) -> None:
@@ -228,8 +235,29 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     # finite weights whose scores overflow: the original's activations are NaN, and so is the layer's problem under
     # the output objective: cp_als raised FloatingPointError, a traceback
     case("weights-overflow-calibrating", "reduce {src} -k 8 --calibrate stsb --samples 16",
-         "layer 0 (key dim 8): the cp solver was given NaN or infinite values", "check the checkpoint",
+         "layer 0 (key dim 8): the statistics of its calibration inputs are NaN or infinite", "check the checkpoint",
          setup=edit_weights("src", overflowing)),
+    # statistics that are NaN reached the other solvers (svd: a LinAlgError traceback; tucker, and cp at the full key
+    # dim: "the reduction produced non-finite weights ... retry with more --samples") and the budget's error curves
+    # (tucker: "the budget allows 2,112 Q/K parameters, but the smallest key dims need 896; raise --budget")
+    case("activations-overflow-svd", "reduce {src} -k 8 --calibrate stsb --samples 16 --method svd",
+         "layer 0 (key dim 8): the statistics of its calibration inputs are NaN or infinite", "check the checkpoint",
+         setup=edit_weights("src", ffn_overflowing)),
+    case("activations-overflow-tucker-score", "reduce {src} -k 8 --calibrate stsb --samples 16 --objective score "
+         "--method tucker", "layer 1 (key dim 8): the statistics of its calibration inputs are NaN or infinite",
+         "check the checkpoint", setup=edit_weights("src", ffn_overflowing)),
+    case("activations-overflow-svd-parallel", "reduce {src} -k 8 --calibrate stsb --samples 16 --parallel "
+         "--objective score --method svd", "layer 1 (key dim 8): the statistics of its calibration inputs are NaN",
+         "check the checkpoint", setup=edit_weights("src", ffn_overflowing)),
+    case("activations-overflow-full-key-dim", "reduce {src} -k 32 --calibrate stsb --samples 16 --objective score",
+         "layer 1 (key dim 32): the statistics of its calibration inputs are NaN", "check the checkpoint",
+         setup=edit_weights("src", ffn_overflowing)),
+    case("activations-overflow-budget-tucker", "reduce {src} --budget 0.5 --calibrate stsb --samples 16 --method "
+         "tucker", "the statistics of its calibration inputs are NaN", "check the checkpoint",
+         setup=edit_weights("src", ffn_overflowing)),
+    case("activations-overflow-budget-parallel-svd", "reduce {src} --budget 0.5 --calibrate stsb --samples 16 "
+         "--parallel --objective score --method svd", "layer 1: the statistics of its calibration inputs are NaN",
+         "check the checkpoint", setup=edit_weights("src", ffn_overflowing)),
     case("no-tokenizer", "reduce {src} -k 8", "no tokenizer files", "copy them",
          setup=remove(*(f"src/{name}" for name in TOKENIZER_FILES))),
     # the message was transformers' bare "Expecting value: line 1 column 19", naming no file

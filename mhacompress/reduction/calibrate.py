@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .decompose import Factors
+from .decompose import Factors, NonFiniteProblem
 from .modeling import arch_for, attention_modules
 
 
@@ -52,11 +52,23 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
+def check_finite_statistics(*statistics: torch.Tensor) -> None:
+    """Calibration statistics that hold NaN or infinite values (activations that overflowed on the calibration data)
+    as a NonFiniteProblem, which ``solving_layer`` words in one line naming the layer: checked where they enter any
+    linear algebra (``whitening``, ``objectives.ridge_map``), whatever the path, method or objective. Past this
+    point they became a LinAlgError traceback (svd), non-finite factors refused as if the solver had failed (tucker,
+    cp at the full key dim), or NaN error curves that ``--budget`` read as too small a budget."""
+    if not all(bool(torch.isfinite(s).all()) for s in statistics):
+        raise NonFiniteProblem("the statistics of its calibration inputs are NaN or infinite")
+
+
 def whitening(moment: torch.Tensor, eps: float = 1e-6, shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(C^1/2, C^-1/2), symmetric, with eigenvalues floored at ``eps`` x the largest (rank-deficient data), then
     raised by ``shrink`` x their mean: C shrunk towards a multiple of the identity, as a covariance estimated from a
     small sample is (Ledoit & Wolf 2004), so that a decomposition in this metric does not spend its rank on
-    directions that only the calibration sample makes large, nor let factors grow in the ones it leaves out."""
+    directions that only the calibration sample makes large, nor let factors grow in the ones it leaves out. A
+    moment that is not finite is a NonFiniteProblem (``check_finite_statistics``)."""
+    check_finite_statistics(moment)
     evals, vecs = torch.linalg.eigh(moment.to(torch.float64))  # (d,), (d, d)
     evals = evals.clamp_min(eps * evals.max()) + shrink * evals.clamp_min(0).mean()
     return (vecs * evals.sqrt()) @ vecs.T, (vecs * evals.rsqrt()) @ vecs.T

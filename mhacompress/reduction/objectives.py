@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .calibrate import whitening
+from .calibrate import check_finite_statistics, whitening
 from .decompose import Factors
 
 f64 = torch.float64
@@ -162,7 +162,8 @@ def ridge_map(metric: Tensor, cross: Tensor, ridge: float = 1e-3) -> Tensor:
     moment, pulled towards the identity (the two streams start equal). Where the calibration tokens span every
     direction this is the plain least-squares map; in directions they never reach (fewer tokens than the width,
     as at a classifier's last layer, read at its first token only) it is the identity, not whatever the rounding
-    noise of a near-singular metric makes of it."""
+    noise of a near-singular metric makes of it. Statistics that are not finite are a NonFiniteProblem."""
+    check_finite_statistics(metric, cross)
     d = metric.shape[0]
     r = ridge * metric.trace() / d * torch.eye(d, dtype=metric.dtype, device=metric.device)
     return torch.linalg.solve(metric + r, (cross + r).T).T  # metric symmetric
