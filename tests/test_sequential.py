@@ -241,3 +241,29 @@ def test_refinement_that_diverges_gives_the_closed_form_back():
     assert all(r["output_error_after"] == r["output_error_before"] for r in plan.reports)
     for (name, a), b in zip(refined.named_parameters(), closed_form.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_refinement_lowers_the_output_error_of_a_half_precision_model(dtype):
+    """Adam on float16 parameters: the squared gradients underflow (its eps, 1e-8, is 0 in float16), the steps are
+    NaN, and every layer came back ``refined: false`` after all its steps; bfloat16 rounded small steps away. The
+    steps run on a float32 copy of the layer; the model stays in its dtype, changed in the refined parameters only."""
+    model, batches = tiny_model("bert").to(dtype), calibration()
+    closed_form = tiny_model("bert").to(dtype)
+    plan = sequential(model, 4, batches, refine_steps=40, refine_lr=1e-2)
+    sequential(closed_form, 4, batches)
+    assert all(r["refined"] and r["output_error_after"] < r["output_error_before"] for r in plan.reports), plan.reports
+    refined = ("query_proj.weight", "key_proj.weight", "content_bias.weight", "mixing")
+    for (name, a), b in zip(model.named_parameters(), closed_form.parameters()):
+        assert a.dtype == dtype and a.grad is None, name
+        assert not torch.equal(a, b) if name.endswith(refined) else torch.equal(a, b), name
+
+
+def test_a_half_precision_layers_error_is_summed_in_float32():
+    """Over one large batch (64 sequences of 60 tokens, 32 values each) the squared residuals add up past float16's
+    largest number, 65504: summed in float16, the error before the steps was inf (or the ratio 0), and no step could
+    lower it."""
+    model = tiny_model("bert").to(torch.float16)
+    plan = sequential(model, 4, [padded_batch(lengths=(60,) * 64)], refine_steps=10, refine_lr=1e-2)
+    assert all(r["refined"] and 0 < r["output_error_after"] < r["output_error_before"] < 1 for r in plan.reports), \
+        plan.reports

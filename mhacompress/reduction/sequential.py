@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -518,10 +519,39 @@ def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, 
         plan.modified.append(name)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _in_float32(layer: nn.Module):
+    """The layer's float16 and bfloat16 parameters and buffers as float32 while the block runs, then each back in its
+    own dtype (exact for the ones left unchanged: float32 holds every half-precision value). The tensors stay the
+    same objects (``.data`` is swapped), so an optimizer built inside the block steps them. Yields the tensors that
+    were converted: none for a float32 layer, which is left alone."""
+    converted = [(t, t.dtype) for t in (*layer.parameters(), *layer.buffers()) if t.dtype in HALF]
+    for t, _ in converted:
+        t.data = t.data.float()
+    try:
+        yield converted
+    finally:
+        for t, dtype in converted:
+            t.data = t.data.to(dtype)
+
+
+def _as_float32(value):
+    """A call argument with its half-precision tensors (attention masks, position bias) as float32."""
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
+
+
 def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress: Progress) -> dict:
     """Adam steps on the layer's query/key parameters so that its residual sum matches the original's. Kept only
     when they lower that error over the calibration batches: a step size that diverges on some model gives the closed
-    form back (report: ``refined`` false)."""
+    form back (report: ``refined`` false).
+
+    A half-precision layer takes its steps as float32 (``_in_float32``) and is judged as it will run, in its own
+    dtype: Adam on float16 parameters divides by squared gradients that underflow to 0 (NaN steps: never kept), and
+    bfloat16 rounds small steps away. The error is summed in float32 (a float16 sum over a calibration batch of a
+    BERT-base layer, 768 values a token, overflows)."""
     module = attention_modules(model)[index][2]
     params = [module.query_proj.weight, module.key_proj.weight, module.content_bias.weight]
     params += [module.mixing] if module.mixing is not None else []
@@ -531,15 +561,16 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
     for p in params:
         p.requires_grad_(True)
     # steps relative to each tensor's RMS: after whitening, the query and key factors differ in scale by orders
-    rms = [float(p.detach().pow(2).mean().sqrt()) for p in params]
-    optimizer = torch.optim.Adam([{"params": [p], "lr": plan.refine_lr * r + 1e-12} for p, r in zip(params, rms)])
+    rms = [float(p.detach().float().pow(2).mean().sqrt()) for p in params]
 
-    def loss_of(i):
+    def loss_of(i, as_float32: bool = False):
         batch = data[i]
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
-        out = run_until(at.layer, at.norm, xr, args, kwargs)
-        target = spill.read("s", i, device)
+        if as_float32:
+            xr, args, kwargs = xr.float(), tuple(map(_as_float32, args)), {k: _as_float32(v) for k, v in kwargs.items()}
+        out = run_until(at.layer, at.norm, xr, args, kwargs).float()
+        target, xr = spill.read("s", i, device).float(), xr.float()
         w = (torch.ones_like(batch.tokens, dtype=out.dtype) if at.weights is None else at.weights[i].to(out))
         w = w[batch.tokens][:, None]  # real tokens only (N, 1)
         rows = batch.tokens
@@ -549,12 +580,17 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         with torch.no_grad():
             before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             start = [p.detach().clone() for p in params]
-        for step in range(plan.refine_steps):
-            loss = loss_of(step % len(data))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
+        with _in_float32(at.layer) as converted:
+            optimizer = torch.optim.Adam([{"params": [p], "lr": plan.refine_lr * r + 1e-12}
+                                          for p, r in zip(params, rms)])
+            for step in range(plan.refine_steps):
+                loss = loss_of(step % len(data), as_float32=bool(converted))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
+            for p in params if converted else ():  # float32 gradients would outlive the steps on half parameters
+                p.grad = None
         with torch.no_grad():
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             kept = math.isfinite(after) and after < before
