@@ -158,7 +158,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     from .eval.finetune import train, with_head
     from .eval.tasks import get_task
     from .hub import check_output, load_pretrained, save
-    from .reduction.surgery import check_finite_weights
+    from .reduction.surgery import check_finite_weights, nonfinite_weight
 
     notify = checked_call(on_progress, {"evaluate": evaluate, "allow_pickle": allow_pickle}, model=model)
     check_training(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
@@ -185,6 +185,11 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
 
         log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                     warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, on_step=step)
+        diverged = nonfinite_weight(loaded)  # checked before anything is written: a NaN model is no result
+        if diverged is not None:
+            raise UsageError(f"training diverged: after {log['steps']} steps the weight {diverged} holds NaN or "
+                             f"infinite values, so nothing was written; try a lower --lr (got {lr:g}) or fewer "
+                             f"--epochs, or check the starting checkpoint (weights too large to train on)")
         notify(Progress(f"saving to {output}"))
         save(loaded, tokenizer, output, force=force, source=name)
     finally:
@@ -194,7 +199,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     if scorer is not None:
         notify(Progress(f"scoring on {spec.name} [validation]"))
         result["eval"] = {"split": "validation", "examples": len(scorer.examples),
-                          "metrics": scorer(loaded, tokenizer, name)}
+                          "metrics": scorer(loaded, tokenizer, str(output))}  # the saved model, not its source
     elif skipped:
         result["eval"] = {"skipped": skipped}
     result["seconds"] = round(time.perf_counter() - start, 3)

@@ -471,6 +471,15 @@ FINETUNE = [
     case("finetune-weights-nan", "finetune {src} --task stsb -o {ws}/ft --limit 4 --epochs 1", "holds NaN or infinite",
          "download or save it again", setup=edit_weights(
              "src", lambda w: w["encoder.layer.0.attention.self.value.weight"].fill_(float("nan")))),
+    # training that diverged saved a NaN model, then scoring it failed naming the SOURCE model
+    case("finetune-diverges", "finetune {src} --task stsb -o {ws}/ft --limit 64 --epochs 1 --lr 1e6",
+         "training diverged", "lower --lr"),
+    case("finetune-diverges-no-eval", "finetune {src} -t stsb -o {ws}/ft --limit 64 --epochs 1 --lr 1e6 --no-eval",
+         "training diverged", "fewer --epochs"),
+    case("finetune-diverges-forced", "finetune {src} --task stsb -o {prev} --force --limit 64 --epochs 1 --lr 1e6",
+         "training diverged", "check the starting checkpoint"),
+    case("finetune-diverges-huge-weights", "finetune {src} --task stsb -o {ws}/ft --limit 8 --epochs 1 --no-eval",
+         "training diverged", "check the starting checkpoint", setup=edit_weights("src", overflowing)),
     case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "x>0"),
     case("finetune-epochs-nan", "finetune {src} --task stsb -o {ws}/ft --epochs nan", "'nan' is not a finite", "x>0"),
     case("finetune-epochs-inf", "finetune {src} --task stsb -o {ws}/ft --epochs inf", "'inf' is not a finite", "x>0"),
@@ -848,6 +857,25 @@ def test_python_api_refuses_to_score_outputs_that_overflow(glue_dir, tiny_bert_d
                             "the original's outputs overflowed to nan/inf on stsb's inputs")):
         with pytest.raises(UsageError, match=re.escape(fragment)):
             call()
+
+def test_python_api_refuses_a_finetune_that_diverged(glue_dir, tiny_bert_dir, tmp_path):
+    """finetune() whose training diverged saved the NaN model and scored it: refused before anything is written,
+    and a model it was to replace (force=True) is left as it was."""
+    import mhacompress
+    from mhacompress.errors import UsageError
+
+    src = shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    previous = shutil.copytree(tiny_bert_dir, tmp_path / "previous")
+    before = tree(tmp_path)
+    for output, force in ((tmp_path / "ft", False), (previous, True)):
+        with pytest.raises(UsageError, match=r"^training diverged: .*try a lower --lr \(got 1e\+06\)"):
+            mhacompress.finetune(str(src), "stsb", str(output), force=force, lr=1e6, epochs=1, limit=64,
+                                 data_dir=glue_dir)
+        assert tree(tmp_path) == before
+    # one step at that rate leaves finite weights whose outputs overflow: scoring names the saved model, not its source
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'one'}'s outputs overflowed")):
+        mhacompress.finetune(str(src), "stsb", str(tmp_path / "one"), lr=1e6, epochs=1, limit=8, data_dir=glue_dir)
+
 
 # ---- running and judging ------------------------------------------------------------------------------------------
 

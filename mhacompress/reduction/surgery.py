@@ -65,11 +65,20 @@ def check_reducible(model: nn.Module) -> None:
 
 def check_finite_weights(model: nn.Module) -> None:
     """NaN or infinite weights (a damaged or diverged checkpoint) are refused before any work: the solvers would
-    fail deep inside their linear algebra. amax/amin, not isfinite: no bool copy of a large embedding."""
+    fail deep inside their linear algebra."""
+    name = nonfinite_weight(model)
+    if name is not None:
+        raise UsageError(f"the model's weight {name} holds NaN or infinite values: the checkpoint is damaged (or "
+                         f"its training diverged); download or save it again")
+
+
+def nonfinite_weight(model: nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf, or None. amax/amin, not isfinite: no bool copy of a
+    large embedding."""
     for name, p in model.named_parameters():
         if p.numel() and p.is_floating_point() and not (torch.isfinite(p.amax()) and torch.isfinite(p.amin())):
-            raise UsageError(f"the model's weight {name} holds NaN or infinite values: the checkpoint is damaged (or "
-                             f"its training diverged); download or save it again")
+            return name
+    return None
 
 
 def require_classifier(model: nn.Module, name: str) -> None:
