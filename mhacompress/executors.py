@@ -134,7 +134,11 @@ def _result(cell: Cell, ok: bool, value, error: str | None, seconds: float) -> R
 
 
 def one_line(err: BaseException) -> str:
+    """The first line of ``err``: a UsageError (ConfigError too) by its message alone, which names the problem and
+    the fix; anything else, a bug worth naming, with its type in front."""
     text = str(err).strip().splitlines()
+    if isinstance(err, UsageError) and text:
+        return text[0]
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 

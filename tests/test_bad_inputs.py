@@ -537,7 +537,9 @@ SWEEP = [
     case("sweep-gpus-inf", SWEEP_ + "--executor ray --gpus-per-cell inf", "'inf' is not a finite", "x>=0"),
     case("sweep-reduced-model", "sweep {reduced} --task stsb --key-dims 8 --limit 4", "already reduced",
          "reduce the original"),
-    case("sweep-outputs-overflow", SWEEP_, "the original's outputs overflowed to nan/inf", "check the checkpoint",
+    # the user's line held the exception's type: 'scoring the original failed: UsageError: ...'
+    case("sweep-outputs-overflow", SWEEP_, "scoring the original failed: the original's outputs overflowed to nan/inf",
+         "check the checkpoint",
          setup=edit_weights("src", overflowing)),
 ]
 

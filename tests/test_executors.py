@@ -52,6 +52,20 @@ def test_a_failed_cell_is_one_line_and_never_takes_the_rest_down():
     assert run_cells([{"x": 1}], not_json)[0]["error"].startswith("TypeError: Object of type object is not JSON")
 
 
+def refused(cell):
+    """A cell refused as the library refuses bad input: a UsageError (or its ConfigError) with the fix in its text."""
+    from mhacompress.reduction.config import ConfigError
+
+    raise (ConfigError if cell["x"] else UsageError)("key dim 64 is out of range; choose one in 1..32")
+
+
+def test_a_refused_cell_reads_as_its_message_without_the_exception_type():
+    """A UsageError is the user's to fix, and its message says how: the type's name ('UsageError: ...') is noise in
+    the user's line. Unexpected exceptions (bugs) keep their type, as above."""
+    results = run_cells(cells(2), refused)
+    assert [r["error"] for r in results] == ["key dim 64 is out of range; choose one in 1..32"] * 2
+
+
 def test_on_result_sees_every_cell_once():
     seen = []
     run_cells(cells(3, fail=(2,)), square, on_result=seen.append)
