@@ -113,7 +113,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     else:
         dims = config.layer_key_dims(*shape)
     layers, modified = _reduce(model, config, dims, batches, notify)
-    _check_finite(model)
+    _check_finite(model, config.calibration is not None)
     from . import __version__
     from .reduction.surgery import finish_
 
@@ -414,8 +414,9 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
     return out
 
 
-def _check_finite(model) -> None:
-    """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word).
+def _check_finite(model, calibrated: bool) -> None:
+    """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word); the
+    advice fits the run (``calibrated``: its data's options; without calibration, the weights themselves).
 
     Only the transformer layers are read, which hold every weight a reduction writes: isfinite on a 250k-token
     embedding would allocate a float copy of it (1 GB at XLM-R-large size) and set the run's peak memory."""
@@ -426,7 +427,12 @@ def _check_finite(model) -> None:
     prefix = arch_for(model.config).layers
     bad = [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers(model)) for name, p in layer.named_parameters()
            if not torch.isfinite(p).all()]
-    if bad:
-        raise UsageError(f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), "
-                         f"nothing was written; retry with more --samples or --uniform, or report this with the "
-                         f"command you ran")
+    if not bad:
+        return
+    where = f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), nothing " \
+            f"was written"
+    if calibrated:
+        raise UsageError(f"{where}; retry with more --samples or --uniform, or report this with the command you ran")
+    # weights only: the solvers saw nothing but the weights, finite (checked on loading), so too large to decompose
+    raise UsageError(f"{where}: the query/key weights are too large to decompose; check the checkpoint's query/key "
+                     f"weights (scaled up by mistake, or a training run that diverged), or pass a larger key dim")

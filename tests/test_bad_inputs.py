@@ -113,6 +113,12 @@ def ffn_overflowing(weights: dict) -> None:
     weights["encoder.layer.0.output.dense.weight"].mul_(1e20)
 
 
+def qk_scaled(weights: dict) -> None:
+    """Finite query/key weights too large to decompose (x1e22: their products overflow float32), in every layer."""
+    for key in [k for k in weights if ".attention.self.query.weight" in k or ".attention.self.key.weight" in k]:
+        weights[key].mul_(1e22)
+
+
 def block(**changes):
     """Change the compression block of the reduced folder (``layer_key_dim=k``: every layer's key_dim)."""
     def change(config: dict) -> None:
@@ -466,6 +472,19 @@ EVAL = [
          "check the checkpoint", setup=edit_weights("src", overflowing)),
 ]
 
+# finite but huge query/key weights without calibration: the advice was 'retry with more --samples or --uniform',
+# options of calibration, which these runs have none of
+HUGE_QK = [
+    case("reduce-huge-qk-weights-only", "reduce {src} -k 8 --weights-only", "produced non-finite weights",
+         "check the checkpoint's query/key weights", setup=edit_weights("src", qk_scaled)),
+    case("reduce-huge-qk-no-calibration", "reduce {src} -k 8", "produced non-finite weights",
+         "pass a larger key dim", setup=edit_weights("src", qk_scaled)),
+    case("reduce-huge-qk-init-random", "reduce {src} -k 8 --weights-only --init random", "produced non-finite weights",
+         "check the checkpoint's query/key weights", setup=edit_weights("src", qk_scaled)),
+    case("reduce-huge-qk-svd", "reduce {src} -k 8 --method svd --weights-only", "produced non-finite weights",
+         "check the checkpoint's query/key weights", setup=edit_weights("src", qk_scaled)),
+]
+
 FINETUNE = [
     # a damaged checkpoint was trained on: exit 0, and a NaN model written to the output
     case("finetune-weights-nan", "finetune {src} --task stsb -o {ws}/ft --limit 4 --epochs 1", "holds NaN or infinite",
@@ -619,7 +638,7 @@ GLOBAL = [
     case("unknown-option", "reduce {src} --key-dimm 8", "No such option '--key-dimm'", "'--key-dim'"),
 ]
 
-CASES = MODELS + REDUCE + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANALYZE + REPORT + EXPORT + GLOBAL
+CASES = MODELS + REDUCE + HUGE_QK + CALIBRATION + OUTPUTS + EVAL + FINETUNE + SWEEP + ANALYZE + REPORT + EXPORT + GLOBAL
 
 
 # ---- the Python API: the project's own error (UsageError, ConfigError), with a message, before any work ---------
@@ -993,6 +1012,14 @@ def test_a_solver_breakdown_is_refused_in_one_line_naming_the_layer(bad, workspa
     result, verdict = run_case(bad, workspace)
     assert verdict == "good", explain(result, verdict)
     assert re.search(r"layer \d+ \(key dim 8\): |layer 0: ", result.stderr)  # parallel: whichever broke down first
+
+
+@pytest.mark.parametrize("bad", HUGE_QK)
+def test_without_calibration_the_advice_names_no_calibration_option(bad, workspace):
+    """--samples and --uniform shape calibration data: advice to change them fits no run without it."""
+    result, verdict = run_case(bad, workspace)
+    assert verdict == "good" and "--samples" not in result.stderr and "--uniform" not in result.stderr, \
+        explain(result, verdict)
 
 
 LATE = ("budget-too-small", "eval-encoder-on-classification", "sweep-key-dims-too-big",
