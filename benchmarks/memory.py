@@ -94,7 +94,8 @@ def _unigram_tokenizer(minilm, vocab_size: int):
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
 
 
-MODES = {"weights": [], "calibrated": ["--calibrate", "mrpc"], "uniform": ["--calibrate", "mrpc", "--uniform"]}
+MODES = {"weights": [], "calibrated": ["--calibrate", "mrpc"], "uniform": ["--calibrate", "mrpc", "--uniform"],
+         "closed": ["--calibrate", "mrpc", "--refine", "0"]}
 
 
 def run_reduce(folder: Path, key_dim: int, mode: str, out: Path, samples: int) -> dict:
@@ -119,8 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--modes", default="weights,calibrated,uniform",
-                        help="weights; calibrated (the default data-aware path: per-layer key dims allocated); "
-                             "uniform (calibrated, --uniform)")
+                        help="weights; calibrated (the default data-aware path: at d/8 allocated and refined); "
+                             "uniform (calibrated, --uniform); closed (calibrated, --refine 0)")
+    parser.add_argument("--divisor", type=int, default=4, help="key dim = hidden size / this (4: d/4, 8: d/8)")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--workdir", type=Path, help="keep (and reuse) checkpoints and outputs here")
     args = parser.parse_args()
@@ -137,14 +139,16 @@ def main() -> None:
             build_checkpoint(size, folder)
             mb = (folder / "model.safetensors").stat().st_size / 2**20
             for mode in modes:
-                run = run_reduce(folder, SIZES[size][2], mode, work / f"{size}-out", args.samples)
+                key_dim = SIZES[size][2] * 4 // args.divisor  # SIZES holds d/4
+                run = run_reduce(folder, key_dim, mode, work / f"{size}-out", args.samples)
                 rows.append((size, mode, mb, run))
                 print(f"{size} {mode}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
 
     import platform
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the "
-          f"end; `reduce --key-dim d/4 --output` in a child process; calibrated: mrpc, {args.samples} samples\n")
+          f"end; `reduce --key-dim d/{args.divisor} --output` in a child process; calibrated: mrpc, "
+          f"{args.samples} samples\n")
     print("| model | params | checkpoint MB | run | peak RSS MB | RSS / checkpoint | target | seconds |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for size, mode, mb, run in rows:
