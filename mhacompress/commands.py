@@ -142,6 +142,20 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     return {"model": str(directory), "first_token_only": first_token_only, **result}
 
 
+def _outputs_finite(model, tokenizer, texts, max_length: int, device) -> bool:
+    """Whether ``model``'s logits on ``texts`` are all finite (eval mode, as it will be scored)."""
+    from .errors import UsageError
+    from .eval.runner import forward_all
+
+    model.eval()
+    try:
+        forward_all(model, tokenizer, texts, fn=lambda m, enc: m(**enc).logits, max_length=max_length,
+                    device=str(next(model.parameters()).device))
+    except UsageError:  # check_finite_outputs: the only refusal left once the model has trained on these texts
+        return False
+    return True
+
+
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, force: bool = False,
              epochs: float = 3, lr: float = 2e-5, batch_size: int = 32, max_length: int = 128, warmup: float = 0.1,
              weight_decay: float = 0.01, seed: int = 0, limit: int | None = None, data_dir: str | None = None,
@@ -185,11 +199,16 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
 
         log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                     warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, on_step=step)
-        diverged = nonfinite_weight(loaded)  # checked before anything is written: a NaN model is no result
-        if diverged is not None:
-            raise UsageError(f"training diverged: after {log['steps']} steps the weight {diverged} holds NaN or "
-                             f"infinite values, so nothing was written; try a lower --lr (got {lr:g}) or fewer "
-                             f"--epochs, or check the starting checkpoint (weights too large to train on)")
+        # checked before anything is written: a NaN model is no result, nor one whose weights are finite but so large
+        # that its outputs overflow (one step at a huge --lr)
+        diverged = nonfinite_weight(loaded)
+        what = f"the weight {diverged} holds" if diverged else (
+            None if _outputs_finite(loaded, tokenizer, data.texts[:32], max_length, device)
+            else "the model's outputs on its train examples hold")
+        if what:
+            raise UsageError(f"training diverged: after {log['steps']} steps {what} NaN or infinite values, so "
+                             f"nothing was written; try a lower --lr (got {lr:g}) or fewer --epochs, or check the "
+                             f"starting checkpoint (weights too large to train on)")
         notify(Progress(f"saving to {output}"))
         save(loaded, tokenizer, output, force=force, source=name)
     finally:

@@ -497,6 +497,8 @@ FINETUNE = [
          "training diverged", "fewer --epochs"),
     case("finetune-diverges-forced", "finetune {src} --task stsb -o {prev} --force --limit 64 --epochs 1 --lr 1e6",
          "training diverged", "check the starting checkpoint"),
+    case("finetune-diverges-in-one-step", "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --lr 1e6 --no-eval",
+         "training diverged", "lower --lr"),  # finite weights, but so large that the outputs overflow
     case("finetune-diverges-huge-weights", "finetune {src} --task stsb -o {ws}/ft --limit 8 --epochs 1 --no-eval",
          "training diverged", "check the starting checkpoint", setup=edit_weights("src", overflowing)),
     case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "x>0"),
@@ -893,9 +895,11 @@ def test_python_api_refuses_a_finetune_that_diverged(glue_dir, tiny_bert_dir, tm
             mhacompress.finetune(str(src), "stsb", str(output), force=force, lr=1e6, epochs=1, limit=64,
                                  data_dir=glue_dir)
         assert tree(tmp_path) == before
-    # one step at that rate leaves finite weights whose outputs overflow: scoring names the saved model, not its source
-    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'one'}'s outputs overflowed")):
+    # one step at that rate leaves finite weights whose outputs overflow: refused before saving too (it was saved and
+    # then failed scoring)
+    with pytest.raises(UsageError, match=r"^training diverged: after 1 steps the model's outputs .* hold NaN"):
         mhacompress.finetune(str(src), "stsb", str(tmp_path / "one"), lr=1e6, epochs=1, limit=8, data_dir=glue_dir)
+    assert tree(tmp_path) == before
 
 
 # ---- running and judging ------------------------------------------------------------------------------------------
