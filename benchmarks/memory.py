@@ -9,8 +9,8 @@ checkpoint MB, the child's peak RSS (from wait4), RSS / checkpoint and seconds a
 
 Targets (issue 12): peak RSS <= 1.5x the checkpoint weights-only, <= 2x calibrated. Modes: weights only; calibrated
 (`--calibrate mrpc`, the default data-aware path as a user runs it: at d/4 it keeps d/4 in every layer, since
-per-layer allocation is the default only from d/8 down); uniform (the same with `--uniform`, for key dims where the
-default allocates).
+per-layer allocation and refinement are the default only from d/8 down); uniform (the same with `--uniform`, for key
+dims where the default allocates); closed (the same with `--refine 0`). `--divisor 8` runs at d/8 instead of d/4.
 
     python benchmarks/memory.py                                   # all sizes, all modes (30-60 minutes on 2 cores)
     python benchmarks/memory.py --sizes base,large --modes weights
