@@ -142,7 +142,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     return {"model": str(directory), "first_token_only": first_token_only, **result}
 
 
-def _outputs_finite(model, tokenizer, texts, max_length: int, device) -> bool:
+def _outputs_finite(model, tokenizer, texts, max_length: int) -> bool:
     """Whether ``model``'s logits on ``texts`` are all finite (eval mode, as it will be scored)."""
     from .errors import UsageError
     from .eval.runner import forward_all
@@ -203,7 +203,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
         # that its outputs overflow (one step at a huge --lr)
         diverged = nonfinite_weight(loaded)
         what = f"the weight {diverged} holds" if diverged else (
-            None if _outputs_finite(loaded, tokenizer, data.texts[:32], max_length, device)
+            None if _outputs_finite(loaded, tokenizer, data.texts[:32], max_length)
             else "the model's outputs on its train examples hold")
         if what:
             raise UsageError(f"training diverged: after {log['steps']} steps {what} NaN or infinite values, so "
