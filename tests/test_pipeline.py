@@ -182,3 +182,11 @@ def test_a_tokenizer_of_another_model_is_refused_in_one_line_before_any_layer_is
                              **kwargs)
     assert "\n" not in str(err.value)
     assert type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"  # untouched
+
+
+def test_a_refined_reduction_leaves_no_gradients_on_the_model(tiny_bert_dir):
+    """compress with refinement (the default at key dims <= d/8) returned a model whose refined float32 parameters
+    still held their last .grad."""
+    config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python", refine_steps=5))
+    model = mhacompress.compress(str(tiny_bert_dir), config, calibration=["a text", "another one"]).model
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []

@@ -243,6 +243,15 @@ def test_refinement_that_diverges_gives_the_closed_form_back():
         assert torch.equal(a, b), name
 
 
+def test_refinement_leaves_no_gradients_behind():
+    """A float32 layer's refined parameters kept their last .grad: memory held after the reduction, and carried by a
+    pickled model. The steps are the same, so the weights are too."""
+    model = tiny_model("bert")
+    plan = sequential(model, 4, calibration(), refine_steps=10, refine_lr=1e-2)
+    assert all(r["refined"] for r in plan.reports), plan.reports
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_refinement_lowers_the_output_error_of_a_half_precision_model(dtype):
     """Adam on float16 parameters: the squared gradients underflow (its eps, 1e-8, is 0 in float16), the steps are

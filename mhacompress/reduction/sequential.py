@@ -589,8 +589,8 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
                 loss.backward()
                 optimizer.step()
                 progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
-            for p in params if converted else ():  # float32 gradients would outlive the steps on half parameters
-                p.grad = None
+            for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
+                p.grad = None  # model, and float32 ones on half parameters
         with torch.no_grad():
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             kept = math.isfinite(after) and after < before
