@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import fsio
-from .errors import UsageError
+from .errors import UsageError, given, named
 from .pipeline import Progress, notifier
 
 OnProgress = Callable[[Progress], None] | None
@@ -44,8 +44,9 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                              max_length=max_length, device=device)
     if scorer.examples.labels is None and reference is None:  # refused before any model loads
-        raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate --split "
-                         f"validation, or pass --reference ORIGINAL for label-free fidelity on these texts")
+        raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate "
+                         f"{given('--split', 'validation')}, or pass {given('--reference', 'ORIGINAL')} for "
+                         f"label-free fidelity on these texts")
     notify(Progress(f"loading {model}"))
     loaded, tokenizer, _ = load_pretrained(str(model), allow_pickle=allow_pickle, device=device)
     ref = None if reference is None else load_pretrained(str(reference), allow_pickle=allow_pickle, device=device)[:2]
@@ -98,8 +99,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
         first_token_shortcut(reduced, name)
     limit = max_tokens(original)
     if limit is not None and seq_len > limit:
-        raise UsageError(f"--seq-len {seq_len} is more than {name} can take ({limit} positions); pass --seq-len "
-                         f"{limit} or less")
+        raise UsageError(f"{given('--seq-len', seq_len)} is more than {name} can take ({limit} positions); pass "
+                         f"{given('--seq-len', limit)} or less")
     original, reduced = original.to(device), reduced.to(device)
     result = {"model": name, **info, "attn_implementation": reduced.config._attn_implementation,  # eager for MPNet
               "threads": torch.get_num_threads(),
@@ -127,7 +128,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
-        raise UsageError(f"unsupported --format {fmt!r}; supported: {', '.join(FORMATS)}")
+        raise UsageError(f"unsupported {named('--format', 'fmt')} {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
     target = check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # first
     try:
@@ -207,8 +208,8 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
             else "the model's outputs on its train examples hold")
         if what:
             raise UsageError(f"training diverged: after {log['steps']} steps {what} NaN or infinite values, so "
-                             f"nothing was written; try a lower --lr (got {lr:g}) or fewer --epochs, or check the "
-                             f"starting checkpoint (weights too large to train on)")
+                             f"nothing was written; try a lower {named('--lr')} (got {lr:g}) or fewer "
+                             f"{named('--epochs')}, or check the starting checkpoint (weights too large to train on)")
         notify(Progress(f"saving to {output}"))
         save(loaded, tokenizer, output, force=force, source=name)
     finally:
@@ -305,7 +306,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
-            raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop --key-dim")
+            raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop {named('--key-dim')}")
         source = block.get("source_model") or ""
         try:
             original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
@@ -313,17 +314,17 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
             raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
         if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions
             raise UsageError(f"the original {source!r} recorded in {name} is itself a reduced model; restore the "
-                             f"original checkpoint there, or report an original with --key-dim")
+                             f"original checkpoint there, or report an original with {named('--key-dim')}")
         shapes = [model_shape(m) for m in (original, model)]  # (layers, heads, head dim): another model since
         if shapes[0] != shapes[1]:
             original_shape, reduced_shape = ("{} layers x {} heads of {}".format(*shape) for shape in shapes)
             raise UsageError(f"the original {source!r} recorded in {name} is not the model it was reduced from "
                              f"({original_shape}; the reduced model: {reduced_shape}); restore the original "
-                             f"checkpoint there, or report an original with --key-dim")
+                             f"checkpoint there, or report an original with {named('--key-dim')}")
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
     if key_dim is None:
-        raise UsageError(f"{name} is an original model: pass --key-dim to reduce it in memory, or give a folder "
-                         f"written by `mhacompress reduce`")
+        raise UsageError(f"{name} is an original model: pass {named('--key-dim')} to reduce it in memory, or give a "
+                         f"folder written by `mhacompress reduce`")
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
@@ -351,7 +352,8 @@ def first_token_shortcut(model, name) -> None:
     try:
         first_token_only_(model)
     except ValueError as err:
-        raise UsageError(f"--first-token-only: {err} (reduce {name} first, or drop the flag)") from None
+        raise UsageError(f"{named('--first-token-only')}: {err} (reduce {name} first, or drop "
+                         f"{named('the flag', 'it')})") from None
 
 
 def check_training(**settings) -> None:
@@ -393,7 +395,8 @@ def check_key_dims(key_dims, curve: bool) -> None:
             not all(isinstance(k, int) and not isinstance(k, bool) for k in key_dims):
         raise ConfigError(f"key_dims must be a list of integers, e.g. [48, 96, 192]; got {key_dims!r:.40}")
     if not curve:
-        raise ConfigError("--key-dims sets the key dims of the error curve, which --no-curve skips; drop one")
+        raise ConfigError(f"{named('--key-dims')} sets the key dims of the error curve, which "
+                          f"{named('--no-curve', 'curve=False')} skips; drop one")
 
 
 def _mean(xs):

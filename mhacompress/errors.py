@@ -1,6 +1,10 @@
 """Errors that are the user's to fix: the CLI prints their message on one line and exits non-zero."""
 
+import contextvars
 import inspect
+from contextlib import contextmanager
+
+_COMMAND_LINE = contextvars.ContextVar("mhacompress_command_line", default=False)
 
 
 class UsageError(Exception):
@@ -24,3 +28,31 @@ def check_callback(name: str, fn, what: str) -> None:
         label = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise UsageError(f"{name} must be a function taking {what}; {label}{signature} cannot be called with "
                          f"one") from None
+
+
+@contextmanager
+def command_line():
+    """While a command runs (the CLI's ``user_errors``), messages name its options (``--max-drop``); elsewhere, in a
+    Python call, the arguments that call takes (``max_drop``)."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def named(option: str, argument: str | None = None) -> str:
+    """A setting as the user gave it: the ``option`` (``--max-drop``) on the command line, else its Python
+    ``argument`` (default: the option without dashes, ``-`` as ``_``: ``max_drop``)."""
+    if _COMMAND_LINE.get():
+        return option
+    return argument or option.lstrip("-").replace("-", "_")
+
+
+def given(option: str, value, argument: str | None = None) -> str:
+    """A setting with a value, as the user would write it: ``--opset 18`` on the command line, ``opset=18`` in
+    Python (a string value quoted, unless it is an upper-case placeholder such as DIR)."""
+    name = named(option, argument)
+    if _COMMAND_LINE.get():
+        return f"{name} {value}"
+    return f"{name}={value}" if not isinstance(value, str) or value.isupper() else f"{name}={value!r}"

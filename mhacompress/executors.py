@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import UsageError, check_callback
+from .errors import UsageError, check_callback, given, named
 
 EXECUTORS = ("local", "ray")
 RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install 'ray[client]')"
@@ -89,11 +89,11 @@ def check_settings(executor: str, address: str | None = None, num_cpus: float = 
         raise UsageError(f"address must be the Ray cluster's address, a str (e.g. 'ray://head:10001'); got "
                          f"{type(address).__name__}")
     if address is not None and not address.strip():
-        raise UsageError("--address is empty; pass the cluster's address (e.g. ray://head:10001), or drop it for a "
-                         "local Ray instance")
+        raise UsageError(f"{named('--address')} is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
+                         f"it for a local Ray instance")
     if address is not None and executor != "ray":
-        raise UsageError("--address needs --executor ray (run_sweep: executor='ray'), which runs the cells on that "
-                         "cluster; drop the address to run them here")
+        raise UsageError(f"{named('--address')} needs {given('--executor', 'ray')}, which runs the cells on that "
+                         f"cluster; drop the address to run them here")
     _number("num_cpus", num_cpus, 0, above=True)
     _number("num_gpus", num_gpus, 0)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import fsio
-from .errors import UsageError
+from .errors import UsageError, given, named
 
 FORMATS = ("onnx",)
 INPUTS = ("input_ids", "attention_mask")
@@ -73,13 +73,14 @@ def check_settings(*, opset, tol) -> None:
     import math
 
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise UsageError(f"--tolerance must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
+        raise UsageError(f"{named('--tolerance')} must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
-        raise UsageError(f"--opset must be an integer >= 17 (torch.onnx's exporter), got {opset!r}; pass --opset 18")
+        raise UsageError(f"{named('--opset')} must be an integer >= 17 (torch.onnx's exporter), got {opset!r}; pass "
+                         f"{given('--opset', 18)}")
     top = max_opset()
     if opset > top:
-        raise UsageError(f"--opset {opset} is newer than the installed exporter can write (17..{top}); pass --opset "
-                         f"{top} or less")
+        raise UsageError(f"{given('--opset', opset)} is newer than the installed exporter can write (17..{top}); pass "
+                         f"{given('--opset', top)} or less")
 
 
 def _onnxruntime():

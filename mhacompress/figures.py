@@ -13,18 +13,19 @@ def figure_format(path, option: str = "--plot") -> str:
     any work, what would fail only once the work is done: matplotlib missing, or a format it cannot write."""
     import os
 
-    from .errors import UsageError
+    from .errors import UsageError, named
 
     try:
         import matplotlib  # noqa: F401  (first: what the figure code imports)
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
+        option = named(option)
         raise UsageError(f"{option} needs matplotlib, which is not installed: pip install 'mhacompress[plot]', or "
                          f"drop {option}") from None
     fmt = os.path.splitext(str(path))[1][1:].lower() or "png"
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
-        raise UsageError(f"{option} {path}: matplotlib cannot write .{fmt} figures; name it .png (or one of "
+        raise UsageError(f"{named(option)} {path}: matplotlib cannot write .{fmt} figures; name it .png (or one of "
                          f"{', '.join(sorted(supported))})")
     return fmt
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from urllib.parse import urlparse
 
 from . import fsio
-from .errors import UsageError
+from .errors import UsageError, given, named
 
 ALIASES = {
     "bert-base": "google-bert/bert-base-uncased",
@@ -178,7 +178,7 @@ def source_paths(sources) -> list[Path]:
 # ---- checking an output before any work ----------------------------------------------------------------------------
 
 def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), kind: str = "folder",
-                 option: str = "--output", lock: bool = True) -> Path:
+                 option: str = "--output", lock: bool = True, argument: str | None = None) -> Path:
     """Refuse, before any work is done, an output that would destroy data or cannot be written, and reserve it.
 
     ``kind`` says what will be written: "folder" (replaced whole), "file" (replaced), or "contents" (a folder that
@@ -190,13 +190,15 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     of thing; a name too long for the file system; a parent that is a file, cannot be created or is not writable;
     an output another run is writing. Missing parents are created (and removed again if the run writes nothing).
     The output's lock is held until ``save`` finishes or the process exits (``lock=False``: no lock, for a folder
-    that several runs may fill at once, such as sweep's --resume). Returns the resolved output path.
+    that several runs may fill at once, such as sweep's --resume). Returns the resolved output path. Messages name
+    ``option`` on the command line, the Python ``argument`` (default: the option's) in a Python call.
     """
+    example = given(option, _example(option, kind), argument)
+    option = named(option, argument)
     if output is None or not str(output).strip():
-        raise UsageError(f"{option} is empty; pass the path to write, e.g. {option} {_example(option, kind)}")
+        raise UsageError(f"{option} is empty; pass the path to write, e.g. {example}")
     if not isinstance(output, (str, os.PathLike)):
-        raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {option} "
-                         f"{_example(option, kind)}")
+        raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {example}")
     check_path_length(str(output), option)
     from .reduction.config import _flag
 
@@ -229,10 +231,10 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
 
 
 def _example(option: str, kind: str) -> str:
-    """A path of the right kind for ``option``, for messages."""
-    if option == "--plot":
+    """A path of the right kind for ``option`` (``--plot`` or ``plot``), for messages."""
+    if option.lstrip("-") == "plot":
         return "out/sweep.png" if kind == "file" else "out/figures"
-    if option == "--resume":
+    if option.lstrip("-") == "resume":
         return "out/sweep-cells"
     return "out/model.onnx" if kind == "file" else "out/model"
 
@@ -283,25 +285,30 @@ def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
             _check_a_model_folder(target, option)
         return
     if kind == "folder" and any(target.iterdir()):
-        raise UsageError(f"{target} exists and is not empty; choose another {option} or pass --force to replace it")
+        raise UsageError(f"{target} exists and is not empty; choose another {option} or pass {_force()} to replace "
+                         f"it")
     if kind == "file":
-        raise UsageError(f"{target} exists; choose another {option} or pass --force to replace it")
+        raise UsageError(f"{target} exists; choose another {option} or pass {_force()} to replace it")
+
+
+def _force() -> str:
+    return named("--force", "force=True")
 
 
 def _check_a_model_folder(target: Path, option: str) -> None:
     """--force replaces a model folder (a config.json at its top, as every save writes), never a folder of other
     files that a mistyped --output happens to name."""
     if any(target.iterdir()) and not (target / "config.json").is_file():
-        raise UsageError(f"{option} {target} holds files but no model (no config.json), so --force will not delete "
-                         f"it; choose a new folder for {option}, or empty this one yourself")
+        raise UsageError(f"{option} {target} holds files but no model (no config.json), so {_force()} will not "
+                         f"delete it; choose a new folder for {option}, or empty this one yourself")
 
 
 def _check_not_a_home(target: Path, option: str) -> None:
     """--force replaces a folder whole: never the root, the home folder or the folder the user is working in."""
     for place, what in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
         if target == place or target in place.parents:
-            raise UsageError(f"{option} {target} is or contains {what}, which --force would delete; choose a new "
-                             f"folder for {option}")
+            raise UsageError(f"{option} {target} is or contains {what}, which {_force()} would delete; choose a "
+                             f"new folder for {option}")
 
 
 def _check_writable(target: Path, option: str, kind: str) -> None:
@@ -380,7 +387,7 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
         if allow_pickle:
             return  # read by transformers; nothing to check without unpickling
         raise UsageError(f"{folder}: no safetensors weights; pickled weights can run code when loaded, so pass "
-                         f"--allow-pickle only if you trust this checkpoint")
+                         f"{named('--allow-pickle', 'allow_pickle=True')} only if you trust this checkpoint")
     else:
         raise UsageError(f"{folder} holds no model weights (model.safetensors); pass a folder written by "
                          f"save_pretrained")
@@ -600,7 +607,8 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         except OSError as err:
             if not allow_pickle and "safetensors" in str(err).lower():
                 raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
-                                 f"--allow-pickle only if you trust this checkpoint") from None
+                                 f"{named('--allow-pickle', 'allow_pickle=True')} only if you trust this "
+                                 f"checkpoint") from None
             raise
     check_coverage(info, name, layers=arch.layers)
     return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
@@ -694,6 +702,11 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     of ``source`` (a folder, alias or cached hub id) that the save does not write itself is carried over, except the
     original's weights: sentence-transformers modules, vocabularies, README... A reduced model also gets its
     modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
+    return save_as(model, tokenizer, output, force=force, source=source, inputs=inputs, argument="output")
+
+
+def save_as(model, tokenizer, output, *, force: bool, source, inputs, argument: str) -> Path:
+    """``save``, its messages naming ``output`` as the caller's ``argument`` (``Compressed.save``'s: directory)."""
     if not hasattr(model, "save_pretrained") or not hasattr(getattr(model, "config", None), "model_type"):
         raise UsageError(f"save takes a transformers model (e.g. from mhacompress.load or compress(...).model); got "
                          f"{type(model).__name__}")
@@ -701,7 +714,7 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
         raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
     folder = _source_folder(source)
-    target = check_output(output, force, sources=[source, *loaded_from, *inputs])
+    target = check_output(output, force, sources=[source, *loaded_from, *inputs], argument=argument)
     try:  # at once: a Python session goes on after Ctrl-C, and must not keep the lock
         with fsio.temp_dir(target) as tmp, quiet_progress():
             try:

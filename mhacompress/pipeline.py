@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError
+from .errors import UsageError, named
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 Texts = Sequence["str | tuple[str, ...]"]
@@ -46,9 +46,10 @@ class Compressed:
     def save(self, directory, force: bool = False) -> Path:
         """Write an ordinary HF folder (atomically): weights, config with the compression block, modelling code,
         tokenizer and every file of the source that the reduction does not change."""
-        from .hub import save
+        from .hub import save_as
 
-        path = save(self.model, self.tokenizer, directory, force=force, source=self.source, inputs=self.inputs)
+        path = save_as(self.model, self.tokenizer, directory, force=force, source=self.source, inputs=self.inputs,
+                       argument="directory")
         self._saved.append(str(path))
         return path
 
@@ -177,9 +178,10 @@ def check_gate(max_drop, evaluate) -> None:
         return
     from .reduction.config import _number
 
-    _number("max_drop", max_drop)
+    _number(named("--max-drop"), max_drop)
     if evaluate is None:
-        raise ConfigError("--max-drop needs --eval TASK (compress: evaluate=TASK), the task whose metric it bounds")
+        needs = named("--max-drop needs --eval TASK (compress: evaluate=TASK)", "max_drop needs evaluate=TASK")
+        raise ConfigError(f"{needs}, the task whose metric it bounds")
 
 
 def notifier(on_progress) -> Callable[[Progress], None]:
@@ -432,7 +434,8 @@ def _check_finite(model, calibrated: bool) -> None:
     where = f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), nothing " \
             f"was written"
     if calibrated:
-        raise UsageError(f"{where}; retry with more --samples or --uniform, or report this with the command you ran")
+        raise UsageError(f"{where}; retry with more {named('--samples', 'Calibration samples')} or "
+                         f"{named('--uniform', 'allocate=False')}, or report this with the command you ran")
     # weights only: the solvers saw nothing but the weights, finite (checked on loading), so too large to decompose
     raise UsageError(f"{where}: the query/key weights are too large to decompose; check the checkpoint's query/key "
                      f"weights (scaled up by mistake, or a training run that diverged), or pass a larger key dim")

@@ -9,6 +9,7 @@ import os
 import time
 
 from . import fsio
+from .errors import named
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 
@@ -29,9 +30,11 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
                           "Calibration('mrpc'); Calibration('python') is for texts handed to compress(..., "
                           "calibration=[...])")
     if not methods:
-        raise ConfigError("--methods is empty; give at least one method, e.g. --methods cp,svd")
+        example = named("--methods cp,svd", "methods=['cp', 'svd']")
+        raise ConfigError(f"{named('--methods')} is empty; give at least one method, e.g. {example}")
     if not key_dims:
-        raise ConfigError("--key-dims is empty; give at least one key dim, e.g. --key-dims 96,48")
+        raise ConfigError(f"{named('--key-dims')} is empty; give at least one key dim, e.g. "
+                          f"{named('--key-dims 96,48', 'key_dims=[96, 48]')}")
     model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy()}

@@ -40,7 +40,7 @@ def test_allocation_is_exact_on_a_small_case():
 
 
 def test_too_small_a_budget_is_refused():
-    with pytest.raises(ConfigError, match="raise --budget"):
+    with pytest.raises(ConfigError, match="raise budget"):
         allocate([{8: 0.1}], lambda k: k, budget=4)
 
 

@@ -166,7 +166,7 @@ def test_each_call_runs_where_its_command_runs_by_default(call, command):
 
 
 def test_bad_input_is_a_usage_error_before_any_model_loads(tiny_bert_dir, glue_dir):
-    with pytest.raises(UsageError, match="--key-dim"):
+    with pytest.raises(UsageError, match="pass key_dim to reduce it"):
         mhacompress.report(tiny_bert_dir, latency=False)  # an original model needs a key dim to compare with
     with pytest.raises(UsageError):
         mhacompress.evaluate(tiny_bert_dir, "no-such-task", data_dir=glue_dir)

@@ -673,7 +673,7 @@ API = [  # (call, fragment of the message)
     ("Scorer.for_task('stsb', data_dir=glue, limit=1)", "need at least 2 examples"),
     ("load_examples(get_task('mrpc'), data_dir=glue, limit=0)", "limit must be a positive number"),
     ("load_examples(None, data_dir=glue)", "the task must be a GLUE task name"),
-    ("load_examples(get_task('mrpc'), data_dir=42)", "--data-dir must be a folder path"),
+    ("load_examples(get_task('mrpc'), data_dir=42)", "data_dir must be a folder path"),
     ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
     ("mhacompress.load('')", "no model given"),
     ("mhacompress.load('  ')", "no model given"),
@@ -685,7 +685,14 @@ API = [  # (call, fragment of the message)
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), 'tok', 'out')",
      "save takes the model's tokenizer"),
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
-     "--output must be a path"),
+     "output must be a path (a str or Path); got int, e.g. output='out/model'"),
+    # save names its own arguments, not reduce's --output and --force
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, reduced)",
+     "choose another output or pass force=True to replace it"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3)).save(reduced)",
+     "choose another directory or pass force=True to replace it"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3)).save(src / 'x')",
+     "choose a path outside it for directory"),
     ("mhacompress.reduce_(str(src), ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
     ("mhacompress.reduce_(None, ReductionConfig(key_dim=8))", "reduce_ takes a transformers model"),
     ("mhacompress.reduce_(__import__('transformers').AutoTokenizer.from_pretrained(src), ReductionConfig(key_dim=8))",
@@ -713,7 +720,10 @@ API = [  # (call, fragment of the message)
      "calibration must be a Calibration"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
-    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)", "--seed"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, seed=-1)",
+     "seed must be an integer >= 0"),
+    ("mhacompress.run_sweep(str(src), 'stsb', [], [8], data_dir=glue, limit=4)", "e.g. methods=['cp', 'svd']"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [], data_dir=glue, limit=4)", "e.g. key_dims=[96, 48]"),
     # Calibration('python') is compress's, for texts handed over: it was "unknown task 'python'"
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, calibration=Calibration('python'))",
      "run_sweep reads its calibration from a GLUE task or a .txt / .jsonl file"),
@@ -760,11 +770,31 @@ API = [  # (call, fragment of the message)
      "first_token_only must be true or false"),
     ("mhacompress.to_onnx(reduced, 'm.onnx', first_token_only='no')", "first_token_only must be true or false"),
     ("mhacompress.to_onnx(src, 'new/m.onnx')", "is not a reduced model"),
+    # to_onnx names its arguments, not export's --opset, --tolerance and --format
+    ("mhacompress.to_onnx(reduced, 'm.onnx', opset=5)", "opset must be an integer >= 17 (torch.onnx's exporter), "
+     "got 5; pass opset=18"),
+    ("mhacompress.to_onnx(reduced, 'm.onnx', opset=99)", "opset=99 is newer than the installed exporter"),
+    ("mhacompress.to_onnx(reduced, 'm.onnx', tolerance=-1)", "tolerance must be a finite non-negative number"),
+    ("mhacompress.to_onnx(reduced, 'm.onnx', fmt='tflite')", "unsupported fmt 'tflite'"),
+    # the settings that Calibration and ReductionConfig share with reduce's options, by their Python names
+    ("Calibration('mrpc', samples=0)", "samples must be an integer >= 1"),
+    ("Calibration('mrpc', objective='loss')", "objective must be one of output, score"),
+    ("ReductionConfig(key_dim=8, seed=-1)", "seed must be an integer >= 0"),
+    ("ReductionConfig(key_dim=8, tol=-1)", "tol must be a finite number >= 0"),
+    ("ReductionConfig(budget=2)", "budget is a fraction of the original Q/K parameters"),
+    ("ReductionConfig(key_dims=5)", "key_dims takes one positive integer per layer"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dims=[8]))", "or one key_dim for all"),
+    ("mhacompress.compress(str(src), ReductionConfig(budget=0.001))", "raise budget to at least"),
+    ("mhacompress.report(str(src), seq_len=16, latency=False)", "pass key_dim to reduce it in memory"),
+    ("mhacompress.report(reduced, seq_len=16, latency=False, key_dim=8)", "drop key_dim"),
+    ("mhacompress.report(reduced, seq_len=10**6, latency=False)", "pass seq_len="),
+    ("mhacompress.evaluate(str(src), 'stsb', data_dir=glue, limit=4, first_token_only=True)",
+     "first_token_only"),
     # run_sweep refuses executor settings as sweep does (the local executor ignored an address)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, address='ray://x:1')",
-     "--address needs --executor ray"),
+     "address needs executor='ray'"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, executor='ray', address='')",
-     "--address is empty"),
+     "address is empty"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_cpus=0)",
      "num_cpus must be a finite number > 0"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_cpus=float('nan'))",
@@ -772,7 +802,9 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, num_gpus=-1)",
      "num_gpus must be a finite number >= 0"),
     # compress(max_drop=) and run_sweep(plot=) refuse what reduce --max-drop and sweep --plot refuse, before any work
-    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), max_drop=0.1)", "--max-drop needs --eval"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), max_drop=0.1)", "max_drop needs evaluate=TASK"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
+     "max_drop=float('inf'))", "max_drop must be a finite number"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
      "max_drop=float('nan'))", "max_drop must be a finite number"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop='0.1')",
@@ -788,8 +820,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing
-    ("mhacompress.evaluate(str(src), 'stsb', data_dir='', limit=4)", "--data-dir is empty"),
-    ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir='')", "--data-dir is empty"),
+    ("mhacompress.evaluate(str(src), 'stsb', data_dir='', limit=4)", "data_dir is empty"),
+    ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir='')", "data_dir is empty"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, epochs=0)", "epochs must be a finite number > 0"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, lr=float('nan'))", "lr must be a finite"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, warmup=2)", "warmup must be a finite number"),
@@ -809,7 +841,7 @@ API = [  # (call, fragment of the message)
     ("mhacompress.analyze(str(src), key_dims='8,16')", "key_dims must be a list of integers"),
     ("mhacompress.analyze(str(src), key_dims=[])", "key_dims must be a list of integers"),
     ("mhacompress.analyze(str(src), key_dims=[8, 64])", "key dims must be in 1..32"),
-    ("mhacompress.analyze(str(src), key_dims=[8], curve=False)", "which --no-curve skips"),
+    ("mhacompress.analyze(str(src), key_dims=[8], curve=False)", "which curve=False skips"),
     ("mhacompress.analyze(str(src), curve='no')", "curve must be true or false"),
     ("mhacompress.analyze(str(src), on_progress=5)", "on_progress must be a function"),
     ("mhacompress.analyze(5)", "model must be a model folder"),
@@ -833,6 +865,8 @@ def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glu
     with pytest.raises(UsageError) as err:
         _api(call)(glue_dir, tmp_path / "src", tmp_path / "reduced")
     assert fragment in str(err.value) and "\n" not in str(err.value)
+    # a Python call is told about its arguments, not the command line's options (--output, --seed, ...)
+    assert not re.search(r"(?<![\w-])--[a-z]", str(err.value)), str(err.value)
     assert tree(tmp_path) == before
 
 
@@ -891,7 +925,7 @@ def test_python_api_refuses_a_finetune_that_diverged(glue_dir, tiny_bert_dir, tm
     previous = shutil.copytree(tiny_bert_dir, tmp_path / "previous")
     before = tree(tmp_path)
     for output, force in ((tmp_path / "ft", False), (previous, True)):
-        with pytest.raises(UsageError, match=r"^training diverged: .*try a lower --lr \(got 1e\+06\)"):
+        with pytest.raises(UsageError, match=r"^training diverged: .*try a lower lr \(got 1e\+06\) or fewer epochs"):
             mhacompress.finetune(str(src), "stsb", str(output), force=force, lr=1e6, epochs=1, limit=64,
                                  data_dir=glue_dir)
         assert tree(tmp_path) == before

@@ -137,9 +137,9 @@ def test_bad_arguments_are_one_line_usage_errors():
 
 
 @pytest.mark.parametrize("settings,fragment", [
-    ({"address": "ray://x:1"}, "--address needs --executor ray"),  # the local executor would ignore it
-    ({"executor": "ray", "address": ""}, "--address is empty"),
-    ({"executor": "ray", "address": "  "}, "--address is empty"),
+    ({"address": "ray://x:1"}, "address needs executor='ray'"),  # the local executor would ignore it
+    ({"executor": "ray", "address": ""}, "address is empty"),
+    ({"executor": "ray", "address": "  "}, "address is empty"),
     ({"executor": "ray", "address": 5}, "address must be the Ray cluster's address"),
     ({"num_cpus": 0}, "num_cpus must be a finite number > 0"),
     ({"num_cpus": float("nan")}, "num_cpus must be a finite number > 0"),

@@ -103,7 +103,7 @@ def test_an_empty_environment_variable_is_unset_not_the_current_folder(glue_dir,
 def test_offline_fails_fast_with_a_hint(monkeypatch):
     monkeypatch.delenv(D.ENV_DIR, raising=False)
     monkeypatch.setattr("mhacompress.hub.hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(UsageError, match="unreachable.*--data-dir") as err:
+    with pytest.raises(UsageError, match="unreachable.*data_dir=DIR") as err:
         D.load_examples(get_task("qqp"))
     assert "\n" not in str(err.value)
 

@@ -149,7 +149,7 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path)
     out = tmp_path / "out"
     save(reduced(), None, out)
     (out / "notes.txt").write_text("a file of the earlier model")
-    with pytest.raises(UsageError, match="exists and is not empty; choose another --output or pass --force"):
+    with pytest.raises(UsageError, match="exists and is not empty; choose another output or pass force=True"):
         save(reduced(), None, out)
     assert (out / "notes.txt").exists()
     save(reduced(), None, out, force=True)
@@ -161,7 +161,7 @@ def test_force_never_deletes_a_folder_that_holds_no_model(tmp_path):
     out = tmp_path / "projects"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(UsageError, match="holds files but no model .no config.json., so --force will not delete it"):
+    with pytest.raises(UsageError, match="holds files but no model .no config.json., so force=True will not delete it"):
         save(reduced(), None, out, force=True)
     assert (out / "keep.txt").read_text() == "precious" and [p.name for p in tmp_path.iterdir()] == ["projects"]
 

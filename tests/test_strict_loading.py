@@ -197,7 +197,7 @@ def test_pickled_weights_are_never_unpickled_without_allow_pickle(original, monk
         raise AssertionError("torch.load was called")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    refused(original, "no safetensors weights", "--allow-pickle")
+    refused(original, "no safetensors weights", "allow_pickle=True")
 
 
 @pytest.mark.parametrize("name,fragment", [

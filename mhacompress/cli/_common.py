@@ -30,7 +30,7 @@ def user_errors():
     folder that was deleted is refused first: torch's libraries would fail to load, ending the process."""
     import os
 
-    from ..errors import UsageError
+    from ..errors import UsageError, command_line
 
     try:
         os.getcwd()
@@ -38,7 +38,8 @@ def user_errors():
         raise click.ClickException("the current folder no longer exists (it was deleted or moved); cd to an "
                                    "existing folder and run the command again") from None
     try:
-        yield
+        with command_line():  # messages name the options (--max-drop), not the Python arguments (max_drop)
+            yield
     except click.ClickException:
         raise
     except UsageError as err:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import UsageError, given
 from .data import Examples, load_examples
 from .runner import Outputs, fidelity, is_classifier, run, score
 from .tasks import Task, get_task
@@ -39,8 +39,8 @@ class Scorer:
         self.device = str(resolve_device(self.device))
         if self.task.regression and len(self.examples) < 2:
             raise UsageError(f"{self.task.name}'s correlations (Pearson, Spearman) need at least 2 examples, got "
-                             f"{len(self.examples)} from {self.examples.source}; pass --limit 2 or more (on a split "
-                             f"that has 2)")
+                             f"{len(self.examples)} from {self.examples.source}; pass {given('--limit', 2)} or more "
+                             f"(on a split that has 2)")
 
     @classmethod
     def for_task(cls, task: str | Task, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":

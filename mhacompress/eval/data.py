@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, given, named
 from ..fsio import read_text
 from .tasks import Task, canonical_split, get_task
 
@@ -45,10 +45,10 @@ def check_data_dir(data_dir) -> None:
     if data_dir is None:
         return
     if not isinstance(data_dir, (str, os.PathLike)):
-        raise UsageError(f"--data-dir must be a folder path; got {type(data_dir).__name__}")
+        raise UsageError(f"{named('--data-dir')} must be a folder path; got {type(data_dir).__name__}")
     if isinstance(data_dir, str) and not data_dir.strip():
-        raise UsageError("--data-dir is empty; pass the folder that holds the GLUE tasks in the official glue_data "
-                         f"layout (DIR/STS-B/dev.tsv, ...), or drop it to use ${ENV_DIR} or the hub copy")
+        raise UsageError(f"{named('--data-dir')} is empty; pass the folder that holds the GLUE tasks in the official "
+                         f"glue_data layout (DIR/STS-B/dev.tsv, ...), or drop it to use ${ENV_DIR} or the hub copy")
 
 
 def glue_folder(data_dir=None):
@@ -74,11 +74,11 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
     split = canonical_split(split)
     if data_dir is not None:
         if not Path(data_dir).expanduser().is_dir():
-            raise UsageError(f"--data-dir {data_dir} is not a folder; pass the folder in the official glue_data "
-                             f"layout (<dir>/{task.folder}/{local_name})")
+            raise UsageError(f"{named('--data-dir')} {data_dir} is not a folder; pass the folder in the official "
+                             f"glue_data layout (<dir>/{task.folder}/{local_name})")
         path = Path(data_dir).expanduser() / task.folder / local_name
         if not path.is_file():
-            raise UsageError(f"no {path}: --data-dir must hold the official glue_data layout "
+            raise UsageError(f"no {path}: {named('--data-dir')} must hold the official glue_data layout "
                              f"(<dir>/{task.folder}/{local_name})")
         return read_tsv(task, split, path).subset(limit, seed=seed)
     env = os.environ.get(ENV_DIR)
@@ -156,8 +156,9 @@ def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | Non
     from ..hub import hub_reachable
 
     where = (f"${ENV_DIR}={missing_local} has no {task.folder}/ file for split {split!r}" if missing_local
-             else f"no local GLUE folder given (--data-dir or ${ENV_DIR})")
-    hint = f"pass --data-dir DIR or set {ENV_DIR} to a folder in the official glue_data layout (DIR/{task.folder}/)"
+             else f"no local GLUE folder given ({named('--data-dir')} or ${ENV_DIR})")
+    hint = (f"pass {given('--data-dir', 'DIR')} or set {ENV_DIR} to a folder in the official glue_data layout "
+            f"(DIR/{task.folder}/)")
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline or not hub_reachable(timeout=2.0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import named
 from . import methods
 from .config import ConfigError
 from .cost import LayerShape, qk_params
@@ -37,7 +38,7 @@ def allocate(curves: list[dict[int, float]], cost: Callable[[int], int], budget:
         if not front:
             smallest = sum(cost(min(c)) for c in curves)
             raise ConfigError(f"the budget allows {budget:,} Q/K parameters, but the smallest key dims need "
-                              f"{smallest:,}; raise --budget")
+                              f"{smallest:,}; raise {named('--budget')}")
     return list(min(front, key=lambda s: s[1])[2])
 
 
@@ -106,7 +107,7 @@ def budget_parameters(model, method: str, budget: float) -> tuple[int, Callable[
     from .surgery import model_shape, qk_parameters
 
     if not 0 < budget <= 1:
-        raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {budget}")
+        raise ConfigError(f"{named('--budget')} is a fraction of the original Q/K parameters: 0 < F <= 1, got {budget}")
     arch = arch_for(model.config)
     layers, heads, head_dim = model_shape(model)
     original = sum(qk_parameters(m, arch) for _, _, m in attention_modules(model))
@@ -114,7 +115,7 @@ def budget_parameters(model, method: str, budget: float) -> tuple[int, Callable[
     allowed, smallest = int(budget * original), layers * cost(min(candidate_dims(heads, head_dim, method)))
     if smallest > allowed:
         raise ConfigError(f"the budget allows {allowed:,} Q/K parameters, but the smallest key dims need "
-                          f"{smallest:,}; raise --budget to at least {smallest / original:.3g}")
+                          f"{smallest:,}; raise {named('--budget')} to at least {smallest / original:.3g}")
     return allowed, cost
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import UsageError
+from ..errors import UsageError, named
 from . import methods
 from .modeling.architectures import FORMAT_VERSION
 
@@ -100,7 +100,7 @@ class Calibration:
             object.__setattr__(self, "source", os.fspath(self.source))
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
-        _int("--samples", self.samples, 1)
+        _int(named("--samples"), self.samples, 1)
         _int("the calibration seed", self.seed, 0, SEED_MAX)
         if self.refine_steps is None and not self.sequential:
             object.__setattr__(self, "refine_steps", 0)  # nothing to refine without the bottom-up targets
@@ -115,7 +115,7 @@ class Calibration:
             object.__setattr__(self, "compensate", self.sequential)
         _flag("compensate", self.compensate)
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+            raise ConfigError(f"{named('--objective')} must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if not self.sequential and (self.objective != "score" or self.compensate or self.refine_steps):
             raise ConfigError("--objective output, --compensate and --refine fit layers bottom-up: drop --parallel "
                               "(sequential=False in Python)")
@@ -172,20 +172,21 @@ class ReductionConfig:
             ordered = isinstance(dims, Iterable) and not isinstance(dims, (str, bytes, Set, Mapping))
             dims = tuple(map(_plain, dims)) if ordered else ()
             if not dims:
-                raise ConfigError(f"--key-dims takes one positive integer per layer, in layer order (a list or "
-                                  f"tuple); got {self.key_dims!r}")
+                raise ConfigError(f"{named('--key-dims')} takes one positive integer per layer, in layer order (a list "
+                                  f"or tuple); got {self.key_dims!r}")
             object.__setattr__(self, "key_dims", dims)
         for k in self.key_dims or (() if self.key_dim is None else (self.key_dim,)):
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ConfigError(f"key dims must be positive integers; got {k!r}")
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not 0 < self.budget <= 1):
-            raise ConfigError(f"--budget is a fraction of the original Q/K parameters: 0 < F <= 1, got {self.budget!r}")
+            raise ConfigError(f"{named('--budget')} is a fraction of the original Q/K parameters: 0 < F <= 1, got "
+                              f"{self.budget!r}")
         _int("n_iter_max (--iterations)", self.n_iter_max, 1)
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) \
                 or self.tol < 0:
-            raise ConfigError(f"--tol must be a finite number >= 0; got {self.tol!r}")
-        _int("--seed", self.seed, 0, SEED_MAX)
+            raise ConfigError(f"{named('--tol')} must be a finite number >= 0; got {self.tol!r}")
+        _int(named("--seed"), self.seed, 0, SEED_MAX)
         _flag("first_token_only", self.first_token_only)
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
@@ -205,7 +206,7 @@ class ReductionConfig:
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
             raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
-                              f"or one --key-dim for all")
+                              f"or one {named('--key-dim')} for all")
         self.check_key_dims(dims, num_heads, head_dim)
         return dims
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..devices import cpu_threads, parallel_map, work_device
-from ..errors import UsageError, check_callback
+from ..errors import UsageError, check_callback, named
 from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
@@ -85,7 +85,7 @@ def require_classifier(model: nn.Module, name: str) -> None:
     """The [CLS] shortcut is exact only for heads that read the first token alone: sequence classifiers."""
     if not is_classifier(model):
         kind = type(model).__name__.removeprefix("Collaborative")
-        raise ConfigError(f"--first-token-only / first_token_only is for sequence classifiers (their head reads only "
+        raise ConfigError(f"{named('--first-token-only')} is for sequence classifiers (their head reads only "
                           f"[CLS]); {name} holds a {kind}: drop it")
 
 
