@@ -712,9 +712,17 @@ def save_as(model, tokenizer, output, *, force: bool, source, inputs, argument: 
                          f"{type(model).__name__}")
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise UsageError(f"save takes the model's tokenizer (or None); got {type(tokenizer).__name__}")
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise UsageError(f"source must be the folder, alias or hub id the model was loaded from (a str or Path), or "
+                         f"None; got {type(source).__name__}")
+    ordered = isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes, os.PathLike))  # a str: letters
+    paths = list(inputs) if ordered else None
+    if paths is None or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise UsageError(f"inputs must be a list of paths (the data the model was made from, never saved over), "
+                         f"e.g. inputs=['glue_data']; got {type(inputs).__name__} {inputs!r:.40}")
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
     folder = _source_folder(source)
-    target = check_output(output, force, sources=[source, *loaded_from, *inputs], argument=argument)
+    target = check_output(output, force, sources=[source, *loaded_from, *paths], argument=argument)
     try:  # at once: a Python session goes on after Ctrl-C, and must not keep the lock
         with fsio.temp_dir(target) as tmp, quiet_progress():
             try:

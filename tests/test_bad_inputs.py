@@ -686,6 +686,16 @@ API = [  # (call, fragment of the message)
      "save takes the model's tokenizer"),
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 42)",
      "output must be a path (a str or Path); got int, e.g. output='out/model'"),
+    # save's other arguments: inputs=5 was a TypeError from inside, inputs='glue' was read as the paths g, l, u, e,
+    # source=5 was ignored
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 'out', inputs=5)",
+     "inputs must be a list of paths"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 'out', inputs=None)",
+     "inputs must be a list of paths"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 'out', inputs='glue')",
+     "inputs must be a list of paths"),
+    ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, 'out', source=5)",
+     "source must be the folder, alias or hub id"),
     # save names its own arguments, not reduce's --output and --force
     ("mhacompress.save(__import__('transformers').AutoModel.from_pretrained(src), None, reduced)",
      "choose another output or pass force=True to replace it"),
