@@ -178,7 +178,7 @@ def check_gate(max_drop, evaluate) -> None:
         return
     from .reduction.config import _number
 
-    _number(named("--max-drop"), max_drop)
+    _number(named("--max-drop"), max_drop, 0)  # a negative bound asks the reduced model to beat the original
     if evaluate is None:
         needs = named("--max-drop needs --eval TASK (compress: evaluate=TASK)", "max_drop needs evaluate=TASK")
         raise ConfigError(f"{needs}, the task whose metric it bounds")

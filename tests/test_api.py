@@ -76,8 +76,9 @@ def test_compress_max_drop_reports_whether_the_gate_passed_as_reduce_max_drop_de
     config = ReductionConfig(key_dim=4, n_iter_max=5)
     run = lambda drop: mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES,  # noqa: E731
                                             max_drop=drop).report["eval"]
-    failed, passed = run(-1), run(2)  # every drop exceeds -1; none exceeds 2
-    assert (failed["max_drop"], failed["passed"]) == (-1, False) and (passed["max_drop"], passed["passed"]) == (2, True)
+    tight, passed = run(0), run(2)  # none exceeds 2 (a negative bound is refused: test_bad_inputs)
+    assert (tight["max_drop"], tight["passed"]) == (0, tight["drop"] <= 0)
+    assert (passed["max_drop"], passed["passed"]) == (2, True)
     assert "max_drop" not in mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES
                                                   ).report["eval"]
     cli = cli_json("reduce", tiny_bert_dir, "-k", 4, "--iterations", 5, "--weights-only", "--eval", "stsb",

@@ -338,6 +338,8 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
     case("weights-only-and-calibrate", "reduce {src} -k 8 --weights-only --calibrate stsb", "contradict", "drop one"),
     case("max-drop-without-eval", "reduce {src} -k 8 --max-drop 0.01", "--max-drop needs --eval", "--eval TASK"),
     case("max-drop-nan", "reduce {src} -k 8 --eval stsb --max-drop nan", "--max-drop", "give a finite number"),
+    case("max-drop-negative", "reduce {src} -k 8 --eval stsb --max-drop -0.5", "--max-drop must be",
+         "finite number >= 0"),
     case("first-token-on-encoder", "reduce {src} -k 8 --first-token-only", "for sequence classifiers", "holds a"),
     case("reduce-eval-unknown-task", "reduce {src} -k 8 --eval nosuch", "unknown task 'nosuch'", "choose one of"),
     case("device-nonsense", "reduce {src} -k 8 --device nonsense", "nonsense", "auto"),
@@ -813,8 +815,11 @@ API = [  # (call, fragment of the message)
      "num_gpus must be a finite number >= 0"),
     # compress(max_drop=) and run_sweep(plot=) refuse what reduce --max-drop and sweep --plot refuse, before any work
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), max_drop=0.1)", "max_drop needs evaluate=TASK"),
+    # a negative bound would ask the reduced model to beat the original; inf would pass every drop
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop=-0.5)",
+     "max_drop must be a finite number >= 0; got -0.5"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
-     "max_drop=float('inf'))", "max_drop must be a finite number"),
+     "max_drop=float('inf'))", "max_drop must be a finite number >= 0"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
      "max_drop=float('nan'))", "max_drop must be a finite number"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop='0.1')",
