@@ -151,6 +151,8 @@ def run_cell(cell: dict) -> dict:
     row = {"metrics": scores, "examples": len(scorer.examples), "qk_params": result.report["params"]["after"],
            "mean_relative_error": sum(x["relative_error"] for x in layers) / len(layers),
            "seconds": round(time.perf_counter() - start, 3)}
+    if result.config.calibration is not None:  # as decided for the model: the sweep's calibration says None then
+        row["refine_steps"] = result.config.calibration.refine_steps
     for kind in ("expected_score_error", "expected_output_error"):  # what the calibrated objective minimised
         if all(kind in x for x in layers):
             row[f"mean_{kind}"] = sum(x[kind] for x in layers) / len(layers)

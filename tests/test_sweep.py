@@ -37,8 +37,11 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
                                        "--limit", "20", "--key-dims", "8", "--methods", "cp",
                                        "--calibrate", "mrpc", "--samples", "16", "--json"])
     assert result.exit_code == 0, result.output
-    row = json.loads(result.stdout)["results"][0]
+    report = json.loads(result.stdout)
+    row = report["results"][0]
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
+    # refinement left to its default is decided per cell (none above d/8, d = 32 here): each row says what it got
+    assert report["calibration"]["refine_steps"] is None and row["refine_steps"] == 0
 
 
 def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_dir):
@@ -51,12 +54,15 @@ def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_d
                                            "--limit", "8", "--key-dims", "4", "--methods", "cp", "--calibrate",
                                            "mrpc", "--samples", "8", "--json", *extra])
         assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)["calibration"]
+        return json.loads(result.stdout)
 
     def steps(saved):
         return cell_config({"key_dim": 4, "method": "cp", "seed": 0, "calibration": saved}).refines(32)
 
-    assert steps(calibration("--refine", "0")) == 0 and steps(calibration()) == REFINE_STEPS
+    closed, default = calibration("--refine", "0"), calibration()
+    assert steps(closed["calibration"]) == 0 and steps(default["calibration"]) == REFINE_STEPS
+    # and each row reports the steps its cell took: the sweep's calibration says null for "decided per cell"
+    assert [r["refine_steps"] for r in closed["results"] + default["results"]] == [0, REFINE_STEPS]
 
 
 @pytest.fixture(scope="module")
