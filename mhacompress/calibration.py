@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, named
 from .fsio import read_text
 
 
@@ -35,7 +35,8 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
         try:
             task = get_task(source)
         except UsageError as err:
-            raise UsageError(f"{err} (or pass a .txt / .jsonl file to --calibrate)") from None
+            raise UsageError(f"{err} (or pass a .txt / .jsonl file to "
+                             f"{named('--calibrate', 'Calibration(source)')})") from None
         texts = load_examples(task, "train", data_dir=data_dir, limit=samples, seed=seed).texts
     if not pairs:
         texts = [(t,) for pair in texts for t in pair]

@@ -796,6 +796,8 @@ API = [  # (call, fragment of the message)
     ("ReductionConfig(budget=2)", "budget is a fraction of the original Q/K parameters"),
     ("ReductionConfig(key_dims=5)", "key_dims takes one positive integer per layer"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dims=[8]))", "or one key_dim for all"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8, calibration=Calibration('nosuch')), data_dir=glue)",
+     "(or pass a .txt / .jsonl file to Calibration(source))"),
     ("mhacompress.compress(str(src), ReductionConfig(budget=0.001))", "raise budget to at least"),
     ("mhacompress.report(str(src), seq_len=16, latency=False)", "pass key_dim to reduce it in memory"),
     ("mhacompress.report(reduced, seq_len=16, latency=False, key_dim=8)", "drop key_dim"),
