@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -540,16 +541,27 @@ def _loading(name):
     try:
         with quiet_progress():
             yield
-    except (UsageError, ImportError):
+    except UsageError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, AssertionError, AttributeError, TypeError,
-            ArithmeticError, _strict_config_error()) as err:
-        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
-        first = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]  # "field 'x':" and its reason
-        raise UsageError(f"cannot load {name}: {first}; "
+    except ImportError as err:  # config.json asks for what is not installed: "_attn_implementation": "flash_..."
+        raise UsageError(f"cannot load {name}: {_first_line(err)}; install it, or remove it from config.json to "
+                         f"use the default") from None
+    except (OSError, ValueError, RuntimeError, LookupError, AssertionError, AttributeError, TypeError,
+            ArithmeticError, pickle.UnpicklingError, _strict_config_error()) as err:
+        raise UsageError(f"cannot load {name}: {_first_line(err)}; "
+                         "pass a complete checkpoint written by save_pretrained") from None
+    except Exception as err:
+        if type(err) is not Exception:  # the tokenizers library's errors are bare Exceptions ("Model missing.")
+            raise
+        raise UsageError(f"cannot load {name}: {_first_line(err)}; "
                          "pass a complete checkpoint written by save_pretrained") from None
     finally:
         logging.set_verbosity(level)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]  # "field 'x':" and its reason
 
 
 def _strict_config_error() -> type:
@@ -596,7 +608,11 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         check_weights(folder, allow_pickle=allow_pickle)
         if tokenizer:
             check_tokenizer(folder)
-    head = any("ForSequenceClassification" in a for a in (config.architectures or []))
+    names = config.architectures or []
+    if not isinstance(names, list) or not all(isinstance(a, str) for a in names):  # a str would be read by letters
+        raise UsageError(f"{name}: config.json's architectures {names!r} is not a list of class names; restore the "
+                         f"checkpoint's own config.json")
+    head = any("ForSequenceClassification" in a for a in names)
     cls = AutoModelForSequenceClassification if head else AutoModel
     kwargs = _attention(cls._model_mapping[type(config)], attn_implementation)
     with _loading(name):

@@ -298,6 +298,28 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("block-base-architecture-of-another-type", "eval {reduced} --task stsb --limit 4",
          "base architecture RobertaModel is not a bert model", "restore",
          setup=block(base_architecture="RobertaModel")),
+    # errors of transformers' loading code that were not turned into a line: an IndexError from the embeddings (a
+    # vocabulary of 0 rows: padding_idx 0 is past its end), an ImportError for an attention kernel config.json asks
+    # for that is not installed, a TypeError from an architectures list that is not of names, and the
+    # UnpicklingError of pickled weights that --allow-pickle was given but that are damaged
+    case("config-vocab-size-0", "eval {src} --task stsb --limit 4", "cannot load", "pass a complete checkpoint",
+         setup=edit_config("src", lambda c: c.update(vocab_size=0))),
+    case("reduced-config-vocab-size-0", "eval {reduced} --task stsb --limit 4", "cannot load",
+         "pass a complete checkpoint", setup=edit_config("reduced", lambda c: c.update(vocab_size=0))),
+    case("config-attention-not-installed", "reduce {src} -k 8", "FlashAttention2", "remove it from config.json",
+         setup=edit_config("src", lambda c: c.update(_attn_implementation="flash_attention_2"))),
+    case("reduced-config-attention-not-installed", "eval {reduced} --task stsb --limit 4", "FlashAttention2",
+         "remove it from config.json",
+         setup=edit_config("reduced", lambda c: c.update(_attn_implementation="flash_attention_2"))),
+    case("config-architectures-not-names", "reduce {src} -k 8", "architectures [5] is not a list of class names",
+         "restore the checkpoint's own config.json", setup=edit_config("src", lambda c: c.update(architectures=[5]))),
+    # a classifier whose architectures is one name, not a list: read letter by letter, its head was not seen and
+    # the model was reduced as a bare encoder (the head dropped, exit 0)
+    case("config-architectures-a-string", "reduce {src} -k 8", "is not a list of class names", "restore",
+         setup=edit_config("src", lambda c: c.update(architectures="BertForSequenceClassification"))),
+    case("weights-pickle-allowed-but-damaged", "reduce {src} -k 8 --allow-pickle", "cannot load",
+         "pass a complete checkpoint",
+         setup=both(remove("src/model.safetensors"), write("src/pytorch_model.bin", b"pickle"))),
 ]
 
 REDUCE = [  # reduction settings (the typed config) and reduce's own options
