@@ -61,13 +61,18 @@ def remove(*relatives: str):
     return setup
 
 
-def edit_config(folder: str, change: Callable[[dict], None]):
+def edit_json(relative: str, change: Callable[[dict], None]):
+    """A setup that changes a JSON file of the workspace (config.json, tokenizer.json, ...) in place."""
     def setup(ws: Path) -> None:
-        path = ws / folder / "config.json"
-        config = json.loads(path.read_text())
-        change(config)
-        path.write_text(json.dumps(config))
+        path = ws / relative
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
     return setup
+
+
+def edit_config(folder: str, change: Callable[[dict], None]):
+    return edit_json(f"{folder}/config.json", change)
 
 
 def edit_weights(folder: str, change: Callable[[dict], None]):
@@ -273,6 +278,24 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          "list", "restore it", setup=write("src/tokenizer_config.json", "[1, 2]")),
     case("reduced-tokenizer-config-empty", "eval {reduced} --task stsb --limit 4", "tokenizer_config.json is empty",
          "restore it", setup=write("reduced/tokenizer_config.json", "")),
+    # tokenizer files that parse as JSON but that the tokenizers library cannot use: its errors are bare Exceptions
+    # ("Model missing."; "Missing [UNK] token from the vocabulary" once text is tokenized), and a tokenizer without a
+    # padding token failed at its first batch ("Asking to pad but the tokenizer does not have a padding token"):
+    # tracebacks, from loading, eval, a calibrated reduce and finetune
+    case("tokenizer-json-without-model", "reduce {src} -k 8", "Model missing", "pass a complete checkpoint",
+         setup=edit_json("src/tokenizer.json", lambda t: t.pop("model"))),
+    case("tokenizer-vocabulary-without-unk", "eval {src} --task stsb --limit 4", "Missing [UNK] token",
+         "restore the model's own tokenizer files", setup=edit_json("src/tokenizer.json",
+                                                                    lambda t: t["model"].update(vocab={}))),
+    case("tokenizer-without-padding-token", "eval {reduced} --task stsb --limit 4", "has no padding token",
+         "restore the model's own tokenizer files", setup=edit_json("reduced/tokenizer_config.json",
+                                                                    lambda t: t.update(pad_token=None))),
+    case("calibrating-tokenizer-without-padding-token", "reduce {src} -k 8 --calibrate stsb --samples 4",
+         "has no padding token", "restore the model's own tokenizer files",
+         setup=edit_json("src/tokenizer_config.json", lambda t: t.update(pad_token=None))),
+    case("finetune-tokenizer-without-padding-token", "finetune {src} -t stsb -o {ws}/ft --limit 4 --no-eval",
+         "has no padding token", "restore the model's own tokenizer files",
+         setup=edit_json("src/tokenizer_config.json", lambda t: t.update(pad_token=None))),
     case("reduce-already-reduced", "reduce {reduced} -k 8", "already reduced", "reduce the original"),
     case("block-key-dim-edited", "eval {reduced} --task stsb --limit 4", "says key_dim 16", "restore",
          setup=block(key_dim=16)),

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import UsageError
 from .data import Examples
-from .runner import check_vocabulary, head_order, input_keys, is_classifier, usable_length
+from .runner import check_vocabulary, encode, head_order, input_keys, is_classifier, usable_length
 from .tasks import Task
 
 
@@ -78,8 +78,7 @@ def train(model, tokenizer, examples: Examples, *, epochs: float = 3, lr: float 
     task = examples.task
     torch.manual_seed(seed)
     gen = random.Random(seed)
-    enc = tokenizer(*[list(c) for c in zip(*examples.texts)], truncation=True,
-                    max_length=usable_length(model, max_length))
+    enc = encode(tokenizer, examples.texts, usable_length(model, max_length))
     check_vocabulary(enc["input_ids"], model)
     keys = input_keys(enc, model)
     lengths = [len(x) for x in enc["input_ids"]]

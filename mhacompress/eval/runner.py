@@ -94,13 +94,29 @@ def check_vocabulary(input_ids: list[list[int]], model) -> None:
                          f"tokenizer is not this model's; use the model's own (saved beside it in its folder)")
 
 
+def encode(tokenizer, texts: list[tuple[str, ...]], max_length: int):
+    """The tokenizer's encoding of ``texts`` (one tuple of fields each), truncated to ``max_length``. A tokenizer that
+    cannot pad a batch, or fails on the text (the tokenizers library's bare Exception: "Missing [UNK] token from the
+    vocabulary"), is refused in one line: its folder's tokenizer files are damaged."""
+    fix = "restore the model's own tokenizer files (tokenizer.save_pretrained(DIR))"
+    if tokenizer.pad_token is None:
+        raise UsageError(f"the tokenizer has no padding token (tokenizer_config.json's pad_token), so batches "
+                         f"cannot be padded; {fix}")
+    try:
+        return tokenizer(*[list(c) for c in zip(*texts)], truncation=True, max_length=max_length)
+    except Exception as err:
+        if type(err) is not Exception:
+            raise
+        why = (str(err).strip() or "Exception").splitlines()[0][:200]
+        raise UsageError(f"the tokenizer failed: {why}; {fix}") from None
+
+
 def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, max_length: int = 128,
             sort: bool = True, pad_to_max: bool = False, model=None):
     """Yield (indices, encoding): longest-first length-sorted batches padded to their own longest sequence
     (``sort=False, pad_to_max=True`` is the naive scheme, kept for the speed benchmark), with the fields ``model``
     reads (``input_keys``)."""
-    columns = list(zip(*texts))  # one tuple per text field
-    enc = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    enc = encode(tokenizer, texts, max_length)
     if model is not None:
         check_vocabulary(enc["input_ids"], model)
     order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i])) if sort else list(range(len(texts)))
