@@ -198,8 +198,14 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
             done[0] += 1
             notify(Progress(f"{spec.name}: loss {loss:.3f}", done[0], steps))
 
-        log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                    warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, on_step=step)
+        try:
+            log = train(loaded, tokenizer, data, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                        warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, on_step=step)
+        except RuntimeError as err:  # a rate past float32's range: the optimizer cannot even apply a step
+            if "without overflow" not in str(err):
+                raise
+            raise UsageError(f"training diverged: a step at --lr {lr:g} overflows the weights' float32 range, so "
+                             f"nothing was written; try a lower --lr") from None
         # checked before anything is written: a NaN model is no result, nor one whose weights are finite but so large
         # that its outputs overflow (one step at a huge --lr)
         diverged = nonfinite_weight(loaded)

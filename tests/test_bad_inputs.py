@@ -548,6 +548,10 @@ FINETUNE = [
          "training diverged", "lower --lr"),  # finite weights, but so large that the outputs overflow
     case("finetune-diverges-huge-weights", "finetune {src} --task stsb -o {ws}/ft --limit 8 --epochs 1 --no-eval",
          "training diverged", "check the starting checkpoint", setup=edit_weights("src", overflowing)),
+    # a rate float32 cannot hold: the optimizer's RuntimeError ("cannot be converted to type float without
+    # overflow"), a traceback
+    case("finetune-lr-past-float32", "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --lr 1e300 --no-eval",
+         "training diverged", "lower --lr"),
     case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "x>0"),
     case("finetune-epochs-nan", "finetune {src} --task stsb -o {ws}/ft --epochs nan", "'nan' is not a finite", "x>0"),
     case("finetune-epochs-inf", "finetune {src} --task stsb -o {ws}/ft --epochs inf", "'inf' is not a finite", "x>0"),
