@@ -107,6 +107,9 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
               "first_token_only": first_token_only,
               **cost.compare(cost.layer_shapes(original), cost.layer_shapes(reduced), seq_len, batch_size)}
     if latency:
+        if batch_size * seq_len >= 2**63:  # torch cannot describe such a batch: a TypeError from randint
+            raise UsageError(f"out of memory (a batch of {batch_size} x {seq_len} tokens cannot be allocated); pass "
+                             f"a smaller --batch-size")
         notify(Progress(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side"))
         batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
         cpu_model, cpu_layer = {}, {}

@@ -656,6 +656,9 @@ REPORT = [
     case("report-repeats-0", "report {reduced} --repeats 0", "--repeats", ">=1"),
     case("report-batch-too-big-for-memory", "report {reduced} --repeats 1 --seq-len 64 --batch-size 1000000000000",
          "out of memory", "pass a smaller --batch-size"),
+    # a batch whose size torch cannot even write down (past a 64-bit integer): a TypeError traceback from randint
+    case("report-batch-too-big-to-count", "report {reduced} --repeats 1 --seq-len 8 --batch-size "
+         "100000000000000000000000", "out of memory", "pass a smaller --batch-size"),
 ]
 
 EXPORT = [
