@@ -278,6 +278,9 @@ def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
     if kind == "file" and target.is_dir():
         raise UsageError(f"{option} {target} is a folder; give a file name, e.g. "
                          f"{target / Path(_example(option, kind)).name}")
+    if kind == "file" and not target.is_file():  # a device (/dev/null), pipe or socket: never replaced, even forced
+        raise UsageError(f"{option} {target} exists and is not a regular file (a device, pipe or socket); choose "
+                         f"another {option}")
     if kind == "contents":
         return
     if force:

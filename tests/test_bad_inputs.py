@@ -670,6 +670,12 @@ EXPORT = [
          "supported: onnx"),
     case("export-output-exists", "export {reduced} -o {file}", "exists", "--force"),
     case("export-output-is-a-folder", "export {reduced} -o {prev} --force", "is a folder", "give a file name"),
+    # a device, pipe or socket is no file to replace: as root, `-o /dev/null --force` renamed the export over the
+    # device node (and sweep --plot, which always replaces its figure, did so without --force)
+    case("export-output-a-pipe", "export {reduced} -o {ws}/pipe --force", "is not a regular file",
+         "choose another --output", setup=lambda ws: os.mkfifo(ws / "pipe")),
+    case("sweep-plot-a-pipe", SWEEP_ + "--plot {ws}/pipe", "is not a regular file", "choose another --plot",
+         setup=lambda ws: os.mkfifo(ws / "pipe")),
     case("export-output-inside-source", "export {reduced} -o {reduced}/model.onnx", "lies inside the source",
          "outside it"),
     case("export-output-over-the-weights", "export {reduced} -o {reduced}/model.safetensors --force",
