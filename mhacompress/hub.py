@@ -535,14 +535,18 @@ def quiet_progress():
 
 @contextlib.contextmanager
 def _loading(name):
-    """Errors of transformers' loading code as one line, and its reports of skipped weights kept off stderr (we
-    check them ourselves)."""
+    """Errors of transformers' loading code as one line, and its reports of skipped weights and torch's warnings
+    while the model is built ("Initializing zero-element tensors is a no-op") kept off stderr (we check the weights
+    ourselves)."""
+    import warnings
+
     from transformers.utils import logging
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        with quiet_progress():
+        with quiet_progress(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     except UsageError:
         raise

@@ -218,3 +218,15 @@ def test_the_cli_shows_loading_problems_as_one_line(original, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "corrupt or truncated" in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_checkpoint_warns_nothing_besides_its_line(original):
+    """transformers builds the model before the weights are checked: torch warned "Initializing zero-element tensors
+    is a no-op" for a zero width, two lines on stderr before the error's one."""
+    import warnings
+
+    edit_config(original, lambda c: c.update(intermediate_size=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refused(original, "has shape", "restore the checkpoint's own config.json")
+    assert [str(w.message) for w in caught] == []
