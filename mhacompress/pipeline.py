@@ -46,18 +46,25 @@ class Compressed:
     def save(self, directory, force: bool = False) -> Path:
         """Write an ordinary HF folder (atomically): weights, config with the compression block, modelling code,
         tokenizer and every file of the source that the reduction does not change."""
+        return self._save(directory, force, "directory")
+
+    def _save(self, directory, force: bool, argument: str) -> Path:
+        """``save``, naming ``directory`` as the caller's ``argument`` in messages; the report records the folder
+        (``output``, as `reduce --json` does)."""
         from .hub import save_as
 
         path = save_as(self.model, self.tokenizer, directory, force=force, source=self.source, inputs=self.inputs,
-                       argument="directory")
+                       argument=argument)
         self._saved.append(str(path))
+        self.report["output"] = str(directory)  # as given, as `reduce --json` prints it
         return path
 
 
 def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibration: Texts | None = None,
              on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
              allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,
-             eval_batch_size: int = 64, max_drop: float | None = None) -> Compressed:
+             eval_batch_size: int = 64, max_drop: float | None = None, output: str | Path | None = None,
+             force: bool = False) -> Compressed:
     """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
@@ -69,11 +76,38 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     max_drop: with ``evaluate``, the gate of ``reduce --max-drop``: report["eval"]["passed"] is False when the reduced
       model loses more than this on the task's main metric (absolute, e.g. 0.01; an undefined, nan, drop never
       passes). Nothing is raised: the reduced model is returned either way, to inspect, save or discard.
+    output: a folder to write the reduced model to (``reduce --output``), checked before any work (never the source
+      or the data read; an existing non-empty folder only with ``force=True``, which replaces a model folder) and
+      written atomically at the end; report["output"] names it (None: nothing written, a dry run).
     on_progress: called with ``Progress`` events.
     """
-    start = time.perf_counter()
     _check_arguments(model_or_name, config, tokenizer)
     check_gate(max_drop, evaluate)
+    target = None
+    if output is not None:  # refused before any work, as `reduce --output` is, and held until written
+        from .hub import check_output
+
+        models = [model_or_name if isinstance(model_or_name, (str, Path)) else model_or_name.config._name_or_path]
+        target = check_output(output, force, sources=[*models, *data_sources(config, data_dir, evaluate, calibration)],
+                              argument="output")
+    try:
+        result = _compress(model_or_name, config, tokenizer=tokenizer, calibration=calibration,
+                           on_progress=on_progress, device=device, allow_pickle=allow_pickle, data_dir=data_dir,
+                           evaluate=evaluate, eval_batch_size=eval_batch_size, max_drop=max_drop)
+        if output is not None:
+            result._save(output, force, "output")
+        return result
+    finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
+        if target is not None:
+            from . import fsio
+
+            fsio.release(target)
+
+
+def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration, on_progress, device, allow_pickle,
+              data_dir, evaluate, eval_batch_size, max_drop) -> Compressed:
+    """``compress`` without its output: load, calibrate, allocate, reduce, refine, evaluate."""
+    start = time.perf_counter()
     if evaluate is not None:  # by its own name: the scorer would refuse it as batch_size
         from .reduction.config import _int
 
@@ -382,7 +416,7 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
 
 def _report(name, source, config: ReductionConfig, block: dict, params_before: int, model, curves, evaluated,
             warnings, seconds: float) -> dict:
-    """The ``reduce --json`` object (without ``output``, which the caller adds when it saves)."""
+    """The ``reduce --json`` object (``output`` None until the model is saved)."""
     from .reduction import cost
     from .schema import envelope
 
@@ -413,6 +447,7 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
     }
     if evaluated:
         out["eval"] = evaluated
+    out["output"] = None  # the folder written: set by saving (Compressed.save, compress(output=...))
     return out
 
 

@@ -86,6 +86,45 @@ def test_compress_max_drop_reports_whether_the_gate_passed_as_reduce_max_drop_de
     assert cli["eval"] == without(passed)
 
 
+def test_compress_output_is_reduce_output(tiny_bert_dir, tmp_path):
+    """reduce --output DIR writes the folder and reports it; compress(output=DIR) is the same one call: the Python
+    report had no 'output' (reduce --json's key: the folder written, null for a dry run), and saving took a second
+    call, whose checks (the source, a non-empty folder) came only after the reduction had run."""
+    from mhacompress import ReductionConfig
+
+    config = ReductionConfig(key_dim=8, n_iter_max=3)
+    got = mhacompress.compress(tiny_bert_dir, config, output=tmp_path / "a").report
+    cli = cli_json("reduce", tiny_bert_dir, "-k", 8, "--iterations", 3, "-o", tmp_path / "b")
+    assert (tmp_path / "a" / "config.json").is_file() and got["output"] == str(tmp_path / "a")
+    assert without(got, envelope("reduce", "cpu").keys() | {"seconds", "output"}) == without(cli, ("output",))
+    assert mhacompress.compress(tiny_bert_dir, config).report["output"] is None  # a dry run, as without --output
+    again = mhacompress.compress(tiny_bert_dir, config, output=tmp_path / "a", force=True)  # --force
+    assert again.report["output"] == str(tmp_path / "a")
+
+
+@pytest.mark.parametrize("output,force,fragment", [("source", False, "is the source"),
+                                                   ("full", False, "pass force=True to replace it")])
+def test_compress_refuses_its_output_before_any_work(tiny_bert_dir, tmp_path, monkeypatch, output, force, fragment):
+    from mhacompress import ReductionConfig, hub
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(hub, "load_pretrained", lambda *a, **k: pytest.fail("the model loaded first"))
+    where = tiny_bert_dir if output == "source" else tmp_path / output
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=8), output=where, force=force)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def test_compress_that_fails_leaves_its_output_free(tiny_bert_dir, tmp_path):
+    """A Python session goes on after a failed call: no lock, no parent folder made for the output stays."""
+    from mhacompress import ReductionConfig
+
+    with pytest.raises(Exception, match="key dim"):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=999), output=tmp_path / "new" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_sweep_plot_is_sweep_plot(tiny_bert_dir, tmp_path):
     got = mhacompress.run_sweep(tiny_bert_dir, "stsb", ["cp"], [8], data_dir=FIXTURES, plot=tmp_path / "s.png")
     assert got["plot"] == str(tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 10_000

@@ -109,17 +109,10 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
                                  budget=budget, method=method, solver=solver, seed=seed, init=init,
                                  n_iter_max=n_iter_max, tol=tol, calibration=calibration,
                                  first_token_only=first_token_only, allocate=allocate)
-        if output is not None:  # refused at once: the source, an unwritable place, a run already writing there
-            from ..hub import check_output
-            from ..pipeline import data_sources
-
-            check_output(output, force, sources=[model, *data_sources(config, data_dir, eval_task)])
-        with ProgressBars(not as_json) as bars:
-            result = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
-                              data_dir=data_dir, evaluate=eval_task, max_drop=max_drop)
-            if output:
-                result.save(output, force=force)
-        report = {**result.report, "output": str(output) if output else None}
+        with ProgressBars(not as_json) as bars:  # the output is refused before any work, written at the end
+            report = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
+                              data_dir=data_dir, evaluate=eval_task, max_drop=max_drop, output=output,
+                              force=force).report
     if as_json:
         emit_json(report, "reduce", device)
     else:
