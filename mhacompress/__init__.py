@@ -4,11 +4,12 @@
     from mhacompress import Calibration, ReductionConfig
 
     result = mhacompress.compress("minilm", ReductionConfig(key_dim=96, calibration=Calibration("mrpc")),
-                                  data_dir="glue_data")     # load, calibrate, reduce: what `mhacompress reduce` does
-    result.save("out/minilm-cp96")
+                                  data_dir="glue_data", output="out/minilm-cp96")  # `mhacompress reduce --json`
+    result.model, result.report                              # a Compressed: the model, tokenizer and report
     model, tokenizer = mhacompress.load("out/minilm-cp96")
 
     mhacompress.reduce_(model, ReductionConfig(key_dim=96))  # in place, from the weights alone
+    mhacompress.save(model, tokenizer, "out/minilm-w96")     # atomically, reloadable without mhacompress
 
     mhacompress.evaluate("out/minilm-cp96", "stsb", data_dir="glue_data")   # `mhacompress eval --json`
     mhacompress.report("out/minilm-cp96")                                    # `mhacompress report --json`
@@ -18,7 +19,8 @@
     mhacompress.analyze("minilm", plot="out/analyze-minilm")                               # `analyze --json`
 
 Each returns the dict the command prints with ``--json`` (``run_sweep``'s with its schema envelope, the others
-without) and reports progress through a callback (``on_progress``; ``on_result`` for ``run_sweep``).
+without) and reports progress through a callback of ``Progress`` events (``on_progress``; ``on_result`` for
+``run_sweep``). docs/usage.md lists every command option beside its Python argument.
 """
 
 __version__ = "0.2.0"
@@ -33,6 +35,10 @@ _LAZY = {  # keep `import mhacompress` (and so `mhacompress --help`) free of tor
     "analyze": "commands",
     "run_sweep": "sweep:sweep",  # not `mhacompress.sweep`: importing the submodule would shadow it
 }
+
+
+def __dir__():  # the lazy names too, so that help(mhacompress) lists the calls and classes
+    return sorted(set(__all__) | {name for name in globals() if name not in ("__getattr__", "__dir__")})
 
 
 def __getattr__(name):

@@ -31,7 +31,8 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
              reference: str | os.PathLike | None = None, first_token_only: bool = False, allow_pickle: bool = False,
              on_progress: OnProgress = None) -> dict:
     """Score ``model`` (a folder, hub id or alias: original, fine-tuned or reduced) on a GLUE task's ``split`` with
-    the task's official metrics; with ``reference``, also the label-free fidelity to that model."""
+    the task's official metrics; with ``reference``, also the label-free fidelity to that model. `mhacompress eval`
+    in one call: returns what ``eval --json`` prints, less the envelope."""
     from .devices import resolve_device
     from .eval.compare import Scorer
     from .eval.compare import evaluate as score
@@ -72,7 +73,9 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
            attn_implementation: str = "sdpa", device: str = "auto", on_progress: OnProgress = None) -> dict:
     """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
     (``latency``) their measured medians side by side with ratios. ``model`` is a reduced folder (its original is
-    reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory."""
+    reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory.
+    `mhacompress report` in one call (``latency=False`` is ``--no-latency``): returns what ``report --json`` prints,
+    less the envelope."""
     import torch
 
     from . import bench
@@ -125,7 +128,8 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
             opset: int = 18, tolerance: float = 1e-4, first_token_only: bool = False,
             on_progress: OnProgress = None) -> dict:
     """Export the reduced model in ``directory`` to ``output``, run in onnxruntime on padded batches and compared
-    with PyTorch before the file is written (a file that fails the check is never written)."""
+    with PyTorch before the file is written (a file that fails the check is never written). `mhacompress export`
+    in one call: returns what ``export --json`` prints, less the envelope."""
     from .export import FORMATS, check_settings, export_onnx
     from .hub import check_output, load
 
@@ -168,7 +172,9 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     """Fine-tune ``model`` (a folder, hub id or alias) on ``task``'s train split and save it to ``output``
     (atomically; ``force`` replaces a model folder there). A plain encoder gets a fresh sequence-classification head;
     a reduced model keeps its collaborative layers. ``evaluate``: score the result on the dev split (``eval``: its
-    metrics, or why they were skipped). ``limit``: train on a seeded random sample of that many examples."""
+    metrics, or why they were skipped; ``evaluate=False`` is ``--no-eval``). ``limit``: train on a seeded random
+    sample of that many examples. `mhacompress finetune` in one call: returns what ``finetune --json`` prints, less
+    the envelope."""
     import time
 
     from .devices import resolve_device
@@ -240,7 +246,8 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
     """Spectra, effective ranks and (``curve``) error-vs-key-dim curves of every self-attention layer of an original
     ``model``, with the layers whose heads are narrower than ``seq_len`` flagged (the low-rank bottleneck).
     ``key_dims``: where the curves are evaluated (default about 8 up to H*dh). ``plot``: a folder (created) to
-    write the figures into (``figures``: their paths)."""
+    write the figures into (``figures``: their paths). `mhacompress analyze` in one call (``curve=False`` is
+    ``--no-curve``): returns what ``analyze --json`` prints, less the envelope."""
     import time
 
     from .figures import ANALYSIS_FIGURES, analysis_figures, figure_format

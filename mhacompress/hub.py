@@ -724,7 +724,8 @@ def save(model, tokenizer, output: str | os.PathLike, *, force: bool = False, so
     model or tokenizer was loaded from, or one of ``inputs`` (data the reduction read) is always refused. Every file
     of ``source`` (a folder, alias or cached hub id) that the save does not write itself is carried over, except the
     original's weights: sentence-transformers modules, vocabularies, README... A reduced model also gets its
-    modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress)."""
+    modelling code and ``auto_map`` (reload with trust_remote_code, without mhacompress). What `mhacompress reduce
+    --output` (``compress(output=...)``) and `mhacompress finetune` write with."""
     return save_as(model, tokenizer, output, force=force, source=source, inputs=inputs, argument="output")
 
 

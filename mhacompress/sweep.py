@@ -210,7 +210,10 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     ``num_gpus`` per task). ``resume``: a folder of finished cells (one JSON file each), skipped on a rerun and
     shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
     there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
-    the order the cells finish in."""
+    the order the cells finish in. `mhacompress sweep` in one call (exported as ``mhacompress.run_sweep``; its
+    --calibrate, --samples and --refine are ``calibration=Calibration(SOURCE, samples=, refine_steps=)``,
+    --cpus-per-cell and --gpus-per-cell ``num_cpus`` and ``num_gpus``): returns what ``sweep --json`` prints, with
+    the envelope; ``on_result`` is called with each cell's outcome."""
     from .errors import check_callback
     from .executors import check_settings
 

@@ -195,6 +195,26 @@ def test_every_command_is_an_exported_and_documented_call():
         assert callable(getattr(mhacompress, call))
 
 
+COMMANDS = {"compress": "reduce", "evaluate": "eval", "report": "report", "to_onnx": "export", "run_sweep": "sweep",
+            "finetune": "finetune", "analyze": "analyze", "reduce_": "reduce", "save": "reduce", "load": "reduce"}
+
+
+def test_help_lists_every_public_name_and_each_call_names_its_command():
+    """help(mhacompress) showed one function, the lazy loader's __getattr__: the calls are imported on first use,
+    so pydoc did not see them. Each call's own help says which command it is."""
+    import pydoc
+
+    text = pydoc.render_doc(mhacompress, renderer=pydoc.plaintext)
+    public = [name for name in mhacompress.__all__ if name != "__version__"]
+    assert set(COMMANDS) | {"Calibration", "Compressed", "Progress", "ReductionConfig"} == set(public)
+    for name in public:
+        assert name in mhacompress.__doc__, name
+        assert re.search(rf"^ {{4}}(class )?{name}\b", text, re.M), f"help(mhacompress) does not list {name}"
+    for call, command in COMMANDS.items():
+        assert f"mhacompress {command}" in getattr(mhacompress, call).__doc__, call
+    assert "__getattr__" not in text
+
+
 @pytest.mark.parametrize("call,command", [("evaluate", "eval"), ("report", "report"), ("run_sweep", "sweep")])
 def test_each_call_runs_where_its_command_runs_by_default(call, command):
     """The command's --device auto (CUDA, then MPS, then the CPU): evaluate and report ran on the CPU by default,

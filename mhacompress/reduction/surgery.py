@@ -201,6 +201,8 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     ``moments``: per-layer input second moments (calibrate.second_moments) of the ORIGINAL model; each layer is then
     decomposed in the whitened space, which minimises the expected score error on the calibration data (the report
     adds it as ``expected_score_error``). For the sequential, output-aware path use ``mhacompress.compress(...)``.
+    This is the core of `mhacompress reduce --weights-only` on a model already in memory; ``compress`` is the whole
+    command.
     """
     _check_arguments(model, config, moments, on_layer)
     if isinstance(source, os.PathLike):  # recorded in the block, which is saved as JSON
