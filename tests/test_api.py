@@ -42,6 +42,24 @@ def test_report_is_report(tiny_reduced_dir):
     assert got["key_dim"] == 8 and got["layers"]
 
 
+def test_evaluate_reference_is_eval_reference(tiny_reduced_dir, tiny_bert_dir, glue_dir):
+    """eval --reference ORIGINAL: two models compared in one call, the fidelity block included."""
+    got = mhacompress.evaluate(tiny_reduced_dir, "stsb", data_dir=glue_dir, limit=8, reference=tiny_bert_dir)
+    cli = cli_json("eval", tiny_reduced_dir, "-t", "stsb", "--data-dir", glue_dir, "--limit", 8, "--reference",
+                   tiny_bert_dir)
+    assert without(got) == cli and got["reference"]["model"] == str(tiny_bert_dir) and got["fidelity"]
+
+
+def test_report_returns_the_measured_latency_as_report_does(tiny_reduced_dir):
+    """report --seq-len --batch-size times both models; the call returns the same block (timings differ)."""
+    got = mhacompress.report(tiny_reduced_dir, seq_len=8, batch_size=2, repeats=1)
+    cli = cli_json("report", tiny_reduced_dir, "--seq-len", 8, "--batch-size", 2, "--repeats", 1)
+    assert got.keys() == cli.keys() and got["latency"].keys() == cli["latency"].keys() == {"model", "attention_layer",
+                                                                                         "repeats"}
+    assert got["latency"]["model"].keys() == cli["latency"]["model"].keys()
+    assert without(got, ("latency",)) == without(cli, ("latency",))
+
+
 def test_report_resolves_its_device_as_the_command_does(tiny_reduced_dir):
     """device='auto' (the command's default) is CUDA, then MPS, then the CPU: it was torch's 'Expected one of cpu,
     cuda, ...' error."""
@@ -197,6 +215,32 @@ def test_every_command_is_an_exported_and_documented_call():
 
 COMMANDS = {"compress": "reduce", "evaluate": "eval", "report": "report", "to_onnx": "export", "run_sweep": "sweep",
             "finetune": "finetune", "analyze": "analyze", "reduce_": "reduce", "save": "reduce", "load": "reduce"}
+
+
+# command option -> the call's argument, where the names differ (None: nothing to pass; docs/usage.md's table)
+RENAMED = {"reduce": {"model": "model_or_name", "calibrate_source": "calibration", "refine": "refine_steps",
+                      "eval_task": "evaluate", "weights_only": None},
+           "eval": {}, "report": {"no_latency": "latency"}, "export": {}, "finetune": {"do_eval": "evaluate"},
+           "sweep": {"calibrate_source": "calibration", "refine": "refine_steps", "cpus_per_cell": "num_cpus",
+                     "gpus_per_cell": "num_gpus", "resume_dir": "resume", "plot_file": "plot"},
+           "analyze": {"no_curve": "curve", "plot_dir": "plot"}}
+
+
+@pytest.mark.parametrize("command", RENAMED)
+def test_every_option_of_a_command_is_an_argument_of_its_call(command):
+    """The promise that a Python user gets everything the CLI does: an option added to a command without its
+    argument in the call (or, for reduce and sweep, in ReductionConfig / Calibration) fails here."""
+    import inspect
+
+    call = {v: k for k, v in COMMANDS.items() if k not in ("reduce_", "save", "load")}[command]
+    arguments = set(inspect.signature(getattr(mhacompress, call)).parameters)
+    if command in ("reduce", "sweep"):
+        arguments |= {*inspect.signature(mhacompress.Calibration).parameters}
+    if command == "reduce":
+        arguments |= {*inspect.signature(mhacompress.ReductionConfig).parameters}
+    for option in main.commands[command].params:
+        name = RENAMED[command].get(option.name, option.name)
+        assert name is None or option.name == "as_json" or name in arguments, f"{command} {option.opts[0]}"
 
 
 def test_help_lists_every_public_name_and_each_call_names_its_command():
