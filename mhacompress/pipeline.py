@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError, named
+from .errors import UsageError, given, named
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 Texts = Sequence["str | tuple[str, ...]"]
@@ -64,7 +64,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
              on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
              allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,
              eval_batch_size: int = 64, max_drop: float | None = None, output: str | Path | None = None,
-             force: bool = False) -> Compressed:
+             force: bool = False, weights_only: bool = False) -> Compressed:
     """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
@@ -72,7 +72,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     calibration: the calibration sequences themselves (strings, or tuples for sentence pairs; blank ones skipped, as
       the file readers skip blank lines and empty fields); by default they are read from
       ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
-    evaluate: a GLUE task whose dev split scores the original and the reduced model (report["eval"]).
+    evaluate: a GLUE task whose dev split scores the original and the reduced model (report["eval"]). A config
+      without calibration is then calibrated on the task's train sentences (unlabelled; ``Calibration(TASK,
+      seed=config.seed)``), as ``reduce --eval TASK`` is, or refused when they cannot be read.
+    weights_only: reduce from the weights alone even with ``evaluate`` (``reduce --weights-only``).
     max_drop: with ``evaluate``, the gate of ``reduce --max-drop``: report["eval"]["passed"] is False when the reduced
       model loses more than this on the task's main metric (absolute, e.g. 0.01; an undefined, nan, drop never
       passes). Nothing is raised: the reduced model is returned either way, to inspect, save or discard.
@@ -83,6 +86,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     """
     _check_arguments(model_or_name, config, tokenizer)
     check_gate(max_drop, evaluate)
+    config = eval_calibration(config, evaluate, weights_only, data_dir, calibration)
     target = None
     if output is not None:  # refused before any work, as `reduce --output` is, and held until written
         from .hub import check_output
@@ -216,6 +220,41 @@ def check_gate(max_drop, evaluate) -> None:
     if evaluate is None:
         needs = named("--max-drop needs --eval TASK (compress: evaluate=TASK)", "max_drop needs evaluate=TASK")
         raise ConfigError(f"{needs}, the task whose metric it bounds")
+
+
+def eval_calibration(config: ReductionConfig, evaluate: str | None, weights_only, data_dir,
+                     texts: Texts | None = None) -> ReductionConfig:
+    """``config``, calibrated on ``evaluate``'s train sentences when it has no calibration of its own (no labels are
+    read): a classifier reduced from its weights alone collapses (docs/results.md). ``weights_only`` keeps it so."""
+    if not isinstance(weights_only, bool):
+        raise ConfigError(f"weights_only must be True or False; got {weights_only!r:.40}")
+    if weights_only:
+        if config.calibration is not None or texts is not None:
+            raise ConfigError(f"{named('--weights-only', 'weights_only=True')} and "
+                              f"{named('--calibrate', 'a calibration')} contradict each other; drop one")
+        return config
+    if config.calibration is not None or texts is not None or not evaluate:
+        return config
+    check_task_train(evaluate, data_dir)
+    return replace(config, calibration=Calibration(evaluate, seed=config.seed))
+
+
+def check_task_train(task_name: str, data_dir) -> None:
+    """Refuse an --eval task whose train sentences cannot be read for calibration (not a silent fall back to the
+    weights alone). A bad task, or a dev split that cannot be read, fails here too, before any work."""
+    from .eval.data import load_examples
+    from .eval.tasks import get_task
+
+    task = get_task(task_name)
+    load_examples(task, "validation", data_dir=data_dir, limit=1)
+    try:
+        load_examples(task, "train", data_dir=data_dir, limit=1)
+    except UsageError as err:
+        raise UsageError(f"{given('--eval', task_name, 'evaluate')} calibrates on its train sentences, which cannot be "
+                         f"read ({err}); pass "
+                         f"{named('--calibrate SOURCE', 'ReductionConfig(calibration=Calibration(SOURCE))')} (another "
+                         f"task's train split, or a .txt / .jsonl of unlabelled text like the model's inputs), or "
+                         f"{named('--weights-only', 'weights_only=True')} to reduce from the weights alone") from None
 
 
 def notifier(on_progress) -> Callable[[Progress], None]:

@@ -93,15 +93,44 @@ def test_compress_max_drop_reports_whether_the_gate_passed_as_reduce_max_drop_de
 
     config = ReductionConfig(key_dim=4, n_iter_max=5)
     run = lambda drop: mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES,  # noqa: E731
-                                            max_drop=drop).report["eval"]
+                                            max_drop=drop, weights_only=True).report["eval"]
     tight, passed = run(0), run(2)  # none exceeds 2 (a negative bound is refused: test_bad_inputs)
     assert (tight["max_drop"], tight["passed"]) == (0, tight["drop"] <= 0)
     assert (passed["max_drop"], passed["passed"]) == (2, True)
-    assert "max_drop" not in mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES
-                                                  ).report["eval"]
+    assert "max_drop" not in mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=FIXTURES,
+                                                  weights_only=True).report["eval"]
     cli = cli_json("reduce", tiny_bert_dir, "-k", 4, "--iterations", 5, "--weights-only", "--eval", "stsb",
                    "--data-dir", FIXTURES, "--max-drop", 2)
     assert cli["eval"] == without(passed)
+
+
+def test_compress_evaluate_calibrates_on_the_task_as_reduce_eval_does(tiny_bert_dir, glue_dir):
+    """reduce --eval TASK alone calibrates on TASK's train sentences (a classifier reduced from its weights alone
+    collapses); compress(evaluate=TASK) did not, so the same call in Python gave another, worse, model."""
+    from mhacompress import ReductionConfig
+
+    config = ReductionConfig(key_dim=4, n_iter_max=5)
+    got = mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=glue_dir).report
+    cli = cli_json("reduce", tiny_bert_dir, "-k", 4, "--iterations", 5, "--eval", "stsb", "--data-dir", glue_dir)
+    assert got["calibration"] == cli["calibration"] and got["calibration"]["source"] == "stsb"
+    assert got["eval"]["reduced"] == cli["eval"]["reduced"]
+    alone = mhacompress.compress(tiny_bert_dir, config, evaluate="stsb", data_dir=glue_dir, weights_only=True).report
+    assert alone["calibration"] is None  # reduce --weights-only --eval TASK
+    assert mhacompress.compress(tiny_bert_dir, config).report["calibration"] is None  # nothing to calibrate on
+
+
+def test_compress_evaluate_without_train_sentences_is_refused_before_any_work(tiny_bert_dir):
+    """As reduce --eval TASK is: not a silent fall back to the weights alone. The fixtures have STS-B's dev split
+    only."""
+    from mhacompress import Calibration, ReductionConfig
+    from mhacompress.errors import UsageError
+    from mhacompress.reduction.config import ConfigError
+
+    with pytest.raises(UsageError, match=r"evaluate='stsb' calibrates on its train sentences.*weights_only=True"):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=4), evaluate="stsb", data_dir=FIXTURES)
+    with pytest.raises(ConfigError, match="contradict"):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=4, calibration=Calibration("stsb")),
+                             weights_only=True)
 
 
 def test_compress_output_is_reduce_output(tiny_bert_dir, tmp_path):
@@ -219,7 +248,7 @@ COMMANDS = {"compress": "reduce", "evaluate": "eval", "report": "report", "to_on
 
 # command option -> the call's argument, where the names differ (None: nothing to pass; docs/usage.md's table)
 RENAMED = {"reduce": {"model": "model_or_name", "calibrate_source": "calibration", "refine": "refine_steps",
-                      "eval_task": "evaluate", "weights_only": None},
+                      "eval_task": "evaluate"},
            "eval": {}, "report": {"no_latency": "latency"}, "export": {}, "finetune": {"do_eval": "evaluate"},
            "sweep": {"calibrate_source": "calibration", "refine": "refine_steps", "cpus_per_cell": "num_cpus",
                      "gpus_per_cell": "num_gpus", "resume_dir": "resume", "plot_file": "plot"},

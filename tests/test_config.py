@@ -134,8 +134,12 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
     auto = ReductionConfig(key_dim=48, calibration=Calibration("mrpc"))
     assert auto.allocate is None and auto.allocates(384) and not auto.allocates(383)  # decided per model: d/8
     assert ReductionConfig(key_dim=96, calibration=Calibration("mrpc"), allocate=True).allocates(384)
-    assert ReductionConfig(key_dim=8).allocate is False  # weights only: nothing to measure
-    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc", sequential=False)).allocate is False
+    assert not ReductionConfig(key_dim=8).allocates(384)  # weights only: nothing to measure
+    assert not ReductionConfig(key_dim=8, calibration=Calibration("mrpc", sequential=False)).allocates(384)
+    # undecided until the model is known: a calibration added later (compress(evaluate=TASK)) gets the default
+    later = replace(ReductionConfig(key_dim=8), calibration=Calibration("mrpc"))
+    assert later.allocates(384) and not replace(ReductionConfig(key_dim=8, allocate=False),
+                                                calibration=Calibration("mrpc")).allocates(384)
     assert ReductionConfig(key_dims=(8, 8), calibration=Calibration("mrpc")).allocate is False
     assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc"), allocate=False).allocate is False
     with pytest.raises(ConfigError, match="--uniform"):

@@ -112,7 +112,7 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
         with ProgressBars(not as_json) as bars:  # the output is refused before any work, written at the end
             report = compress(model, config, on_progress=bars, device=device, allow_pickle=allow_pickle,
                               data_dir=data_dir, evaluate=eval_task, max_drop=max_drop, output=output,
-                              force=force).report
+                              force=force, weights_only=weights_only).report
     if as_json:
         emit_json(report, "reduce", device)
     else:
@@ -131,18 +131,9 @@ def calibration_source(calibrate: str | None, eval_task: str | None, weights_onl
         return None
     if calibrate is not None or not eval_task:
         return calibrate
-    from ..errors import UsageError
-    from ..eval.data import load_examples
-    from ..eval.tasks import get_task
+    from ..pipeline import check_task_train
 
-    task = get_task(eval_task)  # a bad task, or a dev split that --eval cannot read, fails here, not after a warning
-    load_examples(task, "validation", data_dir=data_dir, limit=1)
-    try:
-        load_examples(task, "train", data_dir=data_dir, limit=1)
-    except UsageError as err:  # refused, not a silent fall back to the weights alone (a classifier collapses there)
-        raise UsageError(f"--eval {eval_task} calibrates on its train sentences, which cannot be read ({err}); pass "
-                         "--calibrate SOURCE (another task's train split, or a .txt / .jsonl of unlabelled text like "
-                         "the model's inputs), or --weights-only to reduce from the weights alone") from None
+    check_task_train(eval_task, data_dir)  # a bad task, or unreadable splits, fail here, not after a warning
     return eval_task
 
 

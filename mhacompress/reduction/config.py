@@ -191,8 +191,10 @@ class ReductionConfig:
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
         bottom_up = self.calibration is not None and self.calibration.sequential
-        if self.allocate is None and (self.key_dim is None or not bottom_up):
-            object.__setattr__(self, "allocate", False)  # nothing to measure the layers by
+        if self.allocate is None and self.key_dim is None:
+            object.__setattr__(self, "allocate", False)  # a --budget or --key-dims: allocated or given, not around one
+        # with --key-dim, None stays None until the model is known (allocates): a calibration added later, as
+        # compress(evaluate=TASK) adds its task's, still gets the default
         if self.allocate is not None:
             _flag("allocate", self.allocate)
         if self.allocate and (self.key_dim is None or not bottom_up):
@@ -223,7 +225,8 @@ class ReductionConfig:
         key dims <= width / 8 with a sequential calibration."""
         if self.allocate is not None:
             return self.allocate
-        return self.deep(width)
+        bottom_up = self.calibration is not None and self.calibration.sequential  # else nothing to measure by
+        return bottom_up and self.deep(width)
 
     def deep(self, width: int) -> bool:
         """Whether this reduction keeps at most an eighth of a ``width`` = H*dh model's query/key width (on
