@@ -204,16 +204,17 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
 def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
           seed: int = 0, data_dir=None, limit=None, device: str = "auto", executor: str = "local",
           address: str | None = None, resume=None, num_cpus: float = 1, num_gpus: float = 0, plot=None,
-          on_result=None) -> dict:
+          force: bool = False, on_result=None) -> dict:
     """Every (method, key dim) of ``model`` scored on ``task`` beside the original: each cell in this process
     (``executor="local"``) or as a Ray task (``"ray"``, on the cluster at ``address``, with ``num_cpus`` /
     ``num_gpus`` per task). ``resume``: a folder of finished cells (one JSON file each), skipped on a rerun and
-    shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; replaced if
-    there) of score vs key dim and vs Q/K parameters, checked before any cell runs. The table is the same whatever
-    the order the cells finish in. `mhacompress sweep` in one call (exported as ``mhacompress.run_sweep``; its
-    --calibrate, --samples and --refine are ``calibration=Calibration(SOURCE, samples=, refine_steps=)``,
-    --cpus-per-cell and --gpus-per-cell ``num_cpus`` and ``num_gpus``): returns what ``sweep --json`` prints, with
-    the envelope; ``on_result`` is called with each cell's outcome."""
+    shareable between executors and machines. ``plot``: a figure file (PNG, or the format of its suffix; an existing
+    file is replaced only with ``force``, as a rerun with ``resume`` needs) of score vs key dim and vs Q/K parameters,
+    checked before any cell runs. The table is the same whatever the order the cells finish in. `mhacompress sweep`
+    in one call (exported as ``mhacompress.run_sweep``; its --calibrate, --samples and --refine are
+    ``calibration=Calibration(SOURCE, samples=, refine_steps=)``, --cpus-per-cell and --gpus-per-cell ``num_cpus``
+    and ``num_gpus``): returns what ``sweep --json`` prints, with the envelope; ``on_result`` is called with each
+    cell's outcome."""
     from .errors import check_callback
     from .executors import check_settings
 
@@ -221,7 +222,7 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
     check_callback("on_result", on_result, "one result")  # not after the model has loaded (run_cells checks it too)
     device = cell_device(device, executor, address, num_gpus)
-    figure = check_plot(plot, model, data_dir)
+    figure = check_plot(plot, model, data_dir, force)
     try:
         cells, folder, warnings = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
                                           data_dir=data_dir, limit=limit, device=device, resume=resume)
@@ -234,9 +235,10 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
             fsio.release(figure)
 
 
-def check_plot(path, model, data_dir):
+def check_plot(path, model, data_dir, force: bool = False):
     """The reserved path of ``sweep --plot``'s figure (None without one; release it when done), after refusing before
-    any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place."""
+    any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place,
+    an existing file without ``force``."""
     if path is None:
         return None
     from .eval.data import glue_folder
@@ -244,7 +246,7 @@ def check_plot(path, model, data_dir):
     from .hub import check_output
 
     figure_format(path)
-    return check_output(path, True, kind="file", sources=[model, glue_folder(data_dir)], option="--plot")
+    return check_output(path, force, kind="file", sources=[model, glue_folder(data_dir)], option="--plot")
 
 
 def plotted(result: dict, path) -> dict:

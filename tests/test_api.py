@@ -177,6 +177,19 @@ def test_run_sweep_plot_is_sweep_plot(tiny_bert_dir, tmp_path):
     assert got["plot"] == str(tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 10_000
 
 
+def test_run_sweep_replaces_an_existing_plot_only_with_force(tiny_bert_dir, tmp_path, monkeypatch):
+    """plot= replaced any file there (a user's own, too): refused before any cell, as sweep --plot is."""
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"the user's own figure")
+    monkeypatch.setattr("mhacompress.executors.run_cells", lambda *a, **k: pytest.fail("a cell ran first"))
+    with pytest.raises(UsageError, match=re.escape("exists; choose another plot or pass force=True to replace it")):
+        mhacompress.run_sweep(tiny_bert_dir, "stsb", ["cp"], [8], data_dir=FIXTURES, plot=notes)
+    assert notes.read_bytes() == b"the user's own figure"
+    monkeypatch.undo()
+    got = mhacompress.run_sweep(tiny_bert_dir, "stsb", ["cp"], [8], data_dir=FIXTURES, limit=8, plot=notes, force=True)
+    assert got["plot"] == str(notes) and notes.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("name,fragment", [("s.xyz", "cannot write .xyz figures"), ("s.png", "mhacompress[plot]")])
 def test_run_sweep_refuses_a_plot_it_cannot_write_before_any_cell(tiny_bert_dir, tmp_path, monkeypatch, name,
                                                                    fragment):

@@ -594,6 +594,8 @@ SWEEP = [
     case("sweep-plot-on-a-folder", SWEEP_ + "--plot {prev}", "is a folder", "give a file name"),
     case("sweep-plot-empty", SWEEP_ + "--plot ''", "--plot is empty", "pass the path"),
     case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
+    # --plot replaced any existing file, a user's notes too: like export --output, only with --force
+    case("sweep-plot-onto-a-file", SWEEP_ + "--plot {file}", "exists", "pass --force to replace it"),
     case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
          setup=truncate("src/model.safetensors")),
     case("sweep-data-dir-empty", SWEEP_ + "--data-dir ''", "--data-dir is empty", "pass the folder that holds"),
@@ -892,6 +894,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=str(src / 's.png'))",
      "lies inside the source"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/')", "ends in '/'"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', force='no')",
+     "force must be true or false"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing

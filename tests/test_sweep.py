@@ -152,6 +152,23 @@ def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder
     assert a["results"][0]["score"] == b["results"][0]["score"] and a["original"] == b["original"]
 
 
+def test_a_resumed_rerun_replaces_its_own_figure_only_with_force(tiny_encoder, glue_dir, tmp_path):
+    """--plot replaced any file there, a user's notes too; a rerun with --resume keeps the same --plot, so --force is
+    the way to replace the figure it wrote before."""
+    plot = tmp_path / "sweep.png"
+    args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "8", "--key-dims",
+            "8", "--methods", "cp", "--resume", str(tmp_path / "cells"), "--plot", str(plot), "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    plot.write_bytes(b"an older figure")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "exists; choose another --plot or pass --force" in refused.stderr, refused.output
+    assert plot.read_bytes() == b"an older figure"
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("damage", [{"metrics": "garbage"}, {"metrics": {}}, {}, ["a list"], None])
 def test_a_resume_file_with_a_damaged_result_is_run_again_not_a_traceback(tiny_encoder, glue_dir, tmp_path, damage):
     args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "8", "--key-dims",

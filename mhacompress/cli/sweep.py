@@ -44,9 +44,11 @@ from .eval import data_options
               "a sweep across machines or a CI matrix and merge the folders.")
 @click.option("--plot", "plot_file", help="Write a figure (PNG, or the format of the name's suffix): score vs key "
               "dim and vs Q/K parameters, one line per method.")
+@click.option("--force", is_flag=True, help="Replace an existing --plot file (the figure of an earlier run, as a rerun "
+              "with --resume writes it again).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
 def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, data_dir, limit, seed, device, executor,
-          address, cpus_per_cell, gpus_per_cell, resume_dir, plot_file, as_json):
+          address, cpus_per_cell, gpus_per_cell, resume_dir, plot_file, force, as_json):
     """Reduce MODEL at every (method, key dim) and score each on TASK beside the original, without retraining.
 
     \b
@@ -73,7 +75,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, dat
             step = bar.add_task("sweep", total=1 + len(set(method_list)) * len(set(dims)))  # the original too
             result = run_sweep(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
                                limit=limit, device=device, executor=executor, address=address, resume=resume_dir,
-                               num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, plot=plot_file,
+                               num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, plot=plot_file, force=force,
                                on_result=lambda out: bar.advance(step))
     if as_json:
         emit_json(result, "sweep", result["device"])  # where the cells ran (auto resolved unless on a cluster)
