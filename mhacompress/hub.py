@@ -18,7 +18,7 @@ import shutil
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
@@ -385,6 +385,8 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
         files = sorted(set(weight_map.values()))
         if not files:
             raise UsageError(f"{index} lists no weight files; save the checkpoint again")
+        for tensor, name in weight_map.items():
+            _check_shard_name(index, tensor, name)
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -397,6 +399,18 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
                          f"save_pretrained")
     for name in files:
         _check_safetensors(folder / name)
+
+
+def _check_shard_name(index: Path, tensor: str, name: str) -> None:
+    """A shard named by ``index`` lies in its folder: a relative name without ``..`` (symlinks in the folder, as a hub
+    cache's are, are followed as usual), that exists. Anything else would open a file elsewhere."""
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts or "\0" in name or not parts:
+        raise UsageError(f"{index}: weight_map entry {tensor!r} names {name!r}, not a file inside the model folder; "
+                         f"shards must lie in {index.parent}: save the checkpoint again")
+    if not (index.parent / name).is_file():
+        raise UsageError(f"{index} names the shard {name!r}, which is missing; download or save the checkpoint "
+                         f"again")
 
 
 def _json_file(path: Path) -> dict:

@@ -171,6 +171,15 @@ def _foreign_tokenizer(path: Path) -> None:
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
 
 
+def _index_naming(ws: Path, shard: str) -> None:
+    """The tiny checkpoint sharded, its index naming ``shard``; its weights moved to ``ws/other`` (a valid file
+    outside the model folder)."""
+    (ws / "other").mkdir()
+    shutil.move(ws / "src" / "model.safetensors", ws / "other" / "model.safetensors")
+    index = {"metadata": {"total_size": 1}, "weight_map": {"embeddings.word_embeddings.weight": shard}}
+    (ws / "src" / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def case(id_: str, *args, marks=(), **kw):
     return pytest.param(Bad(*args, **kw), id=id_, marks=marks)
 
@@ -224,6 +233,20 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("weights-index-names-no-file", "reduce {src} -k 8", "weight_map", "save the checkpoint again",
          setup=both(remove("src/model.safetensors"),
                     write("src/model.safetensors.index.json", '{"weight_map": {"a.weight": 5}}'))),
+    # shard names that leave the folder were opened: '../other/model.safetensors' was loaded as this model's weights
+    # (a vague "'metadata'" without the index's metadata), '/etc/passwd' read as a corrupt shard
+    case("weights-index-shard-outside-the-folder", "reduce {src} -k 8", "model.safetensors.index.json: weight_map "
+         "entry 'embeddings.word_embeddings.weight' names '../other/model.safetensors', not a file inside the model "
+         "folder",
+         "save the checkpoint again", setup=lambda ws: _index_naming(ws, "../other/model.safetensors")),
+    case("weights-index-absolute-shard", "reduce {src} -k 8", "names '/etc/passwd', not a file inside the model folder",
+         "save the checkpoint again", setup=lambda ws: _index_naming(ws, "/etc/passwd")),
+    case("weights-index-shard-through-a-subfolder", "reduce {src} -k 8",
+         "names 'sub/../../other/model.safetensors', not a file inside", "save the checkpoint again",
+         setup=lambda ws: (_index_naming(ws, "sub/../../other/model.safetensors"), (ws / "src" / "sub").mkdir())),
+    case("weights-index-missing-shard", "reduce {src} -k 8", "model.safetensors.index.json names the shard "
+         "'model-00001-of-00002.safetensors', which is missing", "download or save the checkpoint again",
+         setup=lambda ws: _index_naming(ws, "model-00001-of-00002.safetensors")),
     case("weights-truncated", "reduce {src} -k 8", "corrupt or truncated", "save the checkpoint again",
          setup=truncate("src/model.safetensors")),
     case("weights-garbage", "reduce {src} -k 8", "corrupt or truncated", "save the checkpoint again",

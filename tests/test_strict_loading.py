@@ -4,6 +4,7 @@ missing tokenizers, names no file system can hold. Nothing is unpickled without 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,23 @@ def test_a_missing_pooler_is_tolerated(original):
     model, _, _ = load_pretrained(str(original))
     assert model.config.num_hidden_layers == 2
 
+
+def test_a_sharded_checkpoint_whose_shards_link_into_a_hub_cache_loads(tiny_bert_dir, tmp_path):
+    """Shard names must stay inside the folder ('../x', '/x' are refused: tests/test_bad_inputs.py), but a hub cache's
+    snapshot folder holds its shards as symlinks into ../../blobs: those are followed as usual."""
+    from transformers import AutoModel, AutoTokenizer
+
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    AutoModel.from_pretrained(tiny_bert_dir).save_pretrained(snapshot, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(snapshot)
+    shards = sorted(snapshot.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    blobs.mkdir()
+    for shard in shards:
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(Path("..", "..", "blobs", shard.name))
+    model, _, _ = load_pretrained(str(snapshot))
+    assert model.config.num_hidden_layers == 2
 
 
 def test_a_fine_tuned_head_that_would_be_dropped_is_refused(tiny_bert_dir, tmp_path):
