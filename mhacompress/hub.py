@@ -187,9 +187,10 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     problem and the fix: an output that is a source, lies inside one or (except "contents") contains one
     (``sources``: folders, files or model names; symlinks and ``..`` resolved); an existing non-empty folder or
     existing file unless ``force``; a forced folder that is or contains the current or home folder, or holds files
-    but no config.json (not a model folder that a save wrote); the wrong kind
-    of thing; a name too long for the file system; a parent that is a file, cannot be created or is not writable;
-    an output another run is writing. Missing parents are created (and removed again if the run writes nothing).
+    but no config.json (not a model folder that a save wrote); the wrong kind of thing; a name with a control
+    character (newline, tab, escape); a name too long for the file system; a parent that is a file, cannot be created
+    or is not writable; an output another run is writing. Missing parents are created (and removed again if the run
+    writes nothing).
     The output's lock is held until ``save`` finishes or the process exits (``lock=False``: no lock, for a folder
     that several runs may fill at once, such as sweep's --resume). Returns the resolved output path. Messages name
     ``option`` on the command line, the Python ``argument`` (default: the option's) in a Python call.
@@ -201,6 +202,7 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     if not isinstance(output, (str, os.PathLike)):
         raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {example}")
     check_path_length(str(output), option)
+    _check_no_control_character(str(output), option)
     from .reduction.config import _flag
 
     _flag("force", force)  # 'no' is a true value: it would replace what is there
@@ -229,6 +231,18 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         fsio.release(target)
         raise
     return target
+
+
+def _check_no_control_character(output: str, option: str) -> None:
+    """A newline, tab or escape in a name is a typo or a script's bug, and a file that ls, logs and shell loops show
+    broken: refused, naming the character."""
+    import unicodedata
+
+    bad = next((c for c in output if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        article = "an" if option.lstrip("-")[0] in "aeiou" else "a"
+        raise UsageError(f"{option} {output!r} contains the control character {bad!r} (U+{ord(bad):04X}); choose "
+                         f"{article} {option} without control characters")
 
 
 def _example(option: str, kind: str) -> str:

@@ -462,6 +462,10 @@ OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
          "choose another --output"),
     case("output-name-too-long", "reduce {src} -k 8 -o {ws}/" + "x" * 300, "more than a file name can be",
          "pass a shorter name"),
+    # a newline or an escape in an output's name was accepted and written: a folder that ls, scripts and logs
+    # show broken (or as two paths); every command's output is refused with the character named
+    case("output-name-with-a-newline", "reduce {src} -k 8 -o '{ws}/out\nput'", "--output '",
+         "contains the control character '\\n' (U+000A); choose an --output without control characters"),
     case("output-not-empty", "reduce {src} -k 8 -o {prev}", "exists and is not empty", "--force"),
     case("output-symlink-loop", "reduce {src} -k 8 -o {ws}/loop", "cannot use --output", "choose another --output",
          setup=lambda ws: (ws / "loop").symlink_to(ws / "loop")),
@@ -588,6 +592,8 @@ FINETUNE = [
     case("finetune-output-is-source", "finetune {src} --task stsb -o {src} --force", "is the source", "outside it"),
     case("finetune-output-not-empty", "finetune {src} --task stsb -o {prev}", "exists and is not empty", "--force"),
     case("finetune-output-empty", "finetune {src} --task stsb -o ''", "--output is empty", "pass the path"),
+    case("finetune-output-name-with-a-del", "finetune {src} --task stsb -o 'ft\x7f'", "control character '\\x7f'",
+         "choose an --output without control characters"),
     case("finetune-batch-size-0", "finetune {src} --task stsb -o {ws}/ft --batch-size 0", "--batch-size", "x>=1"),
     case("finetune-weight-decay-inf", "finetune {src} --task stsb -o {ws}/ft --weight-decay inf", "--weight-decay",
          "x>=0"),
@@ -619,6 +625,8 @@ SWEEP = [
     case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
     # --plot replaced any existing file, a user's notes too: like export --output, only with --force
     case("sweep-plot-onto-a-file", SWEEP_ + "--plot {file}", "exists", "pass --force to replace it"),
+    case("sweep-plot-name-with-a-tab", SWEEP_ + "--plot 'a\tb.png'", "--plot 'a\\tb.png' contains the control "
+         "character '\\t'", "choose a --plot without control characters"),
     case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
          setup=truncate("src/model.safetensors")),
     case("sweep-data-dir-empty", SWEEP_ + "--data-dir ''", "--data-dir is empty", "pass the folder that holds"),
@@ -627,6 +635,8 @@ SWEEP = [
     case("sweep-resume-in-source", SWEEP_ + "--resume {src}/cells", "lies inside the source", "outside it"),
     case("sweep-resume-unwritable", SWEEP_ + "--resume /sys/mhacompress-cells", "cannot write in /sys",
          "choose a writable --resume"),
+    case("sweep-resume-name-with-a-carriage-return", SWEEP_ + "--resume 'cells\r'", "control character '\\r'",
+         "choose a --resume without control characters"),
     case("sweep-address-empty", SWEEP_ + "--executor ray --address ''", "--address is empty", "e.g. ray://head"),
     case("sweep-address-without-ray", SWEEP_ + "--address ray://x:1", "--address needs --executor ray",
          "--executor ray"),
@@ -645,6 +655,8 @@ ANALYZE = [
          "choose another --plot"),
     case("analyze-plot-in-source", "analyze {src} --plot {src}/figs --no-curve", "lies inside the source",
          "outside it"),
+    case("analyze-plot-name-with-a-newline", "analyze {src} --no-curve --plot 'figs\n'", "control character",
+         "choose a --plot without control characters"),
     case("analyze-key-dims-words", "analyze {src} --key-dims 8,x", "got '8,x'", "e.g. 48,96,192"),
     case("analyze-key-dims-empty", "analyze {src} --key-dims ''", "got ''", "e.g. 48,96,192"),
     case("analyze-plot-empty", "analyze {src} --plot ''", "--plot is empty", "pass the path"),
@@ -701,6 +713,8 @@ EXPORT = [
          "choose another --output", setup=lambda ws: os.mkfifo(ws / "pipe")),
     case("sweep-plot-a-pipe", SWEEP_ + "--plot {ws}/pipe", "is not a regular file", "choose another --plot",
          setup=lambda ws: os.mkfifo(ws / "pipe")),
+    case("export-output-name-with-an-escape", "export {reduced} -o '{ws}/m\x1b[31m.onnx'",
+         "contains the control character '\\x1b' (U+001B)", "choose an --output without control characters"),
     case("export-output-inside-source", "export {reduced} -o {reduced}/model.onnx", "lies inside the source",
          "outside it"),
     case("export-output-over-the-weights", "export {reduced} -o {reduced}/model.safetensors --force",
@@ -917,6 +931,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=str(src / 's.png'))",
      "lies inside the source"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/')", "ends in '/'"),
+    ("mhacompress.to_onnx(reduced, 'm\\n.onnx')", "output 'm\\n.onnx' contains the control character '\\n' "
+     "(U+000A); choose an output without control characters"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', force='no')",
      "force must be true or false"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
