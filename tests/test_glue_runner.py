@@ -113,6 +113,27 @@ def test_inputs_are_capped_at_exactly_the_positions_the_architecture_has(model_t
         model(input_ids=torch.full((1, longest + 1), 5))
 
 
+@pytest.mark.parametrize("model_max_length", [0, -1, "x", None, 4, int(1e30)])
+def test_the_tokenizer_configs_model_max_length_is_never_the_limit(model_max_length, tiny_bert_dir, glue_dir,
+                                                                    tmp_path, capfd):
+    """Inputs are cut at max_length (--max-length), capped by the model's positions (usable_length): the tokenizer's
+    own model_max_length, damaged (0, -1, "x"), small (4) or transformers' 'unknown' sentinel (int(1e30)), changes
+    nothing and warns nothing, as an explicit max_length does in transformers."""
+    import json
+    import shutil
+
+    import mhacompress
+
+    folder = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["model_max_length"] = model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    expected = mhacompress.evaluate(str(tiny_bert_dir), "stsb", data_dir=glue_dir, limit=8)["metrics"]
+    capfd.readouterr()
+    assert mhacompress.evaluate(str(folder), "stsb", data_dir=glue_dir, limit=8)["metrics"] == expected
+    assert capfd.readouterr().err == ""
+
+
 def test_fidelity(tokenizer):
     ex = examples("mnli")
     a, b = tiny(["entailment", "neutral", "contradiction"]), tiny(["entailment", "neutral", "contradiction"], seed=1)
