@@ -372,12 +372,16 @@ def first_token_shortcut(model, name) -> None:
                          f"{named('the flag', 'it')})") from None
 
 
+EPOCHS_MAX = 1e6  # far past any useful run, and epochs x batches stays a step count (1e308 epochs overflowed)
+
+
 def check_training(**settings) -> None:
-    """finetune's settings, refused in one line as its command's options are: --epochs, --lr > 0; --warmup in
-    0..1; --weight-decay >= 0 (all finite); --batch-size, --limit >= 1; --max-length >= 8; --seed 0..2**32-1."""
+    """finetune's settings, refused in one line as its command's options are: --epochs in 0..EPOCHS_MAX (0
+    excluded); --lr > 0; --warmup in 0..1; --weight-decay >= 0 (all finite); --batch-size, --limit >= 1;
+    --max-length >= 8; --seed 0..2**32-1."""
     from .reduction.config import SEED_MAX, _int, _number
 
-    _number("epochs", settings["epochs"], 0, above=True)
+    _number("epochs", settings["epochs"], 0, EPOCHS_MAX, above=True)
     _number("lr", settings["lr"], 0, above=True)
     _number("warmup", settings["warmup"], 0, 1)
     _number("weight_decay", settings["weight_decay"], 0)

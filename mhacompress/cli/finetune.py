@@ -23,7 +23,8 @@ from .eval import data_options
 @click.option("--task", "-t", required=True, help=f"GLUE task: {task_names()}.")
 @click.option("--output", "-o", required=True, help="Folder to write (atomically).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --output folder.")
-@click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=3, show_default=True)
+@click.option("--epochs", type=FiniteFloat(min=0, max=1e6, min_open=True), default=3, show_default=True,  # EPOCHS_MAX
+              help="Passes over the train split (a fraction is allowed), at most 1e6.")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-5, show_default=True,
               help="Peak learning rate of AdamW.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
