@@ -176,7 +176,7 @@ def test_calibration_sources(tmp_path, glue_dir):
 
 
 @pytest.mark.parametrize("source,message", [
-    ("nope.txt", "no calibration file"), ("notatask", "unknown task .notatask.*--calibrate"),
+    ("nope.txt", "no calibration file"), ("notatask", r"unknown task .notatask.*Calibration\(source\)"),
 ])
 def test_bad_calibration_sources(source, message, tmp_path):
     with pytest.raises(UsageError, match=message):
