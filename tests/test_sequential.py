@@ -252,6 +252,26 @@ def test_refinement_leaves_no_gradients_behind():
     assert [name for name, p in model.named_parameters() if p.grad is not None] == []
 
 
+def test_refinement_steps_run_by_the_formula_on_cpu_and_the_model_keeps_its_fast_path(monkeypatch):
+    """Autograd through sdpa's CPU kernel (q, k and v padded to one width) took 1.3-1.6x the formula's time per step
+    (benchmarks/refine_step.py): the steps run by the formula, and the reduced model still runs sdpa afterwards."""
+    from mhacompress.reduction.modeling import attention, attention_modules
+
+    fast = []  # whether autograd recorded, per call of the fast path
+    real = attention.attend
+    monkeypatch.setattr(attention, "attend", lambda module, *a, **k: fast.append(torch.is_grad_enabled()) or real(
+        module, *a, **k))
+    model = tiny_model("bert", attn="sdpa")
+    plan = sequential(model, 4, calibration(), refine_steps=10, refine_lr=1e-2)
+    assert all(r["refined"] for r in plan.reports), plan.reports
+    assert fast and not any(fast)  # the closed-form passes ran sdpa; no step (with gradients) did
+    assert not any(getattr(m, "by_formula", False) for *_, m in attention_modules(model))
+    fast.clear()
+    with torch.no_grad():
+        model(**padded_batch())
+    assert fast == [False, False]  # one sdpa call a layer after the reduction
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_refinement_lowers_the_output_error_of_a_half_precision_model(dtype):
     """Adam on float16 parameters: the squared gradients underflow (its eps, 1e-8, is 0 in float16), the steps are

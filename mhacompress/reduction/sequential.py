@@ -538,6 +538,18 @@ def _in_float32(layer: nn.Module):
             t.data = t.data.to(dtype)
 
 
+@contextmanager
+def _by_formula(module: nn.Module, device: torch.device):
+    """On CPU, the collaborative ``module`` computed by its reference formula while the block runs: a refinement step
+    (forward and backward) takes 0.63-0.76 of its time through sdpa, whose CPU kernel needs q, k and v padded to one
+    width (BERT-base size, batch 32, key dim 48-192, benchmarks/refine_step.py). Elsewhere sdpa's kernels stay."""
+    module.by_formula = device.type == "cpu"
+    try:
+        yield
+    finally:
+        module.by_formula = False
+
+
 def _as_float32(value):
     """A call argument with its half-precision tensors (attention masks, position bias) as float32."""
     return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
@@ -577,10 +589,10 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         return (w * (out - target)[rows].pow(2)).sum() / (w * (target - xr)[rows].pow(2)).sum().clamp_min(1e-30)
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _by_formula(module, device):
             before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             start = [p.detach().clone() for p in params]
-        with _in_float32(at.layer) as converted:
+        with _in_float32(at.layer) as converted, _by_formula(module, device):
             optimizer = torch.optim.Adam([{"params": [p], "lr": plan.refine_lr * r + 1e-12}
                                           for p, r in zip(params, rms)])
             for step in range(plan.refine_steps):
@@ -591,7 +603,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
                 progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
             for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
                 p.grad = None  # model, and float32 ones on half parameters
-        with torch.no_grad():
+        with torch.no_grad(), _by_formula(module, device):
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             kept = math.isfinite(after) and after < before
             if not kept:

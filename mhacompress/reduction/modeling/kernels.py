@@ -17,8 +17,10 @@ SCORE_BLOCK = 1 << 19  # score elements per block (2 MiB in float32): 2**18 to 2
 
 
 def usable(module, output_attentions: bool, head_mask) -> bool:
-    """The transformers attention switch says sdpa, and nothing asks for the attention weights."""
-    return implementation(module.config) == "sdpa" and not output_attentions and head_mask is None
+    """The transformers attention switch says sdpa, nothing asks for the attention weights, and the module is not
+    told to run by its formula (``by_formula``: set by the reduction while it takes gradient steps on the module)."""
+    return implementation(module.config) == "sdpa" and not output_attentions and head_mask is None \
+        and not getattr(module, "by_formula", False)
 
 
 def attend(module, x: torch.Tensor, attention_mask=None, position_bias=None) -> torch.Tensor:
