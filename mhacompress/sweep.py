@@ -238,8 +238,14 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
 def check_plot(path, model, data_dir, force: bool = False):
     """The reserved path of ``sweep --plot``'s figure (None without one; release it when done), after refusing before
     any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place,
-    an existing file without ``force``."""
+    an existing file without ``force``; and ``force`` without a figure, which would replace nothing."""
     if path is None:
+        if force is True:
+            from .errors import UsageError, named
+
+            force_ = named("--force", "force=True")
+            raise UsageError(f"{force_} replaces an existing {named('--plot')} figure; give "
+                             f"{named('--plot FILE', 'plot=FILE')} or drop {force_}")
         return None
     from .eval.data import glue_folder
     from .figures import figure_format

@@ -630,6 +630,9 @@ SWEEP = [
     case("sweep-plot-in-source", SWEEP_ + "--plot {src}/s.png", "lies inside the source", "outside it"),
     # --plot replaced any existing file, a user's notes too: like export --output, only with --force
     case("sweep-plot-onto-a-file", SWEEP_ + "--plot {file}", "exists", "pass --force to replace it"),
+    # --force replaces only an existing --plot figure: without one it did nothing, silently
+    case("sweep-force-without-plot", SWEEP_ + "--force", "--force replaces an existing --plot figure", "give --plot "
+         "FILE or drop --force"),
     case("sweep-plot-name-with-a-tab", SWEEP_ + "--plot 'a\tb.png'", "--plot 'a\\tb.png' contains the control "
          "character '\\t'", "choose a --plot without control characters"),
     case("sweep-broken-model", SWEEP_, "corrupt or truncated", "save the checkpoint again",
@@ -940,6 +943,8 @@ API = [  # (call, fragment of the message)
      "(U+000A); choose an output without control characters"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', force='no')",
      "force must be true or false"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, force=True)",
+     "force=True replaces an existing plot figure; give plot=FILE or drop force=True"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing
