@@ -240,7 +240,10 @@ def check_plot(path, model, data_dir, force: bool = False):
     any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place,
     an existing file without ``force``; and ``force`` without a figure, which would replace nothing."""
     if path is None:
-        if force is True:
+        from .reduction.config import _flag
+
+        _flag("force", force)  # 'no' is a true value, checked here too when there is no figure to check it
+        if force:
             from .errors import UsageError, named
 
             force_ = named("--force", "force=True")

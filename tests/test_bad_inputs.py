@@ -945,6 +945,8 @@ API = [  # (call, fragment of the message)
      "force must be true or false"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, force=True)",
      "force=True replaces an existing plot figure; give plot=FILE or drop force=True"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, force='no')",
+     "force must be true or false"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', "
      "calibration=Calibration(str(src / 'missing.txt')))", "no calibration file"),
     # finetune and analyze refuse what their commands refuse; a failure after the output was reserved leaves nothing
