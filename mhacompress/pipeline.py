@@ -226,8 +226,9 @@ def eval_calibration(config: ReductionConfig, evaluate: str | None, weights_only
                      texts: Texts | None = None) -> ReductionConfig:
     """``config``, calibrated on ``evaluate``'s train sentences when it has no calibration of its own (no labels are
     read): a classifier reduced from its weights alone collapses (docs/results.md). ``weights_only`` keeps it so."""
-    if not isinstance(weights_only, bool):
-        raise ConfigError(f"weights_only must be True or False; got {weights_only!r:.40}")
+    from .reduction.config import _flag
+
+    _flag("weights_only", weights_only)  # 'no' is a true value: it would skip the calibration asked for
     if weights_only:
         if config.calibration is not None or texts is not None:
             raise ConfigError(f"{named('--weights-only', 'weights_only=True')} and "

@@ -929,6 +929,8 @@ API = [  # (call, fragment of the message)
      "max_drop=float('inf'))", "max_drop must be a finite number >= 0"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, "
      "max_drop=float('nan'))", "max_drop must be a finite number"),
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, weights_only='no')",
+     "weights_only must be true or false"),
     ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), evaluate='stsb', data_dir=glue, max_drop='0.1')",
      "max_drop must be a finite number"),
     # compress's eval_batch_size, by its name: it was refused as "batch_size must be ..."
