@@ -541,8 +541,9 @@ def _in_float32(layer: nn.Module):
 @contextmanager
 def _by_formula(module: nn.Module, device: torch.device):
     """On CPU, the collaborative ``module`` computed by its reference formula while the block runs: a refinement step
-    (forward and backward) takes 0.63-0.76 of its time through sdpa, whose CPU kernel needs q, k and v padded to one
-    width (BERT-base size, batch 32, key dim 48-192, benchmarks/refine_step.py). Elsewhere sdpa's kernels stay."""
+    (forward and backward) by the formula takes 0.63-0.76 of the time it takes through sdpa, whose CPU kernel needs
+    q, k and v padded to one width (BERT-base size, batch 32, key dims 48-192, benchmarks/refine_step.py). Elsewhere
+    (GPUs) sdpa's kernels stay."""
     module.by_formula = device.type == "cpu"
     try:
         yield
