@@ -235,6 +235,13 @@ def test_reduce_records_a_path_source_as_the_text_of_the_path(tmp_path):
     assert saved["source_model"] == str(tmp_path / "original")
 
 
+def test_the_saved_block_records_what_the_reduction_did_not_what_was_left_to_decide():
+    """A key dim's allocation is decided per model (ReductionConfig.allocates); the block records the decision, as
+    compress does: reduce_ from the weights alone stored allocate null."""
+    block = reduce_(tiny_model("bert"), ReductionConfig(key_dim=8, n_iter_max=2))
+    assert block["reduction"]["allocate"] is False
+
+
 @pytest.mark.parametrize("kwargs,fragment", [({"source": 5}, "source is recorded .* must be the name or folder"),
                                              ({"source": None}, "source is recorded .* must be the name or folder"),
                                              ({"tool_version": 1.0}, "tool_version is recorded .* must be a str")])
