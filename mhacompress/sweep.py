@@ -153,6 +153,7 @@ def run_cell(cell: dict) -> dict:
            "seconds": round(time.perf_counter() - start, 3)}
     if result.config.calibration is not None:  # as decided for the model: the sweep's calibration says None then
         row["refine_steps"] = result.config.calibration.refine_steps
+        row["allocate"] = result.config.allocate  # so is allocation (on at d/8 and below)
     for kind in ("expected_score_error", "expected_output_error"):  # what the calibrated objective minimised
         if all(kind in x for x in layers):
             row[f"mean_{kind}"] = sum(x[kind] for x in layers) / len(layers)

@@ -42,6 +42,7 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
     # refinement left to its default is decided per cell (none above d/8, d = 32 here): each row says what it got
     assert report["calibration"]["refine_steps"] is None and row["refine_steps"] == 0
+    assert row["allocate"] is False  # so is allocation (off above d/8)
 
 
 def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_dir):
@@ -63,6 +64,7 @@ def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_d
     assert steps(closed["calibration"]) == 0 and steps(default["calibration"]) == REFINE_STEPS
     # and each row reports the steps its cell took: the sweep's calibration says null for "decided per cell"
     assert [r["refine_steps"] for r in closed["results"] + default["results"]] == [0, REFINE_STEPS]
+    assert [r["allocate"] for r in closed["results"] + default["results"]] == [True, True]  # at d/8 either way
 
 
 @pytest.fixture(scope="module")
