@@ -9,6 +9,7 @@ worker and one worker per core (layers in parallel) has no barriers: a busy neig
 
 from __future__ import annotations
 
+import contextvars
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -113,7 +114,9 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int | Non
     """``[fn(x) for x in items]``, in order, with ``workers`` threads (default ``default_workers(device)``), each
     running torch single-threaded. torch releases the GIL inside its ops, so layers run in parallel without any
     synchronisation between them. ``on_done(index, result)`` is called in the calling thread as each item finishes
-    (progress bars). The first failure is raised, once the items already running are done; the rest never start."""
+    (progress bars). The first failure is raised, once the items already running are done; the rest never start.
+    Each item runs in a copy of the caller's context (contextvars), as it would in the calling thread: a message
+    raised there names the command's options when a command runs (errors.command_line)."""
     items = list(items)
     workers = min(workers or default_workers(device), max(len(items), 1))
 
@@ -124,7 +127,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int | Non
     if workers == 1:
         return [_done(i, single(x), on_done) for i, x in enumerate(items)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhacompress-solver") as pool:
-        futures = {pool.submit(single, x): i for i, x in enumerate(items)}
+        futures = {pool.submit(contextvars.copy_context().run, single, x): i for i, x in enumerate(items)}
         for future in as_completed(futures):
             if future.exception() is not None:
                 for other in futures:
