@@ -1186,6 +1186,27 @@ def test_a_solver_breakdown_is_refused_in_one_line_naming_the_layer(bad, workspa
     assert re.search(r"layer \d+ \(key dim 8\): |layer 0: ", result.stderr)  # parallel: whichever broke down first
 
 
+def test_a_solver_breakdown_in_a_python_call_names_its_arguments(tiny_bert_dir, monkeypatch):
+    """The advice named the command's --init and --seed to a Python caller, who has init= and seed=."""
+    import mhacompress
+    from mhacompress import ReductionConfig
+    from mhacompress.errors import UsageError
+    from mhacompress.reduction import decompose
+
+    real = decompose._half_step
+
+    def breaks_down(*args):
+        step = real(*args)
+        step.inner = step.inner * float("nan")
+        return step
+
+    monkeypatch.setattr(decompose, "_half_step", breaks_down)
+    with pytest.raises(UsageError, match=r"broke down.*; pass init='random' \(with another seed if it breaks down"):
+        mhacompress.compress(str(tiny_bert_dir), ReductionConfig(key_dim=8))
+    with pytest.raises(UsageError, match=r"; pass curve=False to skip the CP error curve"):
+        mhacompress.analyze(str(tiny_bert_dir))
+
+
 @pytest.mark.parametrize("bad", HUGE_QK)
 def test_without_calibration_the_advice_names_no_calibration_option(bad, workspace):
     """--samples and --uniform shape calibration data: advice to change them fits no run without it."""

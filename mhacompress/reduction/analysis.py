@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import named
 from .allocate import cp_error_curve
 from .decompose import head_cores, mode_gram, solving_layer
 
@@ -139,7 +140,7 @@ def analyze_model(model, key_dims: list[int] | None = None, seq_len: int = 128, 
         if on_step:
             on_step()
         if curve:
-            with solving_layer(index, fix="pass --no-curve to skip the CP error curve"):
+            with solving_layer(index, fix=f"pass {named('--no-curve', 'curve=False')} to skip the CP error curve"):
                 report["cp_error"] = cp_error_curve(wq.detach().double(), wk.detach().double(), H, dims,
                                                     on_step=on_step)
             report["svd_error"] = svd_error_curve(spectra, dims)

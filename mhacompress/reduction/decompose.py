@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..devices import cpu_threads, parallel_map, work_device
-from ..errors import UsageError
+from ..errors import UsageError, given, named
 
 Tensor = torch.Tensor
 
@@ -251,22 +251,29 @@ class NonFiniteProblem(FloatingPointError):
     setting can help."""
 
 
-# What to try when cp_als breaks down: the svd start is the same on every run, a random one is not; a larger key
-# dim is an easier problem.
-BREAKDOWN_FIX = "pass --init random (with another --seed if it breaks down again) or a larger key dim"
-NON_FINITE_FIX = ("the model's weights or its activations on the calibration data overflow: check the checkpoint "
-                  "(mhacompress eval scores it), or pass --weights-only")
+def breakdown_fix() -> str:
+    """What to try when cp_als breaks down: the svd start is the same on every run, a random one is not; a larger key
+    dim is an easier problem. In the caller's terms: the command's options, or a Python call's arguments."""
+    return (f"pass {given('--init', 'random')} (with another {named('--seed')} if it breaks down again) or a larger "
+            f"key dim")
+
+
+def non_finite_fix() -> str:
+    return ("the model's weights or its activations on the calibration data overflow: check the checkpoint "
+            f"(mhacompress eval scores it), or pass {named('--weights-only', 'weights_only=True')}")
 
 
 @contextmanager
-def solving_layer(index: int, key_dim: int | None = None, fix: str = BREAKDOWN_FIX):
+def solving_layer(index: int, key_dim: int | None = None, fix: str | None = None):
     """A solver breakdown (cp_als's FloatingPointError) in layer ``index`` as a one-line UsageError that names the
-    layer (and ``key_dim``) and ``fix`` (for a problem that is not finite, what to check instead)."""
+    layer (and ``key_dim``) and ``fix`` (default ``breakdown_fix()``; for a problem that is not finite, what to check
+    instead)."""
     try:
         yield
     except FloatingPointError as err:
         at = f"layer {index}" + (f" (key dim {key_dim})" if key_dim is not None else "")
-        raise UsageError(f"{at}: {err}; {NON_FINITE_FIX if isinstance(err, NonFiniteProblem) else fix}") from None
+        advice = non_finite_fix() if isinstance(err, NonFiniteProblem) else fix or breakdown_fix()
+        raise UsageError(f"{at}: {err}; {advice}") from None
 
 
 def cp_relative_error(wq: Tensor, wk: Tensor, num_heads: int, U: Tensor, V: Tensor, M: Tensor) -> float:
