@@ -132,16 +132,23 @@ def _before_this_process(entry: Path, pid: int) -> bool:
 
 def make_parents(target: Path) -> list[Path]:
     """Create the missing folders above ``target`` (umask permissions); remembered so that a run that ends without
-    writing removes them again. Raises OSError."""
-    missing = []
+    writing removes them again. A folder another run creates first (both found it missing) is used and left to it.
+    Raises OSError."""
+    missing, theirs = [], set()  # missing: the deepest first
     parent = target.parent
     while not os.path.lexists(parent):
         missing.append(parent)
         parent = parent.parent
     for folder in reversed(missing):
-        os.mkdir(folder, 0o777)
-    _CREATED.setdefault(target, []).extend(missing)
-    return missing
+        try:
+            os.mkdir(folder, 0o777)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            theirs.add(folder)
+    made = [folder for folder in missing if folder not in theirs]
+    _CREATED.setdefault(target, []).extend(made)
+    return made
 
 
 def probe(target: Path) -> None:

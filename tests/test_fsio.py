@@ -251,3 +251,22 @@ def test_read_text_names_the_file_line_and_fix(tmp_path, data, fragment):
 def test_read_text_drops_a_bom(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello\n")
     assert fsio.read_text(tmp_path / "a.txt", hint="") == "hello\n"
+
+
+def test_a_parent_another_run_creates_first_is_used_and_left_to_it(tmp_path, monkeypatch):
+    """Two runs into a new folder's children both find it missing; the one whose mkdir came second failed with
+    'cannot create the folder ...: File exists' (seen in CI's racing test). It uses the folder, and does not remove it
+    as its own."""
+    out = tmp_path / "a" / "out"
+    real = os.mkdir
+
+    def raced(path, mode=0o777):
+        real(path, mode)  # the other run's mkdir, just before ours
+        raise FileExistsError(17, "File exists", str(path))
+
+    monkeypatch.setattr(fsio.os, "mkdir", raced)
+    assert fsio.make_parents(out) == []
+    monkeypatch.setattr(fsio.os, "mkdir", real)
+    fsio.acquire(out)
+    fsio.release(out)
+    assert (tmp_path / "a").is_dir()  # the other run's, still there for it
