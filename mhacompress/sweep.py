@@ -9,8 +9,8 @@ import os
 import time
 
 from . import fsio
-from .errors import named
-from .reduction.config import Calibration, ConfigError, ReductionConfig
+from .errors import UsageError, check_callback, named
+from .reduction.config import Calibration, ConfigError, ReductionConfig, _flag
 
 
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
@@ -216,7 +216,6 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     ``calibration=Calibration(SOURCE, samples=, refine_steps=)``, --cpus-per-cell and --gpus-per-cell ``num_cpus``
     and ``num_gpus``): returns what ``sweep --json`` prints, with the envelope; ``on_result`` is called with each
     cell's outcome."""
-    from .errors import check_callback
     from .executors import check_settings
 
     start = time.perf_counter()
@@ -241,12 +240,8 @@ def check_plot(path, model, data_dir, force: bool = False):
     any work what would fail only after it: no matplotlib, a format it cannot write, a source, an unwritable place,
     an existing file without ``force``; and ``force`` without a figure, which would replace nothing."""
     if path is None:
-        from .reduction.config import _flag
-
         _flag("force", force)  # 'no' is a true value, checked here too when there is no figure to check it
         if force:
-            from .errors import UsageError, named
-
             force_ = named("--force", "force=True")
             raise UsageError(f"{force_} replaces an existing {named('--plot')} figure; give "
                              f"{named('--plot FILE', 'plot=FILE')} or drop {force_}")
