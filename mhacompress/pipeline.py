@@ -144,9 +144,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
     width = shape[1] * shape[2]
-    config = replace(config, allocate=config.allocates(width))  # saved as decided for this model, as is refinement
-    if config.calibration is not None:
-        config = replace(config, calibration=replace(config.calibration, refine_steps=config.refines(width)))
+    config = config.decided(width)  # saved as decided for this model
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Set
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import UsageError, named
 from . import methods
@@ -246,6 +246,14 @@ class ReductionConfig:
         if c.refine_steps is not None:
             return c.refine_steps
         return REFINE_STEPS if self.deep(width) else 0
+
+    def decided(self, width: int) -> ReductionConfig:
+        """This config with what it leaves to the model decided for one of ``width`` = H*dh (``allocates``,
+        ``refines``): what the reduction did, as it is saved with the weights."""
+        config = replace(self, allocate=self.allocates(width))
+        if config.calibration is None:
+            return config
+        return replace(config, calibration=replace(config.calibration, refine_steps=self.refines(width)))
 
     def solver_options(self) -> dict:
         """What ``Method.solve`` takes: the solver and its settings (tensorly's names)."""

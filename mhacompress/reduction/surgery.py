@@ -4,7 +4,6 @@ style: ``reduce_(model, config)``), layer by layer so that the original query/ke
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -217,7 +216,7 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     if config.first_token_only:
         require_classifier(model, "this model")
     n_layers, heads, head_dim = model_shape(model)
-    config = replace(config, allocate=config.allocates(heads * head_dim))  # recorded as decided (False: no data)
+    config = config.decided(heads * head_dim)  # recorded as decided (allocate False: no data)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
     if moments is not None and len(moments) != n_layers:
         raise ConfigError(f"{len(moments)} second moments given for {n_layers} layers; pass one per layer "
