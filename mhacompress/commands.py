@@ -112,7 +112,7 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     if latency:
         if batch_size * seq_len >= 2**63:  # torch cannot describe such a batch: a TypeError from randint
             raise UsageError(f"out of memory (a batch of {batch_size} x {seq_len} tokens cannot be allocated); pass "
-                             f"a smaller --batch-size")
+                             f"a smaller {named('--batch-size')}")
         notify(Progress(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side"))
         batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
         cpu_model, cpu_layer = {}, {}
@@ -213,8 +213,8 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
         except RuntimeError as err:  # a rate past float32's range: the optimizer cannot even apply a step
             if "without overflow" not in str(err):
                 raise
-            raise UsageError(f"training diverged: a step at --lr {lr:g} overflows the weights' float32 range, so "
-                             f"nothing was written; try a lower --lr") from None
+            raise UsageError(f"training diverged: a step at {named('--lr')} {lr:g} overflows the weights' float32 "
+                             f"range, so nothing was written; try a lower {named('--lr')}") from None
         # checked before anything is written: a NaN model is no result, nor one whose weights are finite but so large
         # that its outputs overflow (one step at a huge --lr)
         diverged = nonfinite_weight(loaded)
