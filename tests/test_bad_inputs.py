@@ -384,6 +384,10 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
     case("svd-not-a-multiple", "reduce {src} -k 6 --method svd", "not a multiple of 4", "pass 4 or 8, or --method cp"),
     case("uniform-with-budget", "reduce {src} --budget 0.5 --uniform", "--uniform keeps --key-dim", "drop it"),
     case("uniform-with-key-dims", "reduce {src} --key-dims 8,8 --uniform", "--uniform keeps --key-dim", "drop it"),
+    # was refused as 'allocating per-layer key dims around --key-dim needs --key-dim ...: drop the allocation
+    # (--uniform, ...) or use --budget', advice that fits no budget
+    case("allocate-with-budget", "reduce {src} --budget 0.5 --allocate", "--budget 0.5 is always allocated over the "
+         "layers", "drop --allocate"),
     case("allocate-key-dim-too-big", "reduce {src} -k 64 --allocate --calibrate stsb --samples 16", "out of range",
          "1..32"),
     case("allocate-svd-not-a-multiple", "reduce {src} -k 6 --method svd --allocate --calibrate stsb --samples 16",

@@ -10,6 +10,7 @@ import pytest
 
 import mhacompress
 from mhacompress import Calibration, ReductionConfig
+from mhacompress.errors import command_line
 from mhacompress.reduction import methods
 from mhacompress.reduction.config import REFINE_STEPS, ConfigError
 
@@ -150,6 +151,35 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
     del old["allocate"]  # saved before allocation existed: those models are uniform
     assert ReductionConfig.from_dict(old).allocate is False
+
+
+@pytest.mark.parametrize("allocate,python,flag", [(False, "allocate=False", "--uniform"),
+                                                  (True, "allocate=True", "--allocate")])
+def test_a_budget_is_always_allocated_so_an_allocate_setting_beside_it_is_refused(allocate, python, flag):
+    """allocate says whether --key-dim is spread over the layers; a budget always is. allocate=False beside one was
+    accepted and silently overwritten (while `reduce --budget --uniform` is refused), and allocate=True was refused
+    with advice to use --budget. One line, naming the Python argument, or the flag on the command line."""
+    with pytest.raises(ConfigError, match=f"^budget=0.25 is always allocated over the layers: drop {python}") as err:
+        ReductionConfig(budget=0.25, allocate=allocate)
+    assert "--" not in str(err.value) and "\n" not in str(err.value)
+    with command_line(), pytest.raises(ConfigError, match=f"^--budget 0.25 is always allocated .*: drop {flag}"):
+        ReductionConfig(budget=0.25, allocate=allocate)
+
+
+def test_a_saved_budget_reduction_reads_back_whatever_its_block_says_of_allocate(tiny_bert_dir, tmp_path):
+    """Budgets were saved with allocate false (overwritten on creation): those folders still load, as does a budget
+    saved now, decided for its model, and the copies the allocation makes of it (replace)."""
+    result = mhacompress.compress(str(tiny_bert_dir), ReductionConfig(budget=0.5, n_iter_max=3))
+    assert result.config.allocate is None and replace(result.config, n_iter_max=1).allocate is None
+    result.save(tmp_path / "out")
+    saved = mhacompress.load(tmp_path / "out")[0].config.compression["reduction"]
+    assert ReductionConfig.from_dict(saved) == result.config
+    for old in ({**saved, "allocate": False}, {k: v for k, v in saved.items() if k != "allocate"}):
+        assert ReductionConfig.from_dict(old) == result.config
+    config = tmp_path / "out" / "config.json"  # a folder saved before: its block says allocate false
+    config.write_text(config.read_text().replace('"allocate": null', '"allocate": false'))
+    assert '"allocate": false' in config.read_text()
+    assert mhacompress.load(tmp_path / "out")[0].config.compression["reduction"]["allocate"] is False
 
 
 def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_otherwise():

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import UsageError, named
+from ..errors import UsageError, given, named
 from . import methods
 from .modeling.architectures import FORMAT_VERSION
 
@@ -139,7 +139,8 @@ class ReductionConfig:
                  the model's output (reduction/sensitivity.py). False: ``key_dim`` in every layer (``--uniform``).
                  None (default): decided for the model by ``allocates``: on at key dims <= d/8, where it pays
                  (docs/results.md: fine-tuned MiniLM average drop 4.17 -> 1.74 at d/8), off above, where it is
-                 neutral and costs several times the reduction.
+                 neutral and costs several times the reduction. With ``budget``: None, always (a budget is always
+                 allocated); with ``key_dims``: False.
     first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
     """
 
@@ -191,12 +192,17 @@ class ReductionConfig:
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
         bottom_up = self.calibration is not None and self.calibration.sequential
-        if self.allocate is None and self.key_dim is None:
-            object.__setattr__(self, "allocate", False)  # a --budget or --key-dims: allocated or given, not around one
+        if self.allocate is None and self.key_dims is not None:
+            object.__setattr__(self, "allocate", False)  # --key-dims: given, not allocated around one
         # with --key-dim, None stays None until the model is known (allocates): a calibration added later, as
         # compress(evaluate=TASK) adds its task's, still gets the default
         if self.allocate is not None:
             _flag("allocate", self.allocate)
+        if self.budget is not None and self.allocate is not None:  # nothing to decide: a budget is always allocated
+            option = named("--allocate", "allocate=True") if self.allocate else named("--uniform", "allocate=False")
+            keep = "" if self.allocate else f", or give {named('--key-dim')} to keep one key dim in every layer"
+            raise ConfigError(f"{given('--budget', self.budget)} is always allocated over the layers: drop {option}"
+                              f"{keep}")
         if self.allocate and (self.key_dim is None or not bottom_up):
             raise ConfigError("allocating per-layer key dims around --key-dim needs --key-dim and a sequential "
                               "--calibrate; drop the allocation (--uniform, allocate=False in Python) or use --budget")
@@ -222,7 +228,9 @@ class ReductionConfig:
 
     def allocates(self, width: int) -> bool:
         """Whether the key dims are allocated per layer for a model of ``width`` = H*dh: as set, or by default at
-        key dims <= width / 8 with a sequential calibration."""
+        key dims <= width / 8 with a sequential calibration; always for a budget."""
+        if self.budget is not None:
+            return True
         if self.allocate is not None:
             return self.allocate
         bottom_up = self.calibration is not None and self.calibration.sequential  # else nothing to measure by
@@ -250,7 +258,7 @@ class ReductionConfig:
     def decided(self, width: int) -> ReductionConfig:
         """This config with what it leaves to the model decided for one of ``width`` = H*dh (``allocates``,
         ``refines``): what the reduction did, as it is saved with the weights."""
-        config = replace(self, allocate=self.allocates(width))
+        config = self if self.budget is not None else replace(self, allocate=self.allocates(width))  # a budget's: None
         if config.calibration is None:
             return config
         return replace(config, calibration=replace(config.calibration, refine_steps=self.refines(width)))
@@ -294,7 +302,10 @@ class ReductionConfig:
             if calibration.get("sequential", True):
                 calibration.setdefault("objective", "score")
             data["calibration"] = _saved_seed(Calibration, calibration)
-        data.setdefault("allocate", False)  # saved before allocation existed: uniform
+        if data.get("budget") is not None and data.get("allocate") is False:
+            del data["allocate"]  # saved before a budget's was left None (it was overwritten to false)
+        elif data.get("budget") is None:
+            data.setdefault("allocate", False)  # saved before allocation existed: uniform
         if isinstance(data.get("key_dims"), list):
             data["key_dims"] = tuple(data["key_dims"])
         return _saved_seed(cls, data)
