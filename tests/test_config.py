@@ -145,7 +145,7 @@ def test_a_calibrated_key_dim_is_allocated_by_default_at_d_over_8_and_only_where
     assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc"), allocate=False).allocate is False
     with pytest.raises(ConfigError, match="--uniform"):
         ReductionConfig(key_dim=8, allocate=True)
-    with pytest.raises(ConfigError, match="allocated --key-dim"):
+    with pytest.raises(ConfigError, match="allocated key_dim"):
         ReductionConfig(key_dim=4, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8)
     assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).layer_key_dims(2, 4, 8) == [8, 8]
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).to_dict()
@@ -165,6 +165,17 @@ def test_a_budget_is_always_allocated_so_an_allocate_setting_beside_it_is_refuse
     with command_line(), pytest.raises(ConfigError, match=f"^--budget 0.25 is always allocated .*: drop {flag}"):
         ReductionConfig(budget=0.25, allocate=allocate)
 
+
+
+@pytest.mark.parametrize("config", [ReductionConfig(budget=0.5),
+                                    ReductionConfig(key_dim=4, calibration=Calibration("mrpc"), allocate=True)])
+def test_the_layers_key_dims_of_an_allocated_reduction_are_refused_by_the_names_the_caller_used(config):
+    """Only allocation knows them. The message named the flags alone, in a call that only Python can make."""
+    with pytest.raises(ConfigError, match=r"^with budget \(or an allocated key_dim\) the key dims are chosen by "
+                                          r"allocation$"):
+        config.layer_key_dims(2, 4, 8)
+    with command_line(), pytest.raises(ConfigError, match=r"^with --budget \(or an allocated --key-dim\)"):
+        config.layer_key_dims(2, 4, 8)
 
 def test_a_saved_budget_reduction_reads_back_whatever_its_block_says_of_allocate(tiny_bert_dir, tmp_path):
     """Budgets were saved with allocate false (overwritten on creation): those folders still load, as does a budget

@@ -210,7 +210,8 @@ class ReductionConfig:
     def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
         if self.budget is not None or self.allocates(num_heads * head_dim):
-            raise ConfigError("with --budget (or an allocated --key-dim) the key dims are chosen by allocation")
+            raise ConfigError(f"with {named('--budget')} (or an allocated {named('--key-dim')}) the key dims are "
+                              f"chosen by allocation")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
             raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
