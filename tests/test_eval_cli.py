@@ -99,7 +99,8 @@ def test_eval_table(encoder):
 @pytest.mark.parametrize("args,fragments", [
     (["--task", "glue"], ["unknown task 'glue'", "cola"]),
     (["--task", "qqp", "--data-dir", "."], ["QQP/dev.tsv", "glue_data layout"]),
-    (["--task", "mrpc", "--data-dir", FIXTURES], ["plain encoder", "mhacompress finetune"]),
+    (["--task", "mrpc", "--data-dir", FIXTURES], ["plain encoder", "mhacompress finetune MODEL --task mrpc --output "
+                                                   "DIR"]),
     (["--task", "rte", "--split", "tset", "--data-dir", FIXTURES], ["no split 'tset'"]),
 ])
 def test_eval_bad_inputs(encoder, args, fragments):
@@ -108,7 +109,7 @@ def test_eval_bad_inputs(encoder, args, fragments):
 
 def test_eval_wrong_head(mnli_classifier, glue_dir):
     one_line_error(invoke("eval", mnli_classifier, "--task", "rte", "--data-dir", glue_dir),
-                   "3-label head; rte needs 2 labels")
+                   "3-label head; rte needs 2 labels", "fine-tune one: mhacompress finetune MODEL --task rte")
 
 
 def test_eval_no_data_offline(encoder, monkeypatch):

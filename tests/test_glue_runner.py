@@ -96,6 +96,21 @@ def test_encoder_scores_stsb_and_refuses_the_rest(tokenizer):
         runner.run(model, tokenizer, examples("mrpc"))
 
 
+def test_the_fine_tuning_hint_is_the_python_call_in_python_and_the_command_on_the_command_line(tokenizer):
+    """A Python caller was told to run `mhacompress finetune MODEL --task mrpc --output DIR`; the CLI's own hint
+    (tests/test_eval_cli.py) stays the command."""
+    from mhacompress.errors import command_line
+
+    with pytest.raises(UsageError, match=r"fine-tune it first: mhacompress\.finetune\(MODEL, 'mrpc', DIR\)$"):
+        runner.run(tiny(), tokenizer, examples("mrpc"))
+    with pytest.raises(UsageError, match=r"fine-tune one: mhacompress\.finetune\(MODEL, 'rte', DIR\)$") as err:
+        runner.head_order(tiny(["a", "b", "c"]), get_task("rte"))
+    assert "--" not in str(err.value)
+    with command_line(), pytest.raises(UsageError, match="fine-tune one: mhacompress finetune MODEL --task rte "
+                                                          "--output DIR$"):
+        runner.head_order(tiny(["a", "b", "c"]), get_task("rte"))
+
+
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text",
                                         "ernie", "mpnet", "distilbert"])
 def test_inputs_are_capped_at_exactly_the_positions_the_architecture_has(model_type):

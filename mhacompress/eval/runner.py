@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, named
 from ..reduction.modeling import is_classifier
 from ..reduction.objectives import mean_pooled
 from . import metrics as M
@@ -30,12 +30,18 @@ class Outputs:
     embeddings: torch.Tensor | None = None
 
 
+def _finetune_hint(task: Task) -> str:
+    """How to fine-tune a model on ``task``, as the caller would: the command, or in Python the call."""
+    return named(f"mhacompress finetune MODEL --task {task.name} --output DIR",
+                 f"mhacompress.finetune(MODEL, {task.name!r}, DIR)")
+
+
 def head_order(model, task: Task, name: str = "the model", fix: str | None = None) -> list[int] | None:
     """For each of the task's labels, the column of the model's head that scores it; a head that does not fit the
     task is a UsageError (``fix``: what it says to do, instead of fine-tuning one). Default names (LABEL_0, ...)
     are taken to be in the task's order."""
     n = model.config.num_labels
-    fix = fix or f"fine-tune one: mhacompress finetune MODEL --task {task.name} --output DIR"
+    fix = fix or f"fine-tune one: {_finetune_hint(task)}"
     if task.regression:
         if n != 1:
             raise UsageError(f"{name} has a {n}-label classification head; {task.name} needs a 1-output regression "
@@ -185,8 +191,7 @@ def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_
         return Outputs("classifier", scores, scores.argmax(-1).tolist())
     if not task.regression and not allow_encoder_any_task:
         raise UsageError(f"{name} is a plain encoder without a classification head: it can only be scored on stsb "
-                         f"(cosine similarity); fine-tune it first: mhacompress finetune MODEL --task {task.name} "
-                         f"--output DIR")
+                         f"(cosine similarity); fine-tune it first: {_finetune_hint(task)}")
     fields = list(zip(*examples.texts))  # (F, N)
     flat = [(s,) for field in fields for s in field]
     emb = forward_all(model, tokenizer, flat, fn=_mean_pooled, name=name, inputs=inputs, **kw)
