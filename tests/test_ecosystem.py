@@ -89,3 +89,23 @@ def test_stale_weights_of_the_original_are_never_carried_over(tiny_bert_dir, tmp
     assert all(saved[name] == b"from the source: " + name.encode() for name in kept)
     assert not saved["model.safetensors"].startswith(b"from the source")  # its own weights, not the source's
     assert b"compression" in saved["config.json"]  # what the save writes wins over the source's copy
+
+
+@pytest.mark.parametrize("model_max_length", ["x", -1, float("nan"), 1e30])
+def test_a_sources_damaged_model_max_length_is_carried_over_as_it_is_and_breaks_nothing(model_max_length,
+                                                                                         tiny_bert_dir, tmp_path):
+    """Inputs are cut at max_length, capped by the model's positions, never at the tokenizer's model_max_length
+    (tests/test_glue_runner.py): a damaged one is the source's own setting, which reduce neither refuses nor edits."""
+    import json
+
+    import mhacompress
+
+    src = shutil.copytree(tiny_bert_dir, tmp_path / "src")
+    settings = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": model_max_length}))
+    mhacompress.compress(str(src), ReductionConfig(key_dim=8, n_iter_max=3), output=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"]
+    assert json.dumps(saved) == json.dumps(model_max_length)  # NaN too
+    model, tokenizer = mhacompress.load(tmp_path / "out")
+    with torch.no_grad():
+        model(**tokenizer(SENTENCES, padding=True, truncation=True, max_length=16, return_tensors="pt"))
