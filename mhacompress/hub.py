@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import socket
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -236,8 +237,6 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
 def _check_no_control_character(output: str, option: str) -> None:
     """A newline, tab or escape in a name is a typo or a script's bug, and a file that ls, logs and shell loops show
     broken: refused, naming the character."""
-    import unicodedata
-
     bad = next((c for c in output if unicodedata.category(c) == "Cc"), None)
     if bad is not None:
         article = "an" if option.lstrip("-")[0] in "aeiou" else "a"
