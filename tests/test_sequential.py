@@ -13,6 +13,7 @@ from mhacompress.reduction.sequential import (
     Plan,
     Ridge,
     Spill,
+    StepSchedule,
     layer_inputs,
     reduce_sequential_,
     run_layer,
@@ -229,6 +230,33 @@ def test_the_temporary_activations_are_removed(tmp_path):
     reduce_sequential_(model, config, [4, 4], calibration(2), Plan(), workdir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     assert all(type(m).__name__.startswith("Collaborative") for _, _, m in attention_modules(model))
+
+
+def test_the_refinement_step_warms_up_over_the_first_pass_then_halves_after_each_pass_that_loses_ground():
+    schedule = StepSchedule(batches=4)
+    factors = []
+    for losses in ([4, 3, 2, 1], [1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1], [float("nan")] * 4, [1, 1, 1, 1]):
+        for loss in losses:
+            factors.append(schedule.factor)
+            schedule.record(loss)
+    assert factors == [0.25, 0.5, 0.75, 1.0] + [1.0] * 4 + [1.0] * 4 + [0.5] * 4 + [0.5] * 4 + [0.25] * 4
+
+
+def test_the_refinement_takes_its_steps_at_the_sizes_the_schedule_gives(monkeypatch):
+    """Adam's step sizes, per parameter: the base size (relative to the parameter's RMS) times the schedule's factor,
+    a quarter of it on the first of four batches."""
+    sizes = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        sizes.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    sequential(tiny_model("bert"), 4, calibration(4), refine_steps=5, refine_lr=1e-3)
+    first, full = torch.tensor(sizes[0]), torch.tensor(sizes[3])
+    torch.testing.assert_close(first, full / 4)
+    assert sizes[4] == sizes[3] and all(s > 0 for s in sizes[3])
 
 
 def test_refinement_that_diverges_gives_the_closed_form_back():
