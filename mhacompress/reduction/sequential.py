@@ -619,30 +619,31 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         return (w * (out - target)[rows].pow(2)).sum() / (w * (target - xr)[rows].pow(2)).sum().clamp_min(1e-30)
 
     try:
-        with torch.no_grad(), _by_formula(module, device):
-            before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
-            start = [p.detach().clone() for p in params]
-        with _in_float32(at.layer) as converted, _by_formula(module, device):
-            sizes = [plan.refine_lr * r + 1e-12 for r in rms]
-            optimizer = torch.optim.Adam([{"params": [p], "lr": 0.0} for p in params])
-            schedule = StepSchedule(len(data))
-            for step in range(plan.refine_steps):
-                for group, size in zip(optimizer.param_groups, sizes):
-                    group["lr"] = size * schedule.factor
-                loss = loss_of(step % len(data), as_float32=bool(converted))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.record(float(loss.detach()))
-                progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
-            for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
-                p.grad = None  # model, and float32 ones on half parameters
-        with torch.no_grad(), _by_formula(module, device):
-            after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
-            kept = math.isfinite(after) and after < before
-            if not kept:
-                for p, value in zip(params, start):
-                    p.copy_(value)
+        with _by_formula(module, device):  # the closed form's error, the steps and the refined error alike
+            with torch.no_grad():
+                before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+                start = [p.detach().clone() for p in params]
+            with _in_float32(at.layer) as converted:
+                sizes = [plan.refine_lr * r + 1e-12 for r in rms]
+                optimizer = torch.optim.Adam([{"params": [p], "lr": 0.0} for p in params])
+                schedule = StepSchedule(len(data))
+                for step in range(plan.refine_steps):
+                    for group, size in zip(optimizer.param_groups, sizes):
+                        group["lr"] = size * schedule.factor
+                    loss = loss_of(step % len(data), as_float32=bool(converted))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.record(float(loss.detach()))
+                    progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
+                for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
+                    p.grad = None  # model, and float32 ones on half parameters
+            with torch.no_grad():
+                after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+                kept = math.isfinite(after) and after < before
+                if not kept:
+                    for p, value in zip(params, start):
+                        p.copy_(value)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
