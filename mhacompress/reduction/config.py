@@ -209,7 +209,7 @@ class ReductionConfig:
 
     def layer_key_dims(self, num_layers: int, num_heads: int, head_dim: int) -> list[int]:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
-        if self.budget is not None or self.allocates(num_heads * head_dim):
+        if self.allocates(num_heads * head_dim):  # always for a budget
             raise ConfigError(f"with {named('--budget')} (or an allocated {named('--key-dim')}) the key dims are "
                               f"chosen by allocation")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
