@@ -15,17 +15,17 @@ def figure_format(path, option: str = "--plot") -> str:
 
     from .errors import UsageError, named
 
+    shown = named(option)  # the option, or in a Python call its argument
     try:
         import matplotlib  # noqa: F401  (first: what the figure code imports)
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        option = named(option)
-        raise UsageError(f"{option} needs matplotlib, which is not installed: pip install 'mhacompress[plot]', or "
-                         f"drop {option}") from None
+        raise UsageError(f"{shown} needs matplotlib, which is not installed: pip install 'mhacompress[plot]', or "
+                         f"drop {shown}") from None
     fmt = os.path.splitext(str(path))[1][1:].lower() or "png"
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
-        raise UsageError(f"{named(option)} {path}: matplotlib cannot write .{fmt} figures; name it .png (or one of "
+        raise UsageError(f"{shown} {path}: matplotlib cannot write .{fmt} figures; name it .png (or one of "
                          f"{', '.join(sorted(supported))})")
     return fmt
 
