@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mhacompress"
 LAYERS = [
     ("reduction/modeling/", "modeling", set()),
     ("reduction/", "reduction", {"modeling", "errors"}),
-    ("devices.py", "errors", set()),  # the bottom: errors and devices (torch only)
+    ("devices.py", "errors", set()),  # the bottom: errors, devices and residency (torch only)
+    ("residency.py", "errors", set()),
     ("eval/", "eval", {"modeling", "reduction", "errors", "hub"}),
     ("hub.py", "hub", {"modeling", "reduction", "errors"}),
     ("fsio.py", "hub", {"errors"}),

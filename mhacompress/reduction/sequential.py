@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..devices import cpu_threads, work_device
+from ..residency import release, trim
 from . import methods
 from .calibrate import unwhiten
 from .config import OBJECTIVES, ReductionConfig
@@ -339,9 +340,11 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
         spill = embed(model, data, Path(folder))
         weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
             if plan.objective == "output" else None
+        release(_tensors(model))  # from here on each layer's weights are read in its own turn only
         same = True  # x~ == x until the first reduced layer
         for index in range(n_layers):
             at = layer_at(model, index, None if weights is None else weights[index])
+            originals = _tensors(at.layer)  # the original query/key weights too, which solve_qk_ replaces
             targets = plan.compensate or plan.refine_steps > 0
             moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
             report = solve_qk_(model, index, config, dims[index], moments, identity=same)
@@ -370,9 +373,15 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             # still equal when this layer reproduces the original's outputs to float rounding (full key dim): an
             # input map fitted to that rounding noise would move other sequences' outputs (by 9% on a tiny model)
             same = same and diff <= (STREAMS_EQUAL ** 2) * norm
+            release(originals)
+            trim()
             plan.reports.append(report)
             progress("layers", index + 1, n_layers)
     return plan
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def embed(model, data: list[Batch], folder: Path) -> Spill:
@@ -404,6 +413,7 @@ def token_weights(model, data: list[Batch], spill: Spill, first_token: bool, dev
         hidden, maps = spill.read("x", i, device), []
         for layer, attention in found:
             hidden, seen = run_recording(layer, {"attention": attention}, hidden, args, kwargs)
+            release(_tensors(layer))  # one layer's weights resident at a time, not the whole model's
             maps.append(original_attention(attention, arch, heads, seen["attention"])[0].mean(1))  # (B, T, T)
         raw.append(rollout(maps, readout_weights(batch.tokens, first_token).to(maps[0]), batch.tokens))
         progress("token weights", i + 1, len(data))

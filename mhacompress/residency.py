@@ -1,0 +1,100 @@
+"""Giving back the resident pages of weights read from a memory-mapped checkpoint once a pass is done with them.
+
+transformers maps a safetensors checkpoint into memory and its tensors point into that mapping, so every page a pass
+reads stays in the process's resident set to the end, although the kernel's page cache holds the same page anyway.
+A reduction that goes layer by layer would otherwise end with the whole checkpoint resident beside its own working
+memory. ``release(tensors)`` drops this process's mapping of those pages (``madvise(MADV_DONTNEED)``) only where that
+loses nothing: pages that ``/proc/self/pagemap`` shows still backed by the file. A page written in place (a
+copy-on-write page: a merged adapter, a refitted projection), anonymous memory and swapped pages are never touched. A
+later read maps the page again from the page cache (a minor fault, no disk read).
+
+Linux only. Elsewhere, or where /proc/self/pagemap or madvise is unavailable, it does nothing and says so by
+returning 0. Call it between passes, not while another thread writes the same weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+PAGE = mmap.PAGESIZE
+_PRESENT, _FILE_PAGE = np.uint64(1 << 63), np.uint64(1 << 61)  # /proc/self/pagemap entry bits
+_MADV_DONTNEED = 4
+
+
+def release(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the resident pages of ``tensors`` (CPU tensors; others are skipped) that the file they were mapped from
+    still backs. Returns the bytes given back (0 where nothing could be, e.g. off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    spans = _file_mappings()
+    ranges = sorted({_storage_range(t) for t in tensors if t.device.type == "cpu"} - {None})
+    if not spans or not ranges:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            return sum(_release_range(libc, pagemap, start, end, spans) for start, end in ranges)
+    except OSError:
+        return 0
+
+
+def _storage_range(t: torch.Tensor) -> tuple[int, int] | None:
+    storage = t.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    return (start, start + size) if start and size else None
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of every mapping of a file into this process."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    start, end = fields[0].split("-")
+                    spans.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return spans
+
+
+def _release_range(libc, pagemap, start: int, end: int, spans: list[tuple[int, int]]) -> int:
+    freed = 0
+    for lo, hi in spans:
+        a, b = max(start, lo) // PAGE * PAGE, min(-(-min(end, hi) // PAGE) * PAGE, hi)  # whole pages in the mapping
+        if a >= b:
+            continue
+        pagemap.seek(a // PAGE * 8)
+        entries = np.frombuffer(pagemap.read((b - a) // PAGE * 8), dtype="<u8")
+        droppable = ((entries & _FILE_PAGE) != 0) & ((entries & _PRESENT) != 0)  # resident and still the file's
+        for first, last in _runs(droppable):
+            length = (last - first) * PAGE
+            if libc.madvise(ctypes.c_void_p(a + first * PAGE), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
+                freed += length
+    return freed
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[first, last) index ranges where ``mask`` is True."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def trim() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``): a pass's freed batch tensors
+    otherwise stay resident in a fragmented heap. False where the C library has no such call."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl
+        return False
+    malloc_trim(0)
+    return True
