@@ -1,9 +1,11 @@
 """One refinement step (forward to the layer's residual sum, backward to the query/key factors) of a reduced layer,
-through sdpa and through the reference formula, side by side in one run.
+three ways side by side in one run: the whole layer through sdpa, the whole layer by the reference formula, and the
+reduction's own step (reduction/sequential.py ``RefinementLoss``: the formula on value heads computed once and read
+back from the spill, with the batch's input and target, as ``_refine`` takes it).
 
-The reduction's refinement (reduction/sequential.py ``_refine``) runs on CPU by the formula (``by_formula``); this
-shows why. Random-weight BERT-base-size layer (d 768, 12 heads), reduced from its weights at each key dim, on a batch
-of random token ids with a quarter of the tokens padded in half the sequences.
+The reduction's refinement runs on CPU by the formula (``by_formula``), from cached values; this shows why.
+Random-weight BERT-base-size layer (d 768, 12 heads), reduced from its weights at each key dim, on a batch of random
+token ids with a quarter of the tokens padded in half the sequences.
 
     python benchmarks/refine_step.py                      # key dims 48, 96, 192; batch 32 x 64
     python benchmarks/refine_step.py --key-dims 96 --tokens 128
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,12 +47,13 @@ def reduced_layer(key_dim: int):
 
 
 def main() -> None:
-    from mhacompress.reduction.sequential import layer_inputs, run_until
+    from mhacompress.reduction.sequential import Batch, LayerAt, RefinementLoss, Spill, layer_inputs, run_until
 
     args = parse_args()
     torch.manual_seed(0)
     print(f"batch {args.batch} x {args.tokens} tokens, {torch.get_num_threads()} threads; ms per step (median of "
-          f"{args.repeats})\n\n| key dim | sdpa | formula | formula / sdpa |\n|---:|---:|---:|---:|")
+          f"{args.repeats})\n\n| key dim | sdpa | formula | cached values | formula / sdpa | cached / formula |\n"
+          f"|---:|---:|---:|---:|---:|---:|")
     for k in [int(x) for x in args.key_dims.split(",")]:
         model, layer, module, norm = reduced_layer(k)
         mask = torch.ones(args.batch, args.tokens, dtype=torch.long)
@@ -63,22 +68,38 @@ def main() -> None:
         for p in params:
             p.requires_grad_(True)
 
-        def step(formula: bool) -> float:
-            module.by_formula = formula
+        folder = tempfile.TemporaryDirectory()
+        spill = Spill(Path(folder.name))
+        spill.write("x", 0, x)
+        spill.write("s", 0, target)
+        spill.write_call(0, call_args, call_kwargs)
+        at = LayerAt(layer, module, norm, None)
+        cached = RefinementLoss(module, at, [Batch({"attention_mask": mask}, mask.bool())], spill, True,
+                                torch.device("cpu"), False)
+
+        def step(path: str) -> float:
+            module.by_formula = path != "sdpa"
             start = time.perf_counter()
-            out = run_until(layer, norm, x, call_args, call_kwargs)
-            (out - target)[mask.bool()].pow(2).sum().backward()
+            if path == "cached":
+                cached(0).backward()
+            else:
+                out = run_until(layer, norm, x, call_args, call_kwargs)
+                (out - target)[mask.bool()].pow(2).sum().backward()
             for p in params:
                 p.grad = None
             return time.perf_counter() - start
 
-        step(False), step(True)  # warm-up
-        times = {False: [], True: []}
+        paths = ("sdpa", "formula", "cached")
+        for path in paths:  # warm-up
+            step(path)
+        times = {path: [] for path in paths}
         for _ in range(args.repeats):
-            for formula in (False, True):
-                times[formula].append(step(formula))
-        sdpa, formula = (1000 * statistics.median(times[f]) for f in (False, True))
-        print(f"| {k} | {sdpa:.1f} | {formula:.1f} | {formula / sdpa:.2f} |")
+            for path in paths:
+                times[path].append(step(path))
+        sdpa, formula, cached_ms = (1000 * statistics.median(times[p]) for p in paths)
+        print(f"| {k} | {sdpa:.1f} | {formula:.1f} | {cached_ms:.1f} | {formula / sdpa:.2f} | "
+              f"{cached_ms / formula:.2f} |")
+        folder.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Collaborative attention is a drop-in: at full key dim every supported architecture reproduces its outputs."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from mhacompress.reduction.modeling import (
     UnsupportedModelError,
     arch_for,
     attention_modules,
+    layers,
 )
 from mhacompress.reduction.surgery import reduce_
 
@@ -146,3 +149,25 @@ def test_per_layer_key_dims_and_report():
     # Q/K parameters: original 2 * (32*32 + 32); cp at 8: 2*32*8 + 4*8 mixing + 4*32 content bias
     assert block["layers"][0]["qk_params_before"] == 2112
     assert block["layers"][0]["qk_params_after"] == 2 * 32 * 8 + 4 * 8 + 4 * 32
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_attention_for_some_query_positions_is_those_rows_of_the_whole_attention(model_type, method):
+    """What a refinement step computes on its sample of positions (with the values handed in): the same rows as
+    the whole attention, position bias (MPNet) and padding mask included."""
+    from mhacompress.reduction.sequential import layer_inputs, run_recording
+
+    model = tiny_model(model_type)
+    reduce_(model, ReductionConfig(key_dim=8, method=method))
+    module = attention_modules(model)[0][2]
+    with torch.no_grad():
+        x, args, kwargs = layer_inputs(model, padded_batch())
+        _, seen = run_recording(layers(model)[0], {"attention": module}, x, args, kwargs)
+        call = inspect.signature(module.forward).bind(*seen["attention"][0], **seen["attention"][1]).arguments
+        mask, bias = call.get("attention_mask"), call.get("position_bias")
+        whole, weights = module.reference(x, mask, bias)
+        rows = torch.tensor([0, 3, 4, 8])
+        some, some_weights = module.reference(x, mask, bias, queries=rows, values=module.value_heads(x))
+    torch.testing.assert_close(some, whole[:, rows], rtol=1e-5, atol=1e-5)  # float32 rounding
+    torch.testing.assert_close(some_weights, weights[:, :, rows], rtol=1e-5, atol=1e-5)

@@ -9,14 +9,22 @@ from mhacompress.reduction.calibrate import second_moments
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import attention_modules, layers
 from mhacompress.reduction.sequential import (
+    Batch,
     LayerMoments,
     Plan,
+    RefinementLoss,
     Ridge,
     Spill,
     StepSchedule,
+    embed,
+    layer_at,
     layer_inputs,
+    layer_statistics,
     reduce_sequential_,
     run_layer,
+    run_until,
+    solve_qk_,
+    token_weights,
 )
 from mhacompress.reduction.surgery import finish_, reduce_
 
@@ -324,3 +332,30 @@ def test_a_half_precision_layers_error_is_summed_in_float32():
     plan = sequential(model, 4, [padded_batch(lengths=(60,) * 64)], refine_steps=10, refine_lr=1e-2)
     assert all(r["refined"] and 0 < r["output_error_after"] < r["output_error_before"] < 1 for r in plan.reports), \
         plan.reports
+
+
+@pytest.mark.parametrize("first_token", [False, True], ids=["every-token", "first-token"])
+def test_the_refinement_loss_from_cached_values_is_the_layers_weighted_output_error(tmp_path, first_token):
+    """What a refinement step minimises, computed from the spilled value heads at the positions that carry weight,
+    equals the layer's whole weighted output error; a head that reads the first token alone needs one position."""
+    model, cpu = tiny_model("bert"), torch.device("cpu")
+    data = [Batch(b, b["attention_mask"].bool()) for b in calibration(n=3)]
+    last = 1
+    with torch.no_grad():
+        spill = embed(model, data, tmp_path)
+        at = layer_at(model, last, token_weights(model, data, spill, first_token, cpu, lambda *a: None)[last])
+        for index in range(last):  # the original's inputs to the last layer (the reduced stream is still equal)
+            layer_statistics(model, index, layer_at(model, index, at.weights), data, spill, True, True, Plan(), cpu,
+                             lambda *a: None)
+            spill.rename("x_next", "x", len(data))
+        moments = layer_statistics(model, last, at, data, spill, True, True, Plan(), cpu, lambda *a: None)
+        solve_qk_(model, last, ReductionConfig(key_dim=4, n_iter_max=30), 4, moments, identity=True)
+        loss = RefinementLoss(attention_modules(model)[last][2], at, data, spill, True, cpu, False)
+        for i, batch in enumerate(data):
+            args, kwargs = spill.read_call(i, cpu)
+            x, target = spill.read("x", i, cpu), spill.read("s", i, cpu)
+            w = at.weights[i][batch.tokens][:, None]
+            out = run_until(at.layer, at.norm, x, args, kwargs)
+            whole = (w * (out - target)[batch.tokens].pow(2)).sum() / (w * (target - x)[batch.tokens].pow(2)).sum()
+            assert float(loss(i)) == pytest.approx(float(whole), rel=1e-5)
+            assert loss.positions[i].tolist() == ([0] if first_token else list(range(batch.tokens.shape[1])))

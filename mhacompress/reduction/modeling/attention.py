@@ -80,14 +80,24 @@ class CollaborativeSelfAttention(nn.Module):
         B, T, _ = k.shape
         return k.view(B, T, self.num_heads, -1).transpose(1, 2)
 
-    def additive_bias(self, attention_mask, position_bias, Tq: int, dtype) -> torch.Tensor | None:
-        """The padding mask and MPNet's relative position bias, as one additive term (B|1, H|1, Tq|1, T) or None."""
-        bias = None if position_bias is None else position_bias[..., :Tq, :]  # (B|1, H, Tq, T)
+    def additive_bias(self, attention_mask, position_bias, Tq: int, dtype,
+                      queries: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The padding mask and MPNet's relative position bias, as one additive term (B|1, H|1, Tq|1, T) or None:
+        the rows of the first ``Tq`` queries, or of the positions ``queries`` (Tq,)."""
+        def rows(t):
+            return t if t.shape[-2] == 1 else t[..., :Tq, :] if queries is None else t[..., queries, :]
+
+        bias = None if position_bias is None else rows(position_bias)  # (B|1, H, Tq, T)
         mask = additive_mask(attention_mask, dtype)  # (B, 1, Tq|1, T)
         if mask is not None:
-            mask = mask[..., :Tq, :]
+            mask = rows(mask)
             bias = mask if bias is None else bias + mask
         return bias
+
+    def value_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> the heads' values (B, H, T, dh)."""
+        B, T, _ = x.shape
+        return getattr(self, self.arch.value)(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
     # ---- forward --------------------------------------------------------------------------------------------
 
@@ -108,17 +118,20 @@ class CollaborativeSelfAttention(nn.Module):
             return (out, weights) if output_attentions else (out,)
         return out, weights
 
-    def reference(self, x: torch.Tensor, attention_mask=None, position_bias=None, head_mask=None):
-        """Attention output (B, Tq, H*dh) and weights (B, H, Tq, T), by the formula. Tq = 1 with first_token_only."""
-        xq = x[:, :1] if self.first_token_only else x  # queries (B, Tq, d)
-        (B, T, _), Tq = x.shape, xq.shape[1]
-        H, dh = self.num_heads, self.head_dim
+    def reference(self, x: torch.Tensor, attention_mask=None, position_bias=None, head_mask=None, *,
+                  queries: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        """Attention output (B, Tq, H*dh) and weights (B, H, Tq, T), by the formula. Tq = 1 with first_token_only;
+        the positions ``queries`` (Tq,) alone when given (a refinement step's sample of rows). ``values`` (B, H, T,
+        dh): the value heads of ``x``, when the caller has them already."""
+        xq = x[:, :1] if self.first_token_only else x if queries is None else x[:, queries]  # queries (B, Tq, d)
+        B, Tq, H, dh = x.shape[0], xq.shape[1], self.num_heads, self.head_dim
         q = self.head_queries(self.query_proj(xq))  # (B, H, Tq, Rq)
         k = self.head_keys(self.key_proj(x))  # (B, H|1, T, Rq)
-        v = getattr(self, self.arch.value)(x).view(B, T, H, dh).transpose(1, 2)  # (B, H, T, dh)
+        v = self.value_heads(x) if values is None else values  # (B, H, T, dh)
         content = self.content_bias(x).transpose(1, 2)[:, :, None, :]  # key-dependent query bias (B, H, 1, T)
         scores = (torch.matmul(q, k.transpose(-1, -2)) + content) * self.scaling  # (B, H, Tq, T)
-        bias = self.additive_bias(attention_mask, position_bias, Tq, scores.dtype)
+        bias = self.additive_bias(attention_mask, position_bias, Tq, scores.dtype,
+                                  None if self.first_token_only else queries)
         if bias is not None:
             scores = scores + bias
         weights = self.dropout(scores.softmax(dim=-1))
