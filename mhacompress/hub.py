@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from . import fsio
 from .errors import UsageError, given, named
+from .residency import trim
 
 ALIASES = {
     "bert-base": "google-bert/bert-base-uncased",
@@ -776,6 +777,7 @@ def save_as(model, tokenizer, output, *, force: bool, source, inputs, argument: 
     target = check_output(output, force, sources=[source, *loaded_from, *paths], argument=argument)
     try:  # at once: a Python session goes on after Ctrl-C, and must not keep the lock
         with fsio.temp_dir(target) as tmp, quiet_progress():
+            trim()  # the heap's free pages back before the save reads every memory-mapped weight once (peak memory)
             try:
                 model.save_pretrained(tmp)  # a reduced model also writes its modelling code and auto_map
             except Exception as err:

@@ -498,10 +498,13 @@ def _check_finite(model, calibrated: bool) -> None:
     import torch
 
     from .reduction.modeling import arch_for, layers
+    from .residency import release
 
     prefix = arch_for(model.config).layers
-    bad = [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers(model)) for name, p in layer.named_parameters()
-           if not torch.isfinite(p).all()]
+    bad = []
+    for i, layer in enumerate(layers(model)):
+        bad += [f"{prefix}.{i}.{name}" for name, p in layer.named_parameters() if not torch.isfinite(p).all()]
+        release([*layer.parameters()])  # read once: its memory-mapped pages back (the save reads them again)
     if not bad:
         return
     where = f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), nothing " \

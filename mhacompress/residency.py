@@ -18,12 +18,14 @@ import ctypes
 import mmap
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported by the save path too, which must not pull in numpy or torch
+    import numpy as np
+    import torch
 
 PAGE = mmap.PAGESIZE
-_PRESENT, _FILE_PAGE = np.uint64(1 << 63), np.uint64(1 << 61)  # /proc/self/pagemap entry bits
+_PRESENT, _FILE_PAGE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits
 _MADV_DONTNEED = 4
 
 
@@ -71,9 +73,12 @@ def _release_range(libc, pagemap, start: int, end: int, spans: list[tuple[int, i
         a, b = max(start, lo) // PAGE * PAGE, min(-(-min(end, hi) // PAGE) * PAGE, hi)  # whole pages in the mapping
         if a >= b:
             continue
+        import numpy as np
+
         pagemap.seek(a // PAGE * 8)
         entries = np.frombuffer(pagemap.read((b - a) // PAGE * 8), dtype="<u8")
-        droppable = ((entries & _FILE_PAGE) != 0) & ((entries & _PRESENT) != 0)  # resident and still the file's
+        droppable = ((entries & np.uint64(_FILE_PAGE)) != 0) & ((entries & np.uint64(_PRESENT)) != 0)  # resident,
+        # and still the file's (not a copy-on-write page)
         for first, last in _runs(droppable):
             length = (last - first) * PAGE
             if libc.madvise(ctypes.c_void_p(a + first * PAGE), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
@@ -83,6 +88,8 @@ def _release_range(libc, pagemap, start: int, end: int, spans: list[tuple[int, i
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[first, last) index ranges where ``mask`` is True."""
+    import numpy as np
+
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 

@@ -98,3 +98,16 @@ def test_the_sequential_reduction_ends_with_no_layer_resident_and_the_same_resul
     for n, p in again.named_parameters():
         assert torch.equal(p, kept[n]), n
     assert any(not torch.equal(kept[n], original[n]) for n in original if n in kept and "output.dense" in n)
+
+
+def test_the_checks_that_read_every_weight_leave_none_resident(mapped):
+    from mhacompress.pipeline import _check_finite
+    from mhacompress.reduction.surgery import nonfinite_weight
+
+    model, path = mapped
+    assert nonfinite_weight(model) is None
+    assert resident(path) < 0.2 * path.stat().st_size
+    touch(model)
+    _check_finite(model, calibrated=False)  # the layers only, after the reduction
+    layers = sum(p.numel() * p.element_size() for p in model.encoder.parameters())
+    assert resident(path) < path.stat().st_size - 0.8 * layers

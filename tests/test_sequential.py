@@ -359,3 +359,14 @@ def test_the_refinement_loss_from_cached_values_is_the_layers_weighted_output_er
             whole = (w * (out - target)[batch.tokens].pow(2)).sum() / (w * (target - x)[batch.tokens].pow(2)).sum()
             assert float(loss(i)) == pytest.approx(float(whole), rel=1e-5)
             assert loss.positions[i].tolist() == ([0] if first_token else list(range(batch.tokens.shape[1])))
+
+
+def test_the_reduction_keeps_no_fused_copy_of_a_layers_weights_and_inference_builds_it_again():
+    model = tiny_model("bert", attn="sdpa")
+    batches = calibration()
+    sequential(model, 4, batches)
+    modules = [m for _, _, m in attention_modules(model)]
+    assert all("_fused" not in m.__dict__ for m in modules)  # a copy of Q, K, content bias and V per layer
+    with torch.no_grad():
+        model(**batches[0])
+    assert all("_fused" in m.__dict__ for m in modules)

@@ -45,6 +45,7 @@ from .decompose import relative_error, solving_layer
 from .modeling import arch_for, attention_modules
 from .modeling import layers as model_layers
 from .modeling.attention import additive_mask
+from .modeling.kernels import forget_fused
 from .objectives import (
     OutputMoments,
     centred_content_bias,
@@ -337,11 +338,12 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
     device = next(model.parameters()).device
     progress = on_progress or (lambda stage, done, total: None)
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
+    release(_tensors(model))  # whatever read every weight before (loading, checks): from here one layer at a time
     with tempfile.TemporaryDirectory(prefix="mhacompress-calibration-", dir=workdir) as folder:
         spill = embed(model, data, Path(folder))
         weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
             if plan.objective == "output" else None
-        release(_tensors(model))  # from here on each layer's weights are read in its own turn only
+        release(_tensors(model))  # the embeddings, read once for every batch
         same = True  # x~ == x until the first reduced layer
         for index in range(n_layers):
             at = layer_at(model, index, None if weights is None else weights[index])
@@ -374,6 +376,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             # still equal when this layer reproduces the original's outputs to float rounding (full key dim): an
             # input map fitted to that rounding noise would move other sequences' outputs (by 9% on a tiny model)
             same = same and diff <= (STREAMS_EQUAL ** 2) * norm
+            forget_fused(attention_modules(model)[index][2])  # a copy of the layer's weights (the value's too)
             release(originals)
             trim()
             plan.reports.append(report)

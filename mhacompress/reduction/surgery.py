@@ -11,6 +11,7 @@ from torch import nn
 
 from ..devices import cpu_threads, parallel_map, work_device
 from ..errors import UsageError, check_callback, named
+from ..residency import release
 from . import methods
 from .calibrate import unwhiten, whiten
 from .config import ConfigError, ReductionConfig, compression_block
@@ -74,9 +75,13 @@ def check_finite_weights(model: nn.Module) -> None:
 
 def nonfinite_weight(model: nn.Module) -> str | None:
     """The name of the first parameter holding NaN or inf, or None. amax/amin, not isfinite: no bool copy of a
-    large embedding."""
+    large embedding; and each weight's memory-mapped pages are given back once read (``residency.release``), so the
+    check does not leave the whole checkpoint resident."""
     for name, p in model.named_parameters():
-        if p.numel() and p.is_floating_point() and not (torch.isfinite(p.amax()) and torch.isfinite(p.amin())):
+        checked = p.numel() and p.is_floating_point()
+        finite = not checked or bool(torch.isfinite(p.amax()) and torch.isfinite(p.amin()))
+        release([p])
+        if not finite:
             return name
     return None
 

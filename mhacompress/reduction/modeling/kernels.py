@@ -68,6 +68,12 @@ def fused_weight(module) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
+def forget_fused(module) -> None:
+    """Drop ``module``'s cached fused weight (a copy of its query, key, content-bias and value weights), which the
+    next inference call builds again: the reduction's passes need it only while they run the layer."""
+    module.__dict__.pop("_fused", None)
+
+
 def project(module, xq: torch.Tensor, x: torch.Tensor):
     """Shared queries (B, Tq, R) of xq; keys (B, T, R), scaled content bias (B, T, H) and values (B, T, d) of x."""
     R, H, d = module.key_dim, module.num_heads, module.num_heads * module.head_dim
