@@ -14,7 +14,9 @@ returning 0. Call it between passes, not while another thread writes the same we
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import functools
 import mmap
 import sys
 from collections.abc import Iterable
@@ -34,22 +36,47 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     still backs. Returns the bytes given back (0 where nothing could be, e.g. off Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
-    spans = _file_mappings()
-    ranges = sorted({_storage_range(t) for t in tensors if t.device.type == "cpu"} - {None})
-    if not spans or not ranges:
+    ranges = _merged(sorted({_extent(t) for t in tensors if t.device.type == "cpu"} - {None}))
+    spans = _file_mappings() if ranges else []
+    if not spans:
         return 0
+    starts = [lo for lo, _ in spans]
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         with open("/proc/self/pagemap", "rb") as pagemap:
-            return sum(_release_range(libc, pagemap, start, end, spans) for start, end in ranges)
+            freed = 0
+            for start, end in ranges:  # each against the mappings it overlaps (spans are sorted and disjoint)
+                j = max(bisect.bisect_right(starts, start) - 1, 0)
+                while j < len(spans) and spans[j][0] < end:
+                    freed += _release_range(libc, pagemap, start, end, *spans[j])
+                    j += 1
+            return freed
     except OSError:
         return 0
 
 
-def _storage_range(t: torch.Tensor) -> tuple[int, int] | None:
-    storage = t.untyped_storage()
-    start, size = storage.data_ptr(), storage.nbytes()
-    return (start, start + size) if start and size else None
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with those that overlap or touch joined (a layer's weights lie side by side in the file)."""
+    out: list[list[int]] = []
+    for start, end in ranges:
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes [start, end) that ``t``'s elements span (not its whole storage, which a view may share)."""
+    if not t.numel() or not t.data_ptr():
+        return None
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -64,25 +91,25 @@ def _file_mappings() -> list[tuple[int, int]]:
                     spans.append((int(start, 16), int(end, 16)))
     except OSError:
         return []
-    return spans
+    return sorted(spans)
 
 
-def _release_range(libc, pagemap, start: int, end: int, spans: list[tuple[int, int]]) -> int:
+def _release_range(libc, pagemap, start: int, end: int, lo: int, hi: int) -> int:
+    """Drop the droppable pages of [start, end) within the file mapping [lo, hi); the bytes dropped."""
+    import numpy as np
+
+    a, b = max(start, lo) // PAGE * PAGE, min(-(-min(end, hi) // PAGE) * PAGE, hi)  # whole pages in the mapping
+    if a >= b:
+        return 0
+    pagemap.seek(a // PAGE * 8)
+    entries = np.frombuffer(pagemap.read((b - a) // PAGE * 8), dtype="<u8")
+    # resident, and still the file's (not a copy-on-write page)
+    droppable = ((entries & np.uint64(_FILE_PAGE)) != 0) & ((entries & np.uint64(_PRESENT)) != 0)
     freed = 0
-    for lo, hi in spans:
-        a, b = max(start, lo) // PAGE * PAGE, min(-(-min(end, hi) // PAGE) * PAGE, hi)  # whole pages in the mapping
-        if a >= b:
-            continue
-        import numpy as np
-
-        pagemap.seek(a // PAGE * 8)
-        entries = np.frombuffer(pagemap.read((b - a) // PAGE * 8), dtype="<u8")
-        droppable = ((entries & np.uint64(_FILE_PAGE)) != 0) & ((entries & np.uint64(_PRESENT)) != 0)  # resident,
-        # and still the file's (not a copy-on-write page)
-        for first, last in _runs(droppable):
-            length = (last - first) * PAGE
-            if libc.madvise(ctypes.c_void_p(a + first * PAGE), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
-                freed += length
+    for first, last in _runs(droppable):
+        length = (last - first) * PAGE
+        if libc.madvise(ctypes.c_void_p(a + first * PAGE), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
+            freed += length
     return freed
 
 
