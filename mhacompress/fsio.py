@@ -6,6 +6,9 @@ complete, and one writer per output at a time.
   fails). Leftovers of a killed run are recognisable by these names and removed by the next run into the same place
   once their pid is dead, or is this process's own and they are older than it (an old folder whose replacement never
   arrived is put back instead).
+- A run's working files (calibration activations) go to ``scratch_dir``, a folder ``PREFIX<pid>-...`` in the system's
+  temporary folder, removed on the way out; what a run killed outright left there is removed by the next run once its
+  pid is dead (this user's folders only).
 - ``.NAME.mhacompress-lock`` beside the output holds an exclusive ``flock`` for the whole run: a second run into the
   same output fails at once instead of mixing files.
 - ``signals_as_exceptions`` turns SIGTERM (and SIGHUP) into a ``Terminated`` exception in the main thread, so that a
@@ -24,6 +27,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -198,8 +202,38 @@ def temp_file(target: Path, suffix: str = ""):
 
 def scratch_dir(prefix: str):
     """A new private folder for a run's working files in the system's temporary folder, removed on the way out even
-    when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then)."""
-    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=prefix)))
+    when Ctrl-C comes again during the removal (tempfile.TemporaryDirectory left it then). Named ``PREFIX<pid>-...``,
+    so that what a run killed outright (SIGKILL, the out-of-memory killer) left, gigabytes of activations for a large
+    model, is removed by the next run's ``clean_scratch``."""
+    clean_scratch(prefix)
+    return _removed_unless_moved(Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")))
+
+
+def clean_scratch(prefix: str) -> list[Path]:
+    """Remove this user's ``scratch_dir`` folders of ``prefix`` in the system's temporary folder whose run is gone
+    (its pid is dead, or is this process's own and the folder is older than it). Returns the folders removed."""
+    pattern, root, handled = re.compile(rf"{re.escape(prefix)}(\d+)-[^/\\]+"), Path(tempfile.gettempdir()), []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return handled
+    uid = getattr(os, "getuid", lambda: None)()
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        try:
+            info = os.lstat(entry)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):  # another user's: theirs
+            continue
+        if pid_alive(pid) and not _before_this_process(entry, pid):
+            continue
+        remove(entry)
+        handled.append(entry)
+    return handled
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -124,6 +125,27 @@ def test_an_old_folder_whose_replacement_never_came_is_restored(tmp_path):
     folder(tmp_path / f".out.mhacompress-old-{dead_pid()}-12345678", {"a.txt": "previous"})
     fsio.clean_stale(tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and tree(tmp_path / "out") == {"a.txt": b"previous"}
+
+
+def test_scratch_folders_of_dead_runs_are_removed_and_live_and_other_users_ones_kept(tmp_path, monkeypatch):
+    """A run killed outright (SIGKILL, out of memory) leaves its calibration activations in the temporary folder:
+    the next run's scratch_dir removes them, never a live run's, another prefix's or another user's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = dead_pid()
+    stale = folder(tmp_path / f"mhacompress-calibration-{dead}-k3j2h1", {"x-0.safetensors": "activations"})
+    live = folder(tmp_path / f"mhacompress-calibration-{os.getppid()}-a1b2c3", {"x-0.safetensors": "a live run's"})
+    other = folder(tmp_path / f"mhacompress-sensitivity-{dead}-d4e5f6", {"x": "another prefix's"})
+    unrelated = folder(tmp_path / "mhacompress-calibration-notapid", {"x": "not ours by name"})
+    theirs = folder(tmp_path / f"mhacompress-calibration-{dead}-z9y8x7", {"x": "another user's"})
+    if os.geteuid() == 0:
+        os.chown(theirs, 12345, 12345)
+    else:
+        theirs = None  # only root can make a folder another user's
+    with fsio.scratch_dir("mhacompress-calibration-") as work:
+        assert work.name.startswith(f"mhacompress-calibration-{os.getpid()}-") and work.is_dir()
+        assert not stale.exists()
+        assert all(p.exists() for p in (live, other, unrelated, theirs) if p is not None)
+    assert not work.exists()
 
 
 # ---- the lock --------------------------------------------------------------------------------------------------------
