@@ -102,7 +102,8 @@ def _release_range(libc, pagemap, start: int, end: int, lo: int, hi: int) -> int
     if a >= b:
         return 0
     pagemap.seek(a // PAGE * 8)
-    entries = np.frombuffer(pagemap.read((b - a) // PAGE * 8), dtype="<u8")
+    data = pagemap.read((b - a) // PAGE * 8)  # a short read (some sandboxes) covers fewer pages
+    entries = np.frombuffer(data[: len(data) // 8 * 8], dtype="<u8")
     # resident, and still the file's (not a copy-on-write page)
     droppable = ((entries & np.uint64(_FILE_PAGE)) != 0) & ((entries & np.uint64(_PRESENT)) != 0)
     freed = 0
