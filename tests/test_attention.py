@@ -154,8 +154,8 @@ def test_per_layer_key_dims_and_report():
 @pytest.mark.parametrize("method", ["cp", "tucker", "svd"])
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_attention_for_some_query_positions_is_those_rows_of_the_whole_attention(model_type, method):
-    """What a refinement step computes on its sample of positions (with the values handed in): the same rows as
-    the whole attention, position bias (MPNet) and padding mask included."""
+    """What a refinement step computes at the positions its loss weighs (with the values handed in): the same rows
+    as the whole attention, position bias (MPNet) and padding mask included."""
     from mhacompress.reduction.sequential import layer_inputs, run_recording
 
     model = tiny_model(model_type)

@@ -603,9 +603,9 @@ class RefinementLoss:
     """A refinement step's loss, the layer's weighted output error over a calibration batch, computed from what the
     steps leave unchanged: the value heads (once per batch, spilled), the masks, the weights and the baseline
     ``|target - input|``. A step then costs the keys, the queries and the output projection at the positions the loss
-    weighs, and no value projection: 0.8-0.9x the time of running the layer (fine-tuned MiniLM, key dim 96, 200
-    steps, whole reductions), and for a classifier's last layer, whose head reads the first token alone, one query.
-    It relies on what the compensation already does: the target is the residual sum ``x + W_O ctx + b``."""
+    weighs, and no value projection: 0.89-0.93x the time of a step through the layer (benchmarks/refine_step.py,
+    BERT-base size), and for a classifier's last layer, whose head reads the first token alone, one query. It relies
+    on what the compensation already does: the target is the residual sum ``x + W_O ctx + b``."""
 
     def __init__(self, module, at: LayerAt, data: list[Batch], spill: Spill, same: bool, device, as_float32: bool):
         arch = arch_for(module.config)

@@ -121,8 +121,8 @@ class CollaborativeSelfAttention(nn.Module):
     def reference(self, x: torch.Tensor, attention_mask=None, position_bias=None, head_mask=None, *,
                   queries: torch.Tensor | None = None, values: torch.Tensor | None = None):
         """Attention output (B, Tq, H*dh) and weights (B, H, Tq, T), by the formula. Tq = 1 with first_token_only;
-        the positions ``queries`` (Tq,) alone when given (a refinement step's sample of rows). ``values`` (B, H, T,
-        dh): the value heads of ``x``, when the caller has them already."""
+        the positions ``queries`` (Tq,) alone when given (those a refinement step's loss weighs). ``values`` (B, H,
+        T, dh): the value heads of ``x``, when the caller has them already."""
         xq = x[:, :1] if self.first_token_only else x if queries is None else x[:, queries]  # queries (B, Tq, d)
         B, Tq, H, dh = x.shape[0], xq.shape[1], self.num_heads, self.head_dim
         q = self.head_queries(self.query_proj(xq))  # (B, H, Tq, Rq)
