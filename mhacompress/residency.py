@@ -4,9 +4,11 @@ transformers maps a safetensors checkpoint into memory and its tensors point int
 reads stays in the process's resident set to the end, although the kernel's page cache holds the same page anyway.
 A reduction that goes layer by layer would otherwise end with the whole checkpoint resident beside its own working
 memory. ``release(tensors)`` drops this process's mapping of those pages (``madvise(MADV_DONTNEED)``) only where that
-loses nothing: pages that ``/proc/self/pagemap`` shows still backed by the file. A page written in place (a
-copy-on-write page: a merged adapter, a refitted projection), anonymous memory and swapped pages are never touched. A
-later read maps the page again from the page cache (a minor fault, no disk read).
+loses nothing: pages that ``/proc/self/pagemap`` shows present and still backed by the file (or by shared memory,
+which keeps them too). A page written in place (a copy-on-write page: a merged adapter, a refitted projection),
+anonymous memory and swapped pages are never touched. A later read maps the page again from the page cache (a minor
+fault, no disk read). Reading pagemap is the whole test: no parse of /proc/self/maps, so a call on a small model's
+weights costs microseconds.
 
 Linux only. Elsewhere, or where /proc/self/pagemap or madvise is unavailable, it does nothing and says so by
 returning 0. Call it between passes, not while another thread writes the same weights.
@@ -14,7 +16,6 @@ returning 0. Call it between passes, not while another thread writes the same we
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import functools
 import mmap
@@ -37,20 +38,11 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     ranges = _merged(sorted({_extent(t) for t in tensors if t.device.type == "cpu"} - {None}))
-    spans = _file_mappings() if ranges else []
-    if not spans:
+    if not ranges:
         return 0
-    starts = [lo for lo, _ in spans]
     try:
-        libc = _libc()
         with open("/proc/self/pagemap", "rb") as pagemap:
-            freed = 0
-            for start, end in ranges:  # each against the mappings it overlaps (spans are sorted and disjoint)
-                j = max(bisect.bisect_right(starts, start) - 1, 0)
-                while j < len(spans) and spans[j][0] < end:
-                    freed += _release_range(libc, pagemap, start, end, *spans[j])
-                    j += 1
-            return freed
+            return sum(_release_range(_libc(), pagemap, start, end) for start, end in ranges)
     except OSError:
         return 0
 
@@ -58,6 +50,14 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
 @functools.cache
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes [start, end) that ``t``'s elements span (not its whole storage, which a view may share)."""
+    if not t.numel() or not t.data_ptr():
+        return None
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -71,40 +71,15 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def _extent(t: torch.Tensor) -> tuple[int, int] | None:
-    """The bytes [start, end) that ``t``'s elements span (not its whole storage, which a view may share)."""
-    if not t.numel() or not t.data_ptr():
-        return None
-    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of every mapping of a file into this process."""
-    spans = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].startswith("/"):
-                    start, end = fields[0].split("-")
-                    spans.append((int(start, 16), int(end, 16)))
-    except OSError:
-        return []
-    return sorted(spans)
-
-
-def _release_range(libc, pagemap, start: int, end: int, lo: int, hi: int) -> int:
-    """Drop the droppable pages of [start, end) within the file mapping [lo, hi); the bytes dropped."""
+def _release_range(libc, pagemap, start: int, end: int) -> int:
+    """Drop the pages of [start, end) that pagemap shows present and file-backed; the bytes dropped. Anonymous
+    memory (the heap, a weight's copy-on-write page) is never dropped: that would zero it."""
     import numpy as np
 
-    a, b = max(start, lo) // PAGE * PAGE, min(-(-min(end, hi) // PAGE) * PAGE, hi)  # whole pages in the mapping
-    if a >= b:
-        return 0
+    a, b = start // PAGE * PAGE, -(-end // PAGE) * PAGE  # whole pages
     pagemap.seek(a // PAGE * 8)
     data = pagemap.read((b - a) // PAGE * 8)  # a short read (some sandboxes) covers fewer pages
     entries = np.frombuffer(data[: len(data) // 8 * 8], dtype="<u8")
-    # resident, and still the file's (not a copy-on-write page)
     droppable = ((entries & np.uint64(_FILE_PAGE)) != 0) & ((entries & np.uint64(_PRESENT)) != 0)
     freed = 0
     for first, last in _runs(droppable):
@@ -128,7 +103,7 @@ def trim() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
+        malloc_trim = _libc().malloc_trim
     except (OSError, AttributeError):  # musl
         return False
     malloc_trim(0)
