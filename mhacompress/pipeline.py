@@ -493,18 +493,14 @@ def _check_finite(model, calibrated: bool) -> None:
     """A reduction never hands back NaN or infinite weights (a saved model would answer NaN without a word); the
     advice fits the run (``calibrated``: its data's options; without calibration, the weights themselves).
 
-    Only the transformer layers are read, which hold every weight a reduction writes: isfinite on a 250k-token
-    embedding would allocate a float copy of it (1 GB at XLM-R-large size) and set the run's peak memory."""
-    import torch
-
+    Only the transformer layers are read, which hold every weight a reduction writes: reading a 250k-token embedding
+    (1 GB at XLM-R-large size) would add to the run's time and peak memory. ``nonfinite_weights`` gives each
+    weight's memory-mapped pages back once read (the save reads them again)."""
     from .reduction.modeling import arch_for, layers
-    from .residency import release
+    from .reduction.surgery import nonfinite_weights
 
     prefix = arch_for(model.config).layers
-    bad = []
-    for i, layer in enumerate(layers(model)):
-        bad += [f"{prefix}.{i}.{name}" for name, p in layer.named_parameters() if not torch.isfinite(p).all()]
-        release([*layer.parameters()])  # read once: its memory-mapped pages back (the save reads them again)
+    bad = [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers(model)) for name in nonfinite_weights(layer)]
     if not bad:
         return
     where = f"the reduction produced non-finite weights ({bad[0]}{' and more' if len(bad) > 1 else ''}), nothing " \

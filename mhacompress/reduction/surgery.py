@@ -4,6 +4,7 @@ style: ``reduce_(model, config)``), layer by layer so that the original query/ke
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -74,16 +75,24 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 def nonfinite_weight(model: nn.Module) -> str | None:
-    """The name of the first parameter holding NaN or inf, or None. amax/amin, not isfinite: no bool copy of a
-    large embedding; and each weight's memory-mapped pages are given back once read (``residency.release``), so the
-    check does not leave the whole checkpoint resident."""
-    for name, p in model.named_parameters():
-        checked = p.numel() and p.is_floating_point()
-        finite = not checked or bool(torch.isfinite(p.amax()) and torch.isfinite(p.amin()))
-        release([p])
-        if not finite:
-            return name
-    return None
+    """The name of the first parameter holding NaN or inf, or None."""
+    return next(nonfinite_weights(model), None)
+
+
+def nonfinite_weights(model: nn.Module) -> Iterator[str]:
+    """The names of the parameters holding NaN or inf, in order. amax/amin, not isfinite: no bool copy of a large
+    embedding; and each weight's memory-mapped pages are given back once read (``residency.release``), so the check
+    does not leave the whole checkpoint resident."""
+    named_parameters = list(model.named_parameters())
+    try:
+        for name, p in named_parameters:
+            checked = p.numel() and p.is_floating_point()
+            finite = not checked or bool(torch.isfinite(p.amax()) and torch.isfinite(p.amin()))
+            release([p])  # one weight resident at a time
+            if not finite:
+                yield name
+    finally:  # and the pages that reading the next weight mapped back around each one (the kernel's fault-around)
+        release([p for _, p in named_parameters])
 
 
 def require_classifier(model: nn.Module, name: str) -> None:
