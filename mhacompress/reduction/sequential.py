@@ -542,7 +542,7 @@ def _in_float32(layer: nn.Module):
     own dtype (exact for the ones left unchanged: float32 holds every half-precision value). The tensors stay the
     same objects (``.data`` is swapped), so an optimizer built inside the block steps them. Yields the tensors that
     were converted: none for a float32 layer, which is left alone."""
-    converted = [(t, t.dtype) for t in (*layer.parameters(), *layer.buffers()) if t.dtype in HALF]
+    converted = [(t, t.dtype) for t in _tensors(layer) if t.dtype in HALF]
     for t, _ in converted:
         t.data = t.data.float()
     try:
@@ -624,7 +624,8 @@ class RefinementLoss:
         xr = self._input(i)
         _, seen = run_recording(at.layer, {"attention": self.module}, xr, args, kwargs)
         call = signature.bind(*seen["attention"][0], **seen["attention"][1]).arguments
-        self.masks.append((call.get("attention_mask"), call.get("position_bias")))
+        self.masks.append(tuple(_as_float32(m) if self.as_float32 else m
+                                for m in (call.get("attention_mask"), call.get("position_bias"))))
         self.spill.write("v", i, self.module.value_heads(xr))  # (B, H, T, dh)
         w = torch.ones_like(batch.tokens, dtype=torch.float32) if at.weights is None else \
             at.weights[i].float() * batch.tokens  # (B, T), zero at padding
@@ -641,7 +642,7 @@ class RefinementLoss:
     def __call__(self, i: int) -> torch.Tensor:
         """Batch ``i``'s error relative to its baseline, differentiable in the query/key parameters."""
         rows, xr = self.positions[i], self._input(i)
-        mask, bias = (_as_float32(m) if self.as_float32 else m for m in self.masks[i])
+        mask, bias = self.masks[i]
         ctx, _ = self.module.reference(xr, mask, bias, queries=rows, values=self.spill.read("v", i, self.device))
         out = (xr[:, rows] + self.proj(ctx)).float()  # the residual sum at those positions (B, P, d)
         target = self.spill.read("s", i, self.device)[:, rows].float()
