@@ -223,6 +223,26 @@ def test_the_ridge_refit_is_the_weighted_regularised_least_squares_solution():
     torch.testing.assert_close(b, want[-1])
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_the_ridge_gives_any_maps_relative_error_without_another_pass(weighted):
+    """sum w ||W z + b - t||^2 / sum w ||t||^2, from the streamed normal equations, for the solution and for another
+    map alike (the refinement is judged by it, where it took a pass over the batches)."""
+    gen = torch.Generator().manual_seed(1)
+    z, t = torch.randn(200, 4, generator=gen, dtype=torch.float64), torch.randn(200, 3, generator=gen,
+                                                                                  dtype=torch.float64)
+    rw = torch.rand(200, generator=gen, dtype=torch.float64) if weighted else torch.ones(200, dtype=torch.float64)
+    ridge = Ridge(4, 3)
+    ridge.add(z[:50], t[:50], rw[:50] if weighted else None)
+    ridge.add(z[50:], t[50:], rw[50:] if weighted else None)
+    solved = ridge.solve(torch.zeros(3, 4), None, strength=0.1)
+    other = (torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64))
+    for w, b in (solved, other, (other[0], None)):
+        residual = z @ w.T + (0 if b is None else b) - t
+        want = (rw[:, None] * residual.pow(2)).sum() / (rw[:, None] * t.pow(2)).sum()
+        assert ridge.error(w, b) == pytest.approx(float(want), rel=1e-9)
+    assert ridge.error(*solved) < ridge.error(*other)
+
+
 def test_spill_round_trips_and_renames(tmp_path):
     spill = Spill(tmp_path)
     x = torch.randn(2, 3, 4)
@@ -267,12 +287,14 @@ def test_the_refinement_takes_its_steps_at_the_sizes_the_schedule_gives(monkeypa
     assert sizes[4] == sizes[3] and all(s > 0 for s in sizes[3])
 
 
-def test_refinement_that_diverges_gives_the_closed_form_back():
-    """A step size far too large for the model: the Adam steps raise the error, so they are undone."""
+@pytest.mark.parametrize("compensate", [False, True], ids=["plain", "compensated"])
+def test_refinement_that_diverges_gives_the_closed_form_back(compensate):
+    """A step size far too large for the model: the Adam steps raise the error, so they are undone, and with
+    compensation the output projection's refit to the diverged scores as well."""
     batches = calibration()
     refined, closed_form = tiny_model("bert"), tiny_model("bert")
-    plan = sequential(refined, 4, batches, refine_steps=20, refine_lr=1e3)
-    sequential(closed_form, 4, batches)
+    plan = sequential(refined, 4, batches, refine_steps=20, refine_lr=1e3, compensate=compensate)
+    sequential(closed_form, 4, batches, compensate=compensate)
     assert [r["refined"] for r in plan.reports] == [False, False]
     assert all(r["output_error_after"] == r["output_error_before"] for r in plan.reports)
     for (name, a), b in zip(refined.named_parameters(), closed_form.parameters()):

@@ -77,24 +77,30 @@ class Batch:
     tokens: torch.Tensor
 
 
-def layer_inputs(model: nn.Module, encoding: dict) -> tuple[torch.Tensor, tuple, dict]:
-    """What the model passes to its first layer for ``encoding``: hidden states (B, T, d) and the other arguments
-    (attention mask, position bias, ...), which every layer of these encoders receives alike. Only the embeddings
-    run: a hook stops the forward pass at the first layer."""
+def call_of(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, dict]:
+    """The (args, kwargs) ``module`` is first called with while ``run()`` runs; a hook ends the run there, so nothing
+    after that call is computed."""
     captured = {}
 
-    def grab(module, args, kwargs):
+    def grab(mod, args, kwargs):
         captured["args"], captured["kwargs"] = args, kwargs
         raise _Stop
 
-    handle = model_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(**encoding)
+        run()
     except _Stop:
         pass
     finally:
         handle.remove()
-    args, kwargs = captured["args"], dict(captured["kwargs"])
+    return captured["args"], dict(captured["kwargs"])
+
+
+def layer_inputs(model: nn.Module, encoding: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """What the model passes to its first layer for ``encoding``: hidden states (B, T, d) and the other arguments
+    (attention mask, position bias, ...), which every layer of these encoders receives alike. Only the embeddings
+    run."""
+    args, kwargs = call_of(model_layers(model)[0], lambda: model(**encoding))
     hidden = args[0] if args else kwargs.pop("hidden_states")
     return hidden, args[1:], kwargs
 
@@ -106,21 +112,9 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
 
 
 def run_until(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The input of ``module`` (a submodule of ``layer``) when ``layer`` runs on ``hidden``; the rest is skipped."""
-    captured = {}
-
-    def grab(mod, inputs):
-        captured["x"] = inputs[0]
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(grab)
-    try:
-        run_layer(layer, hidden, args, kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["x"]
+    """The input of ``module`` (a submodule of ``layer``, called positionally) when ``layer`` runs on ``hidden``; the
+    rest is skipped."""
+    return call_of(module, lambda: run_layer(layer, hidden, args, kwargs))[0][0]
 
 
 def run_recording(layer: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, args: tuple,
@@ -269,6 +263,7 @@ class Ridge:
     device: torch.device = torch.device("cpu")
     gram: torch.Tensor = None  # sum [z; 1][z; 1]^T (d_in + 1, d_in + 1)
     rhs: torch.Tensor = None  # sum [z; 1] t^T (d_in + 1, d_out)
+    target: float = 0.0  # sum w ||t||^2
     count: int = 0
 
     def __post_init__(self):
@@ -281,8 +276,18 @@ class Ridge:
         z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=torch.float64, device=self.device)], dim=1)  # (N, d_in+1)
         zw = z if weights is None else z * weights.to(self.device, torch.float64)[:, None]
         self.gram += zw.T @ z
-        self.rhs += zw.T @ t.to(self.device, torch.float64)
+        t = t.to(self.device, torch.float64)
+        self.rhs += zw.T @ t
+        self.target += float((t.pow(2) if weights is None else zw[:, -1:] * t.pow(2)).sum())
         self.count += z.shape[0]
+
+    def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """sum w ||W z + b - t||^2 / sum w ||t||^2 over the rows added, from the normal equations alone (no pass)."""
+        as64 = dict(device=self.device, dtype=torch.float64)
+        b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
+        a = torch.cat([weight.to(**as64).T, b[None]])  # (d_in + 1, d_out)
+        residual = float((a * (self.gram @ a)).sum() - 2 * (a * self.rhs).sum()) + self.target
+        return max(residual, 0.0) / max(self.target, 1e-300)
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor | None,
               strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,15 +356,15 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             targets = plan.compensate or plan.refine_steps > 0
             moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
             report = solve_qk_(model, index, config, dims[index], moments, identity=same)
+            original, error = None, None  # the projection before any refit (the ridge's prior); the layer's error
             if plan.compensate:
                 proj = at.layer.get_submodule(arch_for(model.config).out_proj)
-                original = [None if t is None else t.detach().clone() for t in (proj.weight, proj.bias)]  # the prior
-                compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
+                original = [None if t is None else t.detach().clone() for t in (proj.weight, proj.bias)]
+                error = compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
             if plan.refine_steps:
                 with torch.enable_grad():
-                    report.update(_refine(model, index, at, data, spill, plan, same, device, progress))
-                if plan.compensate:  # W_O refitted to the refined scores
-                    compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
+                    report.update(_refine(model, index, at, data, spill, plan, same, device, progress, error,
+                                          original))
             diff = norm = 0.0
             for i, batch in enumerate(data):  # pass 2: the REDUCED layer on x~
                 args, kwargs = spill.read_call(i, device)
@@ -507,23 +512,44 @@ def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, 
                      "head_weights": [round(float(a), 4) for a in alpha]}
 
 
-def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
-                prior: list[torch.Tensor | None] | None = None) -> None:
-    """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
-    original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective;
-    pulled towards ``prior`` (weight, bias), by default the projection's current weights."""
-    arch = arch_for(model.config)
-    proj = at.layer.get_submodule(arch.out_proj)
+def row_weights(at: LayerAt, i: int, batch: Batch, first_only: bool) -> torch.Tensor:
+    """(B, T) float32 weights of the rows the layer's output is fitted at, zero elsewhere: the objective's token
+    weights at the real tokens; without them (score objective) every real token alike, or the first alone where the
+    head reads nothing else (``first_only``)."""
+    if at.weights is not None:
+        return at.weights[i].float() * batch.tokens
+    return _queries(batch.tokens, first_only).float()
+
+
+def projection_fit(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
+                   stage: str) -> Ridge:
+    """One pass of the (reduced) layer's attention over the batches: the normal equations of its output projection
+    (z: the heads' context; t: the original residual sum minus the input), rows weighted by ``row_weights``. They
+    give the compensation's refit, and the relative output error of any projection without another pass
+    (``Ridge.error``)."""
+    proj = at.layer.get_submodule(arch_for(model.config).out_proj)
     ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
-    last = index == len(model_layers(model)) - 1
+    first_only = plan.first_token_last and index == len(model_layers(model)) - 1
     for i, batch in enumerate(data):
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
         ctx = run_until(at.layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
-        rows = batch.tokens if at.weights is not None else _queries(batch.tokens, last and plan.first_token_last)
-        w = None if at.weights is None else at.weights[i][rows]
-        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w)
-        progress(f"layer {index}: compensation", i + 1, len(data))
+        w = row_weights(at, i, batch, first_only)
+        rows = w > 0
+        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w[rows])
+        progress(f"layer {index}: {stage}", i + 1, len(data))
+    return ridge
+
+
+def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
+                prior: list[torch.Tensor | None] | None = None) -> float:
+    """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
+    original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective;
+    pulled towards ``prior`` (weight, bias), by default the projection's current weights. Returns the layer's
+    relative output error after the refit (``output_error``)."""
+    arch = arch_for(model.config)
+    proj = at.layer.get_submodule(arch.out_proj)
+    ridge = projection_fit(model, index, at, data, spill, plan, same, device, progress, "compensation")
     weight, bias = ridge.solve(*(prior or (proj.weight, proj.bias)), plan.compensation_strength)
     proj.weight.copy_(weight.to(proj.weight.dtype))
     if proj.bias is not None:
@@ -531,6 +557,15 @@ def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, 
     name = f"{arch.layers}.{index}.{arch.out_proj}"
     if name not in plan.modified:
         plan.modified.append(name)
+    return ridge.error(proj.weight, proj.bias)  # as installed, in the projection's own dtype
+
+
+def output_error(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress) -> float:
+    """The (reduced) layer's relative output error over the calibration batches, one pass:
+    sum w ||x~ + W_O ctx~ + b - s||^2 / sum w ||s - x~||^2, rows weighted by ``row_weights``."""
+    proj = at.layer.get_submodule(arch_for(model.config).out_proj)
+    ridge = projection_fit(model, index, at, data, spill, plan, same, device, progress, "output error")
+    return ridge.error(proj.weight, proj.bias)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -605,9 +640,11 @@ class RefinementLoss:
     ``|target - input|``. A step then costs the keys, the queries and the output projection at the positions the loss
     weighs, and no value projection: 0.89-0.93x the time of a step through the layer (benchmarks/refine_step.py,
     BERT-base size), and for a classifier's last layer, whose head reads the first token alone, one query. It relies
-    on what the compensation already does: the target is the residual sum ``x + W_O ctx + b``."""
+    on what the compensation already does: the target is the residual sum ``x + W_O ctx + b``. Rows are weighted as
+    the compensation weighs them (``row_weights``)."""
 
-    def __init__(self, module, at: LayerAt, data: list[Batch], spill: Spill, same: bool, device, as_float32: bool):
+    def __init__(self, module, at: LayerAt, data: list[Batch], spill: Spill, same: bool, device, as_float32: bool,
+                 first_only: bool = False):
         arch = arch_for(module.config)
         self.module, self.proj = module, at.layer.get_submodule(arch.out_proj)
         self.spill, self.device, self.stream, self.as_float32 = spill, device, "x" if same else "xr", as_float32
@@ -615,20 +652,18 @@ class RefinementLoss:
         self.masks, self.weights, self.positions, self.baselines = [], [], [], []
         with torch.no_grad():
             for i, batch in enumerate(data):
-                self._prepare(i, batch, at, signature)
+                self._prepare(i, row_weights(at, i, batch, first_only), at.layer, signature)
 
-    def _prepare(self, i: int, batch: Batch, at: LayerAt, signature: inspect.Signature) -> None:
+    def _prepare(self, i: int, w: torch.Tensor, layer: nn.Module, signature: inspect.Signature) -> None:
         args, kwargs = self.spill.read_call(i, self.device)
         if self.as_float32:
             args, kwargs = tuple(map(_as_float32, args)), {k: _as_float32(v) for k, v in kwargs.items()}
         xr = self._input(i)
-        _, seen = run_recording(at.layer, {"attention": self.module}, xr, args, kwargs)
-        call = signature.bind(*seen["attention"][0], **seen["attention"][1]).arguments
+        seen = call_of(self.module, lambda: run_layer(layer, xr, args, kwargs))  # the layer up to its attention
+        call = signature.bind(*seen[0], **seen[1]).arguments
         self.masks.append(tuple(_as_float32(m) if self.as_float32 else m
                                 for m in (call.get("attention_mask"), call.get("position_bias"))))
         self.spill.write("v", i, self.module.value_heads(xr))  # (B, H, T, dh)
-        w = torch.ones_like(batch.tokens, dtype=torch.float32) if at.weights is None else \
-            at.weights[i].float() * batch.tokens  # (B, T), zero at padding
         rows = torch.nonzero(w.sum(0) > 0).flatten()  # the positions the loss weighs (P,)
         target = self.spill.read("s", i, self.device)[:, rows].float()
         self.weights.append(w[:, rows])
@@ -649,16 +684,21 @@ class RefinementLoss:
         return (self.weights[i][..., None] * (out - target).pow(2)).sum() / max(self.baselines[i], 1e-30)
 
 
-def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress: Progress) -> dict:
+def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress: Progress,
+            before: float | None = None, prior: list[torch.Tensor | None] | None = None) -> dict:
     """Adam steps on the layer's query/key parameters so that its residual sum matches the original's, the step size
-    warmed up and halved as ``StepSchedule`` says. Kept only when they lower that error over the calibration
-    batches: a step size that diverges on some model gives the closed form back (report: ``refined`` false).
+    warmed up and halved as ``StepSchedule`` says; with ``plan.compensate`` the output projection is then refitted to
+    the refined scores (towards ``prior``, as before the steps). Kept only when they lower the layer's output error
+    over the calibration batches (``before``, that of the closed form: measured here when not given): a step size
+    that diverges on some model gives the closed form back (report: ``refined`` false). The errors come from the
+    normal equations of the pass that refits the projection (``projection_fit``), so judging the steps costs no pass
+    of its own with compensation, one without.
 
     A half-precision layer takes its steps as float32 (``_in_float32``) and is judged as it will run, in its own
     dtype: Adam on float16 parameters divides by squared gradients that underflow to 0 (NaN steps: never kept), and
-    bfloat16 rounds small steps away. The error is summed in float32 (a float16 sum over a calibration batch of a
-    BERT-base layer, 768 values a token, overflows)."""
+    bfloat16 rounds small steps away. The errors are summed in float64."""
     module = attention_modules(model)[index][2]
+    proj = at.layer.get_submodule(arch_for(model.config).out_proj)
     params = [module.query_proj.weight, module.key_proj.weight, module.content_bias.weight]
     params += [module.mixing] if module.mixing is not None else []
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -668,45 +708,36 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         p.requires_grad_(True)
     # steps relative to each tensor's RMS: after whitening, the query and key factors differ in scale by orders
     rms = [float(p.detach().float().pow(2).mean().sqrt()) for p in params]
-
-    def loss_of(i):  # the whole batch's, as the layer runs (in its own dtype)
-        batch = data[i]
-        args, kwargs = spill.read_call(i, device)
-        xr = spill.read("x" if same else "xr", i, device)
-        out = run_until(at.layer, at.norm, xr, args, kwargs).float()
-        target, xr = spill.read("s", i, device).float(), xr.float()
-        w = (torch.ones_like(batch.tokens, dtype=out.dtype) if at.weights is None else at.weights[i].to(out))
-        w = w[batch.tokens][:, None]  # real tokens only (N, 1)
-        rows = batch.tokens
-        return (w * (out - target)[rows].pow(2)).sum() / (w * (target - xr)[rows].pow(2)).sum().clamp_min(1e-30)
-
+    first_only = plan.first_token_last and index == len(model_layers(model)) - 1
     try:
-        with _by_formula(module, device):  # the closed form's error, the steps and the refined error alike
-            with torch.no_grad():
-                before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
-                start = [p.detach().clone() for p in params]
-            with _in_float32(at.layer) as converted:
-                step_loss = RefinementLoss(module, at, data, spill, same, device, bool(converted))
-                sizes = [plan.refine_lr * r + 1e-12 for r in rms]
-                optimizer = torch.optim.Adam([{"params": [p], "lr": 0.0} for p in params])
-                schedule = StepSchedule(len(data))
-                for step in range(plan.refine_steps):
-                    for group, size in zip(optimizer.param_groups, sizes):
-                        group["lr"] = size * schedule.factor
-                    loss = step_loss(step % len(data))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    schedule.record(float(loss.detach()))
-                    progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
-                for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
-                    p.grad = None  # model, and float32 ones on half parameters
-            with torch.no_grad():
-                after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
-                kept = math.isfinite(after) and after < before
-                if not kept:
-                    for p, value in zip(params, start):
-                        p.copy_(value)
+        with torch.no_grad():
+            if before is None:
+                before = output_error(model, index, at, data, spill, plan, same, device, progress)
+            changed = [t for t in (*params, proj.weight, proj.bias) if t is not None]  # by the steps and the refit
+            start = [t.detach().clone() for t in changed]
+        with _by_formula(module, device), _in_float32(at.layer) as converted:
+            step_loss = RefinementLoss(module, at, data, spill, same, device, bool(converted), first_only)
+            sizes = [plan.refine_lr * r + 1e-12 for r in rms]
+            optimizer = torch.optim.Adam([{"params": [p], "lr": 0.0} for p in params])
+            schedule = StepSchedule(len(data))
+            for step in range(plan.refine_steps):
+                for group, size in zip(optimizer.param_groups, sizes):
+                    group["lr"] = size * schedule.factor
+                loss = step_loss(step % len(data))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.record(float(loss.detach()))
+                progress(f"layer {index}: refinement", step + 1, plan.refine_steps)
+            for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
+                p.grad = None  # model, and float32 ones on half parameters
+        with torch.no_grad():
+            after = compensate_(model, index, at, data, spill, plan, same, device, progress, prior=prior) \
+                if plan.compensate else output_error(model, index, at, data, spill, plan, same, device, progress)
+            kept = math.isfinite(after) and after < before
+            if not kept:
+                for t, value in zip(changed, start):
+                    t.copy_(value)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
