@@ -144,7 +144,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
     width = shape[1] * shape[2]
-    config = config.decided(width)  # saved as decided for this model
+    config = config.decided(width, shape[0])  # saved as decided for this model
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:

@@ -205,9 +205,11 @@ def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_di
     assert uniform["key_dims"] == [8, 8] and uniform["budget"] is None and uniform["config"]["allocate"] is False
     assert allocated["config"]["allocate"] is True and len(allocated["budget"]["curves"]) == 2
     assert small["config"]["allocate"] is True and small_uniform["key_dims"] == [4, 4]
-    # refined too at d/8 (saved as decided), with the closed form alone above it
+    # refined too at d/8 (saved as decided), and at d/4 on a model whose steps are cheap; the closed form above
+    wide = json.loads(invoke("reduce", tiny_dir, "-k", "9", *common).stdout)
     assert small["config"]["calibration"]["refine_steps"] == REFINE_STEPS and "refined" in small["layers"][0]
-    assert uniform["config"]["calibration"]["refine_steps"] == 0 and "refined" not in uniform["layers"][0]
+    assert uniform["config"]["calibration"]["refine_steps"] == REFINE_STEPS and "refined" in uniform["layers"][0]
+    assert wide["config"]["calibration"]["refine_steps"] == 0 and "refined" not in wide["layers"][0]
     human = invoke("reduce", tiny_dir, "-k", "4", "--calibrate", calibration_file, "--samples", "16")
     assert human.exit_code == 0 and "key dim 4 on average" in " ".join(human.stderr.split())
     assert f"of 2 layers kept their {REFINE_STEPS} steps" in " ".join(human.stderr.split())

@@ -12,7 +12,7 @@ import mhacompress
 from mhacompress import Calibration, ReductionConfig
 from mhacompress.errors import command_line
 from mhacompress.reduction import methods
-from mhacompress.reduction.config import REFINE_STEPS, ConfigError
+from mhacompress.reduction.config import REFINE_COST, REFINE_STEPS, ConfigError
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -89,7 +89,8 @@ def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tm
     result = mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir))
     result.save(tmp_path / "out")
     model, _ = mhacompress.load(tmp_path / "out")
-    decided = replace(config.calibration, refine_steps=0)  # the defaults, decided for this model: 8 > 32 / 8
+    # the defaults, decided for this model: 8 > 32 / 8 (uniform), refined at d/4 (a tiny model's steps are cheap)
+    decided = replace(config.calibration, refine_steps=REFINE_STEPS)
     assert result.config == replace(config, allocate=False, calibration=decided)
     assert ReductionConfig.from_dict(model.config.compression["reduction"]) == result.config
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
@@ -194,16 +195,35 @@ def test_a_saved_budget_reduction_reads_back_whatever_its_block_says_of_allocate
 
 
 def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_otherwise():
-    def steps(width=384, calibration=Calibration("mrpc"), **dims):
-        return ReductionConfig(calibration=calibration, **dims).refines(width)
+    def steps(width=384, calibration=Calibration("mrpc"), layers=12, **dims):
+        return ReductionConfig(calibration=calibration, **dims).refines(width, layers)
 
-    assert steps(key_dim=48) == REFINE_STEPS and steps(key_dim=48, width=383) == 0  # decided per model: d/8
-    assert steps(key_dim=96) == 0 and steps(key_dim=4, calibration=None) == 0  # above d/8; weights only
+    # on a BERT-base-sized model (width 768, 12 layers), where d/4 is not refined by default
+    assert steps(key_dim=96, width=768) == REFINE_STEPS and steps(key_dim=96, width=767) == 0  # per model: d/8
+    assert steps(key_dim=192, width=768) == 0 and steps(key_dim=4, calibration=None) == 0  # above d/8; weights only
     assert steps(key_dim=8, calibration=Calibration("mrpc", sequential=False)) == 0  # nothing to refine towards
-    assert steps(key_dims=(32, 64)) == REFINE_STEPS and steps(key_dims=(32, 65)) == 0  # on average over the layers
-    assert steps(budget=0.125) == REFINE_STEPS and steps(budget=0.13) == 0
+    assert steps(key_dims=(64, 128), width=768) == REFINE_STEPS  # on average over the layers
+    assert steps(key_dims=(64, 129), width=768) == 0
+    assert steps(budget=0.125, width=768) == REFINE_STEPS and steps(budget=0.13, width=768) == 0
     assert steps(key_dim=48, calibration=Calibration("mrpc", refine_steps=0)) == 0  # as set, both ways
-    assert steps(key_dim=96, calibration=Calibration("mrpc", refine_steps=7)) == 7
+    assert steps(key_dim=96, width=768, calibration=Calibration("mrpc", refine_steps=7)) == 7
+
+
+def test_at_d_over_4_the_default_refines_models_whose_steps_are_cheap():
+    """Between d/8 and d/4 the steps are the default where they cost little (MiniLM-L6 and -L12: 1.3 M and 2.7 M
+    multiply-adds a token per step over the layers), not on BERT-base (10.6 M: 200 steps would add ~140 s to a 63 s
+    path); never above d/4."""
+    def steps(width, layers, **dims):
+        return ReductionConfig(calibration=Calibration("mrpc"), **dims).refines(width, layers)
+
+    assert ReductionConfig(key_dim=96).step_cost(384, 6) == 6 * (384 ** 2 + 2 * 384 * 96)
+    assert ReductionConfig(budget=0.25).step_cost(768, 12) == ReductionConfig(key_dim=192).step_cost(768, 12)
+    assert steps(384, 6, key_dim=96) == steps(384, 12, key_dim=96) == REFINE_STEPS  # MiniLM-L6, -L12 at d/4
+    assert steps(768, 12, key_dim=192) == steps(768, 6, key_dim=192) == 0  # BERT-base, DistilBERT at d/4
+    assert steps(384, 6, key_dim=97) == steps(384, 6, key_dims=(96,) * 5 + (97,)) == 0  # just above d/4
+    assert steps(384, 6, key_dims=(48, 144)) == steps(384, 6, budget=0.25) == REFINE_STEPS  # on average
+    assert steps(768, 12, key_dim=96) == REFINE_STEPS  # at d/8 whatever the size
+    assert REFINE_COST < ReductionConfig(key_dim=192).step_cost(768, 6)
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", refine_steps=0)).to_dict()
     del old["calibration"]["refine_steps"]  # saved before refinement existed: not refined
     assert ReductionConfig.from_dict(old).calibration.refine_steps == 0

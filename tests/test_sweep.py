@@ -34,13 +34,13 @@ def test_sweep_json_and_plot(tiny_encoder, glue_dir, tmp_path):
 
 def test_sweep_calibrated(tiny_encoder, glue_dir):
     result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir),
-                                       "--limit", "20", "--key-dims", "8", "--methods", "cp",
+                                       "--limit", "20", "--key-dims", "12", "--methods", "cp",
                                        "--calibrate", "mrpc", "--samples", "16", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     row = report["results"][0]
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
-    # refinement left to its default is decided per cell (none above d/8, d = 32 here): each row says what it got
+    # refinement left to its default is decided per cell (none above d/4, d = 32 here): each row says what it got
     assert report["calibration"]["refine_steps"] is None and row["refine_steps"] == 0
     assert row["allocate"] is False  # so is allocation (off above d/8)
 
@@ -58,7 +58,7 @@ def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_d
         return json.loads(result.stdout)
 
     def steps(saved):
-        return cell_config({"key_dim": 4, "method": "cp", "seed": 0, "calibration": saved}).refines(32)
+        return cell_config({"key_dim": 4, "method": "cp", "seed": 0, "calibration": saved}).refines(32, 2)
 
     closed, default = calibration("--refine", "0"), calibration()
     assert steps(closed["calibration"]) == 0 and steps(default["calibration"]) == REFINE_STEPS

@@ -25,7 +25,7 @@ from .eval import data_options
               help="Calibrate every reduction on this GLUE task's train split, .txt or .jsonl file.")
 @click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True, help="Calibration sequences.")
 @click.option("--refine", type=click.IntRange(min=0), metavar="STEPS", help="With --calibrate: Adam steps per layer, "
-              "as in reduce (default: 200 at key dims <= d/8, else 0).")
+              "as in reduce (default: 200 at key dims <= d/8, and at <= d/4 on MiniLM-sized models; else 0).")
 @data_options
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N dev examples (quick looks).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -18,7 +18,11 @@ from .modeling.architectures import FORMAT_VERSION
 
 INITS = ("svd", "random")
 OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see reduction/objectives.py)
-REFINE_STEPS = 200  # refinement steps per layer by default at key dims <= d/8 (ReductionConfig.refines)
+REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.refines)
+# the costliest refinement that is the default at key dims in (d/8, d/4]: multiply-adds per token of one step, summed
+# over the layers (ReductionConfig.step_cost). MiniLM-L6 at d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC);
+# MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where 200 steps would more than double its 63 s
+REFINE_COST = 3_000_000
 
 
 class ConfigError(UsageError, ValueError):
@@ -80,8 +84,9 @@ class Calibration:
                   Default: on when sequential.
     refine_steps: with ``sequential``: Adam steps per layer fitting the reduced layer's attention output to the
                   original's (0: none). None (default): decided for the model by ``ReductionConfig.refines``:
-                  ``REFINE_STEPS`` at key dims <= d/8, where the closed form alone leaves the most (docs/results.md),
-                  0 above, where the steps would more than double a BERT-base-sized model's d/4 path (63 s).
+                  ``REFINE_STEPS`` at key dims <= d/8, where the closed form alone leaves the most (docs/results.md);
+                  at key dims <= d/4 as well where the steps are cheap (MiniLM-sized models, ``REFINE_COST``), not
+                  where they would more than double the d/4 path (BERT-base size: 63 s); 0 above d/4.
     """
 
     source: str
@@ -237,32 +242,41 @@ class ReductionConfig:
         bottom_up = self.calibration is not None and self.calibration.sequential  # else nothing to measure by
         return bottom_up and self.deep(width)
 
-    def deep(self, width: int) -> bool:
-        """Whether this reduction keeps at most an eighth of a ``width`` = H*dh model's query/key width (on
-        average over the layers; a budget of at most 1/8): where the default path also allocates and refines."""
+    def deep(self, width: int, part: int = 8) -> bool:
+        """Whether this reduction keeps at most 1/``part`` of a ``width`` = H*dh model's query/key width (on average
+        over the layers; a budget of at most 1/part). At an eighth the default path also allocates and refines."""
         if self.budget is not None:
-            return self.budget * 8 <= 1
+            return self.budget * part <= 1
         dims = self.key_dims or (self.key_dim,)
-        return sum(dims) * 8 <= width * len(dims)
+        return sum(dims) * part <= width * len(dims)
 
-    def refines(self, width: int) -> int:
-        """The refinement steps per layer for a model of ``width`` = H*dh: as set in the calibration, or by default
-        ``REFINE_STEPS`` with a sequential calibration at key dims <= width / 8 (``deep``), else none (a parallel
-        calibration's steps are 0 already: ``Calibration``)."""
+    def step_cost(self, width: int, layers: int) -> float:
+        """Multiply-adds per token of one refinement step summed over the ``layers``, forward: each layer's output
+        projection (width^2) and its query and key projections (2 * width * key dim), mean key dim over the layers.
+        The backward pass costs about twice as much again, alike for every model."""
+        dims = [self.budget * width] if self.budget is not None else list(self.key_dims or (self.key_dim,))
+        return layers * (width * width + 2 * width * sum(dims) / len(dims))
+
+    def refines(self, width: int, layers: int) -> int:
+        """The refinement steps per layer for a model of ``layers`` layers of ``width`` = H*dh: as set in the
+        calibration; by default with a sequential calibration ``REFINE_STEPS`` at key dims <= width / 8 (``deep``),
+        and at key dims <= width / 4 where the steps are cheap (``step_cost`` <= ``REFINE_COST``: MiniLM-sized
+        models, not BERT-base); else none (a parallel calibration's steps are 0 already: ``Calibration``)."""
         c = self.calibration
         if c is None:
             return 0
         if c.refine_steps is not None:
             return c.refine_steps
-        return REFINE_STEPS if self.deep(width) else 0
+        cheap = self.deep(width, 4) and self.step_cost(width, layers) <= REFINE_COST
+        return REFINE_STEPS if self.deep(width) or cheap else 0
 
-    def decided(self, width: int) -> ReductionConfig:
-        """This config with what it leaves to the model decided for one of ``width`` = H*dh (``allocates``,
-        ``refines``): what the reduction did, as it is saved with the weights."""
+    def decided(self, width: int, layers: int) -> ReductionConfig:
+        """This config with what it leaves to the model decided for one of ``layers`` layers of ``width`` = H*dh
+        (``allocates``, ``refines``): what the reduction did, as it is saved with the weights."""
         config = self if self.budget is not None else replace(self, allocate=self.allocates(width))  # a budget's: None
         if config.calibration is None:
             return config
-        return replace(config, calibration=replace(config.calibration, refine_steps=self.refines(width)))
+        return replace(config, calibration=replace(config.calibration, refine_steps=self.refines(width, layers)))
 
     def solver_options(self) -> dict:
         """What ``Method.solve`` takes: the solver and its settings (tensorly's names)."""

@@ -230,7 +230,7 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     if config.first_token_only:
         require_classifier(model, "this model")
     n_layers, heads, head_dim = model_shape(model)
-    config = config.decided(heads * head_dim)  # recorded as decided (allocate False: no data)
+    config = config.decided(heads * head_dim, n_layers)  # recorded as decided (allocate False: no data)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
     if moments is not None and len(moments) != n_layers:
         raise ConfigError(f"{len(moments)} second moments given for {n_layers} layers; pass one per layer "
