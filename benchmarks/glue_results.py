@@ -28,11 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")  # the paper's column order (tasks we can train on CPU)
 KEEP = "<!-- Everything below this line is written by hand and kept when the script rewrites the file. -->"
-RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement")
+RUNGS = ("weights", "calibrated", "sequential", "output", "compensation", "allocation", "refinement", "default")
 RUNG_LABEL = {"weights": "weights only", "calibrated": "calibrated (whitened, all layers at once)",
               "sequential": "+ sequential (score objective)", "output": "+ output objective",
-              "compensation": "+ compensation (default above d/8)", "allocation": "+ allocation (`--allocate`)",
-              "refinement": "+ refinement (`--refine 200`; default at d/8)"}
+              "compensation": "+ compensation (`--uniform --refine 0`)", "allocation": "+ allocation (`--allocate`)",
+              "refinement": "+ refinement (`--refine 200`)", "default": "default path (`-k K --calibrate SOURCE`)"}
 LABEL = {"cola": "CoLA (mcc)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1)", "stsb": "STS-B (spearman)",
          "rte": "RTE (acc)"}
 
@@ -98,12 +98,14 @@ def reduced(model, dim, method="cp", n_iter_max=100, moments=None):
 
 def rung_config(rung: str, dim: int, source: str, samples: int, model):
     """The ReductionConfig of one rung of the ladder at key dim ``dim`` (allocation: per-layer dims under the Q/K
-    parameters of ``dim`` everywhere; refinement: then 200 Adam steps per layer, both what `reduce -k DIM --calibrate
-    SOURCE` does by default at DIM <= d/8)."""
+    parameters of ``dim`` everywhere; refinement: then 200 Adam steps per layer; default: what `reduce -k DIM
+    --calibrate SOURCE` does, decided for the model)."""
     from mhacompress.reduction.config import Calibration, ReductionConfig
 
     if rung == "weights":
         return ReductionConfig(key_dim=dim)
+    if rung == "default":
+        return ReductionConfig(key_dim=dim, calibration=Calibration(source, samples=samples))
     closed = dict(refine_steps=0)  # every rung but the last is the closed form alone, whatever the key dim
     kinds = {"calibrated": dict(sequential=False), "sequential": dict(objective="score", compensate=False, **closed),
              "output": dict(objective="output", compensate=False, **closed), "compensation": closed,
@@ -149,17 +151,27 @@ def part_c(args, cache):
         cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda: {
             "scores": {"dev": scorers["dev"](*load_pretrained(folder)[:2])}})
     for dim in dims:  # key dim outermost: an interrupted run has whole tables
+        same = {rung: _same_as(rung, dim, rungs) for rung in rungs}  # the default path is one of the rungs
         for rung in rungs:
-            key = f"c/encoder/{args.encoder_source}{args.cal_samples}/{rung}/{dim}"
-            cells[("encoder", rung, dim)] = cache.get(key, lambda rung=rung, dim=dim: ladder_cell(
+            key = f"c/encoder/{args.encoder_source}{args.cal_samples}/{same[rung]}/{dim}"
+            cells[("encoder", rung, dim)] = cache.get(key, lambda rung=same[rung], dim=dim: ladder_cell(
                 args, "minilm", rung, dim, args.encoder_source, encoder))
         for task, (folder, scorers) in tasks.items():
             for rung in rungs:
-                key = f"c/{tag}/{task}/cal{args.cal_samples}/{rung}/{dim}"
-                cells[(task, rung, dim)] = cache.get(key, lambda rung=rung, dim=dim, folder=folder, task=task,
+                key = f"c/{tag}/{task}/cal{args.cal_samples}/{same[rung]}/{dim}"
+                cells[(task, rung, dim)] = cache.get(key, lambda rung=same[rung], dim=dim, folder=folder, task=task,
                                                      scorers=scorers: ladder_cell(args, folder, rung, dim, task,
                                                                                   scorers))
     return cells
+
+
+def _same_as(rung: str, dim: int, rungs: list[str]) -> str:
+    """The rung whose cells ``rung`` shares at ``dim``: the first that reduces the bundled MiniLM's shape the same
+    way, as decided for it (the default path is the refined rung at d/8, the compensated one at d/2)."""
+    def decided(r):
+        return rung_config(r, dim, "source", 512, None).decided(MINILM_WIDTH, MINILM_LAYERS)
+
+    return next((r for r in rungs if r != "default" and decided(r) == decided(rung)), rung)
 
 
 def part_a(args, cache):
@@ -276,7 +288,7 @@ def write(args, a, b, c, seconds):
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-MINILM_WIDTH = 384  # H * dh of the bundled MiniLM: allocation and refinement are the default at key dims <= width / 8
+MINILM_WIDTH, MINILM_LAYERS = 384, 6  # the bundled MiniLM's H * dh and layers: what the default path decides from
 MAIN = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "stsb": "spearman", "rte": "accuracy"}
 
 
@@ -297,11 +309,14 @@ def ladder_lines(args, c) -> list[str]:
              "each layer fitted on the inputs the reduced layers below produce, to the original's scores; `+ output "
              "objective`: fitted to the layer's attention OUTPUT (centred, head- and token-weighted); `+ "
              "compensation`: the attention output projection refitted by ridge least squares, every layer at the key "
-             "dim (what `reduce -k K --calibrate SOURCE` does for K > d/8); `+ allocation`: the same Q/K parameters "
+             "dim (what `reduce -k K --calibrate SOURCE` does for K > d/4); `+ allocation`: the same Q/K parameters "
              "as the uniform key dim, spread over the layers by the measured effect on the model's output "
              "(`--allocate`); `+ refinement`: then 200 Adam steps per layer on the same target, where no closed form "
-             "exists (`--refine 200`). For K <= d/8 `reduce -k K --calibrate SOURCE` allocates and refines by default "
-             "(`--uniform`, `--refine 0` to opt out). Calibration: "
+             "exists (`--refine 200`). `default path`: what `reduce -k K --calibrate SOURCE` does, as decided for "
+             "this model: for K <= d/8 allocated and refined; for K <= d/4 uniform and refined, on a model as small "
+             "as this one (not on BERT-base, where the steps cost more than the rest of the reduction); uniform "
+             "closed form above (`--uniform`, `--allocate`, `--refine N` override). Where it is one of the rungs "
+             "above, the row repeats that rung's cells. Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
              "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
@@ -328,8 +343,7 @@ def ladder_lines(args, c) -> list[str]:
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
             lines.append("| " + " | ".join(row) + " |")
-        default = "refinement" if dim * 8 <= MINILM_WIDTH else "compensation"  # what `-k DIM --calibrate` runs
-        lines += ["", _summary(c, tasks, dim, default, score, orig), ""]
+        lines += ["", _summary(c, tasks, dim, "default", score, orig), ""]
     return lines
 
 
@@ -347,7 +361,10 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     if "mrpc" in tasks:
         mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
                 f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
-    how = {"allocation": "allocated", "refinement": "allocated and refined"}.get(rung, "uniform")
+    decided = rung_config(rung, dim, "source", 512, None).decided(MINILM_WIDTH, MINILM_LAYERS)
+    steps = decided.calibration.refine_steps
+    how = ("allocated" if decided.allocate else "uniform") + (f", {steps} refinement steps" if steps else
+                                                              ", closed form")
     return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
             f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")
