@@ -692,7 +692,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
     over the calibration batches (``before``, that of the closed form: measured here when not given): a step size
     that diverges on some model gives the closed form back (report: ``refined`` false). The errors come from the
     normal equations of the pass that refits the projection (``projection_fit``), so judging the steps costs no pass
-    of its own with compensation, one without.
+    of its own with compensation, and two without (before and after).
 
     A half-precision layer takes its steps as float32 (``_in_float32``) and is judged as it will run, in its own
     dtype: Adam on float16 parameters divides by squared gradients that underflow to 0 (NaN steps: never kept), and
