@@ -40,7 +40,7 @@ def parse_args():
                    help="where benchmarks/glue_results.py keeps its fine-tuned checkpoints")
     p.add_argument("--key-dim", type=int, default=96)
     p.add_argument("--rung", default="compensation", help="a rung of glue_results.py's ladder (compensation: the "
-                   "default path above d/8, refinement: at d/8)")
+                   "closed form, refinement: allocated and refined, default: what reduce -k K --calibrate does)")
     p.add_argument("--shrink", default="0,0.3", help="whitening shrinkages to compare, comma-separated")
     p.add_argument("--samples", type=int, default=512, help="calibration sequences")
     p.add_argument("--encoder-source", default="mrpc", help="calibration source of the encoder ('' to skip it)")
