@@ -31,6 +31,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 try:
@@ -103,15 +104,8 @@ def remove(path: Path) -> None:
 def clean_stale(target: Path) -> list[Path]:
     """Remove what killed runs into ``target`` left beside it (their pid is dead); an old output that was moved aside
     and never replaced is put back first. Returns the paths handled."""
-    pattern, handled = _leftover_pattern(target), []
-    try:
-        entries = sorted(target.parent.iterdir())
-    except OSError:
-        return handled
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if not match or (pid_alive(int(match.group(2))) and not _before_this_process(entry, int(match.group(2)))):
-            continue
+    handled = []
+    for entry, match in _left_by_gone_runs(target.parent, _leftover_pattern(target), 2):
         try:
             if match.group(1) == "old" and not os.path.lexists(target):
                 os.rename(entry, target)  # the previous output, restored
@@ -121,6 +115,20 @@ def clean_stale(target: Path) -> list[Path]:
             continue
         handled.append(entry)
     return handled
+
+
+def _left_by_gone_runs(folder: Path, pattern: re.Pattern, pid_group: int) -> Iterator[tuple[Path, re.Match]]:
+    """The entries of ``folder`` whose names ``pattern`` matches, with the match, where the run named by the pid in
+    group ``pid_group`` is gone: its pid is dead, or is this process's own and the entry is older than it."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and not (pid_alive(int(match.group(pid_group)))
+                          and not _before_this_process(entry, int(match.group(pid_group)))):
+            yield entry, match
 
 
 def _before_this_process(entry: Path, pid: int) -> bool:
@@ -212,24 +220,14 @@ def scratch_dir(prefix: str):
 def clean_scratch(prefix: str) -> list[Path]:
     """Remove this user's ``scratch_dir`` folders of ``prefix`` in the system's temporary folder whose run is gone
     (its pid is dead, or is this process's own and the folder is older than it). Returns the folders removed."""
-    pattern, root, handled = re.compile(rf"{re.escape(prefix)}(\d+)-[^/\\]+"), Path(tempfile.gettempdir()), []
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return handled
+    pattern, handled = re.compile(rf"{re.escape(prefix)}(\d+)-[^/\\]+"), []
     uid = getattr(os, "getuid", lambda: None)()
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if not match:
-            continue
-        pid = int(match.group(1))
+    for entry, _ in _left_by_gone_runs(Path(tempfile.gettempdir()), pattern, 1):
         try:
             info = os.lstat(entry)
         except OSError:
             continue
         if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):  # another user's: theirs
-            continue
-        if pid_alive(pid) and not _before_this_process(entry, pid):
             continue
         remove(entry)
         handled.append(entry)
