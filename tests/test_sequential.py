@@ -21,6 +21,7 @@ from mhacompress.reduction.sequential import (
     layer_inputs,
     layer_statistics,
     reduce_sequential_,
+    row_weights,
     run_layer,
     run_until,
     solve_qk_,
@@ -381,6 +382,22 @@ def test_the_refinement_loss_from_cached_values_is_the_layers_weighted_output_er
             whole = (w * (out - target)[batch.tokens].pow(2)).sum() / (w * (target - x)[batch.tokens].pow(2)).sum()
             assert float(loss(i)) == pytest.approx(float(whole), rel=1e-5)
             assert loss.positions[i].tolist() == ([0] if first_token else list(range(batch.tokens.shape[1])))
+
+
+def test_without_token_weights_a_classifiers_last_layer_is_fitted_at_its_first_token_alone():
+    """The score objective has no token weights: its rows are every real token, except in a classifier's last layer,
+    whose head reads the first token only (the moments, the compensation and the refinement alike)."""
+    model, encoding = tiny_model("bert"), padded_batch(lengths=(5, 3))
+    batch = Batch(encoding, encoding["attention_mask"].bool())
+    classifier = [layer_at(model, i, None, first_token_last=True) for i in range(2)]
+    assert [at.first_only for at in classifier] == [False, True]
+    assert not layer_at(model, 1, None).first_only  # an encoder reads every token of its last layer
+    first = torch.zeros_like(batch.tokens, dtype=torch.float32)
+    first[:, 0] = 1
+    assert torch.equal(row_weights(classifier[1], 0, batch), first)
+    assert torch.equal(row_weights(classifier[0], 0, batch), batch.tokens.float())
+    weights = [torch.rand(batch.tokens.shape)]  # the output objective's token weights decide, at real tokens only
+    assert torch.equal(row_weights(layer_at(model, 1, weights, True), 0, batch), weights[0] * batch.tokens)
 
 
 def test_the_reduction_keeps_no_fused_copy_of_a_layers_weights_and_inference_builds_it_again():

@@ -114,7 +114,7 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
         weights = token_weights(model, data, spill, plan.first_token_last, device, progress) \
             if plan.objective == "output" else None
         for index in range(len(model_layers(model))):
-            at = layer_at(model, index, None if weights is None else weights[index])
+            at = layer_at(model, index, None if weights is None else weights[index], plan.first_token_last)
             moments = layer_statistics(model, index, at, data, spill, True, plan.compensate, scratch, device,
                                        progress)
             parent, name, original = attention_modules(model)[index]

@@ -324,12 +324,14 @@ class Plan:
 
 @dataclass
 class LayerAt:
-    """One layer's modules and the per-batch token weights of its queries (None: every real token alike)."""
+    """One layer's modules, the per-batch token weights of its queries (None: every real token alike), and whether
+    the model reads only the first token of its output (a classifier's last layer)."""
 
     layer: nn.Module
     attention: nn.Module
     norm: nn.Module
     weights: list[torch.Tensor] | None
+    first_only: bool = False
 
 
 @torch.no_grad()
@@ -351,7 +353,7 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
         release(_tensors(model))  # the embeddings, read once for every batch
         same = True  # x~ == x until the first reduced layer
         for index in range(n_layers):
-            at = layer_at(model, index, None if weights is None else weights[index])
+            at = layer_at(model, index, None if weights is None else weights[index], plan.first_token_last)
             originals = _tensors(at.layer)  # the original query/key weights too, which solve_qk_ replaces
             targets = plan.compensate or plan.refine_steps > 0
             moments = layer_statistics(model, index, at, data, spill, same, targets, plan, device, progress)
@@ -403,10 +405,12 @@ def embed(model, data: list[Batch], folder: Path) -> Spill:
     return spill
 
 
-def layer_at(model, index: int, weights) -> LayerAt:
+def layer_at(model, index: int, weights, first_token_last: bool = False) -> LayerAt:
+    """Layer ``index``'s modules; ``first_token_last``: the model reads only the first token of its last layer."""
     arch = arch_for(model.config)
-    layer = model_layers(model)[index]
-    return LayerAt(layer, attention_modules(model)[index][2], layer.get_submodule(arch.norm), weights)
+    layers = model_layers(model)
+    return LayerAt(layers[index], attention_modules(model)[index][2], layers[index].get_submodule(arch.norm), weights,
+                   first_token_last and index == len(layers) - 1)
 
 
 def token_weights(model, data: list[Batch], spill: Spill, first_token: bool, device,
@@ -442,7 +446,6 @@ def layer_statistics(model, index: int, at: LayerAt, data, spill: Spill, same: b
     _, heads, _ = model_shape(model)
     d = getattr(model.config, arch.hidden)
     solver_device = work_device(device)  # statistics and solves (float64): MPS has none, so the CPU there
-    last = index == len(model_layers(model)) - 1
     if plan.objective == "output":
         moments = OutputMoments(d, heads, solver_device)
         gram = head_gram(at.layer.get_submodule(arch.out_proj).weight.detach().float(), heads)
@@ -461,7 +464,7 @@ def layer_statistics(model, index: int, at: LayerAt, data, spill: Spill, same: b
             S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, at.weights[i])
             moments.add(x, xr, batch.tokens, at.weights[i], S, share)
         else:
-            moments.add(x, xr, batch.tokens, _queries(batch.tokens, last and plan.first_token_last))
+            moments.add(x, xr, batch.tokens, _queries(batch.tokens, at.first_only))
         progress(f"layer {index}: original", i + 1, len(data))
     return moments
 
@@ -512,13 +515,13 @@ def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, 
                      "head_weights": [round(float(a), 4) for a in alpha]}
 
 
-def row_weights(at: LayerAt, i: int, batch: Batch, first_only: bool) -> torch.Tensor:
+def row_weights(at: LayerAt, i: int, batch: Batch) -> torch.Tensor:
     """(B, T) float32 weights of the rows the layer's output is fitted at, zero elsewhere: the objective's token
     weights at the real tokens; without them (score objective) every real token alike, or the first alone where the
-    head reads nothing else (``first_only``)."""
+    model reads nothing else (``at.first_only``)."""
     if at.weights is not None:
         return at.weights[i].float() * batch.tokens
-    return _queries(batch.tokens, first_only).float()
+    return _queries(batch.tokens, at.first_only).float()
 
 
 def projection_fit(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
@@ -529,12 +532,11 @@ def projection_fit(model, index, at: LayerAt, data, spill, plan: Plan, same: boo
     (``Ridge.error``)."""
     proj = at.layer.get_submodule(arch_for(model.config).out_proj)
     ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
-    first_only = plan.first_token_last and index == len(model_layers(model)) - 1
     for i, batch in enumerate(data):
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
         ctx = run_until(at.layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
-        w = row_weights(at, i, batch, first_only)
+        w = row_weights(at, i, batch)
         rows = w > 0
         ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w[rows])
         progress(f"layer {index}: {stage}", i + 1, len(data))
@@ -643,8 +645,7 @@ class RefinementLoss:
     on what the compensation already does: the target is the residual sum ``x + W_O ctx + b``. Rows are weighted as
     the compensation weighs them (``row_weights``)."""
 
-    def __init__(self, module, at: LayerAt, data: list[Batch], spill: Spill, same: bool, device, as_float32: bool,
-                 first_only: bool = False):
+    def __init__(self, module, at: LayerAt, data: list[Batch], spill: Spill, same: bool, device, as_float32: bool):
         arch = arch_for(module.config)
         self.module, self.proj = module, at.layer.get_submodule(arch.out_proj)
         self.spill, self.device, self.stream, self.as_float32 = spill, device, "x" if same else "xr", as_float32
@@ -652,7 +653,7 @@ class RefinementLoss:
         self.masks, self.weights, self.positions, self.baselines = [], [], [], []
         with torch.no_grad():
             for i, batch in enumerate(data):
-                self._prepare(i, row_weights(at, i, batch, first_only), at.layer, signature)
+                self._prepare(i, row_weights(at, i, batch), at.layer, signature)
 
     def _prepare(self, i: int, w: torch.Tensor, layer: nn.Module, signature: inspect.Signature) -> None:
         args, kwargs = self.spill.read_call(i, self.device)
@@ -708,7 +709,6 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
         p.requires_grad_(True)
     # steps relative to each tensor's RMS: after whitening, the query and key factors differ in scale by orders
     rms = [float(p.detach().float().pow(2).mean().sqrt()) for p in params]
-    first_only = plan.first_token_last and index == len(model_layers(model)) - 1
     try:
         with torch.no_grad():
             if before is None:
@@ -716,7 +716,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
             changed = [t for t in (*params, proj.weight, proj.bias) if t is not None]  # by the steps and the refit
             start = [t.detach().clone() for t in changed]
         with _by_formula(module, device), _in_float32(at.layer) as converted:
-            step_loss = RefinementLoss(module, at, data, spill, same, device, bool(converted), first_only)
+            step_loss = RefinementLoss(module, at, data, spill, same, device, bool(converted))
             sizes = [plan.refine_lr * r + 1e-12 for r in rms]
             optimizer = torch.optim.Adam([{"params": [p], "lr": 0.0} for p in params])
             schedule = StepSchedule(len(data))
