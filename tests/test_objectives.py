@@ -16,6 +16,7 @@ from mhacompress.reduction.objectives import (
     centred_content_bias,
     head_gram,
     key_side,
+    norm_gain,
     output_metric,
     readout_weights,
     ridge_map,
@@ -142,6 +143,35 @@ def test_at_full_rank_the_centred_bias_is_the_plain_content_bias():
     exact = methods.get("cp").solve(wq, wk, heads, heads * dh)
     got = centred_content_bias(wq, bq, wk, heads, mu, exact, mu, None)
     torch.testing.assert_close(got, content_bias(wk, bq, heads), atol=1e-9, rtol=1e-7)
+
+
+def test_the_norm_gain_is_the_square_of_how_much_the_layernorm_magnifies_an_error_at_each_token():
+    """An error in a LayerNorm's input that it does not remove (no mean over the features, nothing along the centred
+    input) comes out scaled by 1 / std at its token: the next layer feels it gain x |error|^2, so a token of twice the
+    spread weighs a quarter."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 16, generator=gen, dtype=f64) * torch.tensor([1.0, 2.0, 0.5], dtype=f64)[None, :, None]
+    tokens = torch.ones(2, 3, dtype=torch.bool)
+    norm = torch.nn.LayerNorm(16, eps=1e-5, elementwise_affine=False).double()
+    gain = norm_gain(s, tokens, norm.eps)
+    for b in range(2):
+        for t in range(3):
+            centred = s[b, t] - s[b, t].mean()
+            err = torch.randn(16, generator=gen, dtype=f64)
+            err -= err.mean()
+            err -= (err @ centred) / (centred @ centred) * centred  # what the LayerNorm keeps
+            moved = norm(s[b, t] + 1e-6 * err) - norm(s[b, t])
+            assert float(moved.pow(2).sum() / (1e-6 * err).pow(2).sum()) == pytest.approx(float(gain[b, t]), rel=1e-4)
+    torch.testing.assert_close(gain[:, 1] / gain[:, 0], (s[:, 0].var(-1, unbiased=False) / s[:, 1].var(-1, unbiased=False))
+                               .float())
+
+
+def test_a_near_constant_token_takes_no_more_than_a_hundred_times_the_mean_gain():
+    s = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1))
+    s[0, 2] = 3.0  # constant: a LayerNorm maps it to its bias, whatever error it has
+    gain = norm_gain(s, torch.ones(1, 4, dtype=torch.bool), 1e-12)
+    floor = 1e-2 * s.var(-1, unbiased=False).mean()
+    assert torch.isfinite(gain).all() and float(gain[0, 2]) == pytest.approx(1 / float(floor), rel=1e-5)
 
 
 def test_rollout_follows_the_attention_maps_from_the_readout():

@@ -377,7 +377,7 @@ def test_the_refinement_loss_from_cached_values_is_the_layers_weighted_output_er
         for i, batch in enumerate(data):
             args, kwargs = spill.read_call(i, cpu)
             x, target = spill.read("x", i, cpu), spill.read("s", i, cpu)
-            w = at.weights[i][batch.tokens][:, None]
+            w = at.query_weights(i)[batch.tokens][:, None]
             out = run_until(at.layer, at.norm, x, args, kwargs)
             whole = (w * (out - target)[batch.tokens].pow(2)).sum() / (w * (target - x)[batch.tokens].pow(2)).sum()
             assert float(loss(i)) == pytest.approx(float(whole), rel=1e-5)
@@ -397,7 +397,29 @@ def test_without_token_weights_a_classifiers_last_layer_is_fitted_at_its_first_t
     assert torch.equal(row_weights(classifier[1], 0, batch), first)
     assert torch.equal(row_weights(classifier[0], 0, batch), batch.tokens.float())
     weights = [torch.rand(batch.tokens.shape)]  # the output objective's token weights decide, at real tokens only
-    assert torch.equal(row_weights(layer_at(model, 1, weights, True), 0, batch), weights[0] * batch.tokens)
+    at = layer_at(model, 1, weights, True)
+    at.gains[0] = torch.full(batch.tokens.shape, 2.0)
+    assert torch.equal(row_weights(at, 0, batch), 2 * weights[0] * batch.tokens)
+
+
+def test_the_output_objective_weighs_each_token_by_its_rollout_weight_times_the_layernorms_gain(tmp_path):
+    """Pass 1 measures the gain of the LayerNorm after the attention on the original residual sums (the next layer
+    reads them normalised); the moments, the compensation and the refinement then weigh each token by rollout weight
+    x gain."""
+    model, cpu = tiny_model("bert"), torch.device("cpu")
+    data = [Batch(b, b["attention_mask"].bool()) for b in calibration(n=2)]
+    with torch.no_grad():
+        spill = embed(model, data, tmp_path)
+        rolled = token_weights(model, data, spill, False, cpu, lambda *a: None)[0]
+        at = layer_at(model, 0, rolled)
+        moments = layer_statistics(model, 0, at, data, spill, True, True, Plan(), cpu, lambda *a: None)
+    total = 0.0
+    for i, batch in enumerate(data):
+        s = spill.read("s", i, cpu)
+        expected = rolled[i] / (s.var(-1, unbiased=False) + at.norm.eps) * batch.tokens
+        torch.testing.assert_close(row_weights(at, i, batch), expected)
+        total += float(expected.sum())
+    assert moments.n == pytest.approx(total, rel=1e-5)
 
 
 def test_the_reduction_keeps_no_fused_copy_of_a_layers_weights_and_inference_builds_it_again():

@@ -20,7 +20,9 @@ output space, ubar_i^h = sum_j p_ij^h u_j^h.
   the whitened query weights, so the shared factors favour the heads whose scores move the output.
 * Token weights (``rollout``): how much each token of each layer reaches what the model is read at (the first token
   of the last layer for a classifier, the mean of the last layer's tokens for an encoder), by attention rollout on the
-  original model (Abnar & Zuidema 2020) with half of each step on the residual path.
+  original model (Abnar & Zuidema 2020) with half of each step on the residual path; times the gain of the LayerNorm
+  that reads the layer's output at that token (``norm_gain``): what the next layer sees is the normalised residual
+  sum, so an error counts in units of its token's spread.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ def rollout(maps: list[Tensor], readout: Tensor, tokens: Tensor, residual: float
         weights[index] = w
         w = (residual * w + (1 - residual) * (w[:, None, :] @ maps[index].to(w.dtype))[:, 0]) * mask
     return weights
+
+
+def norm_gain(s: Tensor, tokens: Tensor, eps: float) -> Tensor:
+    """(B, T) the squared gain 1 / (var(s_t) + eps) of a LayerNorm at each token of its input s (B, T, d): to first
+    order it scales an error in s_t by gamma / std(s_t) (after removing the error's mean over the features and its
+    part along s_t - mean), so the next layer, which reads LayerNorm(x + W_O ctx + b), feels an output error more at a
+    token of small spread. Floored at 1% of the real tokens' mean variance: no near-constant token (or padding) takes
+    all the weight."""
+    var = s.float().var(-1, unbiased=False)  # (B, T)
+    floor = 1e-2 * var[tokens.bool()].mean()
+    return 1.0 / (torch.maximum(var, floor) + eps)
 
 
 def readout_weights(tokens: Tensor, first_token: bool) -> Tensor:

@@ -50,6 +50,7 @@ from .objectives import (
     OutputMoments,
     centred_content_bias,
     head_gram,
+    norm_gain,
     output_metric,
     readout_weights,
     ridge_map,
@@ -324,14 +325,22 @@ class Plan:
 
 @dataclass
 class LayerAt:
-    """One layer's modules, the per-batch token weights of its queries (None: every real token alike), and whether
-    the model reads only the first token of its output (a classifier's last layer)."""
+    """One layer's modules, the per-batch rollout weights of its queries (None: every real token alike), whether the
+    model reads only the first token of its output (a classifier's last layer), and per batch the gain of the
+    LayerNorm after the attention at each token, which pass 1 (``layer_statistics``) measures on the original
+    residual sums."""
 
     layer: nn.Module
     attention: nn.Module
     norm: nn.Module
     weights: list[torch.Tensor] | None
     first_only: bool = False
+    gains: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> (B, T) objectives.norm_gain
+
+    def query_weights(self, i: int) -> torch.Tensor:
+        """Batch ``i``'s query weights (B, T) under the output objective: rollout weight times the LayerNorm's gain
+        (pass 1 must have run)."""
+        return self.weights[i] * self.gains[i]
 
 
 @torch.no_grad()
@@ -456,13 +465,15 @@ def layer_statistics(model, index: int, at: LayerAt, data, spill: Spill, same: b
         x = spill.read("x", i, device)
         xr = x if same else spill.read("xr", i, device)
         out, seen = run_recording(at.layer, {"attention": at.attention, "norm": at.norm}, x, args, kwargs)
+        s = seen["norm"][0][0]  # the original residual sum x + W_O ctx + b
         if targets:
-            spill.write("s", i, seen["norm"][0][0])  # the original residual sum x + W_O ctx + b
+            spill.write("s", i, s)
         spill.write("x_next", i, out)
         if plan.objective == "output":
+            at.gains[i] = norm_gain(s, batch.tokens, getattr(at.norm, "eps", 0.0))
             p, v = original_attention(at.attention, arch, heads, seen["attention"])
-            S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, at.weights[i])
-            moments.add(x, xr, batch.tokens, at.weights[i], S, share)
+            S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, at.query_weights(i))
+            moments.add(x, xr, batch.tokens, at.query_weights(i), S, share)
         else:
             moments.add(x, xr, batch.tokens, _queries(batch.tokens, at.first_only))
         progress(f"layer {index}: original", i + 1, len(data))
@@ -517,10 +528,10 @@ def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, 
 
 def row_weights(at: LayerAt, i: int, batch: Batch) -> torch.Tensor:
     """(B, T) float32 weights of the rows the layer's output is fitted at, zero elsewhere: the objective's token
-    weights at the real tokens; without them (score objective) every real token alike, or the first alone where the
+    weights at the real tokens (rollout times the LayerNorm's gain, ``LayerAt.query_weights``); without them (score objective) every real token alike, or the first alone where the
     model reads nothing else (``at.first_only``)."""
     if at.weights is not None:
-        return at.weights[i].float() * batch.tokens
+        return at.query_weights(i).float() * batch.tokens
     return _queries(batch.tokens, at.first_only).float()
 
 
