@@ -13,6 +13,7 @@ from mhacompress.reduction.sequential import (
     LayerMoments,
     Plan,
     RefinementLoss,
+    STRENGTHS,
     Ridge,
     Spill,
     StepSchedule,
@@ -242,6 +243,55 @@ def test_the_ridge_gives_any_maps_relative_error_without_another_pass(weighted):
         want = (rw[:, None] * residual.pow(2)).sum() / (rw[:, None] * t.pow(2)).sum()
         assert ridge.error(w, b) == pytest.approx(float(want), rel=1e-9)
     assert ridge.error(*solved) < ridge.error(*other)
+
+
+def _fit(z, t, rw, prior, strength):
+    """Brute force: weighted ridge least squares of [W b] towards ``prior`` (d_out, d_in + 1), bias free, by lstsq."""
+    za = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], 1)
+    lam = strength * (rw[:, None] * z * z).sum(0).mean()
+    n = z.shape[1]
+    penalty = torch.cat([lam.sqrt() * torch.eye(n, dtype=z.dtype), torch.zeros(n, 1, dtype=z.dtype)], 1)
+    return torch.linalg.lstsq(torch.cat([rw.sqrt()[:, None] * za, penalty]),
+                              torch.cat([rw.sqrt()[:, None] * t, lam.sqrt() * prior[:, :-1].T])).solution  # (n+1, out)
+
+
+@pytest.mark.parametrize("noise, want", [(0.0, "weakest"), (3.0, "strong")])
+def test_the_compensations_ridge_strength_is_the_one_that_predicts_the_held_out_fold_best(noise, want):
+    """Batches alternate between two folds; each strength is fitted on one fold and scored on the other (brute-force
+    weighted least squares here), and the least total held-out error wins. Clean data and a wrong prior: the weakest
+    pull; few noisy rows and the right prior: a strong one."""
+    gen = torch.Generator().manual_seed(2)
+    d_in, d_out = 6, 4
+    truth = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    prior = truth if noise else torch.zeros(d_out, d_in, dtype=torch.float64)
+    ridge, rows = Ridge(d_in, d_out, folds=2), {0: [], 1: []}
+    for i in range(4):  # four batches of 5 rows
+        z = torch.randn(5, d_in, generator=gen, dtype=torch.float64)
+        t = z @ truth.T + 0.5 + noise * torch.randn(5, d_out, generator=gen, dtype=torch.float64)
+        rw = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+        ridge.add(z, t, rw, batch=i)
+        rows[i % 2].append((z, t, rw))
+    folds = {f: [torch.cat(c) for c in zip(*rows[f])] for f in (0, 1)}
+    prior_b = torch.cat([prior, torch.zeros(d_out, 1, dtype=torch.float64)], 1)
+
+    def held_out(strength):
+        total = 0.0
+        for f in (0, 1):
+            a = _fit(*folds[1 - f], prior_b, strength)
+            z, t, rw = folds[f]
+            residual = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], 1) @ a - t
+            total += float((rw[:, None] * residual.pow(2)).sum())
+        return total
+
+    chosen = ridge.cross_validated(prior, None)
+    assert chosen == min(STRENGTHS, key=held_out)
+    assert (chosen == STRENGTHS[0]) == (want == "weakest") and (chosen >= 1.0) == (want == "strong"), chosen
+    assert Ridge(d_in, d_out).cross_validated(prior, None) == STRENGTHS[0]  # one fold: nothing held out
+
+
+def test_the_compensation_reports_the_strength_it_chose(tmp_path):
+    plan = sequential(tiny_model("bert"), 4, calibration(), compensate=True)
+    assert all(r["compensation_strength"] in STRENGTHS for r in plan.reports), plan.reports
 
 
 def test_spill_round_trips_and_renames(tmp_path):

@@ -255,52 +255,102 @@ class LayerMoments:
         return self.key / max(self.n_key, 1)
 
 
+FOLDS = 2  # folds of the calibration batches that choose the compensation's ridge strength
+STRENGTHS = (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # the ridge strengths the cross-validation chooses from
+
+
 @dataclass
 class Ridge:
-    """Normal equations of a ridge least-squares refit of a linear map z -> W z + b, accumulated batch by batch."""
+    """Normal equations of a ridge least-squares refit of a linear map z -> W z + b, accumulated batch by batch, per
+    fold (rows of batch i go to fold i % folds), so that the ridge's strength can be chosen by cross-validation."""
 
     d_in: int
     d_out: int
     device: torch.device = torch.device("cpu")
-    gram: torch.Tensor = None  # sum [z; 1][z; 1]^T (d_in + 1, d_in + 1)
-    rhs: torch.Tensor = None  # sum [z; 1] t^T (d_in + 1, d_out)
-    target: float = 0.0  # sum w ||t||^2
-    count: int = 0
+    folds: int = 1
+    grams: torch.Tensor = None  # per fold: sum [z; 1][z; 1]^T (folds, d_in + 1, d_in + 1)
+    rhss: torch.Tensor = None  # per fold: sum [z; 1] t^T (folds, d_in + 1, d_out)
+    targets: list[float] = None  # per fold: sum w ||t||^2
+    counts: list[int] = None  # per fold: rows
 
     def __post_init__(self):
-        self.gram = torch.zeros(self.d_in + 1, self.d_in + 1, dtype=torch.float64, device=self.device)
-        self.rhs = torch.zeros(self.d_in + 1, self.d_out, dtype=torch.float64, device=self.device)
+        n = self.d_in + 1
+        self.grams = torch.zeros(self.folds, n, n, dtype=torch.float64, device=self.device)
+        self.rhss = torch.zeros(self.folds, n, self.d_out, dtype=torch.float64, device=self.device)
+        self.targets, self.counts = [0.0] * self.folds, [0] * self.folds
 
-    def add(self, z: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """z (N, d_in) inputs, t (N, d_out) targets, optional row weights (N,)."""
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.grams.sum(0)
+
+    @property
+    def rhs(self) -> torch.Tensor:
+        return self.rhss.sum(0)
+
+    @property
+    def target(self) -> float:
+        return sum(self.targets)
+
+    def add(self, z: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None, batch: int = 0) -> None:
+        """z (N, d_in) inputs, t (N, d_out) targets, optional row weights (N,), of calibration batch ``batch``."""
+        f = batch % self.folds
         z = z.to(self.device, torch.float64)
         z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=torch.float64, device=self.device)], dim=1)  # (N, d_in+1)
         zw = z if weights is None else z * weights.to(self.device, torch.float64)[:, None]
-        self.gram += zw.T @ z
+        self.grams[f] += zw.T @ z
         t = t.to(self.device, torch.float64)
-        self.rhs += zw.T @ t
-        self.target += float((t.pow(2) if weights is None else zw[:, -1:] * t.pow(2)).sum())
-        self.count += z.shape[0]
+        self.rhss[f] += zw.T @ t
+        self.targets[f] += float((t.pow(2) if weights is None else zw[:, -1:] * t.pow(2)).sum())
+        self.counts[f] += z.shape[0]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def _stacked(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[W^T; b] (d_in + 1, d_out) in float64."""
+        as64 = dict(device=self.device, dtype=torch.float64)
+        b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
+        return torch.cat([weight.to(**as64).T, b[None]])
+
+    @staticmethod
+    def _residual(a: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, target: float) -> float:
+        """sum w ||a^T [z; 1] - t||^2 from the sums of those rows."""
+        return float((a * (gram @ a)).sum() - 2 * (a * rhs).sum()) + target
 
     def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
         """sum w ||W z + b - t||^2 / sum w ||t||^2 over the rows added, from the normal equations alone (no pass)."""
-        as64 = dict(device=self.device, dtype=torch.float64)
-        b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
-        a = torch.cat([weight.to(**as64).T, b[None]])  # (d_in + 1, d_out)
-        residual = float((a * (self.gram @ a)).sum() - 2 * (a * self.rhs).sum()) + self.target
+        residual = self._residual(self._stacked(weight, bias), self.gram, self.rhs, self.target)
         return max(residual, 0.0) / max(self.target, 1e-300)
+
+    def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor, strength: float) -> torch.Tensor:
+        reg = torch.full((self.d_in + 1,), float(strength * gram.diagonal()[:-1].mean()), dtype=torch.float64,
+                         device=self.device)
+        reg[-1] = 0.0
+        return torch.linalg.solve(gram + torch.diag(reg), rhs + reg[:, None] * prior)  # (d_in + 1, d_out)
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor | None,
               strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """W', b' minimising sum w ||W' z + b' - t||^2 + lam ||W' - W||^2, lam = strength * mean diagonal of the
         inputs' Gram matrix (a scale-free pull towards the original weights; the bias is free)."""
-        as64 = dict(device=self.device, dtype=torch.float64)
-        b = bias.to(**as64) if bias is not None else torch.zeros(weight.shape[0], **as64)
-        prior = torch.cat([weight.to(**as64).T, b[None]])  # (d_in + 1, d_out)
-        reg = torch.full((self.d_in + 1,), float(strength * self.gram.diagonal()[:-1].mean()), **as64)
-        reg[-1] = 0.0
-        solution = torch.linalg.solve(self.gram + torch.diag(reg), self.rhs + reg[:, None] * prior)  # (d_in+1, d_out)
+        solution = self._solve(self.gram, self.rhs, self._stacked(weight, bias), strength)
         return solution[:-1].T, solution[-1]
+
+    def cross_validated(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                        strengths: tuple[float, ...] = STRENGTHS) -> float:
+        """The strength whose refit, solved on all folds but one, has the least error on the fold left out, summed
+        over the folds: the refit has (d_in + 1) x d_out free weights and a few hundred sequences to fit them on, and
+        a weak pull lets it fit those sequences' own errors (docs/method.md). With one fold, the weakest."""
+        if min(self.counts) == 0:  # one fold (or one holding every row): nothing to validate on
+            return strengths[0]
+        prior = self._stacked(weight, bias)
+        gram, rhs = self.gram, self.rhs
+
+        def held_out(strength):
+            return sum(self._residual(self._solve(gram - self.grams[f], rhs - self.rhss[f], prior, strength),
+                                      self.grams[f], self.rhss[f], self.targets[f]) for f in range(self.folds))
+
+        return min(strengths, key=held_out)
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
@@ -315,7 +365,7 @@ class Plan:
 
     objective: str = "output"  # "output": the attention-output metric (objectives.py); "score": the score error
     compensate: bool = False
-    compensation_strength: float = 1e-2
+    compensation_strength: float | None = None  # the refit's ridge strength; None: cross-validated (Ridge)
     refine_steps: int = 0
     refine_lr: float = 3e-3  # Adam step relative to each parameter's RMS
     first_token_last: bool = False  # the head reads only the first token of the last layer (classifiers)
@@ -371,7 +421,8 @@ def reduce_sequential_(model: nn.Module, config: ReductionConfig, dims: list[int
             if plan.compensate:
                 proj = at.layer.get_submodule(arch_for(model.config).out_proj)
                 original = [None if t is None else t.detach().clone() for t in (proj.weight, proj.bias)]
-                error = compensate_(model, index, at, data, spill, plan, same, device, progress, prior=original)
+                error, report["compensation_strength"] = compensate_(model, index, at, data, spill, plan, same,
+                                                                     device, progress, prior=original)
             if plan.refine_steps:
                 with torch.enable_grad():
                     report.update(_refine(model, index, at, data, spill, plan, same, device, progress, error,
@@ -542,35 +593,41 @@ def projection_fit(model, index, at: LayerAt, data, spill, plan: Plan, same: boo
     give the compensation's refit, and the relative output error of any projection without another pass
     (``Ridge.error``)."""
     proj = at.layer.get_submodule(arch_for(model.config).out_proj)
-    ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device))
+    ridge = Ridge(proj.in_features, proj.out_features, work_device(proj.weight.device), folds=min(FOLDS, len(data)))
     for i, batch in enumerate(data):
         args, kwargs = spill.read_call(i, device)
         xr = spill.read("x" if same else "xr", i, device)
         ctx = run_until(at.layer, proj, xr, args, kwargs)  # (B, T, d) the reduced heads' context
         w = row_weights(at, i, batch)
         rows = w > 0
-        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w[rows])
+        ridge.add(ctx[rows], (spill.read("s", i, device) - xr)[rows], w[rows], batch=i)
         progress(f"layer {index}: {stage}", i + 1, len(data))
     return ridge
 
 
 def compensate_(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress,
-                prior: list[torch.Tensor | None] | None = None) -> float:
+                prior: list[torch.Tensor | None] | None = None) -> tuple[float, float]:
     """Refit the attention output projection of the (reduced) layer so that x~ + W_O' ctx~ + b' matches the
     original residual sum s, by ridge least squares (streamed normal equations), rows weighted like the objective;
-    pulled towards ``prior`` (weight, bias), by default the projection's current weights. Returns the layer's
-    relative output error after the refit (``output_error``)."""
+    pulled towards ``prior`` (weight, bias), by default the projection's current weights, as strongly as
+    ``plan.compensation_strength`` says, or by default as cross-validation over the calibration batches chooses
+    (``Ridge.cross_validated``). Returns the layer's relative output error after the refit (``output_error``) and
+    the strength."""
     arch = arch_for(model.config)
     proj = at.layer.get_submodule(arch.out_proj)
     ridge = projection_fit(model, index, at, data, spill, plan, same, device, progress, "compensation")
-    weight, bias = ridge.solve(*(prior or (proj.weight, proj.bias)), plan.compensation_strength)
+    prior = prior or (proj.weight, proj.bias)
+    strength = plan.compensation_strength
+    if strength is None:
+        strength = ridge.cross_validated(*prior)
+    weight, bias = ridge.solve(*prior, strength)
     proj.weight.copy_(weight.to(proj.weight.dtype))
     if proj.bias is not None:
         proj.bias.copy_(bias.to(proj.bias.dtype))
     name = f"{arch.layers}.{index}.{arch.out_proj}"
     if name not in plan.modified:
         plan.modified.append(name)
-    return ridge.error(proj.weight, proj.bias)  # as installed, in the projection's own dtype
+    return ridge.error(proj.weight, proj.bias), strength  # the error as installed, in the projection's own dtype
 
 
 def output_error(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, device, progress) -> float:
@@ -743,7 +800,7 @@ def _refine(model, index, at: LayerAt, data, spill, plan: Plan, same: bool, devi
             for p in params:  # gradients outliving the steps: memory held after the reduction, pickled with the
                 p.grad = None  # model, and float32 ones on half parameters
         with torch.no_grad():
-            after = compensate_(model, index, at, data, spill, plan, same, device, progress, prior=prior) \
+            after = compensate_(model, index, at, data, spill, plan, same, device, progress, prior=prior)[0] \
                 if plan.compensate else output_error(model, index, at, data, spill, plan, same, device, progress)
             kept = math.isfinite(after) and after < before
             if not kept:
