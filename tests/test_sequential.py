@@ -9,11 +9,11 @@ from mhacompress.reduction.calibrate import second_moments
 from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.modeling import attention_modules, layers
 from mhacompress.reduction.sequential import (
+    STRENGTHS,
     Batch,
     LayerMoments,
     Plan,
     RefinementLoss,
-    STRENGTHS,
     Ridge,
     Spill,
     StepSchedule,

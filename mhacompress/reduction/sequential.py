@@ -579,8 +579,8 @@ def solve_output(wq, bq, wk, heads: int, key_dim: int, config: ReductionConfig, 
 
 def row_weights(at: LayerAt, i: int, batch: Batch) -> torch.Tensor:
     """(B, T) float32 weights of the rows the layer's output is fitted at, zero elsewhere: the objective's token
-    weights at the real tokens (rollout times the LayerNorm's gain, ``LayerAt.query_weights``); without them (score objective) every real token alike, or the first alone where the
-    model reads nothing else (``at.first_only``)."""
+    weights at the real tokens (rollout times the LayerNorm's gain, ``LayerAt.query_weights``); without them (score
+    objective) every real token alike, or the first alone where the model reads nothing else (``at.first_only``)."""
     if at.weights is not None:
         return at.query_weights(i).float() * batch.tokens
     return _queries(batch.tokens, at.first_only).float()
