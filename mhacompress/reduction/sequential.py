@@ -341,14 +341,18 @@ class Ridge:
         """The strength whose refit, solved on all folds but one, has the least error on the fold left out, summed
         over the folds: the refit has (d_in + 1) x d_out free weights and a few hundred sequences to fit them on, and
         a weak pull lets it fit those sequences' own errors (docs/method.md). With one fold, the weakest."""
-        if min(self.counts) == 0:  # one fold (or one holding every row): nothing to validate on
-            return strengths[0]
+        finite = all(bool(torch.isfinite(t).all()) for t in (self.grams, self.rhss)) and math.isfinite(self.target)
+        if min(self.counts) == 0 or not finite:  # one fold (or one holding every row), or statistics that the
+            return strengths[0]  # checks after the refit report: nothing to validate on
         prior = self._stacked(weight, bias)
         gram, rhs = self.gram, self.rhs
 
         def held_out(strength):
-            return sum(self._residual(self._solve(gram - self.grams[f], rhs - self.rhss[f], prior, strength),
-                                      self.grams[f], self.rhss[f], self.targets[f]) for f in range(self.folds))
+            try:
+                return sum(self._residual(self._solve(gram - self.grams[f], rhs - self.rhss[f], prior, strength),
+                                          self.grams[f], self.rhss[f], self.targets[f]) for f in range(self.folds))
+            except torch.linalg.LinAlgError:  # a fold's complement singular at this strength: not a candidate
+                return math.inf
 
         return min(strengths, key=held_out)
 
