@@ -18,7 +18,8 @@ with the ``score`` objective (the simpler rung of the ablation):
     by the reduced stream's own second moments (query side Cq, key side Ck), which minimises the expected score error
     E[(x~^T A~_h y~ - x^T A_h y)^2] over independent query/key tokens. The content bias maps through P as well.
   * compensation: a ridge least-squares refit of the attention output projection W_O, b so that the residual sum
-    x~ + W_O' ctx~ + b' matches the original's x + W_O ctx + b (token-weighted like the objective).
+    x~ + W_O' ctx~ + b' matches the original's x + W_O ctx + b (token-weighted like the objective), its pull towards
+    W_O chosen per layer by two-fold cross-validation over the calibration batches (``Ridge.cross_validated``).
   * refinement (optional): Adam steps on the query/key parameters against the same residual-sum target.
 """
 
