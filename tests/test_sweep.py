@@ -196,11 +196,11 @@ def test_sweep_on_a_real_local_ray_instance_gives_the_local_numbers(tiny_encoder
     assert local.exit_code == 0 and distributed.exit_code == 0, (local.output, distributed.output)
     a, b = json.loads(local.stdout), json.loads(distributed.stdout)
     # the same cells and numbers, to float32 rounding: a Ray task runs on its num_cpus=1 thread, this process on all
-    # cores, and a threaded sum rounds differently (Pearson differed in the 7th digit on a 2-core Xeon)
+    # cores, and a threaded sum rounds differently (correlations 1e-6 apart on a 2-core Xeon; near 0, so absolute)
     assert [(r["method"], r["key_dim"]) for r in a["results"]] == [(r["method"], r["key_dim"]) for r in b["results"]]
-    assert [r["score"] for r in a["results"]] == pytest.approx([r["score"] for r in b["results"]], rel=1e-5)
+    assert [r["score"] for r in a["results"]] == pytest.approx([r["score"] for r in b["results"]], abs=1e-5)
     assert a["original"]["qk_params"] == b["original"]["qk_params"]
-    assert a["original"]["metrics"] == pytest.approx(b["original"]["metrics"], rel=1e-5)
+    assert a["original"]["metrics"] == pytest.approx(b["original"]["metrics"], abs=1e-5)
 
 
 def test_run_sweep_takes_the_same_paths_as_the_other_calls(tiny_encoder, glue_dir):
