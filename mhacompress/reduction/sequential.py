@@ -304,10 +304,6 @@ class Ridge:
         self.targets[f] += float((t.pow(2) if weights is None else zw[:, -1:] * t.pow(2)).sum())
         self.counts[f] += z.shape[0]
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def _stacked(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """[W^T; b] (d_in + 1, d_out) in float64."""
         as64 = dict(device=self.device, dtype=torch.float64)
@@ -528,8 +524,9 @@ def layer_statistics(model, index: int, at: LayerAt, data, spill: Spill, same: b
         if plan.objective == "output":
             at.gains[i] = norm_gain(s, batch.tokens, getattr(at.norm, "eps", 0.0))
             p, v = original_attention(at.attention, arch, heads, seen["attention"])
-            S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, at.query_weights(i))
-            moments.add(x, xr, batch.tokens, at.query_weights(i), S, share)
+            w = at.query_weights(i)
+            S, share = output_metric(x.float(), p, v, gram.to(p), batch.tokens, w)
+            moments.add(x, xr, batch.tokens, w, S, share)
         else:
             moments.add(x, xr, batch.tokens, _queries(batch.tokens, at.first_only))
         progress(f"layer {index}: original", i + 1, len(data))
