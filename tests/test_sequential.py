@@ -481,3 +481,26 @@ def test_the_reduction_keeps_no_fused_copy_of_a_layers_weights_and_inference_bui
     with torch.no_grad():
         model(**batches[0])
     assert all("_fused" in m.__dict__ for m in modules)
+
+
+@pytest.mark.parametrize("first_token_last", [False, True], ids=["encoder", "classifier"])
+def test_the_score_objectives_query_moment_of_a_classifiers_last_layer_is_taken_at_first_tokens(tmp_path,
+                                                                                                first_token_last):
+    """Pass 1 under the score objective: the key moment covers every real token, the query moment the positions the
+    model reads from the layer's output, the first token alone in a classifier's last layer."""
+    model, cpu, last = tiny_model("bert"), torch.device("cpu"), 1
+    data = [Batch(b, b["attention_mask"].bool()) for b in calibration(n=2)]
+    plan, quiet = Plan(objective="score"), lambda *a: None
+    with torch.no_grad():
+        spill = embed(model, data, tmp_path)
+        layer_statistics(model, 0, layer_at(model, 0, None, first_token_last), data, spill, True, False, plan, cpu,
+                         quiet)
+        spill.rename("x_next", "x", len(data))
+        moments = layer_statistics(model, last, layer_at(model, last, None, first_token_last), data, spill, True,
+                                   False, plan, cpu, quiet)
+    xs = [spill.read("x", i, cpu).double() for i in range(len(data))]
+    tokens = torch.cat([x[b.tokens] for x, b in zip(xs, data)])  # (N, d)
+    queries = torch.cat([x[:, 0] for x in xs]) if first_token_last else tokens
+    as_float32 = dict(rtol=1.3e-6, atol=1e-5)  # each batch's sums are taken in float32 (LayerMoments.add)
+    torch.testing.assert_close(moments.key_moment(), tokens.T @ tokens / len(tokens), **as_float32)
+    torch.testing.assert_close(moments.query_moment(), queries.T @ queries / len(queries), **as_float32)
