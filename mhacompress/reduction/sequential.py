@@ -258,6 +258,7 @@ class LayerMoments:
 
 FOLDS = 2  # folds of the calibration batches that choose the compensation's ridge strength
 STRENGTHS = (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # the ridge strengths the cross-validation chooses from
+BEYOND = 6  # steps (at the grid's ratio) the cross-validation may take past whichever end of the grid wins
 
 
 @dataclass
@@ -337,7 +338,10 @@ class Ridge:
                         strengths: tuple[float, ...] = STRENGTHS) -> float:
         """The strength whose refit, solved on all folds but one, has the least error on the fold left out, summed
         over the folds: the refit has (d_in + 1) x d_out free weights and a few hundred sequences to fit them on, and
-        a weak pull lets it fit those sequences' own errors (docs/method.md). With one fold, the weakest."""
+        a weak pull lets it fit those sequences' own errors (docs/method.md). An end of the grid that wins says the
+        best lies beyond it (a classifier's last layer, fitted at 512 first tokens, chose the strongest on every
+        run): the search goes on past it, at the grid's ratio, while the held-out error falls (at most ``BEYOND``
+        steps). With one fold, the weakest."""
         finite = all(bool(torch.isfinite(t).all()) for t in (self.grams, self.rhss)) and math.isfinite(self.target)
         if min(self.counts) == 0 or not finite:  # one fold (or one holding every row), or statistics that the
             return strengths[0]  # checks after the refit report: nothing to validate on
@@ -351,7 +355,20 @@ class Ridge:
             except torch.linalg.LinAlgError:  # a fold's complement singular at this strength: not a candidate
                 return math.inf
 
-        return min(strengths, key=held_out)
+        errors = [held_out(strength) for strength in strengths]
+        least = min(errors)
+        best = strengths[errors.index(least)]
+        if len(strengths) < 2 or best not in (strengths[0], strengths[-1]):
+            return best
+        ratio = (strengths[-1] / strengths[0]) ** (1 / (len(strengths) - 1))  # the grid's step
+        end, step = best, ratio if best == strengths[-1] else 1 / ratio
+        for k in range(1, BEYOND + 1):
+            candidate = float(f"{end * step ** k:.3g}")
+            error = held_out(candidate)
+            if not error < least:
+                break
+            best, least = candidate, error
+        return best
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
