@@ -111,3 +111,48 @@ def test_the_checks_that_read_every_weight_leave_none_resident(mapped):
     _check_finite(model, calibrated=False)  # the layers only, after the reduction
     layers = sum(p.numel() * p.element_size() for p in model.encoder.parameters())
     assert resident(path) < path.stat().st_size - 0.8 * layers
+
+
+def test_one_layer_resident_gives_back_each_layer_as_a_pass_leaves_it_and_changes_no_output(mapped):
+    from mhacompress.reduction.sequential import one_layer_resident
+
+    model, path = mapped
+    batch = padded_batch(1000, lengths=(12, 7, 9, 3))
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+        release(model.parameters())
+        seen = []  # the checkpoint's resident bytes as each layer starts
+        hooks = [layer.register_forward_pre_hook(lambda *a: seen.append(resident(path)))
+                 for layer in model.encoder.layer]
+        with one_layer_resident(model):
+            out = model(**batch).last_hidden_state
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    layer = sum(p.numel() * p.element_size() for p in model.encoder.layer[0].parameters())
+    assert seen[1] < seen[0] + 0.5 * layer  # layer 0 was given back before layer 1 ran
+    assert resident(path) < 0.2 * path.stat().st_size
+    model(**batch)  # outside the block: nothing given back
+    assert resident(path) > 2 * layer
+
+
+def test_the_sensitivity_curves_end_with_no_layer_resident_and_the_same_curves(mapped, monkeypatch):
+    from transformers import AutoModel
+
+    from mhacompress.reduction.sensitivity import output_curves
+
+    model, path = mapped
+    batches = [padded_batch(1000, lengths=(12, 7, 9, 3), seed=s) for s in range(2)]
+    config, plan = ReductionConfig(key_dim=16), Plan(compensate=True)
+    release(model.parameters())  # as the checks after loading leave it
+    seen = []  # the checkpoint's resident bytes as each layer starts, in every pass of the curves
+    for layer in model.encoder.layer:
+        layer.register_forward_pre_hook(lambda *a: seen.append(resident(path)))
+    curves = output_curves(model, config, [8, 16], batches, plan)
+    layer = sum(p.numel() * p.element_size() for p in model.encoder.layer[0].parameters())
+    assert max(seen) < path.stat().st_size - 0.5 * layer  # never the whole checkpoint (it was, in every readout)
+    assert resident(path) < 0.2 * path.stat().st_size
+    monkeypatch.setattr("mhacompress.reduction.sequential.release", lambda tensors: 0)
+    again = AutoModel.from_pretrained(path.parent, use_safetensors=True).eval()
+    assert output_curves(again, config, [8, 16], batches, plan) == curves
+    assert resident(path) > 0.5 * path.stat().st_size  # without release, the readouts leave every layer resident

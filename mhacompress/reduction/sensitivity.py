@@ -19,12 +19,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..residency import trim
 from . import methods
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
 from .modeling import layers as model_layers
 from .objectives import mean_pooled
-from .sequential import Batch, Plan, compensate_, embed, layer_at, layer_statistics, solve_qk_, token_weights
+from .sequential import (
+    Batch,
+    Plan,
+    compensate_,
+    embed,
+    layer_at,
+    layer_statistics,
+    one_layer_resident,
+    solve_qk_,
+    token_weights,
+)
 from .surgery import model_shape
 
 Progress = Callable[[str, int, int], None]
@@ -102,7 +113,8 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
     _, heads, head_dim = model_shape(model)
     device = next(model.parameters()).device
     data = [Batch(b, b["attention_mask"].bool()) for b in batches]
-    reference = [readout(model, b.encoding) for b in data]
+    with one_layer_resident(model):  # as the reduction after the curves: one layer's weights resident at a time
+        reference = [readout(model, b.encoding) for b in data]
     as_tuple = _returns_tuple(model, data[0].encoding)
     examples = sum(r.shape[0] for r in reference)
     scratch = Plan(objective=plan.objective, compensate=plan.compensate,
@@ -129,9 +141,10 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
                     solve_qk_(model, index, quick, k, moments, identity=True)
                     if plan.compensate:
                         compensate_(model, index, at, data, spill, scratch, True, device, lambda *a: None)
-                    total = sum(float(divergence(ref, readout_from(model, index, spill.read("x", i, device),
-                                                                   b.encoding, as_tuple), classifier).sum())
-                                for i, (ref, b) in enumerate(zip(reference, data)))
+                    with one_layer_resident(model):
+                        total = sum(float(divergence(ref, readout_from(model, index, spill.read("x", i, device),
+                                                                       b.encoding, as_tuple), classifier).sum())
+                                    for i, (ref, b) in enumerate(zip(reference, data)))
                     curve[k] = max(total / examples, 0.0)
                 finally:
                     setattr(parent, name, original)
@@ -139,6 +152,7 @@ def output_curves(model: nn.Module, config: ReductionConfig, dims: list[int], ba
                 progress("sensitivity", index * len(dims) + len(curve), len(dims) * len(model_layers(model)))
             spill.rename("x_next", "x", len(data))
             curves.append(curve)
+            trim()  # the layer's statistics and candidates
     return curves
 
 

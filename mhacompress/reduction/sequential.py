@@ -473,6 +473,23 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
+@contextmanager
+def one_layer_resident(model: nn.Module):
+    """While the block runs, each layer gives back its weights' mapped pages (``release``) as soon as its forward
+    is done, and at the end the whole model does (the embeddings, the head): passes through the whole model hold one
+    layer's weights resident at a time, not the checkpoint's."""
+    def done(module, args, output) -> None:  # returns None: the layer's output stands
+        release(_tensors(module))
+
+    hooks = [layer.register_forward_hook(done) for layer in model_layers(model)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        release(_tensors(model))
+
+
 def embed(model, data: list[Batch], folder: Path) -> Spill:
     """Depth 0: the embeddings of every batch (the same for both models) and the layers' other call arguments."""
     spill = Spill(folder)
