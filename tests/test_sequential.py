@@ -269,8 +269,10 @@ def test_the_compensations_ridge_strength_is_the_one_that_predicts_the_held_out_
     truth = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     if prior_off is None:  # a wrong prior
         prior = torch.zeros(d_out, d_in, dtype=torch.float64)
-    else:  # the truth, or near it
-        prior = truth + prior_off * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) if prior_off else truth
+    elif prior_off:  # near the truth
+        prior = truth + prior_off * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    else:  # the truth
+        prior = truth
     ridge, rows = Ridge(d_in, d_out, folds=2), {0: [], 1: []}
     for i in range(4):  # four batches of 5 rows
         z = torch.randn(5, d_in, generator=gen, dtype=torch.float64)
@@ -307,8 +309,8 @@ def test_the_compensations_ridge_strength_is_the_one_that_predicts_the_held_out_
 
 def test_the_compensation_reports_the_strength_it_chose(tmp_path):
     plan = sequential(tiny_model("bert"), 4, calibration(), compensate=True)
-    assert all(isinstance(r["compensation_strength"], float) and r["compensation_strength"] > 0
-               for r in plan.reports), plan.reports
+    chosen = [r["compensation_strength"] for r in plan.reports]
+    assert all(s in STRENGTHS or 0 < s < STRENGTHS[0] or s > STRENGTHS[-1] for s in chosen), chosen  # or past an end
 
 
 def test_spill_round_trips_and_renames(tmp_path):
