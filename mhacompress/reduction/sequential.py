@@ -347,11 +347,12 @@ class Ridge:
             return strengths[0]  # checks after the refit report: nothing to validate on
         prior = self._stacked(weight, bias)
         gram, rhs = self.gram, self.rhs
+        rest = [(gram - self.grams[f], rhs - self.rhss[f]) for f in range(self.folds)]  # every fold but f
 
         def held_out(strength):
             try:
-                return sum(self._residual(self._solve(gram - self.grams[f], rhs - self.rhss[f], prior, strength),
-                                          self.grams[f], self.rhss[f], self.targets[f]) for f in range(self.folds))
+                return sum(self._residual(self._solve(*rest[f], prior, strength), self.grams[f], self.rhss[f],
+                                          self.targets[f]) for f in range(self.folds))
             except torch.linalg.LinAlgError:  # a fold's complement singular at this strength: not a candidate
                 return math.inf
 
