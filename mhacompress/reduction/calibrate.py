@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..devices import work_device
 from .decompose import Factors, NonFiniteProblem
 from .modeling import arch_for, attention_modules
 
@@ -33,8 +34,9 @@ def second_moments(model, encodings: Iterable[dict], on_batch: Callable[[int], N
     def hook(index):
         def pre(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
-            x = x[mask["tokens"].bool()].double()  # (N, d) real tokens only
-            sums[index].add_(x.T.cpu() @ x.cpu())
+            x = x[mask["tokens"].bool()]  # (N, d) real tokens only
+            x = x.to(work_device(x.device)).double()  # MPS has no float64
+            sums[index].add_((x.T @ x).cpu())
             counts[index] += x.shape[0]
         return pre
 
@@ -81,8 +83,8 @@ def whiten(wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, key_moment:
     ``key_moment``, by default the same), and Cq^-1/2, Ck^-1/2 to map its factors back (``unwhiten``). Not shrunk:
     the raw moments' few outlier features make their mean eigenvalue a pull towards the weights-only fit (MiniLM
     fine-tuned on MRPC, key dim 96, the score objective with shrinkage 0.3: F1 85.7 -> 77.2)."""
-    sqrt_q, inv_q = whitening(moment)
-    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment)
+    sqrt_q, inv_q = whitening(moment.to(wq.device))  # the moments are summed on the CPU, the weights may be elsewhere
+    sqrt_k, inv_k = (sqrt_q, inv_q) if key_moment is None else whitening(key_moment.to(wk.device))
     return wq.double() @ sqrt_q, wk.double() @ sqrt_k, inv_q, inv_k
 
 
