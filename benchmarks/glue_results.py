@@ -15,6 +15,9 @@ an interrupted run resumes. Usage:
 
     python benchmarks/glue_results.py                      # full run (see the timing at the end of docs/results.md)
     python benchmarks/glue_results.py --quick              # tiny smoke run, writes to /tmp
+    python benchmarks/glue_results.py --parts c --device cuda --tasks mrpc --no-encoder --cache DIR
+                                     # one model's ladder on a GPU; run one process per model, each with its own
+                                     # --cache, merge the scores.json files, then `--parts c --write-only`
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def parse_args():
     p.add_argument("--parts", default="a,b,c", help="which parts to run; with only c, the ladder section of --out "
                    "is replaced and the rest of the file kept")
     p.add_argument("--write-only", action="store_true", help="write the report from the cached scores, run nothing")
+    p.add_argument("--device", default="cpu", help="where fine-tuning, reduction and scoring run (cpu, cuda, ...); "
+                   "each ladder cell records the machine its seconds were measured on")
+    p.add_argument("--no-encoder", action="store_true", help="part (c) without the sentence encoder's cells (to "
+                   "run the models of the ladder in separate processes, each with its own --cache, then merge)")
     args = p.parse_args()
     if args.quick:
         args.train_limit, args.retrain_limit, args.epochs = 64, 32, 1
@@ -120,13 +127,30 @@ def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: di
     from mhacompress import compress
     from mhacompress.hub import load_pretrained
 
-    model, tok, _ = load_pretrained(folder)
+    model, tok, _ = load_pretrained(folder, device=args.device)
     config = rung_config(rung, dim, source, args.cal_samples, model)
     t0 = time.perf_counter()
     result = compress(model, config, tokenizer=tok, data_dir=args.data_dir)
+    _synchronize(args.device)
     seconds = time.perf_counter() - t0
     return {"scores": {name: scorer(result.model, tok) for name, scorer in scorers.items()},
-            "seconds": round(seconds, 1), "key_dims": result.report["key_dims"]}
+            "seconds": round(seconds, 1), "key_dims": result.report["key_dims"], "machine": machine(args.device)}
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def machine(device: str) -> str:
+    """What a cell's seconds were measured on: the GPU's name, or the CPU's cores."""
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} GPU"
+    return f"{os.cpu_count()}-core CPU"
 
 
 def part_c(args, cache):
@@ -137,22 +161,24 @@ def part_c(args, cache):
     cells = {}
     dims = list(map(int, args.ladder_dims.split(",")))
     rungs = args.rungs.split(",")
-    dev = Scorer.for_task("stsb", data_dir=args.data_dir, max_length=args.max_length)
-    train = Scorer.for_task("stsb", "train", data_dir=args.data_dir, max_length=args.max_length)
+    on = dict(data_dir=args.data_dir, max_length=args.max_length, device=args.device)
+    dev = Scorer.for_task("stsb", **on)
+    train = Scorer.for_task("stsb", "train", **on)
     encoder = {"dev": dev, "train": train}
-    cells[("encoder", "original")] = cache.get("c/encoder/original", lambda: {
-        "scores": {n: s(*load_pretrained("minilm")[:2]) for n, s in encoder.items()}})
+    if not args.no_encoder:
+        cells[("encoder", "original")] = cache.get("c/encoder/original", lambda: {
+            "scores": {n: s(*load_pretrained("minilm", device=args.device)[:2]) for n, s in encoder.items()}})
     tag = f"n{args.train_limit}-e{args.epochs:g}-lr{args.lr:g}-b{args.batch_size}"
     tasks = {}
-    for task in args.tasks.split(","):
+    for task in filter(None, args.tasks.split(",")):
         folder = None if args.write_only else finetuned(args, task)
-        scorers = {"dev": Scorer.for_task(task, data_dir=args.data_dir, max_length=args.max_length)}
+        scorers = {"dev": Scorer.for_task(task, **on)}
         tasks[task] = folder, scorers
         cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda: {
-            "scores": {"dev": scorers["dev"](*load_pretrained(folder)[:2])}})
+            "scores": {"dev": scorers["dev"](*load_pretrained(folder, device=args.device)[:2])}})
     for dim in dims:  # key dim outermost: an interrupted run has whole tables
         same = {rung: _same_as(rung, dim, rungs) for rung in rungs}  # the default path is one of the rungs
-        for rung in rungs:
+        for rung in [] if args.no_encoder else rungs:
             key = f"c/encoder/{args.encoder_source}{args.cal_samples}/{same[rung]}/{dim}"
             cells[("encoder", rung, dim)] = cache.get(key, lambda rung=same[rung], dim=dim: ladder_cell(
                 args, "minilm", rung, dim, args.encoder_source, encoder))
@@ -204,10 +230,10 @@ def finetuned(args, task):
         data = load_examples(spec, "train", data_dir=args.data_dir, limit=args.train_limit, seed=0)
         t0 = time.perf_counter()
         log = train(model, tok, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    max_length=args.max_length)
+                    max_length=args.max_length, device=args.device)
         print(f"fine-tuned {task} on {len(data)} examples, {log['steps']} steps, {time.perf_counter() - t0:.0f} s, "
               f"loss {_mean(log['losses'][:10]):.3f} -> {_mean(log['losses'][-10:]):.3f}", flush=True)
-        save(model, tok, folder, force=True)
+        save(model.cpu(), tok, folder, force=True)
     return str(folder)
 
 
@@ -319,7 +345,7 @@ def ladder_lines(args, c) -> list[str]:
              "above, the row repeats that rung's cells. Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
-             "reduction (2-core CPU; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
+             f"reduction ({_machines(c)}; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
              "model that answers 'paraphrase' to everything: it scores F1 81.2).", ""]
     label = {**LABEL, "mrpc": "MRPC (F1 / acc)"}
     head = ["rung"] + [label[t] for t in tasks] + ["Avg. drop", "STS-B dev (encoder)", "STS-B train (encoder)"]
@@ -338,7 +364,7 @@ def ladder_lines(args, c) -> list[str]:
                 drops.append(None if v is None or orig(t, MAIN[t]) is None else orig(t, MAIN[t]) - v)
                 text = _pct(v) + (f" / {_pct(score(t, cell, 'accuracy'))}" if t == "mrpc" else "")
                 row.append(text + (f" ({cell['seconds']:.0f} s)" if cell else ""))
-            row.append("–" if None in drops else f"{100 * sum(drops) / len(drops):.2f}")
+            row.append("–" if None in drops or not drops else f"{100 * sum(drops) / len(drops):.2f}")
             enc = c.get(("encoder", rung, dim))
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
@@ -347,11 +373,17 @@ def ladder_lines(args, c) -> list[str]:
     return lines
 
 
+def _machines(c) -> str:
+    """Where the cells' seconds were measured (cells from before machines were recorded: a 2-core CPU)."""
+    found = {cell.get("machine", "2-core CPU") for key, cell in c.items() if len(key) == 3 and cell}
+    return " and ".join(sorted(found)) or "not run"
+
+
 def _summary(c, tasks, dim, rung, score, orig) -> str:
     """One line on the default path at ``dim``: average drop, the task that keeps least of its score, MRPC's drops,
     the encoder's drops on both metrics."""
     cells = {t: c.get((t, rung, dim)) for t in tasks + ["encoder"]}
-    if any(v is None for v in cells.values()):
+    if not tasks or any(v is None for v in cells.values()):
         return f"(the {rung} rung is not finished at key dim {dim})"
     drops = {t: orig(t, MAIN[t]) - score(t, cells[t], MAIN[t]) for t in tasks}
     kept = {t: score(t, cells[t], MAIN[t]) / orig(t, MAIN[t]) for t in tasks if orig(t, MAIN[t]) > 0}
