@@ -15,6 +15,7 @@ from mhacompress.reduction.modeling import (
     attention_modules,
     layers,
 )
+from mhacompress.reduction.modeling.attention import head_scores
 from mhacompress.reduction.surgery import reduce_
 
 FULL = 32  # H * dh of the tiny models
@@ -171,3 +172,11 @@ def test_attention_for_some_query_positions_is_those_rows_of_the_whole_attention
         some, some_weights = module.reference(x, mask, bias, queries=rows, values=module.value_heads(x))
     torch.testing.assert_close(some, whole[:, rows], rtol=1e-5, atol=1e-5)  # float32 rounding
     torch.testing.assert_close(some_weights, weights[:, :, rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_heads", [1, 4], ids=["one-key-for-all-heads", "a-key-per-head"])
+def test_head_scores_are_each_heads_own_query_key_product(key_heads):
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 4, 5, 6, generator=gen), torch.randn(3, key_heads, 7, 6, generator=gen)  # B, H, T, R
+    expected = torch.stack([q[:, h] @ k[:, h if key_heads > 1 else 0].transpose(-1, -2) for h in range(4)], dim=1)
+    torch.testing.assert_close(head_scores(q, k), expected)
