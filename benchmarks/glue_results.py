@@ -125,23 +125,17 @@ def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: di
     """One rung at one key dim: every metric of every scorer, the key dims chosen, and the seconds of the
     reduction itself (loading the checkpoint and scoring not included)."""
     from mhacompress import compress
+    from mhacompress.bench import _synchronizer
     from mhacompress.hub import load_pretrained
 
     model, tok, _ = load_pretrained(folder, device=args.device)
     config = rung_config(rung, dim, source, args.cal_samples, model)
     t0 = time.perf_counter()
     result = compress(model, config, tokenizer=tok, data_dir=args.data_dir)
-    _synchronize(args.device)
+    _synchronizer(args.device)()  # the device's queued work is part of the reduction's time
     seconds = time.perf_counter() - t0
     return {"scores": {name: scorer(result.model, tok) for name, scorer in scorers.items()},
             "seconds": round(seconds, 1), "key_dims": result.report["key_dims"], "machine": machine(args.device)}
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def machine(device: str) -> str:
