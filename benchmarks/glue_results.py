@@ -139,12 +139,13 @@ def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: di
 
 
 def machine(device: str) -> str:
-    """What a cell's seconds were measured on: the GPU's name, or the CPU's cores."""
+    """What a cell's seconds were measured on: the GPU's name, or the CPU threads the process computes with (not the
+    machine's cores: processes run side by side are each given a share)."""
     import torch
 
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)} GPU"
-    return f"{os.cpu_count()}-core CPU"
+    return f"CPU, {torch.get_num_threads()} of {os.cpu_count()} cores"
 
 
 def part_c(args, cache):
