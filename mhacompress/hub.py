@@ -145,15 +145,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def ensure_available(source: Source) -> None:
-    """Fail within seconds, with a hint, when a hub model is neither cached nor downloadable."""
-    if source.local or _cached(source.location):
-        return
+def ensure_available(source: Source) -> bool:
+    """Fail within seconds, with a hint, when a hub model is neither cached nor downloadable. Returns whether a hub
+    model must be read from the local cache alone (offline with a cached copy): asked online, transformers retries
+    every file a tokenizer may have (added_tokens.json, chat_template.jinja, ...) with back-off, about 150 s of
+    retries on a machine without a route to the hub, before it falls back to the cache."""
+    if source.local:
+        return False
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline or not hub_reachable():
+    unreachable = not offline and not hub_reachable()
+    if _cached(source.location):
+        return offline or unreachable
+    if offline or unreachable:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
         raise UsageError(f"cannot download {source.location!r}: {why} and it is not in the local cache; "
                          f"pass a local model folder instead (e.g. one saved with save_pretrained), or `minilm`")
+    return False
 
 
 def source_paths(sources) -> list[Path]:
@@ -621,7 +628,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
 
     _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     source = resolve(name)
-    ensure_available(source)
+    cache_only = {"local_files_only": True} if ensure_available(source) else {}
     folder = Path(source.location) if source.local else None
     raw = read_config(folder) if folder else {}
     if raw.get(COMPRESSION_KEY):
@@ -630,7 +637,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     if raw:  # before transformers, which checks the fields against the type's class (t5: "classifier_dropout ...")
         _architecture(SimpleNamespace(model_type=raw["model_type"]))
     with _loading(name):
-        config = AutoConfig.from_pretrained(source.location, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **cache_only)
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
@@ -654,7 +661,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         try:
             model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
                                               trust_remote_code=False, output_loading_info=True,
-                                              ignore_mismatched_sizes=True, **kwargs)
+                                              ignore_mismatched_sizes=True, **kwargs, **cache_only)
         except OSError as err:
             if not allow_pickle and "safetensors" in str(err).lower():
                 raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
@@ -662,7 +669,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
                                  f"checkpoint") from None
             raise
     check_coverage(info, name, layers=arch.layers)
-    return model.to(device).eval(), _tokenizer(source.location, name) if tokenizer else None, source
+    return model.to(device).eval(), _tokenizer(source.location, name, **cache_only) if tokenizer else None, source
 
 
 def _architecture(config):
@@ -685,14 +692,15 @@ def _attention(cls: type, attn_implementation: str | None) -> dict:
     return {"attn_implementation": attn_implementation}
 
 
-def _tokenizer(location, name, config=None):
+def _tokenizer(location, name, config=None, **options):
     """The folder's tokenizer; for a reduced folder pass its (remote-code) config, so that transformers neither asks
-    to run the folder's code nor guesses from the model type."""
+    to run the folder's code nor guesses from the model type. ``options`` go to ``from_pretrained``
+    (``local_files_only``)."""
     from transformers import AutoTokenizer
 
     with _loading(name):
         kwargs = {"config": config} if config is not None else {}
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs, **options)
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: str | None = None,

@@ -148,6 +148,31 @@ def test_hub_ids_fail_fast_offline_with_a_hint(env, tmp_path):
     assert time.perf_counter() - start < 15
 
 
+def test_a_cached_hub_model_loads_from_the_cache_alone_when_the_hub_is_unreachable(tiny_dir, tmp_path):
+    """Asked with the network down, transformers retried every file a tokenizer may have (added_tokens.json,
+    chat_template.jinja, ...) with back-off, about 150 s of 'Retrying in 1s [Retry 1/5]' on stderr, before it read
+    the cache. A cached model is read from the cache alone instead, as with HF_HUB_OFFLINE=1. A fresh process: the
+    hub's cache folder is fixed when huggingface_hub is imported."""
+    from pathlib import Path
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--owner--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    for i, file in enumerate(sorted(Path(tiny_dir).iterdir())):  # the layout hf_hub_download leaves
+        (repo / "blobs" / str(i)).write_bytes(file.read_bytes())
+        (repo / "snapshots" / revision / file.name).symlink_to(Path("..", "..", "blobs", str(i)))
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "mhacompress", "reduce", "owner/tiny", "-k", "8", "-o",
+                           str(tmp_path / "out"), "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Retrying" not in done.stderr and "127.0.0.1" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["model"] == "owner/tiny"
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.fixture
 def calibration_file(tmp_path):
     path = tmp_path / "calib.txt"
