@@ -35,9 +35,13 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     if not key_dims:
         raise ConfigError(f"{named('--key-dims')} is empty; give at least one key dim, e.g. "
                           f"{named('--key-dims 96,48', 'key_dims=[96, 48]')}")
+    from .hub import fingerprint
+
     model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
-              "calibration": None if calibration is None else calibration.__dict__.copy()}
+              "calibration": None if calibration is None else calibration.__dict__.copy(),
+              # the files behind the names: a model or calibration file replaced at the same path is a new cell
+              "inputs": fingerprint([model] + ([calibration.source] if calibration is not None else []))}
     cells = [{**common, "method": None, "key_dim": None}]
     for method in _distinct(methods):  # a repeated method or key dim is one cell
         for key_dim in _distinct(key_dims):

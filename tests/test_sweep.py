@@ -1,9 +1,11 @@
 """`sweep`: every (method, key dim) scored beside the original in one run, a table, JSON and a plot."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import tiny_config
@@ -152,6 +154,32 @@ def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder
     assert again.exit_code == 0, again.output
     a, b = json.loads(first.stdout), json.loads(again.stdout)
     assert a["results"][0]["score"] == b["results"][0]["score"] and a["original"] == b["original"]
+
+
+def test_a_model_replaced_at_the_same_path_is_not_given_the_old_models_cells(tiny_encoder, glue_dir, tmp_path):
+    """Cells were named by the model's path: a model saved again at that path (trained on, or another seed) was given
+    the old model's scores from the resume folder, beside fresh cells of the new one, in one table."""
+    from transformers import BertModel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_encoder, model)
+    args = ["sweep", str(model), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "20", "--key-dims", "8",
+            "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    torch.manual_seed(1)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    BertModel(tiny_config("bert", vocab_size=vocab)).save_pretrained(model)  # same path, other weights
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 4  # both models' cells, none reused
+    fresh = CliRunner().invoke(main, ["eval", str(model), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "20",
+                                      "--json"])
+    assert json.loads(again.stdout)["original"]["metrics"] == json.loads(fresh.stdout)["metrics"]
+    assert json.loads(again.stdout)["original"] != json.loads(first.stdout)["original"]
+    unchanged = CliRunner().invoke(main, args)  # and the folder still serves a rerun on the same files
+    assert json.loads(unchanged.stdout)["results"] == json.loads(again.stdout)["results"]
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 4
 
 
 def test_a_resumed_rerun_replaces_its_own_figure_only_with_force(tiny_encoder, glue_dir, tmp_path):
