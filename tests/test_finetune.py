@@ -41,6 +41,27 @@ def test_fresh_head(task, num_labels):
     assert runner.head_order(model, get_task(task)) == (None if task == "stsb" else list(range(num_labels)))
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert", "data2vec-text", "mpnet", "electra",
+                                        "distilbert", "ernie"])
+@pytest.mark.parametrize("reduced", [False, True], ids=["original", "reduced"])
+def test_a_fresh_head_on_every_supported_encoder_keeps_its_weights(model_type, reduced):
+    """RoBERTa's family and MPNet build their classifier's encoder without the pooler their bare encoder has: the
+    pooler's weights were 'unexpected' and every such encoder (roberta-base included) was refused."""
+    from conftest import tiny_model
+    from mhacompress.reduction.config import ReductionConfig
+    from mhacompress.reduction.surgery import reduce_
+
+    encoder = tiny_model(model_type)
+    if reduced:
+        reduce_(encoder, ReductionConfig(key_dim=8, n_iter_max=3))
+    model = F.with_head(encoder, get_task("rte"))
+    assert runner.is_classifier(model) and model.config.num_labels == 2
+    inner = model.base_model.state_dict()
+    for name, value in encoder.state_dict().items():
+        if not name.startswith("pooler."):
+            torch.testing.assert_close(inner[name], value, msg=name)
+
+
 def test_loss_goes_down_and_reloads(tokenizer, glue_dir, tmp_path):
     task = get_task("sst2")
     data = load_examples(task, "train", data_dir=glue_dir, limit=16, seed=0)

@@ -49,7 +49,9 @@ def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
     torch.manual_seed(seed)
     new = cls(config)
     missing, unexpected = new.base_model.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or not all(k.startswith("pooler.") for k in missing):
+    # the pooler may go either way: BERT's head reads it (a sentence encoder may ship without), RoBERTa's, MPNet's
+    # and their kin build their encoder without one and read the first token (transformers drops it too)
+    if not all(k.startswith("pooler.") for k in missing + unexpected):
         raise UsageError(f"{name}'s weights do not fit a {cls_name} (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); fine-tune the original checkpoint instead")
     param = next(model.parameters())
