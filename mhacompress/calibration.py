@@ -48,6 +48,11 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
 
 
 TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".arrow")
+# the text fields of the common layouts (GLUE's and the hub's, SNLI / MultiNLI, SQuAD-style, text_a / text_b): where a
+# record has any of them, only those are read, in the record's order; other string fields (genre, captionID,
+# gold_label, *_parse) are metadata
+TEXT_FIELDS = frozenset({"sentence", "sentence1", "sentence2", "question", "question1", "question2", "premise",
+                         "hypothesis", "text_a", "text_b", "context", "passage", "query"})
 NOT_TEXT = frozenset({"label", "labels", "idx", "id", "guid"})  # string fields of a record that are not its text
 JSONL_HINT = 'a .jsonl file holds one JSON object a line, e.g. {"text": "..."}'
 TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
@@ -64,8 +69,9 @@ def _read_file(path: Path) -> list[tuple[str, ...]]:
 
 
 def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
-    """The text of one jsonl line: a string, or an object's ``text`` field, else its string fields other than a
-    label or an id (two at most); empty strings dropped (an empty tuple when nothing is left)."""
+    """The text of one jsonl line: a string, or an object's ``text`` field, else its known text fields
+    (``TEXT_FIELDS``: sentence1 / sentence2, question / sentence, premise / hypothesis, ...), else its string fields
+    other than a label or an id (two at most); empty strings dropped (an empty tuple when nothing is left)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -79,8 +85,16 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         raise UsageError(f"{path}:{n}: {kind}, not an object or a string; {JSONL_HINT}")
     if "text" in record and not isinstance(record["text"], str):
         raise UsageError(f"{path}:{n}: its text field is not a string; {JSONL_HINT}")
-    fields = [record["text"]] if "text" in record else [
-        v for k, v in record.items() if isinstance(v, str) and k.lower() not in NOT_TEXT]
+    known = [k for k in record if k.lower() in TEXT_FIELDS and isinstance(record[k], str)]
+    fields = [record["text"]] if "text" in record else [record[k] for k in known] if known else [
+        v for k, v in record.items() if isinstance(v, str) and not _metadata(k)]
     if not fields:
         raise UsageError(f"{path}:{n}: no text field; {JSONL_HINT}")
     return tuple(f for f in fields if f.strip())[:2]
+
+
+def _metadata(key: str) -> bool:
+    """A field that names, labels or identifies a record rather than holding its text: label, gold_label, pairID..."""
+    lower = key.lower()
+    return (lower in NOT_TEXT or lower.endswith(("_label", "_labels", "_id", "_ids", "_parse"))
+            or key.endswith(("ID", "Id", "IDs", "Ids")))

@@ -1,6 +1,7 @@
 """Data-aware reduction: exact at full rank, never worse than plain CP on the calibration data it was fitted to."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -165,6 +166,21 @@ def test_calibration_sources(tmp_path, glue_dir):
     assert calibration_texts(str(tmp_path / "b.jsonl"), 10, pairs=False) == [("hello",), ("a",), ("b",)]
     (tmp_path / "c.jsonl").write_text('{"text": ""}\n"hi"\n" "\n{"sentence1": "a", "sentence2": ""}\n')
     assert calibration_texts(str(tmp_path / "c.jsonl"), 10) == [("hi",), ("a",)]  # empty texts skipped like blank lines
+    records = [  # MultiNLI's and SNLI's own layouts: their metadata strings come first
+        {"annotator_labels": ["neutral"], "genre": "government", "gold_label": "neutral", "pairID": "31193n",
+         "sentence1": "Conceptually cream skimming has two dimensions.", "sentence1_parse": "(ROOT (S ...))",
+         "sentence2": "Product and geography are what make it work."},
+        {"captionID": "3416050480.jpg#4", "gold_label": "neutral", "sentence1": "A person on a horse.",
+         "sentence2": "A person is training."},
+        {"id": "5733be28", "title": "University_of_Notre_Dame", "context": "Architecturally, the school ...",
+         "question": "To whom did the Virgin Mary appear?"},  # SQuAD's
+        {"pairID": "7", "review_label": "pos", "body": "A fine film."},  # no known field: strings minus metadata
+    ]
+    (tmp_path / "nli.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert calibration_texts(str(tmp_path / "nli.jsonl"), 10) == [
+        ("Conceptually cream skimming has two dimensions.", "Product and geography are what make it work."),
+        ("A person on a horse.", "A person is training."),
+        ("Architecturally, the school ...", "To whom did the Virgin Mary appear?"), ("A fine film.",)]
     (tmp_path / "D.JSONL").write_text('{"text": "hello"}\n')  # the kind of file is read from its suffix in any case
     assert calibration_texts(str(tmp_path / "D.JSONL"), 10) == [("hello",)]  # not the line '{"text": "hello"}'
     (tmp_path / "E.JSON").write_text('["hello"]')
