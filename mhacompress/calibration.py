@@ -15,7 +15,7 @@ from .fsio import read_text
 def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool = True,
                       data_dir: str | None = None) -> list[tuple[str, ...]]:
     """``samples`` texts from a GLUE task's TRAIN split, a text file (one sequence a line) or a jsonl file (``text``,
-    or ``sentence1``/``sentence2``, or ``question``/``sentence``... : every string field of a record, in order).
+    or ``sentence1``/``sentence2``, or ``question``/``sentence``...: see ``_record_texts``).
     ``pairs=False`` splits sentence pairs into single sentences (for sentence encoders)."""
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
