@@ -340,11 +340,25 @@ def _force() -> str:
 
 
 def _check_a_model_folder(target: Path, option: str) -> None:
-    """--force replaces a model folder (a config.json at its top, as every save writes), never a folder of other
-    files that a mistyped --output happens to name."""
-    if any(target.iterdir()) and not (target / "config.json").is_file():
+    """--force replaces a model folder (a config.json with a model_type at its top, as every save writes), never a
+    folder of other files that a mistyped --output happens to name: a project's own config.json is not a model's,
+    and a version-controlled folder (a clone of a model repository included) is never deleted whole."""
+    if not any(target.iterdir()):
+        return
+    if not (target / "config.json").is_file():
         raise UsageError(f"{option} {target} holds files but no model (no config.json), so {_force()} will not "
                          f"delete it; choose a new folder for {option}, or empty this one yourself")
+    try:
+        config = json.loads((target / "config.json").read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UsageError(f"{option} {target} holds a config.json that is not a model's (no model_type), so "
+                         f"{_force()} will not delete it; choose a new folder for {option}, or empty this one yourself")
+    kept = [name for name in (".git", ".hg", ".svn") if os.path.lexists(target / name)]
+    if kept:
+        raise UsageError(f"{option} {target} is under version control ({kept[0]}), so {_force()} will not delete it; "
+                         f"choose a new folder for {option}")
 
 
 def _check_not_a_home(target: Path, option: str) -> None:

@@ -478,6 +478,10 @@ OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
          "choose a new folder"),
     case("finetune-output-forced-not-a-model", "finetune {src} --task stsb -o {notes} --force", "no config.json",
          "choose a new folder"),
+    # any config.json made a folder a model's: a project with its own config.json was deleted whole
+    case("output-forced-a-project-with-a-config-json", "reduce {src} -k 8 -o {notes} --force",
+         "holds a config.json that is not a model's", "choose a new folder",
+         setup=write("notes/config.json", '{"port": 1}')),
     case("output-forced-bad-model", "reduce {src} -k 8 -o {prev} --force", "corrupt or truncated",
          "save the checkpoint again", setup=truncate("src/model.safetensors")),
 ]
@@ -1097,7 +1101,7 @@ def workspace(tmp_path, tiny_bert_dir, tiny_reduced_dir, glue_dir, monkeypatch):
     shutil.copytree(tiny_reduced_dir, tmp_path / "reduced")
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev" / "keep.txt").write_text("a previous output")
-    (tmp_path / "prev" / "config.json").write_text("{}")
+    (tmp_path / "prev" / "config.json").write_text('{"model_type": "bert"}')  # a previous output: a model folder
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("the user's own notes")
     (tmp_path / "file").write_text("a plain file")

@@ -240,7 +240,7 @@ def test_saved_folders_follow_the_umask(tmp_path, umask):
 
 def test_force_over_a_symlinked_output_replaces_its_target_and_leaves_nothing(tmp_path):
     (tmp_path / "v1").mkdir()
-    (tmp_path / "v1" / "config.json").write_text("{}")  # a model saved before
+    (tmp_path / "v1" / "config.json").write_text('{"model_type": "bert"}')  # a model saved before
     (tmp_path / "v1" / "old.txt").write_text("old")
     (tmp_path / "latest").symlink_to(tmp_path / "v1")
     save(reduced(), None, tmp_path / "latest", force=True)

@@ -166,6 +166,27 @@ def test_force_never_deletes_a_folder_that_holds_no_model(tmp_path):
     assert (out / "keep.txt").read_text() == "precious" and [p.name for p in tmp_path.iterdir()] == ["projects"]
 
 
+@pytest.mark.parametrize("config,extra,message", [
+    ('{"name": "my web app", "port": 8080}', None, "holds a config.json that is not a model's .no model_type."),
+    ("not json at all", None, "holds a config.json that is not a model's"),
+    ('{"model_type": "bert"}', ".git", r"is under version control \(.git\)"),
+], ids=["a-project-config", "a-damaged-config", "a-git-clone"])
+def test_force_never_deletes_a_project_that_happens_to_hold_a_config_json(tmp_path, config, extra, message):
+    """Any config.json made a folder a model's: a project folder with its own config.json, its code and its .git was
+    deleted whole by --force."""
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "config.json").write_text(config)
+    (out / "src" / "main.py").write_text("print(1)")
+    if extra:
+        (out / extra).mkdir()
+        (out / extra / "HEAD").write_text("ref: refs/heads/main")
+    with pytest.raises(UsageError, match=message + ".*force=True will not delete it"):
+        save(reduced(), None, out, force=True)
+    assert (out / "src" / "main.py").read_text() == "print(1)" and (out / "config.json").read_text() == config
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]
+
+
 def test_a_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
     model = reduced()
     out = tmp_path / "out"
