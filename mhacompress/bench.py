@@ -70,7 +70,8 @@ def attention_latency(original, reduced, batch_size: int, seq_len: int, *, layer
     a, b = attention_modules(original)[layer][2], attention_modules(reduced)[layer][2]
     d = getattr(original.config, arch_for(original.config).hidden)
     x = torch.randn(batch_size, seq_len, d, generator=torch.Generator().manual_seed(0))  # (B, T, d)
-    x = x.to(next(a.parameters()).device)
+    weight = next(a.parameters())
+    x = x.to(device=weight.device, dtype=weight.dtype)  # a half-precision model's hidden states are half too
     return time_side_by_side({"original": lambda: a(x), "reduced": lambda: b(x)}, **kwargs)
 
 

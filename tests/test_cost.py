@@ -91,6 +91,23 @@ def test_report_json_on_a_reduced_folder(tiny_dirs):
         assert x["original_ms"] > 0 and x["reduced_ms"] > 0 and x["ratio"] == x["reduced_ms"] / x["original_ms"]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_report_measures_a_half_precision_model(tiny_dirs, tmp_path, dtype):
+    """The attention layers' latency fed float32 hidden states to half-precision weights: a traceback ('mat1 and
+    mat2 must have the same dtype')."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    original, _, _ = tiny_dirs
+    AutoModel.from_pretrained(original, dtype=getattr(torch, dtype)).save_pretrained(tmp_path / "half")
+    AutoTokenizer.from_pretrained(original).save_pretrained(tmp_path / "half")
+    args = ["report", str(tmp_path / "half"), "-k", "8", "--seq-len", "8", "--batch-size", "1", "--repeats", "1",
+            "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["latency"]["attention_layer"]["reduced_ms"] > 0
+
+
 def test_report_reduces_an_original_in_memory(tiny_dirs):
     original, _, _ = tiny_dirs
     args = ["report", str(original), "-k", "8", "--method", "svd", "--no-latency", "--seq-len", "4", "--json"]
