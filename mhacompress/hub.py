@@ -654,6 +654,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     such a head, else the bare encoder. Reduced folders are recognised and loaded with ``load`` instead. Strict: see
     the module docstring. Pickled weights are read only with ``allow_pickle``; ``tokenizer=False`` skips the
     tokenizer (returned as None) for callers that need none."""
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from .reduction.config import _flag
@@ -690,7 +691,11 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     head = any("ForSequenceClassification" in a for a in names)
     cls = AutoModelForSequenceClassification if head else AutoModel
     kwargs = _attention(cls._model_mapping[type(config)], attn_implementation)
-    with _loading(name):
+    with _loading(name), torch.random.fork_rng(devices=[]):
+        # weights the checkpoint lacks (a masked-LM checkpoint's pooler: roberta-base, mpnet-base) are initialised at
+        # random by transformers: from a fixed seed, so that the same command saves the same weights, bit for bit,
+        # and without drawing from the caller's generator
+        torch.manual_seed(0)
         try:
             model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
                                               trust_remote_code=False, output_loading_info=True,
