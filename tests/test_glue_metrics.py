@@ -24,6 +24,17 @@ def test_matthews_by_hand():
     assert M.matthews([1, 1, 1, 1], [0, 1, 0, 1]) == 0.0  # constant predictions: 0, not NaN
 
 
+def test_correlations_of_constant_predictions_are_nan_without_a_warning():
+    """A collapsed regression head predicts one value: no correlation (NaN, reported as null), and not scipy's
+    ConstantInputWarning with its source line among a command's output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(M.pearson([0.5] * 4, [1.0, 2.0, 3.0, 4.0]))
+        assert math.isnan(M.spearman([0.5] * 4, [1.0, 2.0, 3.0, 4.0]))
+
+
 def test_pearson_and_spearman_by_hand():
     x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 5.0, 4.0]
     # means 2.5 and 3.75; sum of products of deviations 3.5; sums of squares 5 and 4.75

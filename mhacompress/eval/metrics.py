@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 
 from .tasks import Task
@@ -28,13 +31,27 @@ def matthews(preds, labels) -> float:
 def pearson(preds, labels) -> float:
     from scipy.stats import pearsonr
 
-    return float(pearsonr(preds, labels)[0])
+    with _constant_allowed():
+        return float(pearsonr(preds, labels)[0])
 
 
 def spearman(preds, labels) -> float:
     from scipy.stats import spearmanr
 
-    return float(spearmanr(preds, labels)[0])
+    with _constant_allowed():
+        return float(spearmanr(preds, labels)[0])
+
+
+@contextmanager
+def _constant_allowed():
+    """Constant predictions (a collapsed regression head) have no correlation: NaN, reported as null, not scipy's
+    ConstantInputWarning with its source line on stderr."""
+    from scipy.stats import ConstantInputWarning, NearConstantInputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        warnings.simplefilter("ignore", NearConstantInputWarning)
+        yield
 
 
 METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
