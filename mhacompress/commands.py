@@ -200,6 +200,10 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
         loaded, tokenizer, _ = load_pretrained(name, allow_pickle=allow_pickle, device=device)
         check_finite_weights(loaded)  # training a damaged checkpoint writes a NaN model
         loaded = with_head(loaded, spec, seed=seed, name=name)
+        # a half-precision checkpoint trains in float32 and is saved in its own dtype: AdamW on float16 weights
+        # divides by squared gradients that underflow to 0, and every run 'diverged' whatever --lr
+        dtype = next(loaded.parameters()).dtype
+        loaded = loaded.float()
         steps, done = max(1, round(epochs * -(-len(data) // batch_size))), [0]
         notify(Progress(f"{spec.name}: {len(data):,} examples", 0, steps))
 
@@ -215,8 +219,9 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
                 raise
             raise UsageError(f"training diverged: a step at {named('--lr')} {lr:g} overflows the weights' float32 "
                              f"range, so nothing was written; try a lower {named('--lr')}") from None
+        loaded = loaded.to(dtype)
         # checked before anything is written: a NaN model is no result, nor one whose weights are finite but so large
-        # that its outputs overflow (one step at a huge --lr)
+        # that its outputs overflow (one step at a huge --lr, or past float16's range once cast back)
         diverged = nonfinite_weight(loaded)
         what = f"the weight {diverged} holds" if diverged else (
             None if _outputs_finite(loaded, tokenizer, data.texts[:32], max_length)

@@ -120,3 +120,22 @@ def test_head_that_does_not_fit_is_refused():
     model = F.with_head(tiny_encoder(), get_task("mnli"))
     with pytest.raises(UsageError, match="3-label head; rte needs 2"):
         F.with_head(model, get_task("rte"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_checkpoint_trains_in_float32_and_is_saved_in_its_own_dtype(tiny_bert_dir, tmp_path, dtype):
+    """AdamW on float16 weights divides by squared gradients that underflow to 0: every run was refused as
+    'training diverged ... try a lower --lr', at any --lr."""
+    from safetensors import safe_open
+    from transformers import AutoModel, AutoTokenizer
+
+    import mhacompress
+
+    AutoModel.from_pretrained(tiny_bert_dir, dtype=getattr(torch, dtype)).save_pretrained(tmp_path / "half")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "half")
+    out = mhacompress.finetune(tmp_path / "half", "qnli", tmp_path / "ft", data_dir=FIXTURES, limit=16, epochs=16,
+                               lr=3e-3, batch_size=8, evaluate=False)
+    assert out["loss"]["last"] < 0.9 * out["loss"]["first"], out["loss"]  # trained, not refused as diverged
+    with safe_open(tmp_path / "ft" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16" if dtype == "float16" else "BF16"}
+
