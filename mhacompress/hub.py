@@ -158,6 +158,10 @@ def ensure_available(source: Source) -> bool:
         return offline or unreachable
     if offline or unreachable:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        parent = Path(source.name).expanduser().parent
+        if parent != Path(".") and parent.is_dir():  # out/typo: a local path more likely than a hub id
+            raise UsageError(f"no model folder at {source.name!r} ({parent} has no {Path(source.name).name!r}), "
+                             f"and as a hub id it cannot be downloaded ({why}); pass an existing model folder")
         raise UsageError(f"cannot download {source.location!r}: {why} and it is not in the local cache; "
                          f"pass a local model folder instead (e.g. one saved with save_pretrained), or `minilm`")
     return False

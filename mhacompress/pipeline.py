@@ -141,6 +141,11 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     params_before = sum(p.numel() for p in model.parameters())
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
+    sequences = None if batches is None else sum(len(b["attention_mask"]) for b in batches)
+    if sequences is not None and sequences < config.calibration.samples:
+        warnings.append(f"calibrated on {sequences} sequences, fewer than the {config.calibration.samples} asked for "
+                        f"({config.calibration.source} has no more); the fit may not carry to other text: calibrate "
+                        f"on a larger source")
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
     width = shape[1] * shape[2]
@@ -167,6 +172,8 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
             evaluated = gated(evaluated, max_drop)
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
                      time.perf_counter() - start)
+    if report["calibration"] is not None:
+        report["calibration"]["sequences"] = sequences  # used: samples is what was asked for
     inputs = data_sources(config, data_dir, evaluate, calibration)
     return Compressed(model, tokenizer, report, config, source=source, inputs=inputs)
 

@@ -148,6 +148,16 @@ def test_hub_ids_fail_fast_offline_with_a_hint(env, tmp_path):
     assert time.perf_counter() - start < 15
 
 
+def test_a_missing_folder_under_a_local_folder_is_named_as_a_folder_offline(tmp_path, monkeypatch):
+    """OUT/NAME with one slash is also a hub id: a mistyped local folder was answered 'cannot download', as if the
+    user had meant the hub."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = invoke("reduce", "out/does-not-exist", "-k", "8", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, "no model folder at 'out/does-not-exist' (out has no 'does-not-exist')",
+                          "pass an existing model folder")
+
+
 def test_a_cached_hub_model_loads_from_the_cache_alone_when_the_hub_is_unreachable(tiny_dir, tmp_path):
     """Asked with the network down, transformers retried every file a tokenizer may have (added_tokens.json,
     chat_template.jinja, ...) with back-off, about 150 s of 'Retrying in 1s [Retry 1/5]' on stderr, before it read
@@ -189,6 +199,16 @@ def test_reduce_calibrated_reports_the_expected_error_of_its_objective(tiny_dir,
     assert report["calibration"]["objective"] == "output" and report["calibration"]["compensate"] is True
     assert all(0 < x["expected_output_error"] < 1 for x in report["layers"])
     assert len(report["modified"]) == 2  # both layers' output projections, named in the saved block
+    assert report["calibration"]["sequences"] == 16 and report["warnings"] == []
+
+
+def test_a_calibration_source_shorter_than_samples_is_reported_as_used(tiny_dir, calibration_file):
+    """24 lines asked for as 512 samples: the report said samples 512, without a word that 24 were used."""
+    result = invoke("reduce", tiny_dir, "-k", "8", "--calibrate", calibration_file, "--samples", "512", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration"]["samples"] == 512 and report["calibration"]["sequences"] == 24
+    assert any("calibrated on 24 sequences, fewer than the 512 asked for" in w for w in report["warnings"])
 
 
 def test_reduce_budget_chooses_per_layer_dims_within_budget(tiny_dir, tmp_path):
