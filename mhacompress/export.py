@@ -14,7 +14,14 @@ from . import fsio
 from .errors import UsageError, given, named
 
 FORMATS = ("onnx",)
-INPUTS = ("input_ids", "attention_mask")
+INPUTS = ("input_ids", "attention_mask")  # every graph's; token_type_ids too where the model has segments
+
+
+def input_names(model) -> list[str]:
+    """The graph's inputs: ``token_type_ids`` as well for a model with more than one segment embedding (BERT, ELECTRA,
+    ERNIE: a pair classifier scores its second sentence as segment 1; with segment 0 fixed in the graph its logits
+    differ from PyTorch's)."""
+    return list(INPUTS) + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0) > 1 else [])
 CHECK_SHAPES = ((1, 5), (2, 16), (3, 37))  # (batch, seq) of the check: none is the traced example shape
 
 
@@ -31,28 +38,34 @@ def _wrapper(model, names):
     import torch
 
     class Wrapped(torch.nn.Module):
-        """(input_ids, attention_mask) -> named output tensors: a plain signature for the tracer."""
+        """(input_ids, attention_mask[, token_type_ids]) -> named output tensors: a plain signature for the tracer."""
 
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **segments)
             return tuple(out[n] for n in names)
 
     return Wrapped().eval()
 
 
-def padded_batch(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 0) -> dict:
-    """Random ids (B, T) whose rows are right-padded to different lengths (row 0 is full)."""
+def padded_batch(vocab_size: int, batch_size: int, seq_len: int, *, seed: int = 0, inputs=INPUTS) -> dict:
+    """Random ids (B, T) whose rows are right-padded to different lengths (row 0 is full); with ``token_type_ids``
+    in ``inputs``, each row's second half of real tokens is segment 1, as a sentence pair's second sentence."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)  # (B, T)
     lengths = torch.linspace(seq_len, max(1, seq_len // 3), batch_size).round().long()  # (B,)
-    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()  # (B, T)
-    return {"input_ids": ids * mask, "attention_mask": mask}
+    positions = torch.arange(seq_len)[None, :]  # (1, T)
+    mask = (positions < lengths[:, None]).long()  # (B, T)
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    if "token_type_ids" in inputs:
+        batch["token_type_ids"] = ((positions >= (lengths[:, None] + 1) // 2) & mask.bool()).long()  # (B, T)
+    return batch
 
 
 def max_opset() -> int:
@@ -105,7 +118,7 @@ def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4
         raise UsageError(f"onnxruntime cannot load the exported graph, so nothing was written: "
                          f"{str(err).splitlines()[0][:200]}") from None
     for batch_size, seq_len in shapes:
-        batch = padded_batch(model.config.vocab_size, batch_size, seq_len, seed=seq_len)
+        batch = padded_batch(model.config.vocab_size, batch_size, seq_len, seed=seq_len, inputs=input_names(model))
         got = session.run(names, {k: v.numpy() for k, v in batch.items()})
         with torch.inference_mode():
             want = wrapped(**batch)
@@ -135,16 +148,16 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
     _onnxruntime()  # an export that cannot be checked is not attempted
     target = check_output(output, force, kind="file",
                           sources=[source, getattr(model.config, "_name_or_path", None)])
-    names = output_names(model)
+    names, inputs = output_names(model), input_names(model)
     model = model.eval()
-    example = padded_batch(model.config.vocab_size, 2, 8)
+    example = padded_batch(model.config.vocab_size, 2, 8, inputs=inputs)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=100_000)
     try:
         with fsio.temp_file(target, ".onnx") as tmp:
             with torch.inference_mode(False), torch.no_grad(), _quiet():
-                torch.onnx.export(_wrapper(model, names), (example["input_ids"], example["attention_mask"]), str(tmp),
-                                  dynamo=True, external_data=False, opset_version=opset, input_names=list(INPUTS),
-                                  output_names=names, dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS})
+                torch.onnx.export(_wrapper(model, names), tuple(example[k] for k in inputs), str(tmp),
+                                  dynamo=True, external_data=False, opset_version=opset, input_names=inputs,
+                                  output_names=names, dynamic_shapes={k: {0: batch, 1: seq} for k in inputs})
             result = check(tmp, model, names, tol=tol)
             if not result["passed"]:
                 raise UsageError(f"onnxruntime differs from PyTorch by {result['max_abs_diff']:.2e} > {tol:g}; "
@@ -156,8 +169,8 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
         raise OSError(err.errno, err.strerror or str(err), str(output)) from None  # onnx's write errors name no file
     finally:
         fsio.release(target)
-    return {"output": str(output), "format": "onnx", "opset": opset, "inputs": list(INPUTS), "outputs": names,
-            "dynamic_axes": {k: ["batch", "sequence"] for k in INPUTS}, "bytes": target.stat().st_size, **result}
+    return {"output": str(output), "format": "onnx", "opset": opset, "inputs": inputs, "outputs": names,
+            "dynamic_axes": {k: ["batch", "sequence"] for k in inputs}, "bytes": target.stat().st_size, **result}
 
 
 def _quiet():

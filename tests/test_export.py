@@ -65,12 +65,15 @@ def test_cli_export_round_trip_on_padded_batches(tiny_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["outputs"] == ["logits"]
+    assert report["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]  # BERT: sentence pairs' segments
     assert {(r["batch_size"], r["seq_len"]) for r in report["runs"]} == {(1, 5), (2, 16), (3, 37)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary file left
     model, _ = load(reduced)  # without the shortcut: the exported shortcut must agree with the full model
-    batch = padded_batch(model.config.vocab_size, 5, 23, seed=7)  # a shape the check did not use
+    batch = padded_batch(model.config.vocab_size, 5, 23, seed=7, inputs=report["inputs"])  # a shape not checked
     with torch.no_grad():
         want = model(**batch).logits.numpy()
+        segment_0 = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
+    assert np.abs(want - segment_0).max() > 1e-3  # the pairs' segments matter to these logits: the graph must read them
     assert np.abs(run_onnx(out, batch)[0] - want).max() <= 1e-4
 
 
@@ -93,7 +96,7 @@ def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim, m
     report = export_onnx(model, tmp_path / "e.onnx")
     assert not any(padded_in_export)
     assert report["outputs"] == ["last_hidden_state", "pooler_output"] and report["passed"]
-    batch = padded_batch(100, 2, 11, seed=3)
+    batch = padded_batch(100, 2, 11, seed=3, inputs=report["inputs"])
     keep = batch["attention_mask"].bool().numpy()
     with torch.no_grad():
         want = model(**batch).last_hidden_state.numpy()
@@ -205,7 +208,7 @@ def test_minilm_export_round_trip(tmp_path):
     assert json.loads(result.stdout)["max_abs_diff"] <= 1e-4
     model, tokenizer = load(tmp_path / "m")
     batch = dict(tokenizer(["a short one", "a somewhat longer sentence to pad the first against"],
-                           padding=True, return_tensors="pt", return_token_type_ids=False))
+                           padding=True, return_tensors="pt"))  # token_type_ids too: MiniLM is a BERT
     keep = batch["attention_mask"].bool().numpy()
     with torch.no_grad():
         want = model(**batch).last_hidden_state.numpy()
