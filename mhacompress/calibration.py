@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from .errors import UsageError, named
@@ -61,7 +62,9 @@ TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
 def _read_file(path: Path) -> list[tuple[str, ...]]:
     jsonl = path.suffix.lower() == ".jsonl"
     text = read_text(path, hint=JSONL_HINT if jsonl else TXT_HINT)
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # lines end at \n (\r\n, \r): not at str.splitlines' other breaks (form feed, U+2028, ...), which a sentence
+    # may hold and a JSON string may hold raw
+    lines = [(n, line) for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1) if line.strip()]
     if not jsonl:
         return [(line,) for _, line in lines]
     records = (_record_texts(path, n, line) for n, line in lines)

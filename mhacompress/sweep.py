@@ -58,7 +58,7 @@ def _distinct(values) -> list:
 def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
             seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None):
     """(the cells of a sweep, the resume folder reserved: None without one), after everything `sweep` checks before
-    any cell runs: the settings, the ``resume`` folder (never in a source or the current folder), the task's data
+    any cell runs: the settings, the ``resume`` folder (never in a source), the task's data
     and the model. A sweep that fails after this gives the folder back with ``give_back``."""
     from .calibration import calibration_texts
     from .eval.data import glue_folder, load_examples

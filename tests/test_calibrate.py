@@ -181,6 +181,11 @@ def test_calibration_sources(tmp_path, glue_dir):
         ("Conceptually cream skimming has two dimensions.", "Product and geography are what make it work."),
         ("A person on a horse.", "A person is training."),
         ("Architecturally, the school ...", "To whom did the Virgin Mary appear?"), ("A fine film.",)]
+    # one sequence a line: a form feed or U+2028 inside a sentence (raw in a JSON string too) does not end it
+    (tmp_path / "f.txt").write_text("one\fstill one\r\ntwo\u2028still two\n", newline="")
+    assert calibration_texts(str(tmp_path / "f.txt"), 10) == [("one\fstill one",), ("two\u2028still two",)]
+    (tmp_path / "f.jsonl").write_text('{"text": "three\u2028still three"}\n', encoding="utf-8")
+    assert calibration_texts(str(tmp_path / "f.jsonl"), 10) == [("three\u2028still three",)]
     (tmp_path / "D.JSONL").write_text('{"text": "hello"}\n')  # the kind of file is read from its suffix in any case
     assert calibration_texts(str(tmp_path / "D.JSONL"), 10) == [("hello",)]  # not the line '{"text": "hello"}'
     (tmp_path / "E.JSON").write_text('["hello"]')
