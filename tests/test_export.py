@@ -104,6 +104,23 @@ def test_export_of_an_encoder_returns_hidden_states(tmp_path, method, key_dim, m
 
 
 
+def test_a_half_precision_model_that_fails_the_check_is_told_its_dtype_and_the_fix(tmp_path):
+    """onnxruntime runs no bfloat16 Add on CPU, and float16 rounds differently there: the one-line errors said
+    'NOT_IMPLEMENTED ... Add(14)' or 'differs by 3.9e-03', nothing of the dtype or what to do."""
+    from mhacompress.errors import UsageError
+    from mhacompress.export import export_onnx
+
+    model = tiny_model("bert", attn="sdpa").to(torch.bfloat16)
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    with pytest.raises(UsageError, match="nothing was written.*the model is bfloat16.*export a float32 copy"):
+        export_onnx(model, tmp_path / "b.onnx")
+    assert not list(tmp_path.iterdir())
+    model = model.to(torch.float16)
+    with pytest.raises(UsageError, match=r"differs from PyTorch.*the model is float16.*pass tol=0.01"):
+        export_onnx(model, tmp_path / "h.onnx", tol=1e-7)
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_mpnet_model_exports_and_reports(tmp_path):
     """transformers has no sdpa attention for MPNet: export and report load it with its eager path, as every other
     command does (both asked for sdpa, and transformers refused the folder)."""
