@@ -662,13 +662,17 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from .reduction.config import _flag
-    from .reduction.modeling import COMPRESSION_KEY
+    from .reduction.modeling import COMPRESSION_KEY, REDUCED_TYPE_PREFIX
 
     _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     source = resolve(name)
     cache_only = {"local_files_only": True} if ensure_available(source) else {}
     folder = Path(source.location) if source.local else None
     raw = read_config(folder) if folder else {}
+    if raw.get("model_type", "").startswith(REDUCED_TYPE_PREFIX) and not raw.get(COMPRESSION_KEY):
+        # else transformers reads the type's auto_map and asks to run the folder's code
+        raise UsageError(f"{folder}/config.json says model_type {raw['model_type']!r}, a reduced model, but its "
+                         f"{COMPRESSION_KEY!r} block is missing or empty; restore config.json as mhacompress saved it")
     if raw.get(COMPRESSION_KEY):
         model, tok = load(folder, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source

@@ -176,6 +176,14 @@ def test_a_fine_tuned_head_that_would_be_dropped_is_refused(tiny_bert_dir, tmp_p
     assert type(reduced.model).__name__ == "CollaborativeBertModel"
 
 
+def test_a_reduced_config_whose_block_was_emptied_is_named_not_run_as_remote_code(reduced):
+    """The folder then read as an original, and transformers asked to run the code its auto_map names."""
+    edit_config(reduced, lambda c: c.update(compression={}))
+    with pytest.raises(UsageError, match="config.json says model_type 'mhacompress-bert', a reduced model, but its "
+                                         "'compression' block is missing or empty"):
+        load_pretrained(str(reduced))
+
+
 def test_an_edited_key_dim_is_refused(reduced):
     edit_config(reduced, lambda c: c["compression"].update(key_dim=12))
     refused(reduced, "says key_dim 12 but its layers have [8]")
