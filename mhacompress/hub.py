@@ -353,12 +353,11 @@ def _check_a_model_folder(target: Path, option: str) -> None:
         raise UsageError(f"{option} {target} holds files but no model (no config.json), so {_force()} will not "
                          f"delete it; choose a new folder for {option}, or empty this one yourself")
     try:
-        config = json.loads((target / "config.json").read_bytes().decode("utf-8-sig"))
-    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
-        config = None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        read_config(target)  # a JSON object with a model_type
+    except (UsageError, OSError):
         raise UsageError(f"{option} {target} holds a config.json that is not a model's (no model_type), so "
-                         f"{_force()} will not delete it; choose a new folder for {option}, or empty this one yourself")
+                         f"{_force()} will not delete it; choose a new folder for {option}, or empty this one "
+                         f"yourself") from None
     kept = [name for name in (".git", ".hg", ".svn") if os.path.lexists(target / name)]
     if kept:
         raise UsageError(f"{option} {target} is under version control ({kept[0]}), so {_force()} will not delete it; "
