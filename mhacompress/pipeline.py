@@ -172,9 +172,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
         if max_drop is not None:
             evaluated = gated(evaluated, max_drop)
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
-                     time.perf_counter() - start)
-    if report["calibration"] is not None:
-        report["calibration"]["sequences"] = sequences  # used: samples is what was asked for
+                     time.perf_counter() - start, sequences)
     inputs = data_sources(config, data_dir, evaluate, calibration)
     return Compressed(model, tokenizer, report, config, source=source, inputs=inputs)
 
@@ -461,8 +459,9 @@ def _reduce(model, config: ReductionConfig, dims: list[int], batches, notify) ->
 
 
 def _report(name, source, config: ReductionConfig, block: dict, params_before: int, model, curves, evaluated,
-            warnings, seconds: float) -> dict:
-    """The ``reduce --json`` object (``output`` None until the model is saved)."""
+            warnings, seconds: float, sequences: int | None) -> dict:
+    """The ``reduce --json`` object (``output`` None until the model is saved); ``sequences``: how many the
+    calibration used (its ``samples`` is what was asked for)."""
     from .reduction import cost
     from .schema import envelope
 
@@ -478,7 +477,7 @@ def _report(name, source, config: ReductionConfig, block: dict, params_before: i
         "solver": config.solver,
         "key_dim": config.key_dim,
         "key_dims": [x["key_dim"] for x in layers],
-        "calibration": None if config.calibration is None else asdict(config.calibration),
+        "calibration": None if config.calibration is None else {**asdict(config.calibration), "sequences": sequences},
         "budget": None if curves is None else {"fraction": config.budget, "curves": curves},
         "seconds": round(seconds, 3),
         "params": {"before": sum(x["qk_params_before"] for x in layers),
