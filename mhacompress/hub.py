@@ -862,19 +862,19 @@ def _source_folder(source) -> Path | None:
 
 def carry_over(source: Path, dest: Path) -> list[str]:
     """Copy every file of ``source`` that ``dest`` lacks, except the original's weights and exports at the top level
-    (STALE_FILES, STALE_DIRS); permissions follow the umask. Returns the relative paths copied."""
-    copied, seen = [], {source.resolve()}
-    for root, dirs, files in os.walk(source, followlinks=True):
+    (STALE_FILES, STALE_DIRS); permissions follow the umask. Returns the relative paths copied. Only the folder's own
+    tree is walked: a linked file is copied by its content (a hub cache's snapshot links every file to its blob), but
+    a linked folder is not entered (it may lead anywhere: a data set, or ``..`` and the output being written), nor is
+    anything but a regular file read (a pipe or a device would never end)."""
+    copied = []
+    for root, dirs, files in os.walk(source):  # followlinks=False: linked folders are listed, never entered
         rel = Path(root).relative_to(source)
         if rel == Path("."):
-            dirs[:] = [d for d in dirs if not STALE_DIRS.fullmatch(d)]
             files = [f for f in files if not STALE_FILES.fullmatch(f)]
-        real = [(d, (Path(root) / d).resolve()) for d in dirs]
-        dirs[:] = [d for d, r in real if r not in seen]  # linked folders once: no loops
-        seen.update(r for _, r in real)
+        dirs[:] = [d for d in dirs if not (rel == Path(".") and STALE_DIRS.fullmatch(d))]
         for name in files:
             target = dest / rel / name
-            if os.path.lexists(target):
+            if os.path.lexists(target) or not (Path(root) / name).is_file():  # is_file follows the link
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(root) / name, target)

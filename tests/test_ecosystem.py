@@ -91,6 +91,31 @@ def test_stale_weights_of_the_original_are_never_carried_over(tiny_bert_dir, tmp
     assert b"compression" in saved["config.json"]  # what the save writes wins over the source's copy
 
 
+def test_only_the_sources_own_tree_is_carried_over_linked_files_by_content_linked_folders_and_pipes_never(
+        tiny_bert_dir, tmp_path):
+    """A linked folder may lead anywhere: a data set to publish by mistake, or `..`, which holds the output being
+    written (an endless walk); a pipe would never end. A linked file is how a hub cache's snapshot holds every file."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    src = shutil.copytree(tiny_bert_dir, tmp_path / "models" / "src")
+    outside = tmp_path / "data"
+    (outside / "private").mkdir(parents=True)
+    (outside / "private" / "secret.txt").write_bytes(b"not the model's")
+    (tmp_path / "blob").write_bytes(b"a blob")
+    (src / "data").symlink_to(outside)
+    (src / "up").symlink_to("..")
+    (src / "README.md").symlink_to(tmp_path / "blob")
+    os.mkfifo(src / "pipe")
+    model = tiny_model("bert")
+    reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    save(model, AutoTokenizer.from_pretrained(src), tmp_path / "models" / "out", source=src)
+    saved = tree(tmp_path / "models" / "out")
+    assert saved["README.md"] == b"a blob" and not (tmp_path / "models" / "out" / "README.md").is_symlink()
+    assert not [name for name in saved if name.startswith(("data", "up", "pipe"))]
+
+
 @pytest.mark.parametrize("model_max_length", ["x", -1, float("nan"), 1e30])
 def test_a_sources_damaged_model_max_length_is_carried_over_as_it_is_and_breaks_nothing(model_max_length,
                                                                                          tiny_bert_dir, tmp_path):
