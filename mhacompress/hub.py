@@ -251,6 +251,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         raise UsageError(f"{option} {str(output)!r} is not valid UTF-8 (a byte of another encoding in the name), "
                          f"which the model writers cannot take; choose another {option}") from None
     _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
+    if force and kind == "folder":
+        _check_not_a_moved_source(target, sources, option)
     _check_existing(target, force, kind, option)
     try:
         _check_writable(target, option, kind)
@@ -844,6 +846,28 @@ def save_as(model, tokenizer, output, *, force: bool, source, inputs, argument: 
     finally:
         fsio.release(target)
     return Path(output)
+
+
+def _check_not_a_moved_source(target: Path, names, option: str) -> None:
+    """A model loaded by a relative path keeps that path (``config._name_or_path``), which names some other folder, or
+    none, once the working folder has changed: when it names nothing now (no such folder, alias or cached hub id), a
+    forced save over an original (unreduced) model folder whose path ends in it is refused, since that folder may be
+    the source."""
+    try:
+        config = json.loads((target / "config.json").read_bytes())
+    except (OSError, RuntimeError, ValueError):  # nothing to replace, or not a model folder (check_output's to say)
+        return
+    if not isinstance(config, dict) or "compression" in config:  # a reduction's output: never a source to reduce
+        return
+    for name in names:
+        name = os.fspath(name) if isinstance(name, os.PathLike) else name
+        rel = Path(name) if isinstance(name, str) and name else None
+        if rel is None or rel.is_absolute() or ".." in rel.parts or source_paths([name]):  # found: check_output's
+            continue
+        if target.parts[-len(rel.parts):] == rel.parts:
+            raise UsageError(f"{option} {target} may be the folder the model was loaded from ({name!r}, a path "
+                             f"relative to another working folder), and a source is never replaced; save elsewhere, "
+                             f"or load the model by its absolute path")
 
 
 def _os_error(err: Exception, target: Path) -> OSError | None:

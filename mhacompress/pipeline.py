@@ -91,7 +91,8 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     if output is not None:  # refused before any work, as `reduce --output` is, and held until written
         from .hub import check_output
 
-        models = [model_or_name if isinstance(model_or_name, (str, Path)) else model_or_name.config._name_or_path]
+        models = [model_or_name if isinstance(model_or_name, (str, Path)) else model_or_name.config._name_or_path,
+                  getattr(tokenizer, "name_or_path", None)]
         target = check_output(output, force, sources=[*models, *data_sources(config, data_dir, evaluate, calibration)],
                               argument="output")
     try:

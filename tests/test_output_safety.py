@@ -76,6 +76,26 @@ def test_check_output_sees_through_symlinks(src, tmp_path):
         check_output(src, force=True, sources=[tmp_path / "link"])
 
 
+def test_a_model_loaded_by_a_relative_path_is_not_replaced_from_another_working_folder(src, tmp_path, monkeypatch):
+    """transformers keeps the path a model was loaded by (config._name_or_path): relative, it names nothing once a
+    notebook has changed folder, so a forced save over an original model folder at a path ending in it is refused;
+    over a reduction's own output (config.json with its compression block) it goes on."""
+    from transformers import AutoModel, AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = AutoModel.from_pretrained("src"), AutoTokenizer.from_pretrained("src")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    before = tree(src)
+    with pytest.raises(UsageError, match="may be the folder the model was loaded from"):
+        mhacompress.compress(model, ReductionConfig(key_dim=8, n_iter_max=3), tokenizer=tokenizer,
+                             output=tmp_path / "src", force=True)
+    assert tree(src) == before and type(model.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"
+    save(reduced(), None, tmp_path / "out" / "src")
+    mhacompress.compress(model, ReductionConfig(key_dim=8, n_iter_max=3), tokenizer=tokenizer,
+                         output=tmp_path / "out" / "src", force=True)
+
+
 @pytest.mark.parametrize("args", [
     ["reduce", "{src}", "-k", "8", "-o", "{src}", "--force"],
     ["reduce", "{src}", "-k", "8", "-o", "{parent}", "--force"],
