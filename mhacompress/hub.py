@@ -827,6 +827,9 @@ def save_as(model, tokenizer, output, *, force: bool, source, inputs, argument: 
     if paths is None or not all(isinstance(p, (str, os.PathLike)) for p in paths):
         raise UsageError(f"inputs must be a list of paths (the data the model was made from, never saved over), "
                          f"e.g. inputs=['glue_data']; got {type(inputs).__name__} {inputs!r:.40}")
+    from .reduction.surgery import check_not_partly_reduced
+
+    check_not_partly_reduced(model)
     loaded_from = [getattr(model.config, "_name_or_path", None), getattr(tokenizer, "name_or_path", None)]
     folder = _source_folder(source)
     target = check_output(output, force, sources=[source, *loaded_from, *paths], argument=argument)

@@ -165,6 +165,30 @@ def test_a_second_ctrl_c_while_the_calibration_activations_are_removed_still_rem
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("stop_at", [1, 2], ids=["first-layer", "all-layers-no-block"])
+def test_a_model_whose_reduction_was_stopped_half_way_is_neither_reduced_again_nor_saved(tiny_bert_dir, tmp_path,
+                                                                                        stop_at):
+    """compress reduces an in-memory model in place: Ctrl-C in a notebook (here from the progress callback) leaves
+    some layers reduced and no compression block. Saved, that folder reloaded with those layers' query/key weights
+    missing, drawn at random by transformers."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = tiny_model("bert"), AutoTokenizer.from_pretrained(tiny_bert_dir)
+
+    def stop(event):
+        if event.stage == "layers" and event.done == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mhacompress.compress(model, ReductionConfig(key_dim=8, n_iter_max=3), tokenizer=tokenizer, on_progress=stop)
+    assert type(model.encoder.layer[0].attention.self).__name__.startswith("Collaborative")
+    for again in (lambda: mhacompress.compress(model, ReductionConfig(key_dim=8), tokenizer=tokenizer),
+                  lambda: mhacompress.save(model, tokenizer, tmp_path / "out")):
+        with pytest.raises(UsageError, match="a reduction that did not finish.*load the original checkpoint again"):
+            again()
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("use", ["calibration", "evaluation"])
 def test_a_tokenizer_of_another_model_is_refused_in_one_line_before_any_layer_is_reduced(tiny_bert_dir, glue_dir,
                                                                                           use):

@@ -55,14 +55,25 @@ def check_reducible(model: nn.Module) -> None:
         arch_for(model.config)
     except UnsupportedModelError as err:
         raise UnsupportedArchitectureError(str(err)) from None
-    if getattr(model.config, COMPRESSION_KEY, None) or any(
-            isinstance(m, CollaborativeSelfAttention) for _, _, m in attention_modules(model)):
+    check_not_partly_reduced(model)
+    if getattr(model.config, COMPRESSION_KEY, None):
         raise AlreadyReducedError("this model is already reduced; reduce the original checkpoint instead")
     name = type(model).__name__
     if not (name.endswith("Model") or is_classifier(model)):  # what a saved folder can be (hub.check_block)
         raise UnsupportedArchitectureError(f"a {name} cannot be reduced: only encoders (e.g. BertModel) and sequence "
                                            f"classifiers are supported; reduce its encoder, model.base_model, instead")
     check_finite_weights(model)
+
+
+def check_not_partly_reduced(model: nn.Module) -> None:
+    """Collaborative layers without the compression block that a finished reduction writes: a reduction stopped
+    half-way (Ctrl-C in a notebook, an error) left the model in place with some layers reduced and some not. Neither
+    reduced again nor saved (its folder would reload with those layers' query/key weights missing, made up at
+    random)."""
+    if not getattr(model.config, COMPRESSION_KEY, None) and any(
+            isinstance(m, CollaborativeSelfAttention) for m in model.modules()):
+        raise AlreadyReducedError("this model holds the layers of a reduction that did not finish (it reduces in place, "
+                                  "and was stopped half-way); load the original checkpoint again and reduce that")
 
 
 def check_finite_weights(model: nn.Module) -> None:
