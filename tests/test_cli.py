@@ -1,6 +1,7 @@
 """The command line: instant help, one JSON object for scripts, one-line errors for bad input, nothing half-written."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +66,19 @@ def test_a_deleted_current_folder_is_one_line_not_a_crash(tiny_dir, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and result.stdout == "", result.stderr
     assert len(lines) == 1 and "the current folder" in lines[0] and "cd to" in lines[0], result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_json_to_a_full_stdout_is_one_line_saying_the_work_was_done(tiny_dir, tmp_path):
+    """--json > FILE on a full disk: the write fails after the work (here the output folder) is done; it was a
+    33-line traceback ending in 'OSError: [Errno 28]'."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "mhacompress", "reduce", str(tiny_dir), "-k", "8", "-o",
+                                 str(tmp_path / "out"), "--json"], stdout=full, stderr=subprocess.PIPE, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "cannot write the JSON result to stdout: No space left on device" in lines[0] and "written" in lines[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):

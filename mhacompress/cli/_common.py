@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
+import sys
 
 import click
 
@@ -20,7 +23,16 @@ def emit_json(obj: dict, command: str, device=None) -> None:
     from ..schema import envelope, strict
 
     plain = json.loads(json.dumps({**envelope(command, device), **obj}, default=float))  # numpy / torch scalars too
-    click.echo(json.dumps(strict(plain), allow_nan=False))
+    try:
+        click.echo(json.dumps(strict(plain), allow_nan=False))
+        sys.stdout.flush()
+    except OSError as err:
+        if err.errno == errno.EPIPE:  # the reader went away (| head): click ends quietly, exit 1
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere, quietly
+        raise click.ClickException(f"cannot write the JSON result to stdout: {err.strerror or err} (the command's "
+                                   f"work is done, and any output it names was written; free the space, or redirect "
+                                   f"stdout to another file)") from None
 
 
 @contextlib.contextmanager
@@ -28,8 +40,6 @@ def user_errors():
     """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1, no
     traceback. Ctrl-C and SIGTERM pass through to the command group, which reports them (see cli.main). A current
     folder that was deleted is refused first: torch's libraries would fail to load, ending the process."""
-    import os
-
     from ..errors import UsageError, command_line
 
     try:
