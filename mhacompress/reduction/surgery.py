@@ -72,8 +72,9 @@ def check_not_partly_reduced(model: nn.Module) -> None:
     random)."""
     if not getattr(model.config, COMPRESSION_KEY, None) and any(
             isinstance(m, CollaborativeSelfAttention) for m in model.modules()):
-        raise AlreadyReducedError("this model holds the layers of a reduction that did not finish (it reduces in place, "
-                                  "and was stopped half-way); load the original checkpoint again and reduce that")
+        raise AlreadyReducedError("this model holds the layers of a reduction that did not finish (it reduces in "
+                                  "place, and was stopped half-way); load the original checkpoint again and reduce "
+                                  "that")
 
 
 def check_finite_weights(model: nn.Module) -> None:
