@@ -70,7 +70,8 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
 
 def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
            method: str = "cp", repeats: int = 7, latency: bool = True, first_token_only: bool = False,
-           attn_implementation: str = "sdpa", device: str = "auto", on_progress: OnProgress = None) -> dict:
+           attn_implementation: str = "sdpa", device: str = "auto", allow_pickle: bool = False,
+           on_progress: OnProgress = None) -> dict:
     """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
     (``latency``) their measured medians side by side with ratios. ``model`` is a reduced folder (its original is
     reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory.
@@ -82,7 +83,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     from .eval.runner import max_tokens
     from .reduction import cost
 
-    notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only}, model=model)
+    notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only,
+                                        "allow_pickle": allow_pickle}, model=model)
     for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # --seq-len etc. are IntRange(1)
             raise UsageError(f"{option} must be an integer >= 1; got {value!r}")
@@ -97,7 +99,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any model loads
     name = str(model)
     notify(Progress(f"loading {name}"))
-    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation)
+    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation,
+                                        allow_pickle=allow_pickle)
     if first_token_only:
         first_token_shortcut(reduced, name)
     limit = max_tokens(original)
@@ -313,8 +316,9 @@ def checked_call(on_progress: OnProgress, flags: dict | None = None, **models) -
 
 
 
-def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa"):
-    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory."""
+def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa", allow_pickle: bool = False):
+    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory; pickled
+    weights (an original's) only with ``allow_pickle``."""
     import copy
 
     from .hub import load_pretrained
@@ -323,14 +327,16 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from .reduction.modeling import COMPRESSION_KEY
     from .reduction.surgery import model_shape
 
-    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False)
+    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False,
+                                  allow_pickle=allow_pickle)
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
             raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop {named('--key-dim')}")
         source = block.get("source_model") or ""
         try:
-            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False)
+            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False,
+                                             allow_pickle=allow_pickle)
         except UsageError as err:
             raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
         if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions

@@ -14,8 +14,10 @@ from .reduction.config import Calibration, ConfigError, ReductionConfig, _flag
 
 
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
-         seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto") -> list[dict]:
-    """The cells of a sweep: the original first, then every distinct (method, key dim), each a JSON-able dict."""
+         seed: int = 0, data_dir: str | None = None, limit: int | None = None, device: str = "auto",
+         allow_pickle: bool = False) -> list[dict]:
+    """The cells of a sweep: the original first, then every distinct (method, key dim), each a JSON-able dict
+    (``allow_pickle`` in it only when set: the resume names of the cells of other sweeps stay as they were)."""
     from .commands import checked_call
 
     checked_call(None, model=model)  # not an AttributeError from deep inside
@@ -41,7 +43,8 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy(),
               # the files behind the names: a model or calibration file replaced at the same path is a new cell
-              "inputs": fingerprint([model] + ([calibration.source] if calibration is not None else []))}
+              "inputs": fingerprint([model] + ([calibration.source] if calibration is not None else [])),
+              **({"allow_pickle": True} if allow_pickle else {})}
     cells = [{**common, "method": None, "key_dim": None}]
     for method in _distinct(methods):  # a repeated method or key dim is one cell
         for key_dim in _distinct(key_dims):
@@ -56,7 +59,7 @@ def _distinct(values) -> list:
 
 
 def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
-            seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None):
+            seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None, allow_pickle: bool = False):
     """(the cells of a sweep, the resume folder reserved: None without one), after everything `sweep` checks before
     any cell runs: the settings, the ``resume`` folder (never in a source), the task's data
     and the model. A sweep that fails after this gives the folder back with ``give_back``."""
@@ -66,7 +69,7 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
     from .hub import check_output
 
     cells = grid(model, task, methods, key_dims, calibration=calibration, seed=seed, data_dir=data_dir, limit=limit,
-                 device=device)
+                 device=device, allow_pickle=allow_pickle)
     target = None
     if resume is not None:  # cell files go in beside what is there, without a lock: several runs may fill it
         target = check_output(resume, True, kind="contents", option="--resume", lock=False,
@@ -75,7 +78,8 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
         if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
             calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
-        warnings = check_model(cells[0]["model"], methods, key_dims, calibrated=calibration is not None)
+        warnings = check_model(cells[0]["model"], methods, key_dims, calibrated=calibration is not None,
+                               allow_pickle=allow_pickle)
     except BaseException:
         if target is not None:  # the parent folders made for it go again (a Python session does not exit)
             fsio.release(target)
@@ -142,7 +146,7 @@ def run_cell(cell: dict) -> dict:
     start = time.perf_counter()
     device = str(resolve_device(cell["device"]))  # where the cell runs: a Ray worker resolves "auto" itself
     scorer = Scorer.for_task(cell["task"], data_dir=cell["data_dir"], limit=cell["limit"], device=device)
-    model, tokenizer, _ = load_pretrained(cell["model"], device=device)
+    model, tokenizer, _ = load_pretrained(cell["model"], device=device, allow_pickle=cell.get("allow_pickle", False))
     if cell["method"] is None:
         from .reduction.cost import layer_shapes, qk_params
 
@@ -209,7 +213,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
 def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
           seed: int = 0, data_dir=None, limit=None, device: str = "auto", executor: str = "local",
           address: str | None = None, resume=None, num_cpus: float = 1, num_gpus: float = 0, plot=None,
-          force: bool = False, on_result=None) -> dict:
+          force: bool = False, allow_pickle: bool = False, on_result=None) -> dict:
     """Every (method, key dim) of ``model`` scored on ``task`` beside the original: each cell in this process
     (``executor="local"``) or as a Ray task (``"ray"``, on the cluster at ``address``, with ``num_cpus`` /
     ``num_gpus`` per task). ``resume``: a folder of finished cells (one JSON file each), skipped on a rerun and
@@ -219,17 +223,19 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     in one call (exported as ``mhacompress.run_sweep``; its --calibrate, --samples and --refine are
     ``calibration=Calibration(SOURCE, samples=, refine_steps=)``, --cpus-per-cell and --gpus-per-cell ``num_cpus``
     and ``num_gpus``): returns what ``sweep --json`` prints, with the envelope; ``on_result`` is called with each
-    cell's outcome."""
+    cell's outcome. ``allow_pickle``: also load pickled (.bin) weights, which can run code (``--allow-pickle``)."""
     from .executors import check_settings
 
     start = time.perf_counter()
     check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
+    _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     check_callback("on_result", on_result, "one result")  # not after the model has loaded (run_cells checks it too)
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir, force)
     try:
         cells, folder, warnings = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
-                                          data_dir=data_dir, limit=limit, device=device, resume=resume)
+                                          data_dir=data_dir, limit=limit, device=device, resume=resume,
+                                          allow_pickle=allow_pickle)
         outcomes = run_or_give_back(cells, folder, executor=executor, address=address, resume=resume,
                                     num_cpus=num_cpus, num_gpus=num_gpus, on_result=on_result)
         result = {**table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start), "warnings": warnings}

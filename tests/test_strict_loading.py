@@ -241,6 +241,25 @@ def test_pickled_weights_are_never_unpickled_without_allow_pickle(original, monk
     refused(original, "no safetensors weights", "allow_pickle=True")
 
 
+@pytest.mark.parametrize("command", [
+    ["report", "{src}", "-k", "8", "--no-latency", "--seq-len", "8"],
+    ["sweep", "{src}", "-t", "stsb", "--key-dims", "8", "--methods", "cp", "--limit", "4", "--data-dir", "{glue}"],
+], ids=["report", "sweep"])
+def test_the_option_a_pickle_refusal_names_is_one_the_command_takes(original, glue_dir, command):
+    """report and sweep refused pickled weights saying 'pass --allow-pickle', an option they did not have."""
+    model = load_pretrained(str(original))[0]
+    (original / "model.safetensors").unlink()
+    torch.save(model.state_dict(), original / "pytorch_model.bin")
+    args = [a.format(src=original, glue=glue_dir) for a in command]
+    refused = CliRunner().invoke(main, [*args, "--json"])
+    assert refused.exit_code == 1 and "no safetensors weights" in refused.output, refused.output
+    assert "--allow-pickle" in refused.output
+    allowed = CliRunner().invoke(main, [*args, "--allow-pickle", "--json"])
+    assert allowed.exit_code == 0, allowed.output
+    report = json.loads(allowed.stdout)
+    assert report["model"] == str(original) and not report.get("failed")
+
+
 @pytest.mark.parametrize("name,fragment", [
     ("x" * 300, "more than a file name can be"),
     ("/tmp/" + "a/" * 2100, "more than a path can be"),

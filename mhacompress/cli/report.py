@@ -6,6 +6,7 @@ import click
 
 from ._common import (
     ProgressBars,
+    allow_pickle_option,
     console,
     device_option,
     emit_json,
@@ -31,9 +32,10 @@ from ._common import (
 @click.option("--attn-implementation", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention kernels of both models.")
 @device_option("Where both models run")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
 def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, first_token_only, attn_implementation,
-           device, as_json):
+           device, allow_pickle, as_json):
     """Q/K parameters, multiply-adds and measured latency of a reduced MODEL against its original, per layer and
     in total, in one run.
 
@@ -54,7 +56,8 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
         with ProgressBars(not as_json) as bars:
             result = measure(model, seq_len=seq_len, batch_size=batch_size, key_dim=key_dim, method=method,
                              repeats=repeats, latency=not no_latency, first_token_only=first_token_only,
-                             attn_implementation=attn_implementation, device=device, on_progress=bars)
+                             attn_implementation=attn_implementation, device=device, allow_pickle=allow_pickle,
+                             on_progress=bars)
     if as_json:
         emit_json(result, "report", device)
     else:

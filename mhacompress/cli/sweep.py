@@ -6,6 +6,7 @@ import click
 
 from ._common import (
     FiniteFloat,
+    allow_pickle_option,
     console,
     device_option,
     emit_json,
@@ -46,9 +47,10 @@ from .eval import data_options
               "dim and vs Q/K parameters, one line per method.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file (the figure of an earlier run, as a rerun "
               "with --resume writes it again).")
+@allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")
 def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, data_dir, limit, seed, device, executor,
-          address, cpus_per_cell, gpus_per_cell, resume_dir, plot_file, force, as_json):
+          address, cpus_per_cell, gpus_per_cell, resume_dir, plot_file, force, allow_pickle, as_json):
     """Reduce MODEL at every (method, key dim) and score each on TASK beside the original, without retraining.
 
     \b
@@ -76,6 +78,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, dat
             result = run_sweep(model, task, method_list, dims, calibration=calibration, seed=seed, data_dir=data_dir,
                                limit=limit, device=device, executor=executor, address=address, resume=resume_dir,
                                num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, plot=plot_file, force=force,
+                               allow_pickle=allow_pickle,
                                on_result=lambda out: bar.advance(step))
     if as_json:
         emit_json(result, "sweep", result["device"])  # where the cells ran (auto resolved unless on a cluster)
