@@ -166,8 +166,8 @@ def test_plotting_without_matplotlib_is_refused_before_the_analysis(tiny_dir, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
+def one_line_error(result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     return lines[0]
@@ -179,5 +179,5 @@ def test_errors_are_one_line(tiny_dir, tmp_path):
     a_file.write_text("x")
     assert "not a folder" in one_line_error(invoke(tiny_dir, "--plot", a_file))
     assert "cannot create --plot folder" in one_line_error(invoke(tiny_dir, "--plot", a_file / "figs"))
-    assert "key dims must be in 1..32" in one_line_error(invoke(tiny_dir, "--key-dims", "8,64"))
-    assert "comma-separated" in one_line_error(invoke(tiny_dir, "--key-dims", "8;16"))
+    assert "key dims must be in 1..32" in one_line_error(invoke(tiny_dir, "--key-dims", "8,64"), exit_code=2)
+    assert "comma-separated" in one_line_error(invoke(tiny_dir, "--key-dims", "8;16"), exit_code=2)

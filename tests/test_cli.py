@@ -81,6 +81,21 @@ def test_json_to_a_full_stdout_is_one_line_saying_the_work_was_done(tiny_dir, tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("args,code", [
+    (["-k", "0"], 2),  # refused by the settings check
+    (["-k", "8", "--refine", "2"], 2),  # needs --calibrate
+    (["-k", "8", "--tol", "-1"], 2),
+    (["-k", "1000"], 2),  # wider than the model
+    (["-k", "8", "--samples", "0"], 2),  # refused by click's parser
+    (["-k", "8", "--calibrate", "no-such-file.txt"], 1),  # data that cannot be read
+], ids=["key-dim-0", "refine-alone", "tol", "too-wide", "samples-0", "missing-data"])
+def test_a_bad_command_line_exits_2_and_a_model_or_data_that_fails_exits_1(tiny_dir, args, code):
+    """docs/usage.md: a script tells a bad setting (2, wherever it is checked) from an input that failed (1)."""
+    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), *args, "--json"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+
+
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"),
                                        "--json"])

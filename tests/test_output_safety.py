@@ -33,8 +33,8 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
+def one_line_error(result, *fragments, exit_code=1):
+    assert result.exit_code == exit_code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
@@ -225,7 +225,8 @@ def test_a_read_only_parent_fails_before_any_work(src, tmp_path, no_work):
 
 
 def test_a_run_that_fails_removes_the_parents_it_created(src, tmp_path):
-    one_line_error(invoke("reduce", src, "-k", "33", "-o", tmp_path / "a" / "b" / "out"), "out of range")
+    one_line_error(invoke("reduce", src, "-k", "33", "-o", tmp_path / "a" / "b" / "out"), "out of range",
+                   exit_code=2)  # a bad setting
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -104,8 +104,9 @@ def test_a_sweep_of_a_classifier_from_the_weights_alone_warns_with_the_fix_as_re
     (["--key-dims", "10", "--methods", "svd"], "not a multiple of 4"),
 ])
 def test_sweep_bad_grids(tiny_encoder, glue_dir, args, fragment):
+    """A bad command line: exit 2, as click's own refusals."""
     result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), *args])
-    assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
 
 
 def test_a_grid_runs_each_cell_once_whatever_the_repeats():

@@ -35,6 +35,14 @@ def emit_json(obj: dict, command: str, device=None) -> None:
                                    f"stdout to another file)") from None
 
 
+class BadSetting(click.ClickException):
+    """A setting refused after parsing (a key dim of 0, --refine without --calibrate, a key dim wider than the model):
+    exit 2, as click's own refusals of an option's type or range, so that a script tells a bad command line (2) from
+    a model, data or file that failed (1)."""
+
+    exit_code = 2
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1, no
@@ -53,12 +61,13 @@ def user_errors():
     except click.ClickException:
         raise
     except UsageError as err:
-        raise click.ClickException(one_line(str(err))) from None
-    except ValueError as err:
         from ..reduction.config import ConfigError
+
+        raise (BadSetting if isinstance(err, ConfigError) else click.ClickException)(one_line(str(err))) from None
+    except ValueError as err:
         from ..reduction.modeling import UnsupportedModelError
 
-        if isinstance(err, (ConfigError, UnsupportedModelError)):
+        if isinstance(err, UnsupportedModelError):
             raise click.ClickException(one_line(str(err))) from None
         raise
     except (MemoryError, RuntimeError) as err:
@@ -153,14 +162,14 @@ class FiniteFloat(click.FloatRange):
 
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
     """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
-    from ..errors import UsageError
+    from ..reduction.config import ConfigError
 
     try:
         dims = [int(x) for x in text.split(",")]
     except ValueError:
         dims = []
     if not dims or any(k < 1 for k in dims):
-        raise UsageError(f"{option} takes comma-separated positive integers, e.g. 48,96,192; got {text!r}")
+        raise ConfigError(f"{option} takes comma-separated positive integers, e.g. 48,96,192; got {text!r}")
     return dims
 
 

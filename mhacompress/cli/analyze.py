@@ -46,12 +46,12 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
 
 
 def _parse_dims(text: str) -> list[int]:
-    from ..errors import UsageError
+    from ..reduction.config import ConfigError
 
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise UsageError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}") from None
+        raise ConfigError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}") from None
 
 
 # ---- rich summary -----------------------------------------------------------------------------------------------

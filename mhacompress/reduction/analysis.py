@@ -121,6 +121,7 @@ def analyze_model(model, key_dims: list[int] | None = None, seq_len: int = 128, 
     """
     from ..errors import UsageError
     from .allocate import candidate_dims
+    from .config import ConfigError
     from .modeling import CollaborativeSelfAttention, arch_for, attention_modules
     from .surgery import check_finite_weights, model_shape
 
@@ -130,7 +131,7 @@ def analyze_model(model, key_dims: list[int] | None = None, seq_len: int = 128, 
     top = H * dh
     dims = sorted(set(key_dims or candidate_dims(H, dh, "cp")))
     if not all(1 <= k <= top for k in dims):
-        raise UsageError(f"key dims must be in 1..{top} ({H} heads x {dh}); got {','.join(map(str, dims))}")
+        raise ConfigError(f"key dims must be in 1..{top} ({H} heads x {dh}); got {','.join(map(str, dims))}")
     layers = []
     for index, (_, _, module) in enumerate(attention_modules(model)):
         if isinstance(module, CollaborativeSelfAttention):
