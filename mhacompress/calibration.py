@@ -5,6 +5,7 @@ itself (it takes tokenized batches)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -27,6 +28,11 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
                          f".jsonl file (one JSON object a line): convert it to one of those")
     if path.is_file():
         texts = _read_file(path)
+    elif path.is_dir():
+        raise UsageError(f"{source} is a folder; calibration reads a GLUE task name, a .txt file (one sequence a "
+                         f"line) or a .jsonl file: pass one of those")
+    elif os.path.exists(path):  # a pipe or device: never read to its end
+        raise UsageError(f"{source} is not a regular file (a pipe or a device); pass a .txt or .jsonl file")
     elif suffix in (".txt", ".jsonl", ".json") or "/" in source:
         raise UsageError(f"no calibration file at {source!r}; pass a GLUE task name, a .txt or a .jsonl file")
     else:

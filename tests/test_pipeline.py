@@ -214,3 +214,12 @@ def test_a_refined_reduction_leaves_no_gradients_on_the_model(tiny_bert_dir):
     config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python", refine_steps=5))
     model = mhacompress.compress(str(tiny_bert_dir), config, calibration=["a text", "another one"]).model
     assert [name for name, p in model.named_parameters() if p.grad is not None] == []
+
+
+def test_reduce_in_place_with_a_budget_names_the_call_that_allocates():
+    """reduce_ reduces from the weights at given key dims; a budget needs compress, which allocates."""
+    from mhacompress.reduction.config import ConfigError
+    from mhacompress.reduction.surgery import reduce_
+
+    with pytest.raises(ConfigError, match=r"chosen by allocation, which reduce_ does not do: call mhacompress.compress"):
+        reduce_(tiny_model("bert"), ReductionConfig(budget=0.5))

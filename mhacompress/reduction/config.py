@@ -216,7 +216,8 @@ class ReductionConfig:
         """The key dim of each layer, checked against the model's shape. Not for a budget (allocation decides)."""
         if self.allocates(num_heads * head_dim):  # always for a budget
             raise ConfigError(f"with {named('--budget')} (or an allocated {named('--key-dim')}) the key dims are "
-                              f"chosen by allocation")
+                              f"chosen by allocation, which reduce_ does not do: call mhacompress.compress(model, "
+                              f"config, tokenizer=...) instead, or give one key dim (key_dim=, allocate=False)")
         dims = list(self.key_dims) if self.key_dims is not None else [self.key_dim] * num_layers
         if len(dims) != num_layers:
             raise ConfigError(f"{len(dims)} key dims given for a model with {num_layers} layers; give one per layer, "
