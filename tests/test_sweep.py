@@ -96,6 +96,12 @@ def test_a_sweep_of_a_classifier_from_the_weights_alone_warns_with_the_fix_as_re
     assert json.loads(calibrated.stdout)["warnings"] == []
 
 
+@pytest.mark.parametrize("args", [["--samples", "4"], ["--refine", "0"]], ids=["samples", "refine"])
+def test_calibration_settings_without_calibrate_are_refused_not_ignored(tiny_encoder, glue_dir, args):
+    result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), *args])
+    assert result.exit_code == 2 and "give --calibrate SOURCE too" in result.output, result.output
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--methods", "cp,pca"], "--methods takes cp, tucker, svd"),
     (["--methods", ""], "--methods takes cp, tucker, svd"),

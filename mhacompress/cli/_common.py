@@ -160,6 +160,15 @@ class FiniteFloat(click.FloatRange):
         return super()._describe_range()
 
 
+def given_on_command_line(*names: str) -> bool:
+    """Whether any of these parameters of the running command was typed (not its default): options that only mean
+    something beside another are refused alone, not ignored."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    return any(context.get_parameter_source(name) is ParameterSource.COMMANDLINE for name in names)
+
+
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
     """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
     from ..reduction.config import ConfigError

@@ -12,6 +12,7 @@ from ._common import (
     device_option,
     emit_json,
     first_token_option,
+    given_on_command_line,
     method_choice,
     method_help,
     parse_dims,
@@ -100,9 +101,10 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
                               f"{'--budget (which allocates)' if budget is not None else '--key-dims'}")
         check_gate(max_drop, eval_task)  # before --eval's data is read (compress checks it again)
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
-        if source is None and (refine or compensate or objective):
-            raise ConfigError("--refine, --compensate and --objective fit layers to calibration data: give "
-                              "--calibrate SOURCE too")
+        if source is None and (refine is not None or compensate is not None or objective or
+                               given_on_command_line("samples", "sequential")):
+            raise ConfigError("--samples, --sequential/--parallel, --objective, --compensate and --refine set the "
+                              "calibration: give --calibrate SOURCE (or --eval TASK) too")
         calibration = None if source is None else Calibration(
             source, samples=samples, seed=seed, sequential=sequential, objective=objective, compensate=compensate,
             refine_steps=refine)

@@ -10,6 +10,7 @@ from ._common import (
     console,
     device_option,
     emit_json,
+    given_on_command_line,
     parse_dims,
     progress,
     user_errors,
@@ -69,8 +70,8 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, dat
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        if calibrate_source is None and refine is not None:
-            raise ConfigError("--refine fits layers to calibration data: give --calibrate SOURCE too")
+        if calibrate_source is None and (refine is not None or given_on_command_line("samples")):
+            raise ConfigError("--samples and --refine set the calibration: give --calibrate SOURCE too")
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed,
                                                                         refine_steps=refine)
         with progress(not as_json) as bar:
