@@ -856,11 +856,13 @@ def _check_not_a_moved_source(target: Path, names, option: str) -> None:
     none, once the working folder has changed: when it names nothing now (no such folder, alias or cached hub id), a
     forced save over an original (unreduced) model folder whose path ends in it is refused, since that folder may be
     the source."""
+    from .reduction.modeling import COMPRESSION_KEY
+
     try:
         config = json.loads((target / "config.json").read_bytes())
     except (OSError, RuntimeError, ValueError):  # nothing to replace, or not a model folder (check_output's to say)
         return
-    if not isinstance(config, dict) or "compression" in config:  # a reduction's output: never a source to reduce
+    if not isinstance(config, dict) or COMPRESSION_KEY in config:  # a reduction's output: never a source to reduce
         return
     for name in names:
         name = os.fspath(name) if isinstance(name, os.PathLike) else name
@@ -897,8 +899,8 @@ def carry_over(source: Path, dest: Path) -> list[str]:
     for root, dirs, files in os.walk(source):  # followlinks=False: linked folders are listed, never entered
         rel = Path(root).relative_to(source)
         if rel == Path("."):
+            dirs[:] = [d for d in dirs if not STALE_DIRS.fullmatch(d)]
             files = [f for f in files if not STALE_FILES.fullmatch(f)]
-        dirs[:] = [d for d in dirs if not (rel == Path(".") and STALE_DIRS.fullmatch(d))]
         for name in files:
             target = dest / rel / name
             if os.path.lexists(target) or not (Path(root) / name).is_file():  # is_file follows the link

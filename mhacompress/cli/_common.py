@@ -45,9 +45,10 @@ class BadSetting(click.ClickException):
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1, no
-    traceback. Ctrl-C and SIGTERM pass through to the command group, which reports them (see cli.main). A current
-    folder that was deleted is refused first: torch's libraries would fail to load, ending the process."""
+    """Turn expected failures (bad input, unsupported models, a full disk) into a one-line ClickException: exit 1 (2
+    for a bad setting, ``BadSetting``), no traceback. Ctrl-C and SIGTERM pass through to the command group, which
+    reports them (see cli.main). A current folder that was deleted is refused first: torch's libraries would fail to
+    load, ending the process."""
     from ..errors import UsageError, command_line
 
     try:
