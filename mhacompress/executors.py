@@ -80,22 +80,26 @@ def check_settings(executor: str, address: str | None = None, num_cpus: float = 
     """Refuse in one line, before any cell runs, what the executor would ignore or fail on late (one rule for
     run_cells, run_sweep and sweep's options): an unknown executor, an address that is empty or given without the
     Ray executor (the local one ignored it), CPUs per cell that are not a finite number > 0, GPUs that are not a
-    finite number >= 0."""
-    from .reduction.config import _number
+    finite number >= 0, and either given without the Ray executor."""
+    from .reduction.config import ConfigError, _number
 
     if executor not in EXECUTORS:
-        raise UsageError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     if address is not None and not isinstance(address, str):
-        raise UsageError(f"address must be the Ray cluster's address, a str (e.g. 'ray://head:10001'); got "
-                         f"{type(address).__name__}")
+        raise ConfigError(f"address must be the Ray cluster's address, a str (e.g. 'ray://head:10001'); got "
+                          f"{type(address).__name__}")
     if address is not None and not address.strip():
-        raise UsageError(f"{named('--address')} is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
-                         f"it for a local Ray instance")
+        raise ConfigError(f"{named('--address')} is empty; pass the cluster's address (e.g. ray://head:10001), or drop "
+                          f"it for a local Ray instance")
     if address is not None and executor != "ray":
-        raise UsageError(f"{named('--address')} needs {given('--executor', 'ray')}, which runs the cells on that "
-                         f"cluster; drop the address to run them here")
+        raise ConfigError(f"{named('--address')} needs {given('--executor', 'ray')}, which runs the cells on that "
+                          f"cluster; drop the address to run them here")
     _number("num_cpus", num_cpus, 0, above=True)
     _number("num_gpus", num_gpus, 0)
+    if executor != "ray" and (num_cpus != 1 or num_gpus != 0):  # the local executor ignored them
+        raise ConfigError(f"{named('--cpus-per-cell', 'num_cpus')} and {named('--gpus-per-cell', 'num_gpus')} are "
+                          f"what each cell asks of Ray: they need {given('--executor', 'ray')}; drop them to run the "
+                          f"cells here")
 
 
 def function_path(fn: Callable | str) -> str:

@@ -146,6 +146,8 @@ def test_bad_arguments_are_one_line_usage_errors():
     ({"num_cpus": "1"}, "num_cpus must be a finite number > 0"),
     ({"num_gpus": -1}, "num_gpus must be a finite number >= 0"),
     ({"num_gpus": float("inf")}, "num_gpus must be a finite number >= 0"),
+    ({"num_cpus": 2}, "num_cpus and num_gpus are what each cell asks of Ray: they need executor='ray'"),
+    ({"num_gpus": 1}, "num_cpus and num_gpus are what each cell asks of Ray"),  # the local executor ignored them
 ])
 def test_executor_settings_are_refused_in_one_line_before_any_cell_runs(settings, fragment):
     """As sweep's --address, --cpus-per-cell and --gpus-per-cell are: one rule for both."""
