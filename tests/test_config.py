@@ -173,7 +173,7 @@ def test_a_budget_is_always_allocated_so_an_allocate_setting_beside_it_is_refuse
 def test_the_layers_key_dims_of_an_allocated_reduction_are_refused_by_the_names_the_caller_used(config):
     """Only allocation knows them. The message named the flags alone, in a call that only Python can make."""
     with pytest.raises(ConfigError, match=r"^with budget \(or an allocated key_dim\) the key dims are chosen by "
-                                          r"allocation$"):
+                                          r"allocation, which reduce_ does not do: call mhacompress.compress"):
         config.layer_key_dims(2, 4, 8)
     with command_line(), pytest.raises(ConfigError, match=r"^with --budget \(or an allocated --key-dim\)"):
         config.layer_key_dims(2, 4, 8)
