@@ -181,7 +181,8 @@ def test_a_model_whose_reduction_was_stopped_half_way_is_neither_reduced_again_n
 
     with pytest.raises(KeyboardInterrupt):
         mhacompress.compress(model, ReductionConfig(key_dim=8, n_iter_max=3), tokenizer=tokenizer, on_progress=stop)
-    assert type(model.encoder.layer[0].attention.self).__name__.startswith("Collaborative")
+    reduced = [type(layer.attention.self).__name__.startswith("Collaborative") for layer in model.encoder.layer]
+    assert any(reduced) and not getattr(model.config, "compression", None)  # which layers: the order solves finish in
     for again in (lambda: mhacompress.compress(model, ReductionConfig(key_dim=8), tokenizer=tokenizer),
                   lambda: mhacompress.save(model, tokenizer, tmp_path / "out")):
         with pytest.raises(UsageError, match="a reduction that did not finish.*load the original checkpoint again"):
