@@ -859,10 +859,10 @@ def _check_not_a_moved_source(target: Path, names, option: str) -> None:
     from .reduction.modeling import COMPRESSION_KEY
 
     try:
-        config = json.loads((target / "config.json").read_bytes())
-    except (OSError, RuntimeError, ValueError):  # nothing to replace, or not a model folder (check_output's to say)
+        config = read_config(target)
+    except (UsageError, OSError):  # nothing to replace, or not a model folder (_check_a_model_folder's to say)
         return
-    if not isinstance(config, dict) or COMPRESSION_KEY in config:  # a reduction's output: never a source to reduce
+    if COMPRESSION_KEY in config:  # a reduction's output: never a source to reduce
         return
     for name in names:
         name = os.fspath(name) if isinstance(name, os.PathLike) else name
