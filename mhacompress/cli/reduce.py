@@ -101,8 +101,7 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
                               f"{'--budget (which allocates)' if budget is not None else '--key-dims'}")
         check_gate(max_drop, eval_task)  # before --eval's data is read (compress checks it again)
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
-        if source is None and (refine is not None or compensate is not None or objective or
-                               given_on_command_line("samples", "sequential")):
+        if source is None and given_on_command_line("samples", "sequential", "objective", "compensate", "refine"):
             raise ConfigError("--samples, --sequential/--parallel, --objective, --compensate and --refine set the "
                               "calibration: give --calibrate SOURCE (or --eval TASK) too")
         calibration = None if source is None else Calibration(

@@ -70,7 +70,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, dat
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
-        if calibrate_source is None and (refine is not None or given_on_command_line("samples")):
+        if calibrate_source is None and given_on_command_line("samples", "refine"):
             raise ConfigError("--samples and --refine set the calibration: give --calibrate SOURCE too")
         calibration = None if calibrate_source is None else Calibration(calibrate_source, samples=samples, seed=seed,
                                                                         refine_steps=refine)
