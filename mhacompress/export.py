@@ -15,6 +15,7 @@ from .errors import UsageError, given, named
 
 FORMATS = ("onnx",)
 INPUTS = ("input_ids", "attention_mask")  # every graph's; token_type_ids too where the model has segments
+CHECK_SHAPES = ((1, 5), (2, 16), (3, 37))  # (batch, seq) of the check: none is the traced example shape
 
 
 def input_names(model) -> list[str]:
@@ -22,7 +23,6 @@ def input_names(model) -> list[str]:
     ERNIE: a pair classifier scores its second sentence as segment 1; with segment 0 fixed in the graph its logits
     differ from PyTorch's)."""
     return list(INPUTS) + (["token_type_ids"] if getattr(model.config, "type_vocab_size", 0) > 1 else [])
-CHECK_SHAPES = ((1, 5), (2, 16), (3, 37))  # (batch, seq) of the check: none is the traced example shape
 
 
 def output_names(model) -> list[str]:
