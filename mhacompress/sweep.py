@@ -39,6 +39,7 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
                           f"{named('--key-dims 96,48', 'key_dims=[96, 48]')}")
     from .hub import fingerprint
 
+    calibration = calibration and calibration.seeded(seed)  # drawn with the sweep's seed unless it names its own
     model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy(),
@@ -77,7 +78,8 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
     try:
         load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
         if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
-            calibration_texts(calibration.source, calibration.samples, seed=calibration.seed, data_dir=data_dir)
+            calibration_texts(calibration.source, calibration.samples, seed=calibration.seeded(seed).seed,
+                              data_dir=data_dir)
         warnings = check_model(cells[0]["model"], methods, key_dims, calibrated=calibration is not None,
                                allow_pickle=allow_pickle)
     except BaseException:

@@ -258,3 +258,24 @@ def test_a_calibration_file_can_be_given_as_a_path_like_every_other_path_of_the_
     assert calibration.source == str(tmp_path / "c.txt")
     assert ReductionConfig(key_dim=8, calibration=calibration).to_dict()["calibration"]["source"] == str(
         Path(tmp_path / "c.txt"))
+
+
+def test_one_seed_draws_the_calibration_sample_too_unless_the_calibration_names_its_own():
+    """``--seed 5`` seeds the solver and the calibration sample; ``ReductionConfig(seed=5, calibration=Calibration(
+    SRC))`` drew the sample with seed 0: the same reduction asked for in Python was another one."""
+    assert ReductionConfig(key_dim=8, seed=5, calibration=Calibration("mrpc")).calibration.seed == 5
+    assert ReductionConfig(key_dim=8, calibration=Calibration("mrpc")).calibration.seed == 0
+    assert ReductionConfig(key_dim=8, seed=5, calibration=Calibration("mrpc", seed=2)).calibration.seed == 2
+    config = ReductionConfig(key_dim=8, seed=5, calibration=Calibration("mrpc"))
+    assert ReductionConfig.from_dict(config.to_dict()).calibration.seed == 5  # saved as the number it drew with
+    with pytest.raises(ConfigError, match="^seed must be"):
+        Calibration("mrpc").seeded(-1)
+
+
+def test_a_sweeps_seed_draws_its_calibration_sample_as_the_cli_seed_does():
+    from mhacompress.sweep import grid
+
+    cells = grid("minilm", "stsb", ["cp"], [8], calibration=Calibration("mrpc"), seed=3)
+    assert {cell["calibration"]["seed"] for cell in cells} == {3}
+    cells = grid("minilm", "stsb", ["cp"], [8], calibration=Calibration("mrpc", seed=1), seed=3)
+    assert {cell["calibration"]["seed"] for cell in cells} == {1}

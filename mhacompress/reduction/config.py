@@ -73,6 +73,9 @@ class Calibration:
     source:       a GLUE task name (its TRAIN split), a .txt file (one sequence a line) or a .jsonl file; ``"python"``
                   when the texts were handed to ``compress(..., calibration=[...])`` directly.
     samples:      sequences the model sees (sentences for a sentence encoder, whole examples for a classifier).
+    seed:         which ``samples`` sequences are drawn from the source. None (default): the reduction's own seed
+                  (``ReductionConfig.seed``, or ``run_sweep``'s ``seed``), so one seed decides everything, as the
+                  CLI's ``--seed`` does.
     sequential:   reduce bottom-up, each layer fitted on the inputs the already-reduced layers produce, with the
                   ORIGINAL model's activations as targets (False: every layer from the original's inputs at once,
                   whitened by their second moments: the simplest data-aware rung).
@@ -91,7 +94,7 @@ class Calibration:
 
     source: str
     samples: int = 512
-    seed: int = 0
+    seed: int | None = None
     sequential: bool = True
     objective: str | None = None
     compensate: bool | None = None
@@ -106,7 +109,8 @@ class Calibration:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("the calibration source must be a GLUE task name or a .txt / .jsonl file")
         _int(named("--samples"), self.samples, 1)
-        _int("the calibration seed", self.seed, 0, SEED_MAX)
+        if self.seed is not None:
+            _int("the calibration seed", self.seed, 0, SEED_MAX)
         if self.refine_steps is None and not self.sequential:
             object.__setattr__(self, "refine_steps", 0)  # nothing to refine without the bottom-up targets
         if self.refine_steps is not None:
@@ -124,6 +128,11 @@ class Calibration:
         if not self.sequential and (self.objective != "score" or self.compensate or self.refine_steps):
             raise ConfigError("--objective output, --compensate and --refine fit layers bottom-up: drop --parallel "
                               "(sequential=False in Python)")
+
+    def seeded(self, seed: int) -> "Calibration":
+        """This calibration with the reduction's ``seed`` where it names none of its own."""
+        _int(named("--seed"), seed, 0, SEED_MAX)
+        return self if self.seed is not None else replace(self, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,8 @@ class ReductionConfig:
         _flag("first_token_only", self.first_token_only)
         if self.calibration is not None and not isinstance(self.calibration, Calibration):
             raise ConfigError(f"calibration must be a Calibration or None; got {type(self.calibration).__name__}")
+        if self.calibration is not None:  # its sample drawn with this seed unless it names its own
+            object.__setattr__(self, "calibration", self.calibration.seeded(self.seed))
         bottom_up = self.calibration is not None and self.calibration.sequential
         if self.allocate is None and self.key_dims is not None:
             object.__setattr__(self, "allocate", False)  # --key-dims: given, not allocated around one
