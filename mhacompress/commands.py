@@ -118,7 +118,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
                              f"a smaller {named('--batch-size')}")
         notify(Progress(f"timing batch {batch_size} x {seq_len} tokens, {repeats} runs per side"))
         batch = {k: v.to(device) for k, v in bench.inputs(original.config.vocab_size, batch_size, seq_len).items()}
-        cpu_model, cpu_layer = {}, {}
+        # process CPU time steadies the ratio on a shared CPU; on an accelerator it is the host waiting: not given
+        cpu_model, cpu_layer = ({}, {}) if torch.device(device).type == "cpu" else (None, None)
         model_s = bench.model_latency(original, reduced, batch, repeats=repeats, cpu=cpu_model, device=device)
         layer_s = bench.attention_latency(original, reduced, batch_size, seq_len, repeats=repeats, cpu=cpu_layer,
                                           device=device)

@@ -102,3 +102,20 @@ def test_scores_on_the_gpu_are_the_scores_on_cpu(tiny_bert_dir, glue_dir):
     cpu = Scorer.for_task("stsb", data_dir=glue_dir, limit=64)(model, tok)
     gpu = Scorer.for_task("stsb", data_dir=glue_dir, limit=64, device=DEVICE)(model.to(DEVICE), tok)
     assert gpu == pytest.approx(cpu, abs=1e-4)
+
+
+def test_report_on_the_gpu_gives_no_cpu_time_ratio_and_names_the_device(tiny_bert_dir):
+    """On an accelerator the host's process time is its wait for the device: a 'CPU-time ratio' there is no
+    measure of anything, so it is not given, and the human line names the device instead of the CPU threads."""
+    from mhacompress.cli import main
+
+    on_cpu = torch.device(DEVICE).type == "cpu"
+    out = mhacompress.report(str(tiny_bert_dir), key_dim=8, seq_len=16, batch_size=2, repeats=1, device=DEVICE)
+    for part in ("model", "attention_layer"):
+        assert out["latency"][part]["reduced_ms"] > 0
+        assert ("cpu_ratio" in out["latency"][part]) == on_cpu
+    args = ["report", str(tiny_bert_dir), "-k", "8", "--seq-len", "16", "--batch-size", "2", "--repeats", "1",
+            "--device", DEVICE]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ("CPU-time ratio" in result.output) == on_cpu

@@ -61,7 +61,7 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
     if as_json:
         emit_json(result, "report", device)
     else:
-        render(result)
+        render(result, device)
 
 
 def verdict(ratio: float) -> str:
@@ -70,7 +70,7 @@ def verdict(ratio: float) -> str:
     return f"[red]{ratio:.2f}x SLOWER[/red]"
 
 
-def render(result: dict) -> None:
+def render(result: dict, device: str = "cpu") -> None:
     from rich.table import Table
 
     def fmt(n):
@@ -98,9 +98,11 @@ def render(result: dict) -> None:
         return
     for label, key in (("whole model", "model"), ("one attention layer", "attention_layer")):
         x = lat[key]
+        where = f"{result['threads']} threads" if "cpu_ratio" in x else device
+        steadier = f"; CPU-time ratio {x['cpu_ratio']:.2f}" if "cpu_ratio" in x else ""
         out.print(f"{label:>20}: original {x['original_ms']:.1f} ms, reduced {x['reduced_ms']:.1f} ms -> reduced is "
-                  f"{verdict(x['ratio'])} (median of {lat['repeats']}, {result['threads']} threads, "
-                  f"{result['attn_implementation']}; CPU-time ratio {x['cpu_ratio']:.2f})")
+                  f"{verdict(x['ratio'])} (median of {lat['repeats']}, {where}, "
+                  f"{result['attn_implementation']}{steadier})")
     if lat["model"]["ratio"] > 1:
         out.print("[red]the reduced model is slower than the original here[/red]: every head scores in the shared key "
                   "dim (H x key dim MACs per token pair); try a smaller key dim, --method svd, or a shorter sequence")
