@@ -72,6 +72,7 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), 64):
         batch = tok(texts[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = batch.to(model.device)  # (B, T)
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"][..., None].to(hidden)
         out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
