@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 from . import fsio
 from .errors import UsageError, check_callback, named
@@ -43,8 +44,10 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
     model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,
               "calibration": None if calibration is None else calibration.__dict__.copy(),
-              # the files behind the names: a model or calibration file replaced at the same path is a new cell
-              "inputs": fingerprint([model] + ([calibration.source] if calibration is not None else [])),
+              # the files behind the names: a model, calibration file or GLUE data replaced at the same path is a
+              # new cell
+              "inputs": fingerprint([model] + ([calibration.source] if calibration is not None else [])
+                                    + _task_folders(data_dir, task, calibration)),
               **({"allow_pickle": True} if allow_pickle else {})}
     cells = [{**common, "method": None, "key_dim": None}]
     for method in _distinct(methods):  # a repeated method or key dim is one cell
@@ -52,6 +55,21 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
             ReductionConfig(key_dim=key_dim, method=method, seed=seed)  # refuse bad settings before any work
             cells.append({**common, "method": method, "key_dim": key_dim})
     return cells
+
+
+def _task_folders(data_dir, task: str, calibration: Calibration | None) -> list[Path]:
+    """The local GLUE folders a sweep reads: the scored task's and a GLUE calibration task's (none from the hub, and
+    none for a name that is no task or a bad ``data_dir``: ``prepare`` refuses those in one line)."""
+    from .eval.data import glue_folder
+    from .eval.tasks import get_task
+
+    found = []
+    for name in [task] + ([calibration.source] if calibration is not None else []):
+        with contextlib.suppress(UsageError):
+            root = glue_folder(data_dir)
+            if root is not None:
+                found.append(Path(root).expanduser() / get_task(name).folder)
+    return found
 
 
 def _distinct(values) -> list:

@@ -271,3 +271,24 @@ def test_a_sweep_that_fails_after_its_checks_removes_only_the_folders_it_created
                               executor="ray", address=f"127.0.0.1:{closed_port()}")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == (
         ["new", "new/cells"] if existing else [])
+
+
+def test_glue_data_replaced_at_the_same_path_is_not_given_the_old_datas_cells(tiny_encoder, glue_dir, tmp_path):
+    """The cells' fingerprint covered the model and a calibration file, not the GLUE data: a dev set edited (or
+    replaced by another copy) at the same --data-dir was scored with the old data's cells from the resume folder."""
+    data = tmp_path / "glue"
+    shutil.copytree(Path(glue_dir) / "STS-B", data / "STS-B")
+    args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(data), "--limit", "20", "--key-dims", "8",
+            "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    dev = data / "STS-B" / "dev.tsv"
+    header, *rows = dev.read_text(encoding="utf-8").splitlines()
+    dev.write_text("\n".join([header, *rows[20:40], *rows[:20]]) + "\n", encoding="utf-8")  # other first 20
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 4  # both data's cells, none reused
+    assert json.loads(again.stdout)["original"] != json.loads(first.stdout)["original"]
+    unchanged = CliRunner().invoke(main, args)
+    assert json.loads(unchanged.stdout)["results"] == json.loads(again.stdout)["results"]
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 4
