@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import UsageError, named
+from .eval.tasks import TASKS
 from .fsio import read_text
 
 
@@ -58,8 +59,8 @@ TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".arrow")
 # the text fields of the common layouts (GLUE's and the hub's, SNLI / MultiNLI, SQuAD-style, text_a / text_b): where a
 # record has any of them, only those are read, in the record's order; other string fields (genre, captionID,
 # gold_label, *_parse) are metadata
-TEXT_FIELDS = frozenset({"sentence", "sentence1", "sentence2", "question", "question1", "question2", "premise",
-                         "hypothesis", "text_a", "text_b", "context", "passage", "query"})
+TEXT_FIELDS = frozenset({field for task in TASKS.values() for field in task.hub_text}
+                        | {"text_a", "text_b", "context", "passage", "query"})
 NOT_TEXT = frozenset({"label", "labels", "idx", "id", "guid"})  # string fields of a record that are not its text
 JSONL_HINT = 'a .jsonl file holds one JSON object a line, e.g. {"text": "..."}'
 TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
