@@ -139,6 +139,15 @@ BINARY = b"\x00\x01\x02PK\x03\x04" * 40
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested deeper than Python's parser recurses (RecursionError)
 
+def _labelled_from(path: Path, first: int) -> None:
+    """``_classifier`` (2 labels) whose config.json numbers its labels from ``first``."""
+    _classifier(path, 2)
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {str(first + i): name for i, name in enumerate(("negative", "positive"))}
+    config["label2id"] = {name: first + i for i, name in enumerate(("negative", "positive"))}
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def _classifier(path: Path, num_labels: int) -> None:
     """A tiny BERT sequence classifier with ``num_labels`` outputs and the bundled tokenizer, saved at ``path``."""
     import torch
@@ -622,6 +631,13 @@ FINETUNE = [
          "mrpc needs 2 labels", "start from the encoder", setup=lambda ws: _classifier(ws / "cls3", 3)),
     case("finetune-header-only-train", "finetune {src} --task mrpc -o {ws}/ft --data-dir {data}",
          "a header but no examples", "official GLUE", setup=write("data/MRPC/train.tsv", MRPC_HEADER)),
+    # a head's labels numbered from 1 (or -1) in config.json: a KeyError traceback from the label order
+    case("eval-id2label-not-from-0", "eval {ws}/cls --task sst2 --limit 4", "id2label has keys 1, 2",
+         "number its labels from 0", setup=lambda ws: _labelled_from(ws / "cls", 1)),
+    case("finetune-id2label-not-from-0", "finetune {ws}/cls --task sst2 -o {ws}/ft --limit 4 --no-eval",
+         "id2label has keys -1, 0", "number its labels from 0", setup=lambda ws: _labelled_from(ws / "cls", -1)),
+    case("sweep-id2label-not-from-0", "sweep {ws}/cls --task sst2 --key-dims 8 --methods cp --limit 4",
+         "id2label has keys 1, 2", "number its labels from 0", setup=lambda ws: _labelled_from(ws / "cls", 1)),
 ]
 
 SWEEP_ = "sweep {src} --task stsb --key-dims 8 --limit 4 "  # a sweep that would run (one cell, four examples)

@@ -51,7 +51,11 @@ def head_order(model, task: Task, name: str = "the model", fix: str | None = Non
         raise UsageError(f"{name} has a {n}-label head; {task.name} needs {task.num_labels} labels "
                          f"({', '.join(task.labels)}): {fix}")
     norm = lambda s: str(s).strip().lower().replace(" ", "_").replace("-", "_")  # noqa: E731
-    names = [norm(model.config.id2label[i]) for i in range(n)]
+    id2label = getattr(model.config, "id2label", None) or {}
+    if sorted(id2label) != list(range(n)):  # transformers makes the keys ints: {1: .., 2: ..} names no column 0
+        raise UsageError(f"{name}'s config.json id2label has keys {', '.join(map(str, sorted(id2label)))[:80]}, not "
+                         f"the head's columns 0 to {n - 1}: number its labels from 0 in its config.json")
+    names = [norm(id2label[i]) for i in range(n)]
     if all(x in (f"label_{i}", str(i)) for i, x in enumerate(names)):
         return list(range(n))
     try:
