@@ -210,7 +210,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
     metric = get_task(task).main
     original = outcomes[0]
     if not original["ok"]:
-        raise ConfigError(f"scoring the original failed: {original['error']}")
+        raise UsageError(f"scoring the original failed: {original['error']}")  # a model or data problem: exit 1
     base = original["result"]
     rows, failed = [], []
     for cell, out in zip(cells[1:], outcomes[1:]):

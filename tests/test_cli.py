@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +95,17 @@ def test_a_bad_command_line_exits_2_and_a_model_or_data_that_fails_exits_1(tiny_
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), *args, "--json"])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+
+
+def test_a_sweep_whose_original_cannot_be_scored_exits_1_as_eval_does(tiny_dir, tmp_path, glue_dir):
+    """sweep said 2, a bad setting, for a model that cannot be scored (here: a folder without a tokenizer), which eval
+    answers with 1: a CI script read it as its own mistake."""
+    shutil.copytree(tiny_dir, tmp_path / "model", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special*"))
+    for args in (["sweep", str(tmp_path / "model"), "-t", "stsb", "--key-dims", "8", "--methods", "cp"],
+                 ["eval", str(tmp_path / "model"), "-t", "stsb"]):
+        result = CliRunner().invoke(main, [*args, "--limit", "4", "--data-dir", str(glue_dir), "--json"])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and "no tokenizer files" in lines[0], result.output
 
 
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
