@@ -100,7 +100,22 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         v for k, v in record.items() if isinstance(v, str) and not _metadata(k)]
     if not fields:
         raise UsageError(f"{path}:{n}: no text field; {JSONL_HINT}")
+    if not all(map(encodable, fields)):
+        raise UsageError(f"{path}:{n}: {SURROGATE}; fix or drop that line")
     return tuple(f for f in fields if f.strip())[:2]
+
+
+SURROGATE = "its text holds half a character (a lone UTF-16 surrogate escape such as \\ud83d: text cut mid-emoji)"
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is text a tokenizer can take: no lone surrogate (a JSON escape or a Python string can hold
+    one; no UTF-8 file can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _metadata(key: str) -> bool:

@@ -287,6 +287,11 @@ def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -
         if not texts or not all(isinstance(t, tuple) and 1 <= len(t) <= 2 and all(isinstance(s, str) for s in t)
                                 for t in texts):
             raise ConfigError(f"calibration texts must be a non-empty list of strings or pairs of strings; {hint}")
+        from .calibration import SURROGATE, encodable
+
+        broken = next((i for i, t in enumerate(texts) if not all(map(encodable, t))), None)
+        if broken is not None:
+            raise UsageError(f"calibration text {broken}: {SURROGATE}; fix or drop it")
         texts = [kept for kept in (tuple(s for s in t if s.strip()) for t in texts) if kept]  # as the .txt and
         if not texts:  # .jsonl readers skip blank lines and empty fields
             raise ConfigError(f"every calibration text is empty; {hint}")

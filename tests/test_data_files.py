@@ -49,6 +49,11 @@ CALIBRATION = {
     "train.tsv": (b"sentence\tlabel\nit is good\t1\n", "is a .tsv file", "convert it"),
     "rows.CSV": (b"text,label\nit is good,1\n", "is a .csv file", "convert it"),
     "bad.jsonl": (b'{"text": "a"}\n{"text": \n', "bad.jsonl:2 is not valid JSON", "one JSON object a line"),
+    # a JSON escape can hold half a UTF-16 pair (a tweet cut mid-emoji): the tokenizer's TypeError traceback
+    "surrogate.jsonl": (b'{"text": "fine"}\n{"text": "cut \\ud83d"}\n', "surrogate.jsonl:2: its text holds half a "
+                        "character", "fix or drop that line"),
+    "surrogate-pair.jsonl": (b'{"sentence1": "a", "sentence2": "\\udc00 b"}\n', "surrogate-pair.jsonl:1: its text "
+                             "holds half a character", "fix or drop that line"),
 }
 
 

@@ -79,6 +79,8 @@ CAL = mhacompress.Calibration("python", samples=4)
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": ["", " ", ("", "")]},
      "every calibration text is empty"),
     (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {}, "no texts were given"),
+    (("{src}", ReductionConfig(key_dim=8, calibration=CAL)), {"calibration": ["fine", ("a", "cut \ud83d")]},
+     "calibration text 1: its text holds half a character"),  # a lone surrogate: the tokenizer's TypeError
 ])
 def test_arguments_of_the_wrong_kind_are_one_line_errors_before_anything_loads(tiny_bert_dir, args, kwargs,
                                                                                 fragment):
