@@ -110,8 +110,12 @@ def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4
     import numpy as np
     import torch
 
+    from .eval.runner import max_tokens
+
     ort = _onnxruntime()
     wrapped, rows = _wrapper(model, names), []
+    limit = max_tokens(model)  # a model with fewer positions than a check shape is checked at its longest
+    shapes = list(dict.fromkeys((b, t if limit is None else min(t, limit)) for b, t in shapes))
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types
@@ -165,7 +169,9 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
                           sources=[source, getattr(model.config, "_name_or_path", None)])
     names, inputs = output_names(model), input_names(model)
     model = model.eval()
-    example = padded_batch(model.config.vocab_size, 2, 8, inputs=inputs)
+    from .eval.runner import max_tokens
+
+    example = padded_batch(model.config.vocab_size, 2, min(8, max_tokens(model) or 8), inputs=inputs)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=100_000)
     try:
         with fsio.temp_file(target, ".onnx") as tmp:

@@ -121,6 +121,21 @@ def test_a_half_precision_model_that_fails_the_check_is_told_its_dtype_and_the_f
     assert not list(tmp_path.iterdir())
 
 
+def test_a_model_with_fewer_positions_than_the_check_shapes_is_checked_at_its_longest(tmp_path):
+    """The check ran fixed shapes up to 37 tokens: a model of 32 positions (or 6) failed in onnxruntime with a
+    traceback after the export."""
+    from transformers import BertModel
+
+    from mhacompress.export import export_onnx
+
+    for positions in (32, 6):
+        torch.manual_seed(0)
+        model = BertModel(tiny_config("bert", max_position_embeddings=positions)).eval()
+        reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+        report = export_onnx(model, tmp_path / f"p{positions}.onnx")
+        assert report["passed"] and max(r["seq_len"] for r in report["runs"]) == positions
+
+
 def test_an_mpnet_model_exports_and_reports(tmp_path):
     """transformers has no sdpa attention for MPNet: export and report load it with its eager path, as every other
     command does (both asked for sdpa, and transformers refused the folder)."""
