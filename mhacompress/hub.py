@@ -538,6 +538,9 @@ def check_block(block, where) -> None:
     base = block.get("base_architecture")
     if not isinstance(base, str) or not re.fullmatch(r"[A-Z]\w*(Model|ForSequenceClassification)", base):
         raise UsageError(f"{where}: the compression block names no base architecture (e.g. BertModel); {fix}")
+    if block.get("first_token_only") and not base.endswith("ForSequenceClassification"):  # reduce refuses to make one
+        raise UsageError(f"{where}: the compression block turns the [CLS] shortcut (first_token_only) on for a {base}, "
+                         f"which is read at every token, not only the first; {fix}")
     source = block.get("source_model")
     if source is not None and not isinstance(source, str):  # report and export read it as a model name
         raise UsageError(f"{where}: the compression block's source_model {source!r} is not a model folder or name; "

@@ -344,6 +344,13 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=block(format_version="2")),
     case("block-first-token-only-text", "eval {reduced} --task stsb --limit 4", "first_token_only 'false'",
          "restore", setup=block(first_token_only="false")),
+    # an encoder's block edited to turn the [CLS] shortcut on: every token but the first came out wrong, silently
+    case("block-first-token-only-on-an-encoder", "eval {reduced} --task stsb --limit 4",
+         "turns the [CLS] shortcut (first_token_only) on for a BertModel", "restore",
+         setup=block(first_token_only=True)),
+    case("block-first-token-only-on-an-encoder-export", "export {reduced} -o {ws}/m.onnx",
+         "turns the [CLS] shortcut (first_token_only) on for a BertModel", "restore",
+         setup=block(first_token_only=True)),
     case("block-modified-not-a-list", "report {reduced} --no-latency", "modified list 'all'", "restore",
          setup=block(modified="all")),
     case("block-no-layers", "eval {reduced} --task stsb --limit 4", "has no layers", "restore",
