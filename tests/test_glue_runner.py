@@ -53,6 +53,19 @@ def test_sorted_batches_match_naive_padding(tokenizer):
     torch.testing.assert_close(naive, one, atol=1e-5, rtol=1e-5)
 
 
+def test_a_tokenizer_saved_to_pad_on_the_left_scores_as_one_padded_on_the_right(minilm_path):
+    """A tokenizer_config.json with padding_side "left" made every score depend on --batch-size: the absolute
+    positions of the padded sequences moved, and the classifier read a pad token where [CLS] should be."""
+    from transformers import AutoTokenizer
+
+    left = AutoTokenizer.from_pretrained(minilm_path, padding_side="left")
+    model, ex = tiny(["entailment", "not_entailment"]), examples("rte")
+    one = torch.cat([runner.forward_all(model, left, [t], fn=runner._logits) for t in ex.texts])
+    torch.testing.assert_close(runner.forward_all(model, left, ex.texts, fn=runner._logits, batch_size=5), one,
+                               atol=1e-5, rtol=1e-5)
+    assert left.padding_side == "left"  # the user's tokenizer is not changed
+
+
 def test_head_labels_are_mapped_through_id2label(tokenizer):
     ex = examples("rte")
     named = tiny(["not_entailment", "entailment"])  # the reverse of the task's order

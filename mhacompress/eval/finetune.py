@@ -100,7 +100,8 @@ def train(model, tokenizer, examples: Examples, *, epochs: float = 3, lr: float 
         if not batches:
             batches = length_grouped_batches(lengths, batch_size, gen)
         idx = batches.pop(0)
-        batch = tokenizer.pad([{k: enc[k][i] for k in keys} for i in idx], return_tensors="pt")
+        batch = tokenizer.pad([{k: enc[k][i] for k in keys} for i in idx], return_tensors="pt",
+                              padding_side="right")  # as eval pads (runner.batches)
         batch = {k: v.to(device) for k, v in batch.items()}
         if task.regression:
             labels = torch.tensor([examples.labels[i] for i in idx], dtype=torch.float, device=device)

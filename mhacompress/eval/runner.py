@@ -135,7 +135,10 @@ def batches(tokenizer, texts: list[tuple[str, ...]], *, batch_size: int = 32, ma
         idx = order[start:start + batch_size]
         feats = [{k: enc[k][i] for k in keys} for i in idx]
         padding = "max_length" if pad_to_max else "longest"
-        yield idx, tokenizer.pad(feats, padding=padding, max_length=max_length, return_tensors="pt")
+        # on the right whatever the tokenizer was saved with: every architecture of the table numbers positions from
+        # the first token and its classifier heads read that token, so left padding would move both
+        yield idx, tokenizer.pad(feats, padding=padding, max_length=max_length, return_tensors="pt",
+                                 padding_side="right")
 
 
 @torch.inference_mode()
