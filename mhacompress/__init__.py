@@ -20,16 +20,19 @@
 
 Each returns the dict the command prints with ``--json`` (``run_sweep``'s with its schema envelope, the others
 without) and reports progress through a callback of ``Progress`` events (``on_progress``; ``on_result`` for
-``run_sweep``). docs/usage.md lists every command option beside its Python argument.
+``run_sweep``). docs/usage.md lists every command option beside its Python argument. Bad input raises
+``UsageError`` with the line the command prints; a bad setting its subclass ``ConfigError`` (also a ValueError),
+on which the command exits 2.
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["Calibration", "Compressed", "Progress", "ReductionConfig", "__version__", "analyze", "compress", "evaluate",
-           "finetune", "load", "reduce_", "report", "run_sweep", "save", "to_onnx"]
+__all__ = ["Calibration", "Compressed", "ConfigError", "Progress", "ReductionConfig", "UsageError", "__version__",
+           "analyze", "compress", "evaluate", "finetune", "load", "reduce_", "report", "run_sweep", "save", "to_onnx"]
 
 _LAZY = {  # keep `import mhacompress` (and so `mhacompress --help`) free of torch
     "load": "hub", "save": "hub", "reduce_": "reduction.surgery", "ReductionConfig": "reduction.config",
+    "UsageError": "errors", "ConfigError": "errors",
     "Calibration": "reduction.config", "compress": "pipeline", "Compressed": "pipeline", "Progress": "pipeline",
     "evaluate": "commands", "report": "commands", "to_onnx": "commands", "finetune": "commands",
     "analyze": "commands",

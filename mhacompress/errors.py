@@ -11,6 +11,10 @@ class UsageError(Exception):
     """Bad input (a missing folder, an unreachable hub, an impossible key dim) with a hint on what to do instead."""
 
 
+class ConfigError(UsageError, ValueError):
+    """An impossible setting (the message says which and what is allowed); the CLI exits 2 on it."""
+
+
 def check_callback(name: str, fn, what: str) -> None:
     """A callback (``on_progress``, ``on_result``, ...) that cannot be called with one argument is refused in one line
     before any work: not a TypeError at its first event, which for a sweep comes after a whole cell's work."""

@@ -292,7 +292,13 @@ def test_help_lists_every_public_name_and_each_call_names_its_command():
 
     text = pydoc.render_doc(mhacompress, renderer=pydoc.plaintext)
     public = [name for name in mhacompress.__all__ if name != "__version__"]
-    assert set(COMMANDS) | {"Calibration", "Compressed", "Progress", "ReductionConfig"} == set(public)
+    assert set(COMMANDS) | {"Calibration", "Compressed", "Progress", "ReductionConfig", "UsageError",
+                            "ConfigError"} == set(public)
+    # docs/usage.md names both beside each other: catchable from the package, one class wherever it is raised
+    assert issubclass(mhacompress.ConfigError, (mhacompress.UsageError, ValueError))
+    from mhacompress.reduction.config import ConfigError
+
+    assert ConfigError is mhacompress.ConfigError is mhacompress.errors.ConfigError
     for name in public:
         assert name in mhacompress.__doc__, name
         assert re.search(rf"^ {{4}}(class )?{name}\b", text, re.M), f"help(mhacompress) does not list {name}"

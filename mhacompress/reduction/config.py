@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import UsageError, given, named
+from ..errors import ConfigError, given, named
 from . import methods
 from .modeling.architectures import FORMAT_VERSION
 
@@ -25,8 +25,6 @@ REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.ref
 REFINE_COST = 3_000_000
 
 
-class ConfigError(UsageError, ValueError):
-    """An impossible reduction setting (the message says which and what is allowed)."""
 
 
 SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger seed; torch's generators 2**64 - 1
