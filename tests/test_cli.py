@@ -321,6 +321,8 @@ def test_reduce_refine_reports_output_errors(tiny_dir, calibration_file):
     (["-k", "8", "--refine", "0"], "give --calibrate SOURCE (or --eval TASK) too"),  # accepted and ignored before
     (["-k", "8", "--samples", "4"], "give --calibrate SOURCE (or --eval TASK) too"),
     (["-k", "8", "--parallel"], "give --calibrate SOURCE (or --eval TASK) too"),
+    # --eval was given: it was --weights-only that left the settings without a calibration
+    (["-k", "8", "--eval", "stsb", "--weights-only", "--refine", "5"], "drop --weights-only"),
     (["-k", "8", "--budget", "0.5"], "give exactly one of --key-dim"),
     (["--key-dims", "8,x"], "comma-separated positive integers"),
     (["--budget", "1.5"], "0 < F <= 1"),

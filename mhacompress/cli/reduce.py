@@ -102,8 +102,10 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
         check_gate(max_drop, eval_task)  # before --eval's data is read (compress checks it again)
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
         if source is None and given_on_command_line("samples", "sequential", "objective", "compensate", "refine"):
+            fix = ("drop --weights-only, which reduces from the weights alone" if weights_only else
+                   "give --calibrate SOURCE (or --eval TASK) too")
             raise ConfigError("--samples, --sequential/--parallel, --objective, --compensate and --refine set the "
-                              "calibration: give --calibrate SOURCE (or --eval TASK) too")
+                              f"calibration: {fix}")
         calibration = None if source is None else Calibration(
             source, samples=samples, seed=seed, sequential=sequential, objective=objective, compensate=compensate,
             refine_steps=refine)
