@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,7 +43,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise _missing(spec, f"it is not a device name (use {DEVICE_HELP})") from None
+        raise _missing(spec, f"it is not a device name (use {DEVICE_HELP})", ConfigError) from None
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda":
@@ -52,7 +52,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if not _mps_available():
             raise _missing(spec, "MPS (Apple GPU) is not available in this torch build or on this machine")
         return torch.device("mps")
-    raise _missing(spec, f"mhacompress runs on {DEVICE_HELP}")
+    raise _missing(spec, f"mhacompress runs on {DEVICE_HELP}", ConfigError)
 
 
 def _check_cuda(spec, device: torch.device) -> torch.device:
@@ -65,9 +65,11 @@ def _check_cuda(spec, device: torch.device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else 0)
 
 
-def _missing(spec, why: str) -> UsageError:
+def _missing(spec, why: str, kind: type[UsageError] = UsageError) -> UsageError:
+    """A device this machine lacks (exit 1), or, as a ConfigError, a name that is no device mhacompress runs on
+    (exit 2, a bad setting)."""
     found = available_devices()
-    return UsageError(f"device {str(spec)!r} cannot be used: {why}; this machine has {', '.join(found)}; "
+    return kind(f"device {str(spec)!r} cannot be used: {why}; this machine has {', '.join(found)}; "
                       f"pass one of those or 'auto'")
 
 

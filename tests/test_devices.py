@@ -15,7 +15,7 @@ from mhacompress.devices import (
     resolve_device,
     work_device,
 )
-from mhacompress.errors import UsageError
+from mhacompress.errors import ConfigError, UsageError
 
 
 @pytest.fixture
@@ -62,6 +62,8 @@ def test_a_device_that_does_not_exist_is_one_line_naming_what_does(machine, spec
     assert f"device {spec!r} cannot be used" in message and why in message
     assert f"this machine has {', '.join(available_devices())}" in message
     assert "pass one of those or 'auto'" in message
+    # a name that is no device is a bad setting (the CLI exits 2); hardware this machine lacks is not (exit 1)
+    assert isinstance(err.value, ConfigError) == (why.startswith(("not a device name", "mhacompress runs on")))
 
 
 def test_cuda_on_a_cpu_only_build_says_so(machine):
