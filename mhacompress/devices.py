@@ -70,7 +70,7 @@ def _missing(spec, why: str, kind: type[UsageError] = UsageError) -> UsageError:
     (exit 2, a bad setting)."""
     found = available_devices()
     return kind(f"device {str(spec)!r} cannot be used: {why}; this machine has {', '.join(found)}; "
-                      f"pass one of those or 'auto'")
+                f"pass one of those or 'auto'")
 
 
 def _mps_available() -> bool:

@@ -24,9 +24,6 @@ REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.ref
 # MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where 200 steps would more than double its 63 s
 REFINE_COST = 3_000_000
 
-
-
-
 SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger seed; torch's generators 2**64 - 1
 
 
