@@ -80,8 +80,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     import torch
 
     from . import bench
-    from .eval.runner import max_tokens
     from .reduction import cost
+    from .reduction.modeling import max_tokens
 
     notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only,
                                         "allow_pickle": allow_pickle}, model=model)

@@ -110,7 +110,7 @@ def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4
     import numpy as np
     import torch
 
-    from .eval.runner import max_tokens
+    from .reduction.modeling import max_tokens
 
     ort = _onnxruntime()
     wrapped, rows = _wrapper(model, names), []
@@ -169,7 +169,7 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
                           sources=[source, getattr(model.config, "_name_or_path", None)])
     names, inputs = output_names(model), input_names(model)
     model = model.eval()
-    from .eval.runner import max_tokens
+    from .reduction.modeling import max_tokens
 
     example = padded_batch(model.config.vocab_size, 2, min(8, max_tokens(model) or 8), inputs=inputs)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=100_000)

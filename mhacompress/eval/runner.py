@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError, named
-from ..reduction.modeling import is_classifier
+from ..reduction.modeling import is_classifier, max_tokens
 from ..reduction.objectives import mean_pooled
 from . import metrics as M
 from .data import Examples
@@ -63,18 +63,6 @@ def head_order(model, task: Task, name: str = "the model", fix: str | None = Non
     except ValueError:
         raise UsageError(f"{name}'s head labels ({', '.join(names)}) do not match {task.name}'s "
                          f"({', '.join(task.labels)})") from None
-
-
-def max_tokens(model) -> int | None:
-    """The longest sequence the model's learned position embeddings can take (None: it has none). BERT-style
-    embeddings use every position; RoBERTa-style ones (a ``padding_idx``: RoBERTa, XLM-R, CamemBERT, data2vec-text,
-    MPNet) number positions from padding_idx + 1. The one rule for eval, finetune, calibration and report."""
-    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not hasattr(table, "num_embeddings"):
-        return None
-    offset = getattr(embeddings, "padding_idx", None)
-    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
 def usable_length(model, max_length: int) -> int:

@@ -15,6 +15,7 @@ from .architectures import (
                             base_model_type,
                             is_classifier,
                             layers,
+                            max_tokens,
 )
 from .attention import LAYOUTS, CollaborativeSelfAttention
 from .modeling_mhacompress import (
@@ -34,6 +35,6 @@ __all__ = [
     "ARCHITECTURES", "COMPRESSION_KEY", "FORMAT_VERSION", "LAYOUTS", "METHOD_LAYOUTS", "REDUCED_TYPE_PREFIX",
     "REMOTE_CODE_FILES", "Arch", "CollaborativeSelfAttention", "UnsupportedModelError", "arch_for",
     "attention_modules", "base_model_type", "collaborate_", "collaborative_config_class", "collaborative_model_class",
-    "collaborative_module", "first_token_only_", "is_classifier", "layers", "layout_of", "promote_",
+    "collaborative_module", "first_token_only_", "is_classifier", "layers", "layout_of", "max_tokens", "promote_",
     "write_remote_code",
 ]

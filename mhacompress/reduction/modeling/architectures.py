@@ -92,6 +92,18 @@ def is_classifier(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
+def max_tokens(model) -> int | None:
+    """The longest sequence the model's learned position embeddings can take (None: it has none). BERT-style
+    embeddings use every position; RoBERTa-style ones (a ``padding_idx``: RoBERTa, XLM-R, CamemBERT, data2vec-text,
+    MPNet) number positions from padding_idx + 1. The one rule for eval, finetune, calibration and report."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not hasattr(table, "num_embeddings"):
+        return None
+    offset = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (offset + 1 if isinstance(offset, int) else 0)
+
+
 def layers(model: nn.Module) -> nn.ModuleList:
     """The transformer layers of a supported model, in order."""
     return model.base_model.get_submodule(arch_for(model.config).layers)
