@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import fsio
-from .errors import UsageError, given, named
+from .errors import ConfigError, UsageError, given, named
 from .pipeline import Progress, notifier
 
 OnProgress = Callable[[Progress], None] | None
@@ -105,8 +105,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
         first_token_shortcut(reduced, name)
     limit = max_tokens(original)
     if limit is not None and seq_len > limit:
-        raise UsageError(f"{given('--seq-len', seq_len)} is more than {name} can take ({limit} positions); pass "
-                         f"{given('--seq-len', limit)} or less")
+        raise ConfigError(f"{given('--seq-len', seq_len)} is more than {name} can take ({limit} positions); pass "
+                          f"{given('--seq-len', limit)} or less")
     original, reduced = original.to(device), reduced.to(device)
     result = {"model": name, **info, "attn_implementation": reduced.config._attn_implementation,  # eager for MPNet
               "threads": torch.get_num_threads(),
@@ -333,7 +333,8 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     block = getattr(model.config, COMPRESSION_KEY, None)
     if block:
         if key_dim is not None:
-            raise UsageError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop {named('--key-dim')}")
+            raise ConfigError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop "
+                              f"{named('--key-dim')}")
         source = block.get("source_model") or ""
         try:
             original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False,
@@ -351,8 +352,8 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
                              f"checkpoint there, or report an original with {named('--key-dim')}")
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
     if key_dim is None:
-        raise UsageError(f"{name} is an original model: pass {named('--key-dim')} to reduce it in memory, or give a "
-                         f"folder written by `mhacompress reduce`")
+        raise ConfigError(f"{name} is an original model: pass {named('--key-dim')} to reduce it in memory, or give a "
+                          f"folder written by `mhacompress reduce`")
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
@@ -418,7 +419,7 @@ def dev_scorer(task, data_dir, max_length: int, device: str):
 def check_key_dims(key_dims, curve: bool) -> None:
     """analyze's key dims: None, or a non-empty list of integers (their range is the model's to check), and only
     with the curve they are for."""
-    from .reduction.config import ConfigError, _flag
+    from .reduction.config import _flag
 
     _flag("curve", curve)
     if key_dims is None:

@@ -108,6 +108,24 @@ def test_a_sweep_whose_original_cannot_be_scored_exits_1_as_eval_does(tiny_dir, 
         assert result.exit_code == 1 and len(lines) == 1 and "no tokenizer files" in lines[0], result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["-k", "8"],  # the default --seq-len 128 is more than the tiny model's 64 positions, as a key dim too wide
+    ["-k", "8", "--seq-len", "8", "--reduced"],  # -k on an already reduced folder
+    ["--seq-len", "8"],  # an original without -k
+], ids=["seq-len-beyond-positions", "key-dim-on-a-reduced-folder", "original-without-key-dim"])
+def test_report_settings_the_model_cannot_take_exit_2(tiny_dir, tmp_path, args):
+    """docs/usage.md: a setting the model cannot take is a bad command line (2), as a key dim too wide is; report
+    said 1 for these."""
+    model = str(tiny_dir)
+    if "--reduced" in args:
+        args = [a for a in args if a != "--reduced"]
+        model = str(tmp_path / "reduced")
+        assert CliRunner().invoke(main, ["reduce", str(tiny_dir), "-k", "8", "-o", model]).exit_code == 0
+    result = CliRunner().invoke(main, ["report", model, *args, "--no-latency", "--json"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+
+
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"),
                                        "--json"])
