@@ -63,12 +63,16 @@ def _task_folders(data_dir, task: str, calibration: Calibration | None) -> list[
     from .eval.data import glue_folder
     from .eval.tasks import get_task
 
+    try:
+        root = glue_folder(data_dir)
+    except UsageError:
+        return []
+    if root is None:
+        return []
     found = []
     for name in [task] + ([calibration.source] if calibration is not None else []):
         with contextlib.suppress(UsageError):
-            root = glue_folder(data_dir)
-            if root is not None:
-                found.append(Path(root).expanduser() / get_task(name).folder)
+            found.append(Path(root).expanduser() / get_task(name).folder)
     return found
 
 

@@ -49,7 +49,7 @@ def user_errors():
     for a bad setting, ``BadSetting``), no traceback. Ctrl-C and SIGTERM pass through to the command group, which
     reports them (see cli.main). A current folder that was deleted is refused first: torch's libraries would fail to
     load, ending the process."""
-    from ..errors import UsageError, command_line
+    from ..errors import ConfigError, UsageError, command_line
 
     try:
         os.getcwd()
@@ -62,8 +62,6 @@ def user_errors():
     except click.ClickException:
         raise
     except UsageError as err:
-        from ..reduction.config import ConfigError
-
         raise (BadSetting if isinstance(err, ConfigError) else click.ClickException)(one_line(str(err))) from None
     except ValueError as err:
         from ..reduction.modeling import UnsupportedModelError
@@ -172,7 +170,7 @@ def given_on_command_line(*names: str) -> bool:
 
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
     """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
-    from ..reduction.config import ConfigError
+    from ..errors import ConfigError
 
     try:
         dims = [int(x) for x in text.split(",")]

@@ -46,7 +46,7 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
 
 
 def _parse_dims(text: str) -> list[int]:
-    from ..reduction.config import ConfigError
+    from ..errors import ConfigError
 
     try:
         return [int(x) for x in text.split(",")]

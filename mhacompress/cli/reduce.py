@@ -129,7 +129,7 @@ def calibration_source(calibrate: str | None, eval_task: str | None, weights_onl
     with --weights-only or with neither option."""
     if weights_only:
         if calibrate is not None:
-            from ..reduction.config import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError("--weights-only and --calibrate contradict each other; drop one")
         return None
