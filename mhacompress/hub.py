@@ -50,6 +50,10 @@ TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tok
 STALE_FILES = re.compile(r".*\.(safetensors|bin|h5|msgpack|ckpt|pt|pth|onnx|onnx_data|ot|gguf|tflite|mlmodel)"
                          r"|.*\.(safetensors|bin|h5|msgpack)\.index\.json")
 STALE_DIRS = re.compile(r"onnx|openvino|coreml|tflite|tensorrt|\.git|\.cache|__pycache__|checkpoint-\d+")
+# safetensors' names of the floating dtypes a model is loaded in. A checkpoint is loaded in the dtype its tensors are
+# stored in, not the one its config.json names: a stale "dtype": "float16" label over float32 weights would otherwise
+# halve the precision of everything read and saved (transformers' dtype="auto" trusts the label).
+STORED_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Keys transformers may legitimately miss: the pooler, which many sentence encoders ship without (they pool by mean).
 TOLERATED_MISSING = re.compile(r"(.*\.)?pooler\..*")
 
@@ -433,8 +437,10 @@ def _json_object(file: Path) -> dict:
     return config
 
 
-def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
-    """The folder's safetensors weights exist and are complete (headers parse, every tensor's bytes are there)."""
+def check_weights(folder: Path, *, allow_pickle: bool = False) -> str | None:
+    """The folder's safetensors weights exist and are complete (headers parse, every tensor's bytes are there).
+    Returns the dtype its floating-point tensors are stored in (``"float32"``...) where they all share one, else
+    None (mixed, unknown, or pickled weights)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _json_file(index).get("weight_map", {})
@@ -450,14 +456,14 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         if allow_pickle:
-            return  # read by transformers; nothing to check without unpickling
+            return None  # read by transformers; nothing to check without unpickling
         raise UsageError(f"{folder}: no safetensors weights; pickled weights can run code when loaded, so pass "
                          f"{named('--allow-pickle', 'allow_pickle=True')} only if you trust this checkpoint")
     else:
         raise UsageError(f"{folder} holds no model weights (model.safetensors); pass a folder written by "
                          f"save_pretrained")
-    for name in files:
-        _check_safetensors(folder / name)
+    stored = set().union(*(_check_safetensors(folder / name) for name in files))
+    return STORED_DTYPES.get(stored.pop()) if len(stored) == 1 else None
 
 
 def _check_shard_name(index: Path, tensor: str, name: str) -> None:
@@ -482,14 +488,15 @@ def _json_file(path: Path) -> dict:
     return data
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> set[str]:
+    """``path`` opens as safetensors; the set of its floating-point tensors' dtypes (safetensors' names: F32...)."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise UsageError(f"{path} is missing; save the checkpoint again")
     try:
-        with safe_open(str(path), framework="pt"):
-            pass
+        with safe_open(str(path), framework="pt") as file:
+            return {d for d in (str(file.get_slice(k).get_dtype()) for k in file.keys()) if d.startswith(("F", "BF"))}
     except Exception as err:  # safetensors raises its own error type for every kind of damage
         why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise UsageError(f"{path} is corrupt or truncated ({why}); download or save the checkpoint again") from None
@@ -692,10 +699,9 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:  # transformers: ZeroDivisionError
         raise UsageError(f"{name}: config.json's {arch.heads} is {heads!r}, not a number of heads; restore the "
                          f"checkpoint's own config.json")
-    if folder:
-        check_weights(folder, allow_pickle=allow_pickle)
-        if tokenizer:
-            check_tokenizer(folder)
+    stored = check_weights(folder, allow_pickle=allow_pickle) if folder else None
+    if folder and tokenizer:
+        check_tokenizer(folder)
     names = config.architectures or []
     if not isinstance(names, list) or not all(isinstance(a, str) for a in names):  # a str would be read by letters
         raise UsageError(f"{name}: config.json's architectures {names!r} is not a list of class names; restore the "
@@ -711,7 +717,8 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         try:
             model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
                                               trust_remote_code=False, output_loading_info=True,
-                                              ignore_mismatched_sizes=True, **kwargs, **cache_only)
+                                              ignore_mismatched_sizes=True, **_dtype(stored), **kwargs,
+                                              **cache_only)
         except OSError as err:
             if not allow_pickle and "safetensors" in str(err).lower():
                 raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
@@ -732,6 +739,13 @@ def _architecture(config):
         return arch_for(config)
     except UnsupportedModelError as err:
         raise UnsupportedArchitectureError(str(err)) from None
+
+
+def _dtype(stored: str | None) -> dict:
+    """from_pretrained's dtype argument: the weights' own (see STORED_DTYPES), else transformers' "auto"."""
+    import torch
+
+    return {"dtype": getattr(torch, stored)} if stored else {}
 
 
 def _attention(cls: type, attn_implementation: str | None) -> dict:
@@ -782,7 +796,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
         raise UsageError(f"{path} is not a reduced model (config.json has no {COMPRESSION_KEY!r} block); "
                          f"load it with transformers or reduce it first")
     check_block(block, path)
-    check_weights(path)
+    stored = check_weights(path)
     if tokenizer:
         check_tokenizer(path)
     with _loading(path):
@@ -795,7 +809,8 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
                          f"restore {path}/config.json as mhacompress saved it")
     with _loading(path):
         model, info = cls.from_pretrained(path, config=hf_config, output_loading_info=True, use_safetensors=True,
-                                          ignore_mismatched_sizes=True, **_attention(cls, attn_implementation))
+                                          ignore_mismatched_sizes=True, **_dtype(stored),
+                                          **_attention(cls, attn_implementation))
     check_coverage(info, path, allow_unexpected=False)
     return model.to(device).eval(), _tokenizer(path, path, model.config) if tokenizer else None
 

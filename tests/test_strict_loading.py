@@ -141,6 +141,25 @@ def test_weights_a_checkpoint_lacks_are_the_same_on_every_load(original):
     assert torch.equal(torch.rand(1), after_first)  # the load drew nothing from the caller's generator
 
 
+@pytest.mark.parametrize("label", [{"dtype": "float16"}, {"torch_dtype": "bfloat16"}, {"dtype": "int8"}])
+def test_a_model_is_loaded_in_the_dtype_its_weights_are_stored_in_not_its_config_label(original, reduced, label):
+    """transformers' dtype="auto" trusts config.json's label: a stale "float16" over float32 weights loaded (and
+    `reduce` saved) the model at half precision, without a word; "int8" failed to load. The stored tensors decide."""
+    for folder in (original, reduced):
+        edit_config(folder, lambda c: [c.pop("dtype", None), c.update(label)])
+        for call in loaders(folder):
+            model = call()[0]
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_is_loaded_in_its_own_dtype(original, dtype):
+    edit_weights(original, lambda w: w.update({k: v.to(dtype) for k, v in w.items()}))
+    edit_config(original, lambda c: c.pop("dtype", None))
+    model, _, _ = load_pretrained(str(original))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
 def test_a_sharded_checkpoint_whose_shards_link_into_a_hub_cache_loads(tiny_bert_dir, tmp_path):
     """Shard names must stay inside the folder ('../x', '/x' are refused: tests/test_bad_inputs.py), but a hub cache's
     snapshot folder holds its shards as symlinks into ../../blobs: those are followed as usual."""
