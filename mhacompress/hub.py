@@ -517,9 +517,14 @@ def check_block(block, where) -> None:
     """A compression block that the weights can be checked against: known method, one key dim per layer, and a
     top-level key dim that agrees with the layers'."""
     from .reduction import methods
+    from .reduction.modeling import FORMAT_VERSION
 
     METHODS = methods.names()
     fix = f"restore {where}/config.json as mhacompress saved it"
+    version = block.get("format_version", 1) if isinstance(block, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:  # first: its layout
+        raise UsageError(f"{where} was saved in compression format {version}, newer than this mhacompress reads "
+                         f"(up to {FORMAT_VERSION}): upgrade mhacompress (pip install -U mhacompress)")
     if not isinstance(block, dict) or not isinstance(block.get("layers"), list) or not block["layers"]:
         raise UsageError(f"{where}: the compression block has no layers; {fix}")
     if block.get("method") not in METHODS:
@@ -554,8 +559,11 @@ def check_block(block, where) -> None:
                          f"{fix}")
     from .reduction.config import ConfigError, ReductionConfig
 
+    if not isinstance(block.get("reduction"), dict) or not block["reduction"]:
+        raise UsageError(f"{where}: the compression block's reduction settings are missing (reduction: "
+                         f"{json.dumps(block.get('reduction'))[:40]}); {fix}")
     try:  # the saved config says exactly how the model was made: it must still be a valid one
-        config = ReductionConfig.from_dict(block.get("reduction") or {})
+        config = ReductionConfig.from_dict(block["reduction"])
     except (ConfigError, TypeError) as err:
         raise UsageError(f"{where}: the compression block's reduction settings are invalid ({err}); {fix}") from None
     saved = [config.key_dim] * len(dims) if config.key_dim is not None else list(config.key_dims or dims)
@@ -588,17 +596,18 @@ def check_coverage(info: dict, name, *, allow_unexpected: bool = True, layers: s
         raise UsageError(f"{name}: the weights hold layers that config.json does not describe: {_some(dropped)} "
                          f"unused; restore the checkpoint's own config.json")
     if unexpected and not allow_unexpected:
-        raise UsageError(f"{name}: the weights hold tensors the model does not have: {_some(unexpected)}; restore "
-                         f"the folder as mhacompress saved it")
+        raise UsageError(f"{name}: the weights hold tensors the model does not have ({_some(unexpected, verb=False)});"
+                         f" restore the folder as mhacompress saved it")
 
 
 def _shape(shape) -> str:
     return "unknown" if shape is None else str(tuple(int(x) for x in shape))
 
 
-def _some(keys: list[str]) -> str:
+def _some(keys: list[str], verb: bool = True) -> str:
+    """The first two of ``keys`` and how many more, then "are" or "is" (``verb``)."""
     more = f" and {len(keys) - 2} more" if len(keys) > 2 else ""
-    return ", ".join(keys[:2]) + more + (" are" if len(keys) > 1 else " is")
+    return ", ".join(keys[:2]) + more + ("" if not verb else " are" if len(keys) > 1 else " is")
 
 
 @contextlib.contextmanager
@@ -726,7 +735,9 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
                                  f"checkpoint") from None
             raise
     check_coverage(info, name, layers=arch.layers)
-    return model.to(device).eval(), _tokenizer(source.location, name, **cache_only) if tokenizer else None, source
+    tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
+    check_vocabulary(model, tok, name)
+    return model.to(device).eval(), tok, source
 
 
 def _architecture(config):
@@ -739,6 +750,17 @@ def _architecture(config):
         return arch_for(config)
     except UnsupportedModelError as err:
         raise UnsupportedArchitectureError(str(err)) from None
+
+
+def check_vocabulary(model, tokenizer, name) -> None:
+    """A tokenizer with more tokens than the model's embedding table has rows is not the model's: refused when the
+    two are loaded, not when some text first reaches a high id (a short --limit would pass, a calibration file might
+    never reach one and save a folder eval then refuses)."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
+        raise UsageError(f"{name}: its tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+                         f"{rows} rows, so ids {rows} and above would fail: the tokenizer is not this model's; save "
+                         f"the model's own tokenizer in the folder (tokenizer.save_pretrained(DIR))")
 
 
 def _dtype(stored: str | None) -> dict:
@@ -812,7 +834,9 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
                                           ignore_mismatched_sizes=True, **_dtype(stored),
                                           **_attention(cls, attn_implementation))
     check_coverage(info, path, allow_unexpected=False)
-    return model.to(device).eval(), _tokenizer(path, path, model.config) if tokenizer else None
+    tok = _tokenizer(path, path, model.config) if tokenizer else None
+    check_vocabulary(model, tok, path)
+    return model.to(device).eval(), tok
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------

@@ -124,6 +124,16 @@ def qk_scaled(weights: dict) -> None:
         weights[key].mul_(1e22)
 
 
+def _roberta_as_source(ws: Path) -> None:
+    """A RoBERTa of the tiny BERT's shape saved as ws/roberta, and recorded as the reduced folder's original."""
+    from transformers import RobertaModel
+
+    from conftest import tiny_config
+
+    RobertaModel(tiny_config("roberta")).save_pretrained(ws / "roberta")
+    edit_config("reduced", lambda c: c["compression"].update(source_model=str(ws / "roberta")))(ws)
+
+
 def block(**changes):
     """Change the compression block of the reduced folder (``layer_key_dim=k``: every layer's key_dim)."""
     def change(config: dict) -> None:
@@ -202,11 +212,11 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("model-hub-id-offline", "reduce nobody/no-such-model -k 8", "cannot download", "pass a local model folder"),
     case("model-invalid-name", "reduce 'not a model!' -k 8", "neither a model folder nor a hub id", "pass a local"),
     case("model-with-a-foreign-tokenizer", "reduce {ws}/foreign -k 8 --calibrate stsb --samples 16",
-         "embeddings have 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
-    case("eval-model-with-a-foreign-tokenizer", "eval {ws}/foreign --task stsb --limit 4", "embeddings have 100 rows",
-         "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+         "embedding table has 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+    case("eval-model-with-a-foreign-tokenizer", "eval {ws}/foreign --task stsb --limit 4",
+         "embedding table has 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
     case("finetune-model-with-a-foreign-tokenizer", "finetune {ws}/foreign --task mrpc -o {ws}/ft --limit 4 --no-eval",
-         "embeddings have 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+         "embedding table has 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
     case("model-empty-folder", "reduce {ws}/empty -k 8", "no config.json", "save_pretrained",
          setup=lambda ws: (ws / "empty").mkdir()),
     case("model-symlink-loop", "reduce {ws}/loop -k 8", "no model folder at", "pass a folder",
@@ -275,6 +285,10 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     # NaN or infinite weights (a damaged or diverged checkpoint) ended in a LinAlgError traceback from the solvers
     case("weights-nan", "reduce {src} -k 8", "holds NaN or infinite values", "download or save it again",
          setup=edit_weights("src", lambda w: w["encoder.layer.1.attention.self.query.weight"].fill_(float("nan")))),
+    # was "onnxruntime differs from PyTorch by nan > 0.0001"
+    case("reduced-weights-nan-export", "export {reduced} -o {ws}/m.onnx", "holds NaN or infinite values",
+         "download or save it again", setup=edit_weights(
+             "reduced", lambda w: w["encoder.layer.1.output.dense.weight"].fill_(float("nan")))),
     # finite weights whose scores overflow: the original's activations are NaN, and so is the layer's problem under
     # the output objective: cp_als raised FloatingPointError, a traceback
     case("weights-overflow-calibrating", "reduce {src} -k 8 --calibrate stsb --samples 16",
@@ -355,6 +369,15 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          setup=block(modified="all")),
     case("block-no-layers", "eval {reduced} --task stsb --limit 4", "has no layers", "restore",
          setup=block(layers=[])),
+    # was "compression format 99 is newer ...; upgrade mhacompress; pass a complete checkpoint ...": two fixes
+    case("block-format-version-newer", "eval {reduced} --task stsb --limit 4", "compression format 99, newer than",
+         "upgrade mhacompress", setup=block(format_version=99, layers="a layout to come")),
+    # was reduce's advice while loading: "give exactly one of --key-dim, --key-dims or --budget ..."
+    case("block-reduction-null", "eval {reduced} --task stsb --limit 4", "reduction settings are missing", "restore",
+         setup=block(reduction=None)),
+    case("reduced-weights-extra-tensor", "eval {reduced} --task stsb --limit 4",
+         "tensors the model does not have (extra.weight)", "restore the folder",
+         setup=edit_weights("reduced", lambda w: w.update({"extra.weight": next(iter(w.values())).clone()}))),
     case("block-source-model-not-a-name", "report {reduced} --no-latency", "source_model 5 is not", "restore",
          setup=block(source_model=5)),
     case("block-base-architecture-of-another-type", "eval {reduced} --task stsb --limit 4",
@@ -722,7 +745,8 @@ REPORT = [
     case("report-key-dim-too-big", "report {src} --key-dim 64 --no-latency", "out of range", "1..32"),
     case("report-first-token-on-encoder", "report {reduced} --first-token-only --no-latency",
          "for sequence classifiers", "holds a"),
-    case("report-source-gone", "report {reduced} --no-latency", "cannot load the original", "no model folder",
+    # its fix was load's "pass a folder holding config.json and model weights", which report has no option for
+    case("report-source-gone", "report {reduced} --no-latency", "cannot load the original", "put the original back",
          setup=block(source_model="/nonexistent/original")),
     case("report-source-is-reduced", "report {reduced} --no-latency --seq-len 16", "is itself a reduced model",
          "restore the original", setup=lambda ws: edit_config("reduced", lambda c: c["compression"].update(
@@ -730,6 +754,9 @@ REPORT = [
     # an AssertionError traceback from the cost model ("6 original layers vs 2 reduced")
     case("report-source-is-another-model", "report {reduced} --no-latency --seq-len 16", "is not the model",
          "restore the original", setup=block(source_model="minilm")),
+    # of the same shape, but another architecture: was measured against it without a word
+    case("report-source-is-another-architecture", "report {reduced} --no-latency --seq-len 16", "(roberta, 2 layers",
+         "restore the original", setup=_roberta_as_source),
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than",
          "--seq-len 64 or less"),

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mhacompress
-from conftest import tiny_model
 from mhacompress.cli import main
 from mhacompress.errors import UsageError
 from mhacompress.hub import load_pretrained, save
@@ -22,9 +21,9 @@ from mhacompress.reduction.surgery import reduce_
 
 @pytest.fixture(scope="module")
 def reduced_master(tmp_path_factory, tiny_bert_dir):
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
-    model = tiny_model("bert")
+    model = AutoModel.from_pretrained(tiny_bert_dir)  # its vocabulary is the tokenizer's
     reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
     path = tmp_path_factory.mktemp("strict") / "reduced"
     save(model, AutoTokenizer.from_pretrained(tiny_bert_dir), path)
@@ -152,6 +151,21 @@ def test_a_model_is_loaded_in_the_dtype_its_weights_are_stored_in_not_its_config
             assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_a_tokenizer_with_more_tokens_than_the_embedding_table_is_refused_at_load(original, reduced):
+    """A tokenizer that is not the model's was found only when some text reached a high id: `eval --limit 16`
+    scored, the full split failed, and a calibration that never reached one saved a folder eval then refused."""
+    edit_config(original, lambda c: c.update(vocab_size=100))
+    edit_weights(original, lambda w: w.update({k: v[:100] for k, v in w.items() if "word_embeddings" in k}))
+    edit_config(reduced, lambda c: c.update(vocab_size=100))
+    edit_weights(reduced, lambda w: w.update({k: v[:100] for k, v in w.items() if "word_embeddings" in k}))
+    for folder in (original, reduced):
+        for call in loaders(folder):
+            with pytest.raises(UsageError, match=r"tokenizer has 30522 tokens but the model's embedding table has "
+                                                 r"100 rows.*not this model's"):
+                call()
+        load_pretrained(str(folder), tokenizer=False)  # without its tokenizer the model itself is sound
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_checkpoint_is_loaded_in_its_own_dtype(original, dtype):
     edit_weights(original, lambda w: w.update({k: v.to(dtype) for k, v in w.items()}))
@@ -186,9 +200,10 @@ def test_a_fine_tuned_head_that_would_be_dropped_is_refused(tiny_bert_dir, tmp_p
 
     from conftest import tiny_config
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     for cls in (BertForTokenClassification, BertForMaskedLM):
-        cls(tiny_config("bert")).save_pretrained(tmp_path / cls.__name__)
-        AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / cls.__name__)
+        cls(tiny_config("bert", vocab_size=len(tokenizer))).save_pretrained(tmp_path / cls.__name__)
+        tokenizer.save_pretrained(tmp_path / cls.__name__)
     with pytest.raises(UsageError, match="BertForTokenClassification head.*dropped.*sequence-classification"):
         mhacompress.compress(str(tmp_path / "BertForTokenClassification"), ReductionConfig(key_dim=8))
     reduced = mhacompress.compress(str(tmp_path / "BertForMaskedLM"), ReductionConfig(key_dim=8, n_iter_max=3))
