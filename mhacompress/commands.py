@@ -136,6 +136,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     in one call: returns what ``export --json`` prints, less the envelope."""
     from .export import FORMATS, check_settings, export_onnx
     from .hub import check_output, load
+    from .reduction.surgery import check_finite_weights
 
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
@@ -145,6 +146,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     try:
         notify(Progress(f"loading {directory}"))
         model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
+        check_finite_weights(model)  # else onnxruntime "differs from PyTorch by nan"
         if first_token_only:
             first_token_shortcut(model, directory)
         notify(Progress(f"exporting to {output} and checking it in onnxruntime"))
@@ -325,7 +327,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     from .hub import load_pretrained
     from .pipeline import compress
     from .reduction.config import ReductionConfig
-    from .reduction.modeling import COMPRESSION_KEY
+    from .reduction.modeling import COMPRESSION_KEY, base_model_type
     from .reduction.surgery import model_shape
 
     model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False,
@@ -339,14 +341,18 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
         try:
             original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False,
                                              allow_pickle=allow_pickle)
-        except UsageError as err:
-            raise UsageError(f"cannot load the original {source!r} recorded in {name}: {err}") from None
+        except UsageError as err:  # its own fix ("pass a folder ...") is not one report can take
+            raise UsageError(f"cannot load the original {source!r} recorded in {name} ({str(err).split('; ')[0]}); "
+                             f"put the original back there, or report the original with "
+                             f"{named('--key-dim')}") from None
         if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions
             raise UsageError(f"the original {source!r} recorded in {name} is itself a reduced model; restore the "
                              f"original checkpoint there, or report an original with {named('--key-dim')}")
         shapes = [model_shape(m) for m in (original, model)]  # (layers, heads, head dim): another model since
-        if shapes[0] != shapes[1]:
-            original_shape, reduced_shape = ("{} layers x {} heads of {}".format(*shape) for shape in shapes)
+        types = [base_model_type(m.config) for m in (original, model)]
+        if shapes[0] != shapes[1] or types[0] != types[1]:
+            original_shape, reduced_shape = (f"{kind}, {shape[0]} layers x {shape[1]} heads of {shape[2]}"
+                                             for kind, shape in zip(types, shapes))
             raise UsageError(f"the original {source!r} recorded in {name} is not the model it was reduced from "
                              f"({original_shape}; the reduced model: {reduced_shape}); restore the original "
                              f"checkpoint there, or report an original with {named('--key-dim')}")
@@ -381,8 +387,8 @@ def first_token_shortcut(model, name) -> None:
     try:
         first_token_only_(model)
     except ValueError as err:
-        raise UsageError(f"{named('--first-token-only')}: {err} (reduce {name} first, or drop "
-                         f"{named('the flag', 'it')})") from None
+        raise ConfigError(f"{named('--first-token-only')}: {err} (reduce {name} first, or drop "
+                          f"{named('the flag', 'it')})") from None
 
 
 EPOCHS_MAX = 1e6  # far past any useful run, and epochs x batches stays a step count (1e308 epochs overflowed)

@@ -212,11 +212,14 @@ def test_eval_first_token_only_agrees_with_the_full_model(reduced_pair):
 
 
 def test_first_token_only_bad_inputs(encoder, mnli_classifier, tmp_path):
+    """Both are a flag the model cannot take (exit 2, as a key dim too wide): an encoder, an unreduced classifier."""
     out = tmp_path / "never"
-    one_line_error(invoke("reduce", encoder, "-k", "8", "-o", out, "--first-token-only"), "sequence classifiers")
-    assert not out.exists()
-    one_line_error(invoke("eval", mnli_classifier, "-t", "mnli", "--data-dir", FIXTURES, "--first-token-only"),
-                   "reduced model")
+    result = invoke("reduce", encoder, "-k", "8", "-o", out, "--first-token-only")
+    one_line_error(result, "sequence classifiers")
+    assert result.exit_code == 2 and not out.exists()
+    result = invoke("eval", mnli_classifier, "-t", "mnli", "--data-dir", FIXTURES, "--first-token-only")
+    one_line_error(result, "reduced model")
+    assert result.exit_code == 2
 
 
 def test_max_drop_gate_fails_on_an_undefined_metric():
