@@ -151,7 +151,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
     width = shape[1] * shape[2]
-    config = config.decided(width, shape[0])  # saved as decided for this model
+    config = _used_length(config.decided(width, shape[0]), model)  # saved as decided for this model
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:
@@ -362,6 +362,17 @@ def _batches(model, tokenizer, texts: list[tuple[str, ...]], calibration: Calibr
     return [{k: v.to(device) for k, v in enc.items()}
             for _, enc in batches(tokenizer, texts, batch_size=calibration.batch_size,
                                   max_length=usable_length(model, calibration.max_length), model=model)]
+
+
+def _used_length(config: ReductionConfig, model) -> ReductionConfig:
+    """``config`` with its calibration's max length as the batches used it: capped to the model's positions."""
+    from .eval.runner import usable_length
+
+    c = config.calibration
+    used = None if c is None else usable_length(model, c.max_length)
+    if c is None or used == c.max_length or used < 8:  # below Calibration's floor: left as asked
+        return config
+    return replace(config, calibration=replace(c, max_length=used))
 
 
 def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int], list[dict]]:

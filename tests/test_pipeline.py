@@ -104,6 +104,18 @@ def test_blank_calibration_texts_are_skipped_as_the_file_readers_skip_blank_line
         torch.testing.assert_close(blanks[name], value, rtol=0, atol=0)
 
 
+def test_the_calibration_length_recorded_is_the_one_used(tiny_bert_dir):
+    """A model with 64 positions is calibrated on at most 64 tokens a sequence, whatever max_length asked: the report
+    and the saved block say 64, not the 128 that was never used."""
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_bert_dir).max_position_embeddings == 64
+    config = ReductionConfig(key_dim=8, n_iter_max=3, calibration=mhacompress.Calibration("python", max_length=128))
+    result = mhacompress.compress(str(tiny_bert_dir), config, calibration=["a text " * 100, "another one"])
+    assert result.config.calibration.max_length == 64
+    assert result.model.config.compression["reduction"]["calibration"]["max_length"] == 64
+
+
 @pytest.mark.parametrize("entry", ["compress", "reduce_"])
 def test_an_unsupported_architecture_is_a_usage_error_from_every_entry_point(entry):
     from transformers import GPT2Config, GPT2Model
