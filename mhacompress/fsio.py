@@ -426,6 +426,8 @@ def read_text(path: Path, *, hint: str) -> str:
         raise UsageError(f"cannot read {path}: {err.strerror}; {hint}") from None
     if not data.strip():
         raise UsageError(f"{path} is empty; {hint}")
+    if data.startswith((b"\xff\xfe\0\0", b"\0\0\xfe\xff")):  # before UTF-16: the LE marks begin alike
+        raise UsageError(f"{path} is UTF-32 text; save it as UTF-8 ({hint})")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UsageError(f"{path} is UTF-16 text; save it as UTF-8 ({hint})")
     nul = data.find(b"\0")

@@ -258,6 +258,8 @@ def test_sigterm_becomes_an_exception_that_runs_finally_blocks():
     (b"line one\nline two\n\x00\x01\x02", ":3: binary data"),
     (b"ok\nstill ok\nbad \xff byte\n", ":3: not UTF-8 text (byte 0xff)"),
     ("text".encode("utf-16"), "UTF-16"),
+    ("text".encode("utf-32"), "UTF-32"),  # its little-endian mark begins as UTF-16's: was called UTF-16
+    (b"\0\0\xfe\xff" + "text".encode("utf-32-be"), "UTF-32"),
 ])
 def test_read_text_names_the_file_line_and_fix(tmp_path, data, fragment):
     path = tmp_path / "data.txt"
@@ -265,8 +267,8 @@ def test_read_text_names_the_file_line_and_fix(tmp_path, data, fragment):
     with pytest.raises(UsageError) as err:
         fsio.read_text(path, hint="pass one sentence a line")
     message = str(err.value)
-    assert fragment in message and str(path) in message and message.endswith("pass one sentence a line") or \
-        message.endswith("(pass one sentence a line)")
+    assert fragment in message and str(path) in message
+    assert message.endswith(("pass one sentence a line", "(pass one sentence a line)"))
     assert "\n" not in message
 
 
