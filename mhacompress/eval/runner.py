@@ -62,7 +62,8 @@ def head_order(model, task: Task, name: str = "the model", fix: str | None = Non
         return [names.index(norm(label)) for label in task.labels]
     except ValueError:
         raise UsageError(f"{name}'s head labels ({', '.join(names)}) do not match {task.name}'s "
-                         f"({', '.join(task.labels)})") from None
+                         f"({', '.join(task.labels)}): score it on the task it was fine-tuned for, or, if its columns "
+                         f"are {task.name}'s in another spelling, name them so in its config.json id2label") from None
 
 
 def usable_length(model, max_length: int) -> int:
