@@ -54,6 +54,10 @@ STALE_DIRS = re.compile(r"onnx|openvino|coreml|tflite|tensorrt|\.git|\.cache|__p
 # stored in, not the one its config.json names: a stale "dtype": "float16" label over float32 weights would otherwise
 # halve the precision of everything read and saved (transformers' dtype="auto" trusts the label).
 STORED_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# config.json's "output_attentions": true (a default for calls, saved by some training scripts) is dropped at load:
+# sdpa cannot give attention maps, so transformers refused the saved model (or report's sdpa load) with a traceback,
+# after the whole reduction. A caller who wants the maps passes output_attentions=True to a call on eager attention.
+NO_ATTENTION_MAPS = {"output_attentions": False}
 # Keys transformers may legitimately miss: the pooler, which many sentence encoders ship without (they pool by mean).
 TOLERATED_MISSING = re.compile(r"(.*\.)?pooler\..*")
 
@@ -727,7 +731,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
             model, info = cls.from_pretrained(source.location, use_safetensors=None if allow_pickle else True,
                                               trust_remote_code=False, output_loading_info=True,
                                               ignore_mismatched_sizes=True, **_dtype(stored), **kwargs,
-                                              **cache_only)
+                                              **NO_ATTENTION_MAPS, **cache_only)
         except OSError as err:
             if not allow_pickle and "safetensors" in str(err).lower():
                 raise UsageError(f"{name}: no safetensors weights; pickled weights can run code when loaded, so pass "
@@ -735,6 +739,8 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
                                  f"checkpoint") from None
             raise
     check_coverage(info, name, layers=arch.layers)
+    if not names:  # named heads that would be dropped (token classification...) are refused by compress
+        _check_no_classifier_dropped(info, config, name)
     tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
     check_vocabulary(model, tok, name)
     return model.to(device).eval(), tok, source
@@ -750,6 +756,18 @@ def _architecture(config):
         return arch_for(config)
     except UnsupportedModelError as err:
         raise UnsupportedArchitectureError(str(err)) from None
+
+
+def _check_no_classifier_dropped(info: dict, config, name) -> None:
+    """A classification head in the weights of a checkpoint whose config.json names no architectures (read as its
+    bare encoder): refused, not dropped without a word."""
+    head = sorted(k for k in info.get("unexpected_keys") or [] if re.match(r"(pre_)?classifier\.", k))
+    if head:
+        kind = type(config).__name__.removesuffix("Config")
+        raise UsageError(f"{name}: the weights hold a classification head ({head[0]}) but config.json names no "
+                         f"architectures, so it would be read as a bare encoder and the head dropped; set "
+                         f"\"architectures\" in config.json to the head it is, e.g. "
+                         f"[\"{kind}ForSequenceClassification\"]")
 
 
 def check_vocabulary(model, tokenizer, name) -> None:
@@ -823,7 +841,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
         check_tokenizer(path)
     with _loading(path):
         cls = collaborative_model_class(block["base_architecture"])
-        hf_config = cls.config_class.from_pretrained(path)  # format 1 folders say model_type "bert": same class
+        hf_config = cls.config_class.from_pretrained(path, **NO_ATTENTION_MAPS)  # format 1: model_type "bert"
     _architecture(hf_config)
     if base_model_type(cls.config_class) != base_model_type(hf_config):  # the class's type against the file's
         raise UsageError(f"{path}: the compression block's base architecture {block['base_architecture']} is not a "

@@ -166,6 +166,16 @@ def test_a_tokenizer_with_more_tokens_than_the_embedding_table_is_refused_at_loa
         load_pretrained(str(folder), tokenizer=False)  # without its tokenizer the model itself is sound
 
 
+def test_a_config_asking_for_attention_maps_is_reduced_saved_and_reloaded(original, tmp_path):
+    """"output_attentions": true in config.json (saved by attention-analysis code): sdpa cannot give the maps, so the
+    reduction ran to the end and saving failed with transformers' traceback; report's sdpa load failed too."""
+    edit_config(original, lambda c: c.update(output_attentions=True))
+    load_pretrained(str(original), attn_implementation="sdpa")
+    result = mhacompress.compress(str(original), ReductionConfig(key_dim=8, n_iter_max=3))
+    result.save(tmp_path / "out")
+    mhacompress.load(tmp_path / "out", attn_implementation="sdpa")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_checkpoint_is_loaded_in_its_own_dtype(original, dtype):
     edit_weights(original, lambda w: w.update({k: v.to(dtype) for k, v in w.items()}))
@@ -208,6 +218,26 @@ def test_a_fine_tuned_head_that_would_be_dropped_is_refused(tiny_bert_dir, tmp_p
         mhacompress.compress(str(tmp_path / "BertForTokenClassification"), ReductionConfig(key_dim=8))
     reduced = mhacompress.compress(str(tmp_path / "BertForMaskedLM"), ReductionConfig(key_dim=8, n_iter_max=3))
     assert type(reduced.model).__name__ == "CollaborativeBertModel"
+
+
+def test_a_classifier_whose_config_names_no_architectures_is_refused_not_read_without_its_head(tiny_bert_dir,
+                                                                                                  tmp_path):
+    """Without "architectures" the checkpoint was read as its bare encoder: reduce exited 0 and saved no classifier.
+    An encoder without architectures still loads."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from conftest import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    BertForSequenceClassification(tiny_config("bert", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    shutil.copytree(tiny_bert_dir, tmp_path / "encoder")
+    for folder in (tmp_path / "cls", tmp_path / "encoder"):
+        edit_config(folder, lambda c: c.pop("architectures"))
+    with pytest.raises(UsageError, match=r"classification head \(classifier.bias\).*names no architectures.*"
+                                         r"\[\"BertForSequenceClassification\"\]"):
+        load_pretrained(str(tmp_path / "cls"))
+    assert type(load_pretrained(str(tmp_path / "encoder"))[0]).__name__ == "BertModel"
 
 
 def test_a_reduced_config_whose_block_was_emptied_is_named_not_run_as_remote_code(reduced):
