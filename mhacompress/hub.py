@@ -482,13 +482,14 @@ def _check_shard_name(index: Path, tensor: str, name: str) -> None:
                          f"again")
 
 
-def _json_file(path: Path) -> dict:
+def _json_file(path: Path, kind: type = dict):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
         data = None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a JSON object; save the checkpoint again")
+    if not isinstance(data, kind):
+        raise UsageError(f"{path} is not a JSON {'object' if kind is dict else kind.__name__}; save the checkpoint "
+                         f"again")
     return data
 
 
@@ -743,6 +744,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         _check_no_classifier_dropped(info, config, name)
     tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
     check_vocabulary(model, tok, name)
+    model.sentence_head = sentence_head(folder or _cached_folder(source.location))
     return model.to(device).eval(), tok, source
 
 
@@ -854,7 +856,89 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     check_coverage(info, path, allow_unexpected=False)
     tok = _tokenizer(path, path, model.config) if tokenizer else None
     check_vocabulary(model, tok, path)
+    model.sentence_head = sentence_head(path)  # carried over from the original's folder when it was saved
     return model.to(device).eval(), tok
+
+
+# ---- sentence-transformers folders ----------------------------------------------------------------------------------
+
+DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")  # torch.nn classes a Dense module may name
+
+
+@dataclass(frozen=True)
+class SentenceHead:
+    """How a sentence-transformers folder turns the transformer's token states into its embedding (modules.json):
+    the Pooling module's mode (``objectives.POOLING``), then an optional Dense layer (``dense``: weight (out, in),
+    bias or None, activation name). Normalize changes no cosine and is left out. ``unsupported``: why the embedding
+    cannot be reproduced (a module of another kind, a pooling mode or Dense module mhacompress does not read), or
+    None. Only scoring the embedding needs it: reducing the transformer does not."""
+
+    pooling: str = "mean"
+    dense: tuple | None = None
+    unsupported: str | None = None
+
+
+def sentence_head(folder: Path | None) -> SentenceHead | None:
+    """The folder's sentence-transformers pipeline after the transformer, or None where it has none (modules.json).
+    Read as data: the Dense weights only from safetensors, its activation only from DENSE_ACTIVATIONS."""
+    if folder is None or not (folder / "modules.json").is_file():
+        return None
+    pooling, dense = "mean", None
+    try:
+        modules = _json_file(folder / "modules.json", kind=list)
+        for module in modules[1:]:  # the first is the transformer itself
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
+            path = folder / str(module.get("path", "")) if isinstance(module, dict) else folder
+            if kind == "Normalize":
+                continue
+            if kind == "Pooling" and dense is None:
+                pooling = _pooling_mode(_json_file(path / "config.json"), path)
+            elif kind == "Dense" and dense is None:
+                dense = _dense(path)
+            else:
+                raise UsageError(f"its sentence-transformers module {kind or 'unnamed'!r} ({path})")
+    except UsageError as err:
+        return SentenceHead(pooling, dense, unsupported=str(err))
+    except OSError as err:  # a module folder without its files
+        return SentenceHead(pooling, dense, unsupported=f"its module file {err.filename} ({err.strerror})")
+    return SentenceHead(pooling, dense)
+
+
+def _pooling_mode(config: dict, path: Path) -> str:
+    """The one mode of a Pooling config: ``pooling_mode`` (sentence-transformers 5+) or its ``pooling_mode_*``
+    flags; mean_sqrt_len is the mean up to a per-sentence scale (the same cosine)."""
+    from .reduction.objectives import POOLING
+
+    mode = config.get("pooling_mode")
+    if mode is None:
+        flags = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+                 "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                 "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+        modes = [name for name, key in flags.items() if config.get(key) is True]
+        mode = modes[0] if len(modes) == 1 else "+".join(modes) or "none"
+    mode = "mean" if mode == "mean_sqrt_len_tokens" else mode
+    if mode not in POOLING:
+        raise UsageError(f"its pooling {mode!r} ({path}/config.json; mhacompress reads {', '.join(POOLING)})")
+    return mode
+
+
+def _dense(path: Path) -> tuple:
+    """(weight (out, in), bias or None, activation name) of a sentence-transformers Dense module."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = _json_file(path / "config.json")
+    activation = str(config.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if activation not in DENSE_ACTIVATIONS:
+        raise UsageError(f"its Dense activation {activation!r} ({path}; mhacompress reads "
+                         f"{', '.join(DENSE_ACTIVATIONS)})")
+    if not (path / "model.safetensors").is_file():
+        raise UsageError(f"its Dense module without safetensors weights ({path}: pickles are never read)")
+    _check_safetensors(path / "model.safetensors")
+    weights = load_file(str(path / "model.safetensors"))
+    if not isinstance(weights.get("linear.weight"), torch.Tensor) or weights["linear.weight"].dim() != 2:
+        raise UsageError(f"its Dense module without a linear.weight matrix ({path}/model.safetensors)")
+    return weights["linear.weight"], weights.get("linear.bias"), activation
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------

@@ -422,10 +422,12 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
 def _plan(c: Calibration, model):
     """The sequential reduction's plan for ``model`` from its calibration settings."""
     from .reduction.modeling import is_classifier
+    from .reduction.objectives import pooling_of
     from .reduction.sequential import Plan
 
+    # read at the first token of the last layer alone: a classifier's head, a CLS-pooled sentence encoder
     return Plan(objective=c.objective, compensate=c.compensate, refine_steps=c.refine_steps,
-                first_token_last=is_classifier(model))
+                first_token_last=is_classifier(model) or pooling_of(model) == "cls")
 
 
 def _stages(notify) -> Callable[[str, int, int], None]:

@@ -134,3 +134,65 @@ def test_a_sources_damaged_model_max_length_is_carried_over_as_it_is_and_breaks_
     model, tokenizer = mhacompress.load(tmp_path / "out")
     with torch.no_grad():
         model(**tokenizer(SENTENCES, padding=True, truncation=True, max_length=16, return_tensors="pt"))
+
+
+def _sentence_folder(tiny_bert_dir, path, pooling: str, dense: bool):
+    """A sentence-transformers folder around the tiny BERT: ``pooling``, then (``dense``) a Dense layer to 16 with
+    tanh, then Normalize; and its own encoder."""
+    st = pytest.importorskip("sentence_transformers")
+    try:  # sentence-transformers 6; `models` before (still there, deprecated)
+        from sentence_transformers.sentence_transformer import modules as stm
+    except ImportError:
+        from sentence_transformers import models as stm
+    torch.manual_seed(0)
+    word = stm.Transformer(str(tiny_bert_dir))
+    modules = [word, stm.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)]
+    if dense:
+        modules.append(stm.Dense(word.get_word_embedding_dimension(), 16, activation_function=torch.nn.Tanh()))
+    encoder = st.SentenceTransformer(modules=[*modules, stm.Normalize()], device="cpu")
+    encoder.save(str(path))
+    return encoder
+
+
+@pytest.mark.parametrize("pooling,dense", [("cls", False), ("max", False), ("mean", True)])
+def test_an_encoder_is_scored_by_the_embedding_its_sentence_transformers_folder_makes(tiny_bert_dir, tmp_path,
+                                                                                     pooling, dense):
+    """eval (and the calibration's readout) mean-pooled every encoder: a CLS-pooled one (BGE, GTE), or one with a
+    Dense layer, was scored by an embedding its users never see. The folder's Pooling and Dense modules are read,
+    the reduced folder keeps them, and at full key dim its embedding is the original pipeline's."""
+    import mhacompress
+    from mhacompress.eval.runner import _embedding
+
+    encoder = _sentence_folder(tiny_bert_dir, tmp_path / "st", pooling, dense)
+    want = encoder.encode(SENTENCES, convert_to_tensor=True)  # (B, d')
+    mhacompress.compress(str(tmp_path / "st"), ReductionConfig(key_dim=32), output=tmp_path / "reduced")
+    for model, tokenizer in (load_pretrained(str(tmp_path / "st"))[:2], mhacompress.load(tmp_path / "reduced")):
+        assert model.sentence_head.pooling == pooling and (model.sentence_head.dense is not None) == dense
+        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            got = torch.nn.functional.normalize(_embedding(model, dict(batch)), dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_an_embedding_mhacompress_cannot_reproduce_is_refused_for_scoring_but_reduced(tiny_bert_dir, tmp_path,
+                                                                                      glue_dir):
+    import mhacompress
+    from mhacompress.errors import UsageError
+
+    _sentence_folder(tiny_bert_dir, tmp_path / "st", "lasttoken", False)
+    with pytest.raises(UsageError, match=r"sentence embedding cannot be reproduced: .*pooling 'lasttoken'.*score it "
+                                         r"with sentence-transformers"):
+        mhacompress.evaluate(str(tmp_path / "st"), "stsb", data_dir=glue_dir, limit=4)
+    mhacompress.compress(str(tmp_path / "st"), ReductionConfig(key_dim=8, n_iter_max=3), output=tmp_path / "out")
+
+
+@pytest.mark.parametrize("pooling,first_token", [("cls", True), ("mean", False)])
+def test_a_cls_pooled_encoder_is_calibrated_where_it_is_read(tiny_bert_dir, tmp_path, pooling, first_token):
+    """Its last layer's first token alone reaches the embedding, as a classifier's does: fitted there (the token
+    weights, the last layer's queries), not at the mean of its tokens."""
+    from mhacompress import Calibration
+    from mhacompress.pipeline import _plan
+
+    _sentence_folder(tiny_bert_dir, tmp_path / "st", pooling, False)
+    model = load_pretrained(str(tmp_path / "st"))[0]
+    assert _plan(Calibration("python"), model).first_token_last is first_token

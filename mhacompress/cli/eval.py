@@ -45,7 +45,8 @@ def eval_(model, task, split, limit, batch_size, max_length, device, data_dir, r
     accuracy; MRPC, QQP F1 and accuracy; STS-B Pearson and Spearman).
 
     MODEL is a sequence-classification checkpoint (e.g. one made by `mhacompress finetune`), a reduced folder, or a
-    plain sentence encoder, which is scored on stsb by cosine similarity of mean-pooled embeddings.
+    plain sentence encoder, which is scored on stsb by cosine similarity of its sentence embeddings (pooled as its
+    sentence-transformers folder says, else by the mean).
 
     \b
     Examples:

@@ -1,8 +1,8 @@
 """Batched inference for GLUE: length-sorted batches with dynamic padding, under torch.inference_mode.
 
 Two kinds of model: a sequence-classification checkpoint (its head's labels mapped to the task's through
-``id2label``) and a plain sentence encoder (STS-B only: cosine similarity of mean-pooled embeddings, the
-sentence-transformers convention)."""
+``id2label``) and a plain sentence encoder (STS-B only: cosine similarity of its sentence embeddings, made as its
+sentence-transformers folder says, else mean pooled)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError, named
 from ..reduction.modeling import is_classifier, max_tokens
-from ..reduction.objectives import mean_pooled
+from ..reduction.objectives import pooled, pooling_of
 from . import metrics as M
 from .data import Examples
 from .tasks import Task
@@ -168,8 +168,26 @@ def _logits(model, enc):
     return model(**enc).logits  # (B, C)
 
 
-def _mean_pooled(model, enc):
-    return mean_pooled(model(**enc).last_hidden_state, enc["attention_mask"])  # (B, d)
+def _embedding(model, enc):
+    """The sentence embedding (B, d') as the model's sentence-transformers folder makes it (``hub.sentence_head``:
+    its pooling, then its Dense layer), else mean pooled."""
+    head = getattr(model, "sentence_head", None)
+    out = pooled(model(**enc).last_hidden_state, enc["attention_mask"], pooling_of(model))  # (B, d)
+    if head is None or head.dense is None:
+        return out
+    weight, bias, activation = head.dense
+    out = torch.nn.functional.linear(out, weight.to(out), None if bias is None else bias.to(out))  # (B, d')
+    return getattr(torch.nn, activation)()(out)
+
+
+def check_embedding(model, name: str) -> None:
+    """A sentence-transformers folder whose embedding mhacompress cannot reproduce is refused for scoring in one
+    line, not scored by another embedding than its users get."""
+    head = getattr(model, "sentence_head", None)
+    if head is not None and head.unsupported:
+        raise UsageError(f"{name}'s sentence embedding cannot be reproduced: mhacompress does not read "
+                         f"{head.unsupported}; score it with sentence-transformers, or score the transformer alone "
+                         f"(its folder without modules.json, mean pooled)")
 
 
 def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_encoder_any_task: bool = False,
@@ -188,9 +206,10 @@ def run(model, tokenizer, examples: Examples, *, name: str = "the model", allow_
     if not task.regression and not allow_encoder_any_task:
         raise UsageError(f"{name} is a plain encoder without a classification head: it can only be scored on stsb "
                          f"(cosine similarity); fine-tune it first: {_finetune_hint(task)}")
+    check_embedding(model, name)
     fields = list(zip(*examples.texts))  # (F, N)
     flat = [(s,) for field in fields for s in field]
-    emb = forward_all(model, tokenizer, flat, fn=_mean_pooled, name=name, inputs=inputs, **kw)
+    emb = forward_all(model, tokenizer, flat, fn=_embedding, name=name, inputs=inputs, **kw)
     emb = emb.view(len(fields), len(examples), -1)  # (F, N, d)
     if len(fields) == 2:
         scores = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=-1)  # (N,)

@@ -52,6 +52,26 @@ def mean_pooled(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+POOLING = ("mean", "cls", "max")  # sentence-transformers' Pooling modes mhacompress reads (mean_sqrt_len: as mean)
+
+
+def pooled(hidden: Tensor, mask: Tensor, mode: str = "mean") -> Tensor:
+    """A sentence embedding (B, d) from hidden states (B, T, d) under an attention mask (B, T), as a
+    sentence-transformers Pooling module of ``mode`` gives it: the mean over real tokens, the first token's state,
+    or the maximum over real tokens."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(~mask.bool()[..., None], float("-inf")).amax(1)
+    return mean_pooled(hidden, mask)
+
+
+def pooling_of(model) -> str:
+    """How ``model``'s sentence embedding is pooled: what ``hub`` read from its sentence-transformers folder
+    (``model.sentence_head``), else the mean (mhacompress's convention for a bare encoder)."""
+    return getattr(getattr(model, "sentence_head", None), "pooling", "mean")
+
+
 def output_metric(x: Tensor, p: Tensor, v: Tensor, gram: Tensor, tokens: Tensor, weights: Tensor
                   ) -> tuple[Tensor, Tensor]:
     """The key metric S (B, T, T), summed over heads, and each head's share (H,) of the output error,

@@ -24,7 +24,7 @@ from . import methods
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
 from .modeling import layers as model_layers
-from .objectives import mean_pooled
+from .objectives import pooled, pooling_of
 from .sequential import (
     Batch,
     Plan,
@@ -45,11 +45,13 @@ CURVE_SWEEPS = 30
 
 
 def readout(model: nn.Module, encoding: dict) -> torch.Tensor:
-    """What the model is read at: a classifier's logits (B, C), an encoder's unit mean-pooled embedding (B, d)."""
+    """What the model is read at: a classifier's logits (B, C), an encoder's unit pooled embedding (B, d) (mean
+    pooled unless its sentence-transformers folder says otherwise: ``pooling_of``)."""
     out = model(**encoding)
     if is_classifier(model):
         return out.logits.float()
-    return nn.functional.normalize(mean_pooled(out.last_hidden_state, encoding["attention_mask"]).float(), dim=-1)
+    embedding = pooled(out.last_hidden_state, encoding["attention_mask"], pooling_of(model))
+    return nn.functional.normalize(embedding.float(), dim=-1)
 
 
 class _Replay(nn.Module):
