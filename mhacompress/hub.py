@@ -709,6 +709,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
     arch = _architecture(config)  # unsupported architectures fail here, before any weight is read
+    _check_attention_layout(raw or config.to_dict(), name)
     heads = getattr(config, arch.heads, None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:  # transformers: ZeroDivisionError
         raise UsageError(f"{name}: config.json's {arch.heads} is {heads!r}, not a number of heads; restore the "
@@ -758,6 +759,19 @@ def _architecture(config):
         return arch_for(config)
     except UnsupportedModelError as err:
         raise UnsupportedArchitectureError(str(err)) from None
+
+
+def _check_attention_layout(config: dict, name) -> None:
+    """Attention transformers 5 no longer builds, or heads that differ between layers, refused by name (the weights
+    would otherwise be refused as not matching the checkpoint's own config.json)."""
+    positions = config.get("position_embedding_type") or "absolute"
+    if positions != "absolute":
+        raise UsageError(f"{name}: config.json's position_embedding_type {positions!r} is not supported (transformers "
+                         f"5 builds these models with absolute positions only, so its relative-position weights "
+                         f"would be dropped); use a checkpoint with absolute positions")
+    if config.get("pruned_heads"):
+        raise UsageError(f"{name}: its heads were pruned (config.json's pruned_heads), so its layers have different "
+                         f"numbers of heads, which mhacompress does not reduce; use the checkpoint before pruning")
 
 
 def _check_no_classifier_dropped(info: dict, config, name) -> None:

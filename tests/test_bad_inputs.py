@@ -396,6 +396,11 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("reduced-config-attention-not-installed", "eval {reduced} --task stsb --limit 4", "FlashAttention2",
          "remove it from config.json",
          setup=edit_config("reduced", lambda c: c.update(_attn_implementation="flash_attention_2"))),
+    # both were refused as weights that do not match "the checkpoint's own config.json", which it was
+    case("config-relative-positions", "reduce {src} -k 8", "position_embedding_type 'relative_key' is not supported",
+         "absolute positions", setup=edit_config("src", lambda c: c.update(position_embedding_type="relative_key"))),
+    case("config-pruned-heads", "eval {src} --task stsb --limit 4", "its heads were pruned",
+         "use the checkpoint before pruning", setup=edit_config("src", lambda c: c.update(pruned_heads={"0": [1]}))),
     case("config-architectures-not-names", "reduce {src} -k 8", "architectures [5] is not a list of class names",
          "restore the checkpoint's own config.json", setup=edit_config("src", lambda c: c.update(architectures=[5]))),
     # a classifier whose architectures is one name, not a list: read letter by letter, its head was not seen and
