@@ -411,12 +411,28 @@ def read_config(folder: Path) -> dict:
     """config.json of a model folder, parsed and checked (a JSON object with a model_type)."""
     file = folder / "config.json"
     if not file.is_file():
+        inner = _transformer_subfolder(folder)
+        if inner is not None:  # sentence-transformers 1.x saved its transformer in a module folder
+            raise UsageError(f"{folder} is a sentence-transformers folder whose transformer lies in {inner.name}/: "
+                             f"pass {inner} (then copy modules.json and its other module folders beside the output)")
         raise UsageError(f"{folder} is not a model folder (no config.json); pass a folder written by save_pretrained")
     config = _json_object(file)
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise UsageError(f"{file} has no \"model_type\"; add the architecture's (e.g. \"model_type\": \"bert\") or "
                          f"restore it from the original checkpoint")
     return config
+
+
+def _transformer_subfolder(folder: Path) -> Path | None:
+    """The subfolder holding the transformer of a sentence-transformers folder in the 1.x layout (modules.json's
+    first module at a path such as 0_Transformer, with config.json), or None."""
+    try:
+        first = json.loads((folder / "modules.json").read_text(encoding="utf-8"))[0]
+        inner = folder / first["path"]
+    except (OSError, ValueError, LookupError, TypeError):  # no modules.json, or not a list of modules
+        return None
+    return inner if first["path"] and inner.resolve().parent == folder.resolve() and \
+        (inner / "config.json").is_file() else None
 
 
 def _json_object(file: Path) -> dict:

@@ -124,6 +124,13 @@ def qk_scaled(weights: dict) -> None:
         weights[key].mul_(1e22)
 
 
+def _sentence_transformers_1_layout(ws: Path) -> None:
+    """ws/st: the tiny BERT in 0_Transformer/, named by modules.json, as sentence-transformers 1.x saved models."""
+    shutil.copytree(ws / "src", ws / "st" / "0_Transformer")
+    module = {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}
+    (ws / "st" / "modules.json").write_text(json.dumps([module]))
+
+
 def _roberta_as_source(ws: Path) -> None:
     """A RoBERTa of the tiny BERT's shape saved as ws/roberta, and recorded as the reduced folder's original."""
     from transformers import RobertaModel
@@ -217,6 +224,9 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          "embedding table has 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
     case("finetune-model-with-a-foreign-tokenizer", "finetune {ws}/foreign --task mrpc -o {ws}/ft --limit 4 --no-eval",
          "embedding table has 100 rows", "not this model's", setup=lambda ws: _foreign_tokenizer(ws / "foreign")),
+    # was "not a model folder (no config.json); pass a folder written by save_pretrained"
+    case("model-sentence-transformers-1-layout", "reduce {ws}/st -k 8", "whose transformer lies in 0_Transformer/",
+         "st/0_Transformer (then copy modules.json", setup=_sentence_transformers_1_layout),
     case("model-empty-folder", "reduce {ws}/empty -k 8", "no config.json", "save_pretrained",
          setup=lambda ws: (ws / "empty").mkdir()),
     case("model-symlink-loop", "reduce {ws}/loop -k 8", "no model folder at", "pass a folder",
