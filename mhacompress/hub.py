@@ -757,6 +757,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
                                  f"checkpoint") from None
             raise
     check_coverage(info, name, layers=arch.layers)
+    model.initialised = sorted(k for k in info.get("missing_keys") or [] if TOLERATED_MISSING.fullmatch(k))
     if not names:  # named heads that would be dropped (token classification...) are refused by compress
         _check_no_classifier_dropped(info, config, name)
     tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None

@@ -139,6 +139,10 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     warnings = []
     if config.calibration is None and is_classifier(model):
         warnings.append(f"{WEIGHTS_ONLY_CLASSIFIER} (compress: config.calibration)")
+    if getattr(model, "initialised", None):  # transformers' own warning, which loading keeps off stderr
+        warnings.append(f"{name} has no pooler weights ({model.initialised[0]}): its pooler, saved with the reduced "
+                        f"model, was initialised from a fixed seed as transformers does, so pooler_output (and a head "
+                        f"that reads it) means nothing; read last_hidden_state instead")
     params_before = sum(p.numel() for p in model.parameters())
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None

@@ -125,6 +125,16 @@ def test_a_missing_pooler_is_tolerated(original):
     assert model.config.num_hidden_layers == 2
 
 
+def test_a_pooler_initialised_at_load_is_reported_not_saved_as_if_trained(original):
+    """transformers warns that it initialised the pooler; loading keeps its warnings off stderr, so the reduction
+    says it, in its report's warnings."""
+    config = ReductionConfig(key_dim=8, n_iter_max=3)
+    assert not [w for w in mhacompress.compress(str(original), config).report["warnings"] if "pooler" in w]
+    edit_weights(original, lambda w: [w.pop(k) for k in list(w) if k.startswith("pooler.")])
+    warnings = mhacompress.compress(str(original), config).report["warnings"]
+    assert [w for w in warnings if "no pooler weights (pooler.dense.bias)" in w and "pooler_output" in w]
+
+
 def test_weights_a_checkpoint_lacks_are_the_same_on_every_load(original):
     """A masked-LM checkpoint (roberta-base's and mpnet-base's layout) has no pooler: transformers initialised it from
     the global generator, so two identical `reduce` runs saved different weights. From a fixed seed now, and the
