@@ -580,9 +580,9 @@ def check_block(block, where) -> None:
                          f"{fix}")
     from .reduction.config import ConfigError, ReductionConfig
 
-    if not isinstance(block.get("reduction"), dict) or not block["reduction"]:
+    if block.get("reduction") in (None, {}, [], ""):  # any other kind of value: from_dict names what it must be
         raise UsageError(f"{where}: the compression block's reduction settings are missing (reduction: "
-                         f"{json.dumps(block.get('reduction'))[:40]}); {fix}")
+                         f"{json.dumps(block.get('reduction'))}); {fix}")
     try:  # the saved config says exactly how the model was made: it must still be a valid one
         config = ReductionConfig.from_dict(block["reduction"])
     except (ConfigError, TypeError) as err:

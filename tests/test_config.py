@@ -89,8 +89,9 @@ def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tm
     result = mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir))
     result.save(tmp_path / "out")
     model, _ = mhacompress.load(tmp_path / "out")
-    # the defaults, decided for this model: 8 > 32 / 8 (uniform), refined at d/4 (a tiny model's steps are cheap)
-    decided = replace(config.calibration, refine_steps=REFINE_STEPS)
+    # the defaults, decided for this model: 8 > 32 / 8 (uniform), refined at d/4 (a tiny model's steps are cheap),
+    # sequences cut at its 64 positions (not the 128 asked)
+    decided = replace(config.calibration, refine_steps=REFINE_STEPS, max_length=64)
     assert result.config == replace(config, allocate=False, calibration=decided)
     assert ReductionConfig.from_dict(model.config.compression["reduction"]) == result.config
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
