@@ -920,6 +920,8 @@ def sentence_head(folder: Path | None) -> SentenceHead | None:
         for module in modules[1:]:  # the first is the transformer itself
             kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
             path = folder / str(module.get("path", "")) if isinstance(module, dict) else folder
+            if not path.resolve().is_relative_to(folder.resolve()):  # read as data, but from this folder only
+                raise UsageError(f"its module path {str(path)!r}, outside the folder")
             if kind == "Normalize":
                 continue
             if kind == "Pooling" and dense is None:
@@ -967,9 +969,12 @@ def _dense(path: Path) -> tuple:
         raise UsageError(f"its Dense module without safetensors weights ({path}: pickles are never read)")
     _check_safetensors(path / "model.safetensors")
     weights = load_file(str(path / "model.safetensors"))
-    if not isinstance(weights.get("linear.weight"), torch.Tensor) or weights["linear.weight"].dim() != 2:
-        raise UsageError(f"its Dense module without a linear.weight matrix ({path}/model.safetensors)")
-    return weights["linear.weight"], weights.get("linear.bias"), activation
+    weight, bias = weights.get("linear.weight"), weights.get("linear.bias")
+    matrix = isinstance(weight, torch.Tensor) and weight.dim() == 2
+    if not matrix or bias is not None and bias.shape != weight.shape[:1]:
+        raise UsageError(f"its Dense module without a linear.weight matrix and matching bias "
+                         f"({path}/model.safetensors)")
+    return weight, bias, activation
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------

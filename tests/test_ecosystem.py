@@ -1,6 +1,8 @@
 """Saved folders keep every file of the source that the tool does not rewrite, so that the ecosystem's loaders work on
 them as on the original: sentence-transformers (modules.json, pooling, normalisation) and transformers' pipeline."""
 
+import json
+import re
 import shutil
 
 import pytest
@@ -196,3 +198,29 @@ def test_a_cls_pooled_encoder_is_calibrated_where_it_is_read(tiny_bert_dir, tmp_
     _sentence_folder(tiny_bert_dir, tmp_path / "st", pooling, False)
     model = load_pretrained(str(tmp_path / "st"))[0]
     assert _plan(Calibration("python"), model).first_token_last is first_token
+
+
+def _module_path_outside(folder):
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["path"] = "../elsewhere"
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+def _dense_of_another_width(folder):
+    from safetensors.torch import save_file
+
+    dense = next(folder.glob("*_Dense"))
+    save_file({"linear.weight": torch.zeros(16, 7), "linear.bias": torch.zeros(16)}, dense / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage,fragment", [(_module_path_outside, "outside the folder"),
+                                             (_dense_of_another_width, "Dense module of 7 inputs after 32")])
+def test_a_sentence_pipeline_that_does_not_fit_is_refused_for_scoring_in_one_line(tiny_bert_dir, tmp_path, glue_dir,
+                                                                                  damage, fragment):
+    import mhacompress
+    from mhacompress.errors import UsageError
+
+    _sentence_folder(tiny_bert_dir, tmp_path / "st", "mean", True)
+    damage(tmp_path / "st")
+    with pytest.raises(UsageError, match=rf"cannot be reproduced: .*{re.escape(fragment)}"):
+        mhacompress.evaluate(str(tmp_path / "st"), "stsb", data_dir=glue_dir, limit=4)
