@@ -762,6 +762,8 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         _check_no_classifier_dropped(info, config, name)
     tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
     check_vocabulary(model, tok, name)
+    if not source.local and not cache_only:
+        fetch_sentence_files(source.location)
     model.sentence_head = sentence_head(folder or _cached_folder(source.location))
     return model.to(device).eval(), tok, source
 
@@ -907,6 +909,29 @@ class SentenceHead:
     pooling: str = "mean"
     dense: tuple | None = None
     unsupported: str | None = None
+
+
+# a sentence-transformers model's own files, which transformers does not fetch from the hub
+SENTENCE_FILES = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*_Pooling/*",
+                  "*_Dense/*", "*_Normalize/*"]
+
+
+def fetch_sentence_files(repo: str) -> None:
+    """Download a hub model's sentence-transformers files (SENTENCE_FILES) beside the transformer's in the cache, so
+    that ``sentence_head`` reads its pooling and a save carries its modules over, as for a local folder. Best effort:
+    a repo without them, or a failed download, leaves a plain encoder, mean pooled (nothing is executed or
+    unpickled: the files are read as data, and only safetensors weights)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()  # the library prints nothing itself
+    try:
+        with contextlib.suppress(Exception):
+            snapshot_download(repo, allow_patterns=SENTENCE_FILES)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def sentence_head(folder: Path | None) -> SentenceHead | None:

@@ -224,3 +224,28 @@ def test_a_sentence_pipeline_that_does_not_fit_is_refused_for_scoring_in_one_lin
     damage(tmp_path / "st")
     with pytest.raises(UsageError, match=rf"cannot be reproduced: .*{re.escape(fragment)}"):
         mhacompress.evaluate(str(tmp_path / "st"), "stsb", data_dir=glue_dir, limit=4)
+
+
+def test_a_hub_models_sentence_files_are_fetched_beside_the_transformers(monkeypatch):
+    """transformers fetches only its own files: a sentence-transformers model given by hub id had no modules.json in
+    the cache, so it was mean pooled whatever its Pooling module says, and saved without its modules. A failed
+    download leaves a plain encoder (best effort), and nothing prints."""
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+
+    from mhacompress.hub import fetch_sentence_files
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    fetch_sentence_files("org/encoder")
+    (repo, kw), = calls
+    assert repo == "org/encoder" and {"modules.json", "*_Pooling/*", "*_Dense/*"} <= set(kw["allow_patterns"])
+    weights = ("model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors")  # transformers' to fetch
+    assert not any(fnmatch(name, p) for p in kw["allow_patterns"] for name in weights)
+
+    def offline(repo, **kw):
+        raise OSError("no route to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    fetch_sentence_files("org/encoder")
