@@ -427,9 +427,9 @@ def _transformer_subfolder(folder: Path) -> Path | None:
     """The subfolder holding the transformer of a sentence-transformers folder in the 1.x layout (modules.json's
     first module at a path such as 0_Transformer, with config.json), or None."""
     try:
-        first = json.loads((folder / "modules.json").read_text(encoding="utf-8"))[0]
+        first = _json_file(folder / "modules.json", kind=list)[0]
         inner = folder / first["path"]
-    except (OSError, ValueError, LookupError, TypeError):  # no modules.json, or not a list of modules
+    except (UsageError, OSError, LookupError, TypeError):  # no modules.json, or not a list of modules
         return None
     return inner if first["path"] and inner.resolve().parent == folder.resolve() and \
         (inner / "config.json").is_file() else None
@@ -761,10 +761,10 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     if not names:  # named heads that would be dropped (token classification...) are refused by compress
         _check_no_classifier_dropped(info, config, name)
     tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
-    check_vocabulary(model, tok, name)
+    _check_tokenizer_size(model, tok, name)
     if not source.local and not cache_only:
         fetch_sentence_files(source.location)
-    model.sentence_head = sentence_head(folder or _cached_folder(source.location))
+    model.sentence_head = sentence_head(folder or _cached_folder(source.location), getattr(config, arch.hidden))
     return model.to(device).eval(), tok, source
 
 
@@ -805,10 +805,11 @@ def _check_no_classifier_dropped(info: dict, config, name) -> None:
                          f"[\"{kind}ForSequenceClassification\"]")
 
 
-def check_vocabulary(model, tokenizer, name) -> None:
+def _check_tokenizer_size(model, tokenizer, name) -> None:
     """A tokenizer with more tokens than the model's embedding table has rows is not the model's: refused when the
     two are loaded, not when some text first reaches a high id (a short --limit would pass, a calibration file might
-    never reach one and save a folder eval then refuses)."""
+    never reach one and save a folder eval then refuses). ``eval.runner.check_vocabulary`` still checks the ids of
+    models handed in with a tokenizer of their own."""
     rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
     if tokenizer is not None and rows is not None and len(tokenizer) > rows:
         raise UsageError(f"{name}: its tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
@@ -877,7 +878,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
     with _loading(path):
         cls = collaborative_model_class(block["base_architecture"])
         hf_config = cls.config_class.from_pretrained(path, **NO_ATTENTION_MAPS)  # format 1: model_type "bert"
-    _architecture(hf_config)
+    arch = _architecture(hf_config)
     if base_model_type(cls.config_class) != base_model_type(hf_config):  # the class's type against the file's
         raise UsageError(f"{path}: the compression block's base architecture {block['base_architecture']} is not a "
                          f"{base_model_type(hf_config)} model (config.json's model_type {config['model_type']!r}); "
@@ -888,8 +889,8 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
                                           **_attention(cls, attn_implementation))
     check_coverage(info, path, allow_unexpected=False)
     tok = _tokenizer(path, path, model.config) if tokenizer else None
-    check_vocabulary(model, tok, path)
-    model.sentence_head = sentence_head(path)  # carried over from the original's folder when it was saved
+    _check_tokenizer_size(model, tok, path)
+    model.sentence_head = sentence_head(path, getattr(hf_config, arch.hidden))  # carried over from the original's
     return model.to(device).eval(), tok
 
 
@@ -934,9 +935,10 @@ def fetch_sentence_files(repo: str) -> None:
             enable_progress_bars()
 
 
-def sentence_head(folder: Path | None) -> SentenceHead | None:
-    """The folder's sentence-transformers pipeline after the transformer, or None where it has none (modules.json).
-    Read as data: the Dense weights only from safetensors, its activation only from DENSE_ACTIVATIONS."""
+def sentence_head(folder: Path | None, width: int) -> SentenceHead | None:
+    """The folder's sentence-transformers pipeline after a transformer of ``width`` hidden features, or None where it
+    has none (modules.json). Read as data: the Dense weights only from safetensors, its activation only from
+    DENSE_ACTIVATIONS."""
     if folder is None or not (folder / "modules.json").is_file():
         return None
     pooling, dense = "mean", None
@@ -952,7 +954,7 @@ def sentence_head(folder: Path | None) -> SentenceHead | None:
             if kind == "Pooling" and dense is None:
                 pooling = _pooling_mode(_json_file(path / "config.json"), path)
             elif kind == "Dense" and dense is None:
-                dense = _dense(path)
+                dense = _dense(path, width)
             else:
                 raise UsageError(f"its sentence-transformers module {kind or 'unnamed'!r} ({path})")
     except UsageError as err:
@@ -980,8 +982,9 @@ def _pooling_mode(config: dict, path: Path) -> str:
     return mode
 
 
-def _dense(path: Path) -> tuple:
-    """(weight (out, in), bias or None, activation name) of a sentence-transformers Dense module."""
+def _dense(path: Path, width: int) -> tuple:
+    """(weight (out, in), bias or None, activation name) of a sentence-transformers Dense module reading ``width``
+    pooled features."""
     import torch
     from safetensors.torch import load_file
 
@@ -999,6 +1002,8 @@ def _dense(path: Path) -> tuple:
     if not matrix or bias is not None and bias.shape != weight.shape[:1]:
         raise UsageError(f"its Dense module without a linear.weight matrix and matching bias "
                          f"({path}/model.safetensors)")
+    if weight.shape[1] != width:
+        raise UsageError(f"its Dense module of {weight.shape[1]} inputs after {width} hidden features ({path})")
     return weight, bias, activation
 
 

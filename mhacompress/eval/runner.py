@@ -6,13 +6,13 @@ sentence-transformers folder says, else mean pooled)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..errors import UsageError, named
-from ..reduction.modeling import arch_for, is_classifier, max_tokens
+from ..reduction.modeling import is_classifier, max_tokens
 from ..reduction.objectives import pooled, pooling_of
 from . import metrics as M
 from .data import Examples
@@ -184,10 +184,6 @@ def check_embedding(model, name: str) -> None:
     """A sentence-transformers folder whose embedding mhacompress cannot reproduce is refused for scoring in one
     line, not scored by another embedding than its users get."""
     head = getattr(model, "sentence_head", None)
-    width = getattr(model.config, arch_for(model.config).hidden, None)
-    if head is not None and not head.unsupported and head.dense is not None and head.dense[0].shape[1] != width:
-        head = replace(head, unsupported=f"its Dense module of {head.dense[0].shape[1]} inputs after {width} "
-                                         f"hidden features")
     if head is not None and head.unsupported:
         raise UsageError(f"{name}'s sentence embedding cannot be reproduced: mhacompress does not read "
                          f"{head.unsupported}; score it with sentence-transformers, or score the transformer alone "
