@@ -68,7 +68,8 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
-      a local folder / hub id / alias (``minilm`` is bundled), loaded here.
+      a local folder / hub id / alias (``minilm`` is bundled), loaded here. A model loaded from a sentence-transformers
+      folder is calibrated at the tokens that folder's pooling reads, either way.
     calibration: the calibration sequences themselves (strings, or tuples for sentence pairs; blank ones skipped, as
       the file readers skip blank lines and empty fields); by default they are read from
       ``config.calibration.source`` (a GLUE task's train split in ``data_dir``, or a .txt / .jsonl file).
@@ -338,7 +339,23 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
         model.to(device)
     path = getattr(model.config, "_name_or_path", "") or ""
     source = path if path and Path(path).is_dir() else None
+    if source is not None and not hasattr(model, "sentence_head"):
+        _read_sentence_head(model, Path(source))
     return model.eval(), tokenizer, source, path or type(model).__name__
+
+
+def _read_sentence_head(model, folder: Path) -> None:
+    """A model object loaded from a folder by transformers gets the folder's sentence-transformers pooling, as
+    ``load_pretrained`` gives it: calibrated at the tokens its embedding reads (a CLS-pooled encoder at its first
+    token). A model type mhacompress does not know is left for the reduction to refuse by name."""
+    from .hub import sentence_head
+    from .reduction.modeling import UnsupportedModelError, arch_for
+
+    try:
+        width = getattr(model.config, arch_for(model.config).hidden)
+    except UnsupportedModelError:
+        return
+    model.sentence_head = sentence_head(folder, width)
 
 
 def _check_no_head_dropped(model, name: str) -> None:

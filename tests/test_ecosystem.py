@@ -148,9 +148,11 @@ def _sentence_folder(tiny_bert_dir, path, pooling: str, dense: bool):
         from sentence_transformers import models as stm
     torch.manual_seed(0)
     word = stm.Transformer(str(tiny_bert_dir))
-    modules = [word, stm.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)]
+    width = (word.get_embedding_dimension if hasattr(word, "get_embedding_dimension")  # renamed in 6
+             else word.get_word_embedding_dimension)()
+    modules = [word, stm.Pooling(width, pooling_mode=pooling)]
     if dense:
-        modules.append(stm.Dense(word.get_word_embedding_dimension(), 16, activation_function=torch.nn.Tanh()))
+        modules.append(stm.Dense(width, 16, activation_function=torch.nn.Tanh()))
     encoder = st.SentenceTransformer(modules=[*modules, stm.Normalize()], device="cpu")
     encoder.save(str(path))
     return encoder
@@ -198,6 +200,25 @@ def test_a_cls_pooled_encoder_is_calibrated_where_it_is_read(tiny_bert_dir, tmp_
     _sentence_folder(tiny_bert_dir, tmp_path / "st", pooling, False)
     model = load_pretrained(str(tmp_path / "st"))[0]
     assert _plan(Calibration("python"), model).first_token_last is first_token
+
+
+def test_a_model_object_loaded_by_transformers_is_calibrated_as_its_folder_is(tiny_bert_dir, tmp_path):
+    """compress(model) on an AutoModel from a CLS-pooled sentence-transformers folder reads that folder's pooling,
+    as compress(folder) does: the same calibration gives the same weights either way (it was mean-pooled)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import mhacompress
+    from mhacompress import Calibration
+
+    _sentence_folder(tiny_bert_dir, tmp_path / "st", "cls", False)
+    config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=Calibration("python", samples=8, refine_steps=0))
+    by_name = mhacompress.compress(str(tmp_path / "st"), config, calibration=SENTENCES).model
+    model = AutoModel.from_pretrained(tmp_path / "st")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "st")
+    by_object = mhacompress.compress(model, config, tokenizer=tokenizer, calibration=SENTENCES).model
+    assert by_object.sentence_head.pooling == "cls"
+    for got, want in zip(by_object.state_dict().values(), by_name.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def _module_path_outside(folder):
