@@ -85,15 +85,15 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
 
     notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only,
                                         "allow_pickle": allow_pickle}, model=model)
-    for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # --seq-len etc. are IntRange(1)
-            raise UsageError(f"{option} must be an integer >= 1; got {value!r}")
-    if attn_implementation not in ("sdpa", "eager"):
-        raise UsageError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
     from .reduction import methods
+    from .reduction.config import _int
 
+    for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
+        _int(option, value, 1)  # --seq-len etc. are IntRange(1)
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
     if method not in methods.names():  # --method is a choice: refused for a reduced folder too, not ignored
-        raise UsageError(f"method must be one of {', '.join(methods.names())}; got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(methods.names())}; got {method!r}")
     from .devices import resolve_device
 
     device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any model loads

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import fsio
-from .errors import UsageError, given, named
+from .errors import ConfigError, UsageError, given, named
 
 FORMATS = ("onnx",)
 INPUTS = ("input_ids", "attention_mask")  # every graph's; token_type_ids too where the model has segments
@@ -86,14 +86,14 @@ def check_settings(*, opset, tol) -> None:
     import math
 
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise UsageError(f"{named('--tolerance')} must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
+        raise ConfigError(f"{named('--tolerance')} must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
-        raise UsageError(f"{named('--opset')} must be an integer >= 17 (torch.onnx's exporter), got {opset!r}; pass "
-                         f"{given('--opset', 18)}")
+        raise ConfigError(f"{named('--opset')} must be an integer >= 17 (torch.onnx's exporter), got {opset!r}; pass "
+                          f"{given('--opset', 18)}")
     top = max_opset()
     if opset > top:
-        raise UsageError(f"{given('--opset', opset)} is newer than the installed exporter can write (17..{top}); pass "
-                         f"{given('--opset', top)} or less")
+        raise ConfigError(f"{given('--opset', opset)} is newer than the installed exporter can write (17..{top}); "
+                          f"pass {given('--opset', top)} or less")
 
 
 def _onnxruntime():

@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhacompress.cli import main
+from mhacompress.errors import ConfigError
 from mhacompress.hub import TOKENIZER_FILES
 
 
@@ -932,6 +933,10 @@ API = [  # (call, fragment of the message)
     ("mhacompress.report(reduced, seq_len=0, latency=False)", "seq_len must be an integer >= 1"),
     ("mhacompress.report(reduced, seq_len='16', latency=False)", "seq_len must be an integer >= 1"),
     ("mhacompress.report(reduced, seq_len=16, batch_size=0)", "batch_size must be an integer >= 1"),
+    ("mhacompress.report(reduced, seq_len=1.5, latency=False)", "seq_len must be an integer >= 1; got 1.5"),
+    ("mhacompress.evaluate(reduced, 'stsb', data_dir=glue, limit='4')", "limit must be a positive number of examples"),
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=0)",
+     "limit must be a positive number of examples"),
     ("mhacompress.report(reduced, seq_len=16, batch_size=1, repeats=0)", "repeats must be an integer >= 1"),
     ("mhacompress.report(reduced, seq_len=16, device='gpu', latency=False)", "gpu"),
     ("mhacompress.report(reduced, seq_len=16, attn_implementation='flash', latency=False)",
@@ -1063,6 +1068,9 @@ API = [  # (call, fragment of the message)
 ]
 
 
+SETTING = re.compile(r"^\w+ must be (an integer|a finite|one of|true or false|a positive number)")
+
+
 @pytest.mark.parametrize("call,fragment", API, ids=[c for c, _ in API])
 def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glue_dir, tiny_bert_dir,
                                                              tiny_reduced_dir, tmp_path, monkeypatch):
@@ -1076,6 +1084,8 @@ def test_python_api_refuses_bad_arguments_with_its_own_error(call, fragment, glu
     with pytest.raises(UsageError) as err:
         _api(call)(glue_dir, tmp_path / "src", tmp_path / "reduced")
     assert fragment in str(err.value) and "\n" not in str(err.value)
+    if SETTING.search(str(err.value)):  # a bad setting is a ConfigError (a ValueError) whichever call is given it
+        assert isinstance(err.value, ConfigError), type(err.value)
     # a Python call is told about its arguments, not the command line's options (--output, --seed, ...)
     assert not re.search(r"(?<![\w-])--[a-z]", str(err.value)), str(err.value)
     assert tree(tmp_path) == before

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError, given, named
+from ..errors import ConfigError, UsageError, given, named
 from ..fsio import read_text
 from .tasks import Task, canonical_split, get_task
 
@@ -66,9 +66,9 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
     examples (a seeded random sample when ``seed`` is given)."""
     task = get_task(task)  # a name is taken too
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise UsageError(f"limit must be a positive number of examples (or None for all); got {limit!r}")
+        raise ConfigError(f"limit must be a positive number of examples (or None for all); got {limit!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise UsageError(f"seed must be an integer (or None for the first examples); got {seed!r}")
+        raise ConfigError(f"seed must be an integer (or None for the first examples); got {seed!r}")
     check_data_dir(data_dir)
     local_name, hub_split = task.split(split)
     split = canonical_split(split)
