@@ -12,7 +12,7 @@ import mhacompress
 from mhacompress import Calibration, ReductionConfig
 from mhacompress.errors import command_line
 from mhacompress.reduction import methods
-from mhacompress.reduction.config import REFINE_COST, REFINE_STEPS, ConfigError
+from mhacompress.reduction.config import DEEP_REFINE_STEPS, REFINE_COST, REFINE_STEPS, ConfigError
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -196,16 +196,18 @@ def test_a_saved_budget_reduction_reads_back_whatever_its_block_says_of_allocate
 
 
 def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_otherwise():
+    """At d/8 and below the default takes more steps than at d/4, where the closed form leaves less."""
     def steps(width=384, calibration=Calibration("mrpc"), layers=12, **dims):
         return ReductionConfig(calibration=calibration, **dims).refines(width, layers)
 
     # on a BERT-base-sized model (width 768, 12 layers), where d/4 is not refined by default
-    assert steps(key_dim=96, width=768) == REFINE_STEPS and steps(key_dim=96, width=767) == 0  # per model: d/8
+    assert steps(key_dim=96, width=768) == DEEP_REFINE_STEPS and steps(key_dim=96, width=767) == 0  # per model: d/8
     assert steps(key_dim=192, width=768) == 0 and steps(key_dim=4, calibration=None) == 0  # above d/8; weights only
     assert steps(key_dim=8, calibration=Calibration("mrpc", sequential=False)) == 0  # nothing to refine towards
-    assert steps(key_dims=(64, 128), width=768) == REFINE_STEPS  # on average over the layers
+    assert steps(key_dims=(64, 128), width=768) == DEEP_REFINE_STEPS  # on average over the layers
     assert steps(key_dims=(64, 129), width=768) == 0
-    assert steps(budget=0.125, width=768) == REFINE_STEPS and steps(budget=0.13, width=768) == 0
+    assert steps(budget=0.125, width=768) == DEEP_REFINE_STEPS and steps(budget=0.13, width=768) == 0
+    assert DEEP_REFINE_STEPS > REFINE_STEPS
     assert steps(key_dim=48, calibration=Calibration("mrpc", refine_steps=0)) == 0  # as set, both ways
     assert steps(key_dim=96, width=768, calibration=Calibration("mrpc", refine_steps=7)) == 7
 
@@ -223,7 +225,8 @@ def test_at_d_over_4_the_default_refines_models_whose_steps_are_cheap():
     assert steps(768, 12, key_dim=192) == steps(768, 6, key_dim=192) == 0  # BERT-base, DistilBERT at d/4
     assert steps(384, 6, key_dim=97) == steps(384, 6, key_dims=(96,) * 5 + (97,)) == 0  # just above d/4
     assert steps(384, 6, key_dims=(48, 144)) == steps(384, 6, budget=0.25) == REFINE_STEPS  # on average
-    assert steps(768, 12, key_dim=96) == REFINE_STEPS  # at d/8 whatever the size
+    assert steps(384, 6, key_dim=48) == steps(384, 6, key_dims=(48, 48, 48, 48, 48, 47)) == DEEP_REFINE_STEPS
+    assert steps(768, 12, key_dim=96) == DEEP_REFINE_STEPS  # at d/8 whatever the size, and more of them
     assert REFINE_COST < ReductionConfig(key_dim=192).step_cost(768, 6)
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", refine_steps=0)).to_dict()
     del old["calibration"]["refine_steps"]  # saved before refinement existed: not refined

@@ -18,7 +18,10 @@ from .modeling.architectures import FORMAT_VERSION
 
 INITS = ("svd", "random")
 OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see reduction/objectives.py)
-REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.refines)
+REFINE_STEPS = 200  # refinement steps per layer by default in (d/8, d/4] where they are cheap (ReductionConfig.refines)
+# ... and at key dims <= d/8, where the closed form leaves the most: 400 steps there bring the encoder's STS-B drop at
+# d/8 closer on dev, train and eight text sets, on every seed measured, at no loss on the classifiers (docs/results.md)
+DEEP_REFINE_STEPS = 400
 # the costliest refinement that is the default at key dims in (d/8, d/4]: multiply-adds per token of one step, summed
 # over the layers (ReductionConfig.step_cost). MiniLM-L6 at d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC);
 # MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where 200 steps would more than double its 63 s
@@ -82,9 +85,10 @@ class Calibration:
                   Default: on when sequential.
     refine_steps: with ``sequential``: Adam steps per layer fitting the reduced layer's attention output to the
                   original's (0: none). None (default): decided for the model by ``ReductionConfig.refines``:
-                  ``REFINE_STEPS`` at key dims <= d/8, where the closed form alone leaves the most (docs/results.md);
-                  at key dims <= d/4 as well where the steps are cheap (MiniLM-sized models, ``REFINE_COST``), not
-                  where they would more than double the d/4 path (BERT-base size: 63 s); 0 above d/4.
+                  ``DEEP_REFINE_STEPS`` at key dims <= d/8, where the closed form alone leaves the most
+                  (docs/results.md); ``REFINE_STEPS`` at key dims <= d/4 where the steps are cheap (MiniLM-sized
+                  models, ``REFINE_COST``), not where they would more than double the d/4 path (BERT-base size:
+                  63 s); 0 above d/4.
     """
 
     source: str
@@ -266,16 +270,17 @@ class ReductionConfig:
 
     def refines(self, width: int, layers: int) -> int:
         """The refinement steps per layer for a model of ``layers`` layers of ``width`` = H*dh: as set in the
-        calibration; by default with a sequential calibration ``REFINE_STEPS`` at key dims <= width / 8 (``deep``),
-        and at key dims <= width / 4 where the steps are cheap (``step_cost`` <= ``REFINE_COST``: MiniLM-sized
-        models, not BERT-base); else none (a parallel calibration's steps are 0 already: ``Calibration``)."""
+        calibration; by default with a sequential calibration ``DEEP_REFINE_STEPS`` at key dims <= width / 8
+        (``deep``), and ``REFINE_STEPS`` at key dims <= width / 4 where the steps are cheap (``step_cost`` <=
+        ``REFINE_COST``: MiniLM-sized models, not BERT-base); else none (a parallel calibration's steps are 0
+        already: ``Calibration``)."""
         c = self.calibration
         if c is None:
             return 0
         if c.refine_steps is not None:
             return c.refine_steps
         cheap = self.deep(width, 4) and self.step_cost(width, layers) <= REFINE_COST
-        return REFINE_STEPS if self.deep(width) or cheap else 0
+        return DEEP_REFINE_STEPS if self.deep(width) else REFINE_STEPS if cheap else 0
 
     def decided(self, width: int, layers: int) -> ReductionConfig:
         """This config with what it leaves to the model decided for one of ``layers`` layers of ``width`` = H*dh
