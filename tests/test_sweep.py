@@ -189,6 +189,23 @@ def test_a_model_replaced_at_the_same_path_is_not_given_the_old_models_cells(tin
     assert len(list((tmp_path / "cells").glob("*.json"))) == 4
 
 
+def test_cells_whose_steps_the_version_decides_are_named_by_its_defaults(tiny_encoder, glue_dir, monkeypatch):
+    """A calibrated cell leaves its refinement steps to the model's shape and the version's defaults: a resume folder
+    of a version with other defaults is swept afresh, not read as this one's. Steps given by hand name themselves."""
+    import mhacompress.sweep as sweep
+    from mhacompress import Calibration
+    from mhacompress.executors import cell_key
+
+    def names(**calibration):
+        cells = sweep.grid(str(tiny_encoder), "stsb", ["cp"], [4], data_dir=str(glue_dir),
+                           calibration=Calibration("mrpc", samples=8, **calibration))
+        return [cell_key(c) for c in cells]
+
+    default, by_hand = names(), names(refine_steps=400)
+    monkeypatch.setattr(sweep, "DEEP_REFINE_STEPS", 300)
+    assert names() != default and names(refine_steps=400) == by_hand
+
+
 def test_a_resumed_rerun_replaces_its_own_figure_only_with_force(tiny_encoder, glue_dir, tmp_path):
     """--plot replaced any file there, a user's notes too; a rerun with --resume keeps the same --plot, so --force is
     the way to replace the figure it wrote before."""
