@@ -172,11 +172,13 @@ def part_c(args, cache):
         cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda: {
             "scores": {"dev": scorers["dev"](*load_pretrained(folder, device=args.device)[:2])}})
     for dim in dims:  # key dim outermost: an interrupted run has whole tables
-        same = {rung: _same_as(rung, dim, rungs) for rung in rungs}  # the default path is one of the rungs
+        # the default path is one of the rungs, as decided for a model read at every token (the encoder) ...
+        same = {rung: _same_as(rung, dim, rungs, first_token=False) for rung in rungs}
         for rung in [] if args.no_encoder else rungs:
             key = f"c/encoder/{args.encoder_source}{args.cal_samples}/{same[rung]}/{dim}"
             cells[("encoder", rung, dim)] = cache.get(key, lambda rung=same[rung], dim=dim: ladder_cell(
                 args, "minilm", rung, dim, args.encoder_source, encoder))
+        same = {rung: _same_as(rung, dim, rungs, first_token=True) for rung in rungs}  # ... or at its first token
         for task, (folder, scorers) in tasks.items():
             for rung in rungs:
                 key = f"c/{tag}/{task}/cal{args.cal_samples}/{same[rung]}/{dim}"
@@ -186,11 +188,12 @@ def part_c(args, cache):
     return cells
 
 
-def _same_as(rung: str, dim: int, rungs: list[str]) -> str:
+def _same_as(rung: str, dim: int, rungs: list[str], first_token: bool) -> str:
     """The rung whose cells ``rung`` shares at ``dim``: the first that reduces the bundled MiniLM's shape the same
-    way, as decided for it (the default path is the refined rung at d/8, the compensated one at d/2)."""
+    way, as decided for it, read at the ``first_token`` (the classifiers) or at every token (the encoder): the
+    default path is the compensated rung at d/2, and at d/8 the refined one for the classifiers."""
     def decided(r):
-        return rung_config(r, dim, "source", 512, None).decided(MINILM_WIDTH, MINILM_LAYERS)
+        return rung_config(r, dim, "source", 512, None).decided(MINILM_WIDTH, MINILM_LAYERS, first_token)
 
     return next((r for r in rungs if r != "default" and decided(r) == decided(rung)), rung)
 
@@ -334,10 +337,11 @@ def ladder_lines(args, c) -> list[str]:
              "as the uniform key dim, spread over the layers by the measured effect on the model's output "
              "(`--allocate`); `+ refinement`: then 200 Adam steps per layer on the same target, where no closed form "
              "exists (`--refine 200`). `default path`: what `reduce -k K --calibrate SOURCE` does, as decided for "
-             "this model: for K <= d/8 allocated and refined; for K <= d/4 uniform and refined, on a model as small "
-             "as this one (not on BERT-base, where the steps cost more than the rest of the reduction); uniform "
-             "closed form above (`--uniform`, `--allocate`, `--refine N` override). Where it is one of the rungs "
-             "above, the row repeats that rung's cells. Calibration: "
+             "this model: for K <= d/8 allocated and refined (the encoder, read at every token, with twice the steps: "
+             "400); for K <= d/4 uniform and refined (200), on a model as small as this one (not on BERT-base, "
+             "where the steps cost more than the rest of the reduction); uniform closed form above (`--uniform`, "
+             "`--allocate`, `--refine N` override). Where it is one of the rungs above, the row repeats that rung's "
+             "cells. Calibration: "
              f"{args.cal_samples} unlabelled sequences; fine-tuned models on their task's train split, the encoder on "
              f"{args.encoder_source.upper()}'s sentences. Each cell: the score x100, then the seconds of the "
              f"reduction ({_machines(c)}; loading and scoring not counted). MRPC shows F1 / accuracy (F1 alone hides a "
@@ -388,10 +392,13 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     if "mrpc" in tasks:
         mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
                 f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
-    decided = rung_config(rung, dim, "source", 512, None).decided(MINILM_WIDTH, MINILM_LAYERS)
+    config = rung_config(rung, dim, "source", 512, None)
+    decided = config.decided(MINILM_WIDTH, MINILM_LAYERS, first_token=True)
     steps = decided.calibration.refine_steps
+    encoder = config.decided(MINILM_WIDTH, MINILM_LAYERS).calibration.refine_steps  # read at every token
     how = ("allocated" if decided.allocate else "uniform") + (f", {steps} refinement steps" if steps else
                                                               ", closed form")
+    how += f"; {encoder} for the encoder" if encoder != steps else ""
     return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
             f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")

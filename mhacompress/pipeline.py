@@ -156,7 +156,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     curves = None
     shape = model_shape(model)  # (layers, heads, head dim)
     width = shape[1] * shape[2]
-    config = _used_length(config.decided(width, shape[0]), model)  # saved as decided for this model
+    config = _used_length(config.decided(width, shape[0], _read_at_first_token(model)), model)  # as decided for it
     if config.budget is not None or config.allocate:
         dims, curves = _allocate(model, config, batches, notify)
     else:
@@ -442,13 +442,19 @@ def _allocate(model, config: ReductionConfig, batches, notify) -> tuple[list[int
 
 def _plan(c: Calibration, model):
     """The sequential reduction's plan for ``model`` from its calibration settings."""
-    from .reduction.modeling import is_classifier
-    from .reduction.objectives import pooling_of
     from .reduction.sequential import Plan
 
-    # read at the first token of the last layer alone: a classifier's head, a CLS-pooled sentence encoder
     return Plan(objective=c.objective, compensate=c.compensate, refine_steps=c.refine_steps,
-                first_token_last=is_classifier(model) or pooling_of(model) == "cls")
+                first_token_last=_read_at_first_token(model))
+
+
+def _read_at_first_token(model) -> bool:
+    """Whether ``model`` is read at the first token of its last layer alone: a classifier's head, a CLS-pooled
+    sentence encoder (else at every token: a mean- or max-pooled one)."""
+    from .reduction.modeling import is_classifier
+    from .reduction.objectives import pooling_of
+
+    return is_classifier(model) or pooling_of(model) == "cls"
 
 
 def _stages(notify) -> Callable[[str, int, int], None]:

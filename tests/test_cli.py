@@ -373,4 +373,5 @@ def test_reduce_help_gives_the_refinement_steps_the_default_takes():
     """--help is written without importing the reduction (it stays instant), so it names the step counts as text."""
     result = CliRunner().invoke(main, ["reduce", "--help"], terminal_width=400)
     text = " ".join(result.output.split())
-    assert f"Default: {DEEP_REFINE_STEPS} at key dims <= d/8" in text and f"{REFINE_STEPS} at <= d/4" in text
+    assert f"loses the most) {REFINE_STEPS}, or {DEEP_REFINE_STEPS} for a sentence encoder" in text
+    assert f"{REFINE_STEPS} at <= d/4" in text

@@ -208,6 +208,14 @@ def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_oth
     assert steps(key_dims=(64, 129), width=768) == 0
     assert steps(budget=0.125, width=768) == DEEP_REFINE_STEPS and steps(budget=0.13, width=768) == 0
     assert DEEP_REFINE_STEPS > REFINE_STEPS
+    # read at the first token alone (a classifier, a CLS-pooled encoder): the d/4 count; no other rule changes
+    def read_at_first_token(width=384, layers=6, **dims):
+        return ReductionConfig(calibration=Calibration("mrpc"), **dims).refines(width, layers, first_token=True)
+
+    assert read_at_first_token(key_dim=48) == read_at_first_token(key_dim=96) == REFINE_STEPS
+    assert read_at_first_token(768, 12, key_dim=96) == REFINE_STEPS and read_at_first_token(768, 12, key_dim=192) == 0
+    decided = ReductionConfig(key_dim=48, calibration=Calibration("mrpc")).decided(384, 6, first_token=True)
+    assert decided.calibration.refine_steps == REFINE_STEPS and decided.allocate is True
     assert steps(key_dim=48, calibration=Calibration("mrpc", refine_steps=0)) == 0  # as set, both ways
     assert steps(key_dim=96, width=768, calibration=Calibration("mrpc", refine_steps=7)) == 7
 

@@ -231,6 +231,24 @@ def test_a_refined_reduction_leaves_no_gradients_on_the_model(tiny_bert_dir):
     assert [name for name, p in model.named_parameters() if p.grad is not None] == []
 
 
+def test_at_d_over_8_a_model_read_at_every_token_takes_more_refinement_steps(tiny_bert_dir):
+    """The default steps at key dims <= d/8 are decided by how the model is read: a sentence encoder (mean pooled)
+    at every token takes DEEP_REFINE_STEPS, a classifier, read at its first token, REFINE_STEPS; saved as taken."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from mhacompress.reduction.config import DEEP_REFINE_STEPS, REFINE_STEPS
+
+    config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python"))  # d = 32
+    texts = ["a text", "another one", "a third text to calibrate on"]
+    encoder = mhacompress.compress(str(tiny_bert_dir), config, calibration=texts)
+    classifier = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    head = mhacompress.compress(classifier, config, tokenizer=tokenizer, calibration=texts)
+    assert encoder.config.calibration.refine_steps == DEEP_REFINE_STEPS
+    assert head.config.calibration.refine_steps == REFINE_STEPS
+    assert head.model.config.compression["reduction"]["calibration"]["refine_steps"] == REFINE_STEPS
+
+
 def test_reduce_in_place_with_a_budget_names_the_call_that_allocates():
     """reduce_ reduces from the weights at given key dims; a budget needs compress, which allocates."""
     from mhacompress.reduction.config import ConfigError
