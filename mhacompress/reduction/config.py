@@ -21,7 +21,7 @@ OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see redu
 REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.refines), and at key dims <= d/8 ...
 # ... for a model read at every token (a mean- or max-pooled sentence encoder): there 400 steps bring the encoder's
 # STS-B drop at d/8 closer on dev, train and eight text sets, on every seed measured; for a model read at its first
-# token (classifiers) they gained nothing measurable at 20-30% more time (docs/results.md)
+# token (classifiers) they gained nothing measurable at 10-35% more time (docs/results.md)
 DEEP_REFINE_STEPS = 400
 # the costliest refinement that is the default at key dims in (d/8, d/4]: multiply-adds per token of one step, summed
 # over the layers (ReductionConfig.step_cost). MiniLM-L6 at d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC);
