@@ -126,18 +126,6 @@ def test_report_settings_the_model_cannot_take_exit_2(tiny_dir, tmp_path, args):
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
 
 
-@pytest.mark.parametrize("args", [["--tolerance", "-1"], ["--tolerance", "nan"], ["--opset", "99"]],
-                         ids=["tolerance-negative", "tolerance-nan", "opset-newer-than-the-exporter"])
-def test_export_values_out_of_range_exit_2(tiny_dir, tmp_path, args):
-    """docs/usage.md: a value out of range is a bad command line (2), as click's own ranges are; these said 1."""
-    model = str(tmp_path / "reduced")
-    assert CliRunner().invoke(main, ["reduce", str(tiny_dir), "-k", "8", "-o", model]).exit_code == 0
-    result = CliRunner().invoke(main, ["export", model, "-o", str(tmp_path / "m.onnx"), *args, "--json"])
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert not (tmp_path / "m.onnx").exists()
-
-
 def test_reduce_json_is_one_object_with_the_documented_keys(tiny_dir, tmp_path):
     result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "--key-dim", "8", "-o", str(tmp_path / "out"),
                                        "--json"])

@@ -302,12 +302,16 @@ def test_finetune_never_replaces_the_original_a_reduced_folder_was_made_from(src
 
 
 def test_export_refuses_a_negative_or_nan_tolerance_before_exporting(tmp_path):
+    """A value out of range is a bad command line, exit 2 as docs/usage.md says (these exited 1), and nothing is
+    written; an opset newer than the exporter's likewise."""
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     save(reduced(), None, tmp_path / "m")
     for tolerance in ("-1", "nan"):
         one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--tolerance", tolerance),
-                       "--tolerance must be a finite non-negative number")
+                       "--tolerance must be a finite non-negative number", exit_code=2)
+    one_line_error(invoke("export", tmp_path / "m", "-o", tmp_path / "m.onnx", "--opset", "99"),
+                   "--opset 99 is newer than the installed exporter", exit_code=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
