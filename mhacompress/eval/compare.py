@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, UsageError, given
+from ..errors import UsageError, given
+from ..reduction.config import _int
 from .data import Examples, load_examples
 from .runner import Outputs, fidelity, is_classifier, run, score
 from .tasks import Task, get_task
@@ -27,9 +28,8 @@ class Scorer:
     def __post_init__(self):
         """Settings that would fail deep inside a run (an IndexError for batch_size=-1, a shape error for
         max_length=0), refused in one line before any model runs."""
-        for name, value, low in (("batch_size", self.batch_size, 1), ("max_length", self.max_length, 8)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+        _int("batch_size", self.batch_size, 1)
+        _int("max_length", self.max_length, 8)
         if not isinstance(self.task, Task) or not isinstance(self.examples, Examples):
             raise UsageError("Scorer takes a Task and its Examples; build one with Scorer.for_task('mrpc', ...)")
         if self.on_batch is not None and not callable(self.on_batch):
