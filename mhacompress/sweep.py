@@ -11,7 +11,15 @@ from pathlib import Path
 
 from . import fsio
 from .errors import UsageError, check_callback, named
-from .reduction.config import DEEP_REFINE_STEPS, REFINE_STEPS, Calibration, ConfigError, ReductionConfig, _flag
+from .reduction.config import (
+    REFINE_RULE,
+    REFINE_STEPS,
+    TOKEN_REFINE_STEPS,
+    Calibration,
+    ConfigError,
+    ReductionConfig,
+    _flag,
+)
 
 
 def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
@@ -50,7 +58,7 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
                                     + _task_folders(data_dir, task, calibration)),
               **({"allow_pickle": True} if allow_pickle else {})}
     if calibration is not None and calibration.refine_steps is None:  # steps decided per cell, by these defaults:
-        common["refine_defaults"] = [REFINE_STEPS, DEEP_REFINE_STEPS]  # another version's cells are not reused
+        common["refine_defaults"] = [REFINE_STEPS, TOKEN_REFINE_STEPS, REFINE_RULE]  # not another version's cells
     cells = [{**common, "method": None, "key_dim": None}]
     for method in _distinct(methods):  # a repeated method or key dim is one cell
         for key_dim in _distinct(key_dims):

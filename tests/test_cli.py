@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhacompress.cli import main
-from mhacompress.reduction.config import DEEP_REFINE_STEPS, REFINE_STEPS
+from mhacompress.reduction.config import REFINE_STEPS, TOKEN_REFINE_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -309,15 +309,15 @@ def test_calibrated_key_dim_is_an_average_spread_over_layers_at_d_over_8(tiny_di
     assert uniform["key_dims"] == [8, 8] and uniform["budget"] is None and uniform["config"]["allocate"] is False
     assert allocated["config"]["allocate"] is True and len(allocated["budget"]["curves"]) == 2
     assert small["config"]["allocate"] is True and small_uniform["key_dims"] == [4, 4]
-    # refined too at d/8 (saved as decided; more steps there), and at d/4 on a model whose steps are cheap; the
-    # closed form above
+    # refined too at d/8 (saved as decided; a sentence encoder's steps), and at d/4 on a model whose steps are
+    # cheap; the closed form above
     wide = json.loads(invoke("reduce", tiny_dir, "-k", "9", *common).stdout)
-    assert small["config"]["calibration"]["refine_steps"] == DEEP_REFINE_STEPS and "refined" in small["layers"][0]
-    assert uniform["config"]["calibration"]["refine_steps"] == REFINE_STEPS and "refined" in uniform["layers"][0]
+    assert small["config"]["calibration"]["refine_steps"] == TOKEN_REFINE_STEPS and "refined" in small["layers"][0]
+    assert uniform["config"]["calibration"]["refine_steps"] == TOKEN_REFINE_STEPS and "refined" in uniform["layers"][0]
     assert wide["config"]["calibration"]["refine_steps"] == 0 and "refined" not in wide["layers"][0]
     human = invoke("reduce", tiny_dir, "-k", "4", "--calibrate", calibration_file, "--samples", "16")
     assert human.exit_code == 0 and "key dim 4 on average" in " ".join(human.stderr.split())
-    assert f"of 2 layers kept their {DEEP_REFINE_STEPS} steps" in " ".join(human.stderr.split())
+    assert f"of 2 layers kept their {TOKEN_REFINE_STEPS} steps" in " ".join(human.stderr.split())
     assert allocated["params"]["after"] <= uniform["params"]["after"]
     for folder, report in ((tmp_path / "a", allocated), (tmp_path / "u", uniform)):
         model, _ = mhacompress.load(folder)
@@ -361,5 +361,4 @@ def test_reduce_help_gives_the_refinement_steps_the_default_takes():
     """--help is written without importing the reduction (it stays instant), so it names the step counts as text."""
     result = CliRunner().invoke(main, ["reduce", "--help"], terminal_width=400)
     text = " ".join(result.output.split())
-    assert f"loses the most) {REFINE_STEPS}, or {DEEP_REFINE_STEPS} for a sentence encoder" in text
-    assert f"{REFINE_STEPS} at <= d/4" in text
+    assert f"Default: {REFINE_STEPS}, or {TOKEN_REFINE_STEPS} for a sentence encoder" in text

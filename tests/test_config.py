@@ -12,7 +12,7 @@ import mhacompress
 from mhacompress import Calibration, ReductionConfig
 from mhacompress.errors import command_line
 from mhacompress.reduction import methods
-from mhacompress.reduction.config import DEEP_REFINE_STEPS, REFINE_COST, REFINE_STEPS, ConfigError
+from mhacompress.reduction.config import REFINE_COST, REFINE_STEPS, TOKEN_REFINE_STEPS, ConfigError
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -89,9 +89,10 @@ def test_the_saved_block_reads_back_as_the_config_that_made_it(tiny_bert_dir, tm
     result = mhacompress.compress(str(tiny_bert_dir), config, data_dir=str(glue_dir))
     result.save(tmp_path / "out")
     model, _ = mhacompress.load(tmp_path / "out")
-    # the defaults, decided for this model: 8 > 32 / 8 (uniform), refined at d/4 (a tiny model's steps are cheap),
-    # sequences cut at its 64 positions (not the 128 asked)
-    decided = replace(config.calibration, refine_steps=REFINE_STEPS, max_length=64)
+    # the defaults, decided for this model: 8 > 32 / 8 (uniform), refined at d/4 (a tiny model's steps are cheap)
+    # with a sentence encoder's steps (a BertModel is read at every token), sequences cut at its 64 positions (not
+    # the 128 asked)
+    decided = replace(config.calibration, refine_steps=TOKEN_REFINE_STEPS, max_length=64)
     assert result.config == replace(config, allocate=False, calibration=decided)
     assert ReductionConfig.from_dict(model.config.compression["reduction"]) == result.config
     assert len(model.config.compression["modified"]) == 2  # the compensated output projections, named
@@ -201,19 +202,20 @@ def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_oth
         return ReductionConfig(calibration=calibration, **dims).refines(width, layers)
 
     # on a BERT-base-sized model (width 768, 12 layers), where d/4 is not refined by default
-    assert steps(key_dim=96, width=768) == DEEP_REFINE_STEPS and steps(key_dim=96, width=767) == 0  # per model: d/8
+    assert steps(key_dim=96, width=768) == TOKEN_REFINE_STEPS and steps(key_dim=96, width=767) == 0  # per model: d/8
     assert steps(key_dim=192, width=768) == 0 and steps(key_dim=4, calibration=None) == 0  # above d/8; weights only
     assert steps(key_dim=8, calibration=Calibration("mrpc", sequential=False)) == 0  # nothing to refine towards
-    assert steps(key_dims=(64, 128), width=768) == DEEP_REFINE_STEPS  # on average over the layers
+    assert steps(key_dims=(64, 128), width=768) == TOKEN_REFINE_STEPS  # on average over the layers
     assert steps(key_dims=(64, 129), width=768) == 0
-    assert steps(budget=0.125, width=768) == DEEP_REFINE_STEPS and steps(budget=0.13, width=768) == 0
-    assert DEEP_REFINE_STEPS > REFINE_STEPS
+    assert steps(budget=0.125, width=768) == TOKEN_REFINE_STEPS and steps(budget=0.13, width=768) == 0
+    assert TOKEN_REFINE_STEPS > REFINE_STEPS
     # read at the first token alone (a classifier, a CLS-pooled encoder): the d/4 count; no other rule changes
     def read_at_first_token(width=384, layers=6, **dims):
         return ReductionConfig(calibration=Calibration("mrpc"), **dims).refines(width, layers, first_token=True)
 
     assert read_at_first_token(key_dim=48) == read_at_first_token(key_dim=96) == REFINE_STEPS
     assert read_at_first_token(768, 12, key_dim=96) == REFINE_STEPS and read_at_first_token(768, 12, key_dim=192) == 0
+    assert read_at_first_token(key_dim=97) == 0  # above d/4, as read at every token
     decided = ReductionConfig(key_dim=48, calibration=Calibration("mrpc")).decided(384, 6, first_token=True)
     assert decided.calibration.refine_steps == REFINE_STEPS and decided.allocate is True
     assert steps(key_dim=48, calibration=Calibration("mrpc", refine_steps=0)) == 0  # as set, both ways
@@ -223,18 +225,20 @@ def test_a_calibrated_reduction_is_refined_by_default_at_d_over_8_and_as_set_oth
 def test_at_d_over_4_the_default_refines_models_whose_steps_are_cheap():
     """Between d/8 and d/4 the steps are the default where they cost little (MiniLM-L6 and -L12: 1.3 M and 2.7 M
     multiply-adds a token per step over the layers), not on BERT-base (10.6 M: 200 steps would add ~140 s to a 63 s
-    path); never above d/4."""
-    def steps(width, layers, **dims):
-        return ReductionConfig(calibration=Calibration("mrpc"), **dims).refines(width, layers)
+    path); never above d/4. As at d/8, a model read at every token takes more of them than a classifier."""
+    def steps(width, layers, first_token=False, **dims):
+        return ReductionConfig(calibration=Calibration("mrpc"), **dims).refines(width, layers, first_token)
 
     assert ReductionConfig(key_dim=96).step_cost(384, 6) == 6 * (384 ** 2 + 2 * 384 * 96)
     assert ReductionConfig(budget=0.25).step_cost(768, 12) == ReductionConfig(key_dim=192).step_cost(768, 12)
-    assert steps(384, 6, key_dim=96) == steps(384, 12, key_dim=96) == REFINE_STEPS  # MiniLM-L6, -L12 at d/4
+    assert steps(384, 6, key_dim=96) == steps(384, 12, key_dim=96) == TOKEN_REFINE_STEPS  # MiniLM-L6, -L12 at d/4
+    assert steps(384, 6, True, key_dim=96) == steps(384, 12, True, key_dim=96) == REFINE_STEPS  # their classifiers
     assert steps(768, 12, key_dim=192) == steps(768, 6, key_dim=192) == 0  # BERT-base, DistilBERT at d/4
+    assert steps(768, 12, True, key_dim=192) == 0
     assert steps(384, 6, key_dim=97) == steps(384, 6, key_dims=(96,) * 5 + (97,)) == 0  # just above d/4
-    assert steps(384, 6, key_dims=(48, 144)) == steps(384, 6, budget=0.25) == REFINE_STEPS  # on average
-    assert steps(384, 6, key_dim=48) == steps(384, 6, key_dims=(48, 48, 48, 48, 48, 47)) == DEEP_REFINE_STEPS
-    assert steps(768, 12, key_dim=96) == DEEP_REFINE_STEPS  # at d/8 whatever the size, and more of them
+    assert steps(384, 6, key_dims=(48, 144)) == steps(384, 6, budget=0.25) == TOKEN_REFINE_STEPS  # on average
+    assert steps(384, 6, key_dim=48) == steps(384, 6, key_dims=(48, 48, 48, 48, 48, 47)) == TOKEN_REFINE_STEPS
+    assert steps(768, 12, key_dim=96) == TOKEN_REFINE_STEPS  # at d/8 whatever the size, and more of them
     assert REFINE_COST < ReductionConfig(key_dim=192).step_cost(768, 6)
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", refine_steps=0)).to_dict()
     del old["calibration"]["refine_steps"]  # saved before refinement existed: not refined

@@ -233,10 +233,10 @@ def test_a_refined_reduction_leaves_no_gradients_on_the_model(tiny_bert_dir):
 
 def test_at_d_over_8_a_model_read_at_every_token_takes_more_refinement_steps(tiny_bert_dir):
     """The default steps at key dims <= d/8 are decided by how the model is read: a sentence encoder (mean pooled)
-    at every token takes DEEP_REFINE_STEPS, a classifier, read at its first token, REFINE_STEPS; saved as taken."""
+    at every token takes TOKEN_REFINE_STEPS, a classifier, read at its first token, REFINE_STEPS; saved as taken."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from mhacompress.reduction.config import DEEP_REFINE_STEPS, REFINE_STEPS
+    from mhacompress.reduction.config import REFINE_STEPS, TOKEN_REFINE_STEPS
 
     config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python"))  # d = 32
     texts = ["a text", "another one", "a third text to calibrate on"]
@@ -244,7 +244,7 @@ def test_at_d_over_8_a_model_read_at_every_token_takes_more_refinement_steps(tin
     classifier = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     head = mhacompress.compress(classifier, config, tokenizer=tokenizer, calibration=texts)
-    assert encoder.config.calibration.refine_steps == DEEP_REFINE_STEPS
+    assert encoder.config.calibration.refine_steps == TOKEN_REFINE_STEPS
     assert head.config.calibration.refine_steps == REFINE_STEPS
     assert head.model.config.compression["reduction"]["calibration"]["refine_steps"] == REFINE_STEPS
 

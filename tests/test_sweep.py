@@ -49,7 +49,7 @@ def test_sweep_calibrated(tiny_encoder, glue_dir):
 
 def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_dir):
     """--refine 0 keeps the closed form at d/8 (d = 32 here), where a calibrated reduction refines by default."""
-    from mhacompress.reduction.config import DEEP_REFINE_STEPS
+    from mhacompress.reduction.config import TOKEN_REFINE_STEPS
     from mhacompress.sweep import cell_config
 
     def calibration(*extra):
@@ -63,9 +63,9 @@ def test_sweep_refine_reaches_every_cell_as_reduce_takes_it(tiny_encoder, glue_d
         return cell_config({"key_dim": 4, "method": "cp", "seed": 0, "calibration": saved}).refines(32, 2)
 
     closed, default = calibration("--refine", "0"), calibration()
-    assert steps(closed["calibration"]) == 0 and steps(default["calibration"]) == DEEP_REFINE_STEPS
+    assert steps(closed["calibration"]) == 0 and steps(default["calibration"]) == TOKEN_REFINE_STEPS
     # and each row reports the steps its cell took: the sweep's calibration says null for "decided per cell"
-    assert [r["refine_steps"] for r in closed["results"] + default["results"]] == [0, DEEP_REFINE_STEPS]
+    assert [r["refine_steps"] for r in closed["results"] + default["results"]] == [0, TOKEN_REFINE_STEPS]
     assert [r["allocate"] for r in closed["results"] + default["results"]] == [True, True]  # at d/8 either way
 
 
@@ -202,7 +202,10 @@ def test_cells_whose_steps_the_version_decides_are_named_by_its_defaults(tiny_en
         return [cell_key(c) for c in cells]
 
     default, by_hand = names(), names(refine_steps=400)
-    monkeypatch.setattr(sweep, "DEEP_REFINE_STEPS", 300)
+    monkeypatch.setattr(sweep, "TOKEN_REFINE_STEPS", 300)
+    assert names() != default and names(refine_steps=400) == by_hand
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep, "REFINE_RULE", sweep.REFINE_RULE + 1)  # the same counts, decided by a new rule
     assert names() != default and names(refine_steps=400) == by_hand
 
 

@@ -46,10 +46,10 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--compensate/--no-compensate", default=None, help="With --calibrate --sequential (on by default): "
               "also refit each layer's attention output projection by least squares (recorded in the saved block).")
 @click.option("--refine", type=click.IntRange(min=0), metavar="STEPS", help="With --calibrate: Adam steps per layer "
-              "fitting the reduced layer to the original's output. Default: at key dims <= d/8 (where the closed form "
-              "alone loses the most) 200, or 400 for a sentence encoder read at every token (mean or max pooled); "
-              "200 at <= d/4 on models where the steps are cheap (MiniLM size, not BERT-base), else 0; --refine 0 "
-              "for the closed form alone (faster).")
+              "fitting the reduced layer to the original's output. Default: 200, or 400 for a sentence encoder read at "
+              "every token (mean or max pooled), at key dims <= d/8 (where the closed form alone loses the most) and "
+              "at <= d/4 on models where the steps are cheap (MiniLM size, not BERT-base); else 0; --refine 0 for "
+              "the closed form alone (faster).")
 @click.option("--weights-only", is_flag=True, help="Reduce from the weights alone, even with --eval (which otherwise "
               "calibrates on the task's train sentences).")
 @click.option("--method", type=method_choice(), default="cp", show_default=True, help=method_help())

@@ -18,11 +18,13 @@ from .modeling.architectures import FORMAT_VERSION
 
 INITS = ("svd", "random")
 OBJECTIVES = ("output", "score")  # what the sequential reduction fits (see reduction/objectives.py)
-REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.refines), and at key dims <= d/8 ...
-# ... for a model read at every token (a mean- or max-pooled sentence encoder): there 400 steps bring the encoder's
-# STS-B drop at d/8 closer on dev, train and eight text sets, on every seed measured; for a model read at its first
-# token (classifiers) they gained nothing measurable at 10-35% more time (docs/results.md)
-DEEP_REFINE_STEPS = 400
+REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.refines) for a model read at its ...
+# ... last layer's first token (classifiers): 400 gained nothing measurable there at 10-35% more time; for a model
+# read at every token (a mean- or max-pooled sentence encoder) 400 bring the encoder's STS-B figures closer at d/8
+# (dev, train and eight text sets, on every seed measured) and at d/4 (the eight-set distance on every one of six
+# seeds, dev and train on average; docs/results.md)
+TOKEN_REFINE_STEPS = 400
+REFINE_RULE = 2  # ReductionConfig.refines' rule, counted up when it changes (2: TOKEN_REFINE_STEPS at d/4 too)
 # the costliest refinement that is the default at key dims in (d/8, d/4]: multiply-adds per token of one step, summed
 # over the layers (ReductionConfig.step_cost). MiniLM-L6 at d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC);
 # MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where 200 steps would more than double its 63 s
@@ -86,11 +88,11 @@ class Calibration:
                   Default: on when sequential.
     refine_steps: with ``sequential``: Adam steps per layer fitting the reduced layer's attention output to the
                   original's (0: none). None (default): decided for the model by ``ReductionConfig.refines``:
-                  at key dims <= d/8, where the closed form alone leaves the most (docs/results.md),
-                  ``DEEP_REFINE_STEPS`` for a model read at every token (a sentence encoder) and ``REFINE_STEPS``
-                  for one read at its first token (a classifier, a CLS-pooled encoder); ``REFINE_STEPS`` at key
-                  dims <= d/4 where the steps are cheap (MiniLM-sized models, ``REFINE_COST``), not where they would
-                  more than double the d/4 path (BERT-base size: 63 s); 0 above d/4.
+                  ``TOKEN_REFINE_STEPS`` for a model read at every token (a sentence encoder) and ``REFINE_STEPS``
+                  for one read at its first token (a classifier, a CLS-pooled encoder), at key dims <= d/8, where
+                  the closed form alone leaves the most (docs/results.md), and at key dims <= d/4 where the steps
+                  are cheap (MiniLM-sized models, ``REFINE_COST``), not where they would more than double the d/4
+                  path (BERT-base size: 63 s); 0 above d/4.
     """
 
     source: str
@@ -273,19 +275,18 @@ class ReductionConfig:
     def refines(self, width: int, layers: int, first_token: bool = False) -> int:
         """The refinement steps per layer for a model of ``layers`` layers of ``width`` = H*dh, read at its last
         layer's ``first_token`` alone (a classifier, a CLS-pooled encoder) or at every token: as set in the
-        calibration; by default with a sequential calibration, at key dims <= width / 8 (``deep``)
-        ``DEEP_REFINE_STEPS`` (``REFINE_STEPS`` read at the first token), and ``REFINE_STEPS`` at key dims <= width
-        / 4 where the steps are cheap (``step_cost`` <= ``REFINE_COST``: MiniLM-sized models, not BERT-base); else
+        calibration; by default with a sequential calibration, ``REFINE_STEPS`` read at the first token and
+        ``TOKEN_REFINE_STEPS`` read at every token, at key dims <= width / 8 (``deep``) and at key dims <= width / 4
+        where the steps are cheap (``step_cost`` <= ``REFINE_COST``: MiniLM-sized models, not BERT-base); else
         none (a parallel calibration's steps are 0 already: ``Calibration``)."""
         c = self.calibration
         if c is None:
             return 0
         if c.refine_steps is not None:
             return c.refine_steps
-        if self.deep(width):
-            return REFINE_STEPS if first_token else DEEP_REFINE_STEPS
+        steps = REFINE_STEPS if first_token else TOKEN_REFINE_STEPS
         cheap = self.deep(width, 4) and self.step_cost(width, layers) <= REFINE_COST
-        return REFINE_STEPS if cheap else 0
+        return steps if self.deep(width) or cheap else 0
 
     def decided(self, width: int, layers: int, first_token: bool = False) -> ReductionConfig:
         """This config with what it leaves to the model decided for one of ``layers`` layers of ``width`` = H*dh,
