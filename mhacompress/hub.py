@@ -118,6 +118,14 @@ def resolve(name: str) -> Source:
     return Source(name, repo, False)
 
 
+def _names_a_model(name: str) -> bool:
+    """Whether ``name``, which is no folder here, reads as an alias or a hub id (owner/name) rather than a path."""
+    if name in ALIASES:
+        return True
+    as_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).parent.is_dir()
+    return not as_path and _valid_repo_id(name)
+
+
 def _valid_repo_id(repo: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -864,8 +872,11 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
                          f"for transformers' default; got {attn_implementation!r}")
 
     device = str(resolve_device(device))  # a device this machine lacks fails now, not after the weights are read
-    path = Path(path).expanduser()
-    check_path_length(str(path), "model")
+    name, path = str(path), Path(path).expanduser()
+    check_path_length(name, "model")
+    if not path.exists() and _names_a_model(name):
+        raise UsageError(f"{name} names an original model, not the folder of a reduced one: reduce it first (e.g. "
+                         f"mhacompress reduce {name} --key-dim 96 -o out/reduced) and pass that folder")
     config = read_config(path)
     block = config.get(COMPRESSION_KEY)
     if not block:

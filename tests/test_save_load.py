@@ -216,6 +216,18 @@ def test_load_refuses_folders_that_are_not_reduced_models(tmp_path):
         mhacompress.load(tmp_path / "plain")
 
 
+@pytest.mark.parametrize("name", ["minilm", "BAAI/bge-small-en-v1.5"])
+def test_load_given_a_model_name_says_to_reduce_it_first(name, tmp_path, monkeypatch):
+    """An alias or hub id is what reduce takes; load (and export, report) take the folder reduce writes."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=f"^{name} names an original model.*mhacompress reduce {name} --key-dim"):
+        mhacompress.load(name)
+    (tmp_path / "out").mkdir()  # out/typo is a path under a folder that exists, not a hub id
+    for path in ("out/typo", "./BAAI/bge-small-en-v1.5"):
+        with pytest.raises(UsageError, match="not a model folder"):
+            mhacompress.load(path)
+
+
 @pytest.mark.parametrize("path", [None, 5, ["out"]])
 def test_load_refuses_a_path_of_the_wrong_kind_in_one_line(path):
     with pytest.raises(UsageError, match="load takes the folder of a reduced model"):
