@@ -238,7 +238,7 @@ def test_at_d_over_4_the_default_refines_models_whose_steps_are_cheap():
     assert steps(384, 6, key_dim=97) == steps(384, 6, key_dims=(96,) * 5 + (97,)) == 0  # just above d/4
     assert steps(384, 6, key_dims=(48, 144)) == steps(384, 6, budget=0.25) == TOKEN_REFINE_STEPS  # on average
     assert steps(384, 6, key_dim=48) == steps(384, 6, key_dims=(48, 48, 48, 48, 48, 47)) == TOKEN_REFINE_STEPS
-    assert steps(768, 12, key_dim=96) == TOKEN_REFINE_STEPS  # at d/8 whatever the size, and more of them
+    assert steps(768, 12, key_dim=96) == TOKEN_REFINE_STEPS  # at d/8 whatever the size
     assert REFINE_COST < ReductionConfig(key_dim=192).step_cost(768, 6)
     old = ReductionConfig(key_dim=8, calibration=Calibration("mrpc", refine_steps=0)).to_dict()
     del old["calibration"]["refine_steps"]  # saved before refinement existed: not refined
