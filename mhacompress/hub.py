@@ -119,11 +119,15 @@ def resolve(name: str) -> Source:
 
 
 def _names_a_model(name: str) -> bool:
-    """Whether ``name``, which is no folder here, reads as an alias or a hub id (owner/name) rather than a path."""
+    """Whether ``name``, which is no folder here, reads as an alias or a hub id (owner/name) rather than a path: as
+    ``resolve`` reads it, and not under a folder that exists here (out/typo: as ``ensure_available`` reads that)."""
     if name in ALIASES:
         return True
-    as_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).parent.is_dir()
-    return not as_path and _valid_repo_id(name)
+    try:
+        source = resolve(name)
+    except UsageError:  # a path, or neither a path nor a hub id
+        return False
+    return not source.local and not Path(name).parent.is_dir()  # a bare name: "." is one
 
 
 def _valid_repo_id(repo: str) -> bool:
