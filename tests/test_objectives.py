@@ -376,6 +376,25 @@ def test_the_readout_from_a_known_depth_is_the_models_readout(model_type, head):
     assert all(not type(m).__name__.startswith("_Replay") for m in layers(model))
 
 
+@pytest.mark.parametrize("model_type", ["bert", "mpnet", "distilbert"])
+def test_a_classifiers_readout_runs_its_last_feed_forward_on_the_first_token_alone(model_type):
+    """The head reads the first token of the last layer: the readout gives the whole model's logits, with the last
+    layer's output one position long, and leaves no hook behind."""
+    from mhacompress.reduction.sensitivity import readout
+
+    model, batch = tiny_model(model_type, head=True), padded_batch()
+    lengths = []
+    layers(model)[-1].register_forward_hook(
+        lambda module, args, out: lengths.append((out[0] if isinstance(out, tuple) else out).shape[1]))
+    with torch.no_grad():
+        want = model(**batch).logits
+        got = readout(model, batch)
+        again = model(**batch).logits
+    torch.testing.assert_close(got, want)
+    assert lengths == [batch["input_ids"].shape[1], 1, batch["input_ids"].shape[1]]
+    assert torch.equal(again, want)
+
+
 @pytest.mark.parametrize("head", [False, True])
 def test_measured_sensitivity_leaves_the_model_unchanged_and_is_zero_when_exact(head):
     model = tiny_model("bert", head=head)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,13 +46,27 @@ CURVE_SWEEPS = 30
 
 
 def readout(model: nn.Module, encoding: dict) -> torch.Tensor:
-    """What the model is read at: a classifier's logits (B, C), an encoder's unit pooled embedding (B, d) (mean
-    pooled unless its sentence-transformers folder says otherwise: ``pooling_of``)."""
-    out = model(**encoding)
+    """What the model is read at: a classifier's logits (B, C), its last feed-forward run on the first token alone
+    (``_first_token_feed_forward``), an encoder's unit pooled embedding (B, d) (mean pooled unless its
+    sentence-transformers folder says otherwise: ``pooling_of``)."""
     if is_classifier(model):
-        return out.logits.float()
+        with _first_token_feed_forward(model):
+            return model(**encoding).logits.float()
+    out = model(**encoding)
     embedding = pooled(out.last_hidden_state, encoding["attention_mask"], pooling_of(model))
     return nn.functional.normalize(embedding.float(), dim=-1)
+
+
+@contextmanager
+def _first_token_feed_forward(model: nn.Module):
+    """A classifier whose last layer's feed-forward runs on the first token alone, the one its head reads (the
+    LayerNorm before it keeps that position only): the same logits, without the feed-forward of every other token."""
+    norm = model_layers(model)[-1].get_submodule(arch_for(model.config).norm)
+    handle = norm.register_forward_hook(lambda module, args, output: output[:, :1])  # (B, 1, d)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Replay(nn.Module):
