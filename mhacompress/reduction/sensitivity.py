@@ -25,6 +25,7 @@ from . import methods
 from .config import ReductionConfig
 from .modeling import arch_for, attention_modules, is_classifier
 from .modeling import layers as model_layers
+from .modeling.modeling_mhacompress import _keep_first_token
 from .objectives import pooled, pooling_of
 from .sequential import (
     Batch,
@@ -62,7 +63,7 @@ def _first_token_feed_forward(model: nn.Module):
     """A classifier whose last layer's feed-forward runs on the first token alone, the one its head reads (the
     LayerNorm before it keeps that position only): the same logits, without the feed-forward of every other token."""
     norm = model_layers(model)[-1].get_submodule(arch_for(model.config).norm)
-    handle = norm.register_forward_hook(lambda module, args, output: output[:, :1])  # (B, 1, d)
+    handle = norm.register_forward_hook(_keep_first_token)  # the [CLS] shortcut's hook (first_token_only_)
     try:
         yield
     finally:
