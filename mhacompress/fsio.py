@@ -39,6 +39,7 @@ try:
 except ImportError:  # not on Windows: runs there go unlocked
     fcntl = None
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows
 TMP, OLD, LOCK = "mhacompress-tmp", "mhacompress-old", "mhacompress-lock"
 LONGEST_SUFFIX = len(f".{TMP}-{2**22}-{'0' * 8}.onnx") + 1  # what temporary names add to an output's name
 WRITTEN: list[str] = []  # outputs completed by this process (for the one-line report of an interrupted run)
@@ -268,7 +269,8 @@ def replace(tmp: Path, target: Path) -> None:
 def atomic_file(path: str | os.PathLike, suffix: str | None = None):
     """``with atomic_file(path) as tmp: write(tmp)``: ``path`` appears, complete, only when the block succeeds (for
     figures and other single files; ``suffix`` defaults to the path's, so writers that read it still see it)."""
-    target = Path(path).expanduser().resolve()
+    path = Path(path).expanduser()
+    target = path.parent.resolve() / path.name  # a link at the name itself is replaced, never written through
     with temp_file(target, target.suffix if suffix is None else suffix) as tmp:
         yield tmp
         replace(tmp, target)
@@ -289,7 +291,7 @@ def acquire(target: Path) -> None:
     path = lock_path(target)
     with deferred_signals():  # Ctrl-C between the flock and _HELD would keep the lock out of release's reach
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)  # a planted link: ELOOP, never followed
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

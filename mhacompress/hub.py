@@ -10,6 +10,7 @@ rewrite (sentence-transformers modules, vocabularies, README...).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -209,6 +210,28 @@ def source_paths(sources) -> list[Path]:
     return found
 
 
+def linked_files(folders: list[Path], depth: int = 2) -> list[Path]:
+    """What the symbolic links inside ``folders`` (and their subfolders, ``depth`` levels: a sentence-transformers
+    folder's 1_Pooling/) point to, resolved: a hub cache snapshot's files, or a folder of links to another copy, are
+    read from there, so an output there would overwrite the source as surely as one in its folder."""
+    found = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder)) if folder.is_dir() else []
+        except OSError:  # unreadable: loading it says so
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    found.append(path.resolve())
+                elif depth > 1 and entry.is_dir(follow_symlinks=False):
+                    found += linked_files([path], depth - 1)
+            except (OSError, RuntimeError):  # a link loop: nothing is read through it
+                continue
+    return found
+
+
 def fingerprint(sources) -> str:
     """A short identity of the files behind ``sources`` (model folders, aliases, cached hub ids, files; see
     ``source_paths``): each top-level file's name, size and modification time, links followed (a hub cache's
@@ -237,12 +260,14 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     ``kind`` says what will be written: "folder" (replaced whole), "file" (replaced), or "contents" (a folder that
     files are written into, its other contents kept: figures). Refused, with a one-line UsageError naming the
     problem and the fix: an output that is a source, lies inside one or (except "contents") contains one
-    (``sources``: folders, files or model names; symlinks and ``..`` resolved); an existing non-empty folder or
-    existing file unless ``force``; a forced folder that is or contains the current or home folder, or holds files
-    but no config.json (not a model folder that a save wrote); the wrong kind of thing; a name with a control
-    character (newline, tab, escape); a name too long for the file system; a parent that is a file, cannot be created
-    or is not writable; an output another run is writing. Missing parents are created (and removed again if the run
-    writes nothing).
+    (``sources``: folders, files or model names; symlinks and ``..`` resolved, and the files that links inside a
+    source folder point to count as the source's); a file output that is a symbolic link, or a dangling link
+    (``_check_not_a_link``); an existing non-empty folder or existing file unless ``force``; a forced folder that is
+    or contains the current or home folder, or holds files but no config.json (not a model folder that a save
+    wrote); the wrong kind of thing; a name with a control character (newline, tab, escape); a name too long for the
+    file system; a parent that is a file, cannot be created or is not writable; an output another run is writing,
+    or whose lock file is a symbolic link. Missing parents are created (and removed again if the run writes
+    nothing).
     The output's lock is held until ``save`` finishes or the process exits (``lock=False``: no lock, for a folder
     that several runs may fill at once, such as sweep's --resume). Returns the resolved output path. Messages name
     ``option`` on the command line, the Python ``argument`` (default: the option's) in a Python call.
@@ -261,6 +286,7 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     if kind == "file" and str(output).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
         raise UsageError(f"{option} {output} ends in '/', so it names a folder; give a file name, e.g. "
                          f"{output}{Path(_example(option, kind)).name}")
+    _check_not_a_link(output, option, kind)
     try:
         target = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as err:
@@ -270,7 +296,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     except UnicodeEncodeError:
         raise UsageError(f"{option} {str(output)!r} is not valid UTF-8 (a byte of another encoding in the name), "
                          f"which the model writers cannot take; choose another {option}") from None
-    _check_not_a_source(target, source_paths(sources), option, contains=kind != "contents")
+    found = source_paths(sources)
+    _check_not_a_source(target, found + linked_files(found), option, contains=kind != "contents")
     if force and kind == "folder":
         _check_not_a_moved_source(target, sources, option)
     _check_existing(target, force, kind, option)
@@ -285,6 +312,24 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         fsio.release(target)
         raise
     return target
+
+
+def _check_not_a_link(output, option: str, kind: str) -> None:
+    """A file output that is a symbolic link, and any output that is a dangling one, is refused: writing through it
+    would replace, or create, a file elsewhere, one the user never named (a dataset, another model's weights), and
+    replacing the link itself would surprise whoever made it. A link to a folder stays usable (``latest -> v3``: a
+    forced save replaces the model folder it points to, which must be one, ``_check_a_model_folder``), as do links
+    among the parents."""
+    path = Path(output).expanduser()
+    if not path.is_symlink() or (kind != "file" and path.exists()):
+        return
+    try:
+        to = os.readlink(path)
+    except OSError:
+        to = "elsewhere"
+    what = "a symbolic link" if path.exists() else "a dangling symbolic link"
+    raise UsageError(f"{option} {output} is {what} (to {to}); nothing is written through a link there, so name the "
+                     f"path it points to itself, or another {option}")
 
 
 def _check_no_control_character(output: str, option: str) -> None:
@@ -315,6 +360,9 @@ def _lock(target: Path, output, option: str) -> None:
         raise UsageError(f"{option} {output} is being written by another mhacompress run ({who}); wait for it to "
                          f"finish or choose another {option}") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:  # the lock's name is a symbolic link: never opened through (fsio.acquire)
+            raise UsageError(f"{fsio.lock_path(target)} is a symbolic link, which no mhacompress run makes; remove "
+                             f"it, or choose another {option}") from None
         raise UsageError(f"cannot lock {option} {output}: {_reason(err)}; choose another {option}") from None
 
 

@@ -83,6 +83,17 @@ def test_temporary_folders_and_files_vanish_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_atomic_file_replaces_a_link_at_its_name_and_never_writes_through_it(tmp_path):
+    """A sweep's cell or figure named by a link (planted in its folder) takes the link's place; the file the link
+    pointed to is left as it was."""
+    (tmp_path / "kept.txt").write_text("precious")
+    (tmp_path / "cell.json").symlink_to(tmp_path / "kept.txt")
+    with fsio.atomic_file(tmp_path / "cell.json") as tmp:
+        tmp.write_text("{}")
+    assert not (tmp_path / "cell.json").is_symlink() and (tmp_path / "cell.json").read_text() == "{}"
+    assert (tmp_path / "kept.txt").read_text() == "precious"
+
+
 def test_temporary_names_are_recognisable(tmp_path):
     with fsio.temp_dir(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.mhacompress-tmp-{os.getpid()}-")

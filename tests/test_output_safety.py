@@ -270,6 +270,56 @@ def test_force_over_a_symlinked_output_replaces_its_target_and_leaves_nothing(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_file_output_that_is_a_link_or_a_dangling_link_is_refused_and_nothing_is_written_through_it(tmp_path, kind):
+    """`export -o link.onnx --force`, with the link pointing at a dataset file, replaced the dataset with the ONNX
+    graph; a dangling link made a file at its target without --force."""
+    (tmp_path / "data.tsv").write_text("precious")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "data.tsv")
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")
+    if kind == "file":
+        with pytest.raises(UsageError, match=r"link\.onnx is a symbolic link \(to .*data\.tsv\); nothing is written"):
+            check_output(tmp_path / "link.onnx", force=True, kind="file")
+    with pytest.raises(UsageError, match="is a dangling symbolic link"):
+        check_output(tmp_path / "dangling", force=True, kind=kind)
+    assert (tmp_path / "data.tsv").read_text() == "precious" and not os.path.lexists(tmp_path / "elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "data.tsv", "link.onnx"]  # no lock left
+
+
+def test_export_through_a_linked_file_is_refused_in_one_line(tiny_reduced_dir, tmp_path):
+    (tmp_path / "data.tsv").write_text("precious")
+    (tmp_path / "model.onnx").symlink_to(tmp_path / "data.tsv")
+    one_line_error(invoke("export", tiny_reduced_dir, "-o", tmp_path / "model.onnx", "--force"), "symbolic link")
+    assert (tmp_path / "data.tsv").read_text() == "precious"
+
+
+def test_a_lock_file_planted_as_a_link_is_never_opened_through(tmp_path):
+    """The lock was opened with O_CREAT and truncated: a link planted at its name (in a shared /tmp, by anyone)
+    emptied the file it pointed to, without --force."""
+    (tmp_path / "victim.txt").write_text("precious")
+    (tmp_path / ".out.mhacompress-lock").symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(UsageError, match="mhacompress-lock is a symbolic link.*remove it"):
+        check_output(tmp_path / "out")
+    assert (tmp_path / "victim.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.mhacompress-lock", "victim.txt"]
+
+
+def test_an_output_where_a_source_folders_links_point_is_refused(src, tmp_path):
+    """A folder of links to another copy (a hub cache snapshot links into its blobs) is read from where the links
+    point: `reduce LINKS -o THERE --force` replaced the weights the source still reads."""
+    copy = shutil.copytree(src, tmp_path / "copy")
+    links = tmp_path / "links"
+    links.mkdir()
+    for f in copy.iterdir():
+        (links / f.name).symlink_to(f)
+    before = tree(copy)
+    for output, how in [(copy, "contains the source"), (copy / "model.safetensors", "is the source")]:
+        with pytest.raises(UsageError, match=how):
+            check_output(output, force=True, sources=[links], kind="folder" if output.is_dir() else "file")
+    one_line_error(invoke("reduce", links, "-k", "8", "--iterations", "3", "-o", copy, "--force"), "the source")
+    assert tree(copy) == before
+
+
 def test_a_forced_save_removes_stale_leftovers_of_killed_runs(tmp_path):
     import subprocess
     import sys
