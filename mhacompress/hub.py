@@ -517,10 +517,11 @@ def _json_object(file: Path) -> dict:
     return config
 
 
-def check_weights(folder: Path, *, allow_pickle: bool = False) -> str | None:
+def check_weights(folder: Path, *, allow_pickle: bool = False, reduced: bool = False) -> str | None:
     """The folder's safetensors weights exist and are complete (headers parse, every tensor's bytes are there).
     Returns the dtype its floating-point tensors are stored in (``"float32"``...) where they all share one, else
-    None (mixed, unknown, or pickled weights)."""
+    None (mixed, unknown, or pickled weights). A ``reduced`` folder is read from safetensors alone: pickled weights
+    there are refused whatever ``allow_pickle`` says."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _json_file(index).get("weight_map", {})
@@ -535,6 +536,10 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> str | None:
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        if reduced:  # `load` reads safetensors only: --allow-pickle would not help
+            raise UsageError(f"{folder}: a reduced model without safetensors weights; mhacompress saves and reads "
+                             f"reduced models as model.safetensors only (pickled weights can run code when loaded), so reduce "
+                             f"the original again and save that")
         if allow_pickle:
             return None  # read by transformers; nothing to check without unpickling
         raise UsageError(f"{folder}: no safetensors weights; pickled weights can run code when loaded, so pass "
@@ -935,7 +940,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
         raise UsageError(f"{path} is not a reduced model (config.json has no {COMPRESSION_KEY!r} block); "
                          f"load it with transformers or reduce it first")
     check_block(block, path)
-    stored = check_weights(path)
+    stored = check_weights(path, reduced=True)
     if tokenizer:
         check_tokenizer(path)
     with _loading(path):

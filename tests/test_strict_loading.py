@@ -334,6 +334,29 @@ def test_the_option_a_pickle_refusal_names_is_one_the_command_takes(original, gl
     assert report["model"] == str(original) and not report.get("failed")
 
 
+@pytest.mark.parametrize("command", [
+    ["eval", "{r}", "-t", "stsb", "--limit", "4", "--data-dir", "{glue}"],
+    ["eval", "{r}", "-t", "stsb", "--limit", "4", "--data-dir", "{glue}", "--allow-pickle"],
+    ["report", "{r}", "--no-latency", "--seq-len", "8"],
+    ["report", "{r}", "--no-latency", "--seq-len", "8", "--allow-pickle"],
+    ["export", "{r}", "-o", "{r}.onnx"],
+], ids=["eval", "eval-allow-pickle", "report", "report-allow-pickle", "export"])
+def test_a_reduced_folder_with_pickled_weights_is_refused_without_advice_that_cannot_help(reduced, glue_dir, command,
+                                                                                           monkeypatch):
+    """Reduced folders are read from safetensors alone: the refusal said 'pass --allow-pickle', which then gave the
+    same refusal (export has no such option, mhacompress.load no such argument)."""
+    weights = load_file(reduced / "model.safetensors")
+    (reduced / "model.safetensors").unlink()
+    torch.save(weights, reduced / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    result = CliRunner().invoke(main, [*(a.format(r=reduced, glue=glue_dir) for a in command), "--json"])
+    assert result.exit_code == 1 and "a reduced model without safetensors weights" in result.output, result.output
+    assert "allow-pickle" not in result.output.splitlines()[-1] and "Traceback" not in result.output
+    with pytest.raises(UsageError, match="reduce the original again") as refusal:
+        mhacompress.load(reduced)
+    assert "allow_pickle" not in str(refusal.value)
+
+
 @pytest.mark.parametrize("name,fragment", [
     ("x" * 300, "more than a file name can be"),
     ("/tmp/" + "a/" * 2100, "more than a path can be"),
