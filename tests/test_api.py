@@ -149,6 +149,15 @@ def test_compress_output_is_reduce_output(tiny_bert_dir, tmp_path):
     assert again.report["output"] == str(tmp_path / "a")
 
 
+def test_a_key_dim_the_method_cannot_take_is_refused_in_pythons_words(tiny_bert_dir):
+    """The refusal said '--method svd ... or --method cp' to a Python caller, who passes method='svd'."""
+    from mhacompress import ConfigError, ReductionConfig
+
+    with pytest.raises(ConfigError, match=re.escape("method='svd' splits the key dim over 4 heads: 6 is not a "
+                                                    "multiple of 4; pass 4 or 8, or method='cp'")):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=6, method="svd"))
+
+
 @pytest.mark.parametrize("output,force,fragment", [("source", False, "is the source"),
                                                    ("full", False, "pass force=True to replace it")])
 def test_compress_refuses_its_output_before_any_work(tiny_bert_dir, tmp_path, monkeypatch, output, force, fragment):

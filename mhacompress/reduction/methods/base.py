@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ...errors import given
 from ..decompose import Factors
 
 
@@ -38,8 +39,8 @@ class Method:
         if self.key_dim_multiple_of_heads and key_dim % heads:
             lower, upper = key_dim // heads * heads, -(-key_dim // heads) * heads
             near = " or ".join(str(k) for k in (lower, upper) if 1 <= k <= top)
-            return (f"--method {self.name} splits the key dim over {heads} heads: {key_dim} is not a multiple of "
-                    f"{heads}; pass {near}, or --method cp (any key dim)")
+            return (f"{given('--method', self.name)} splits the key dim over {heads} heads: {key_dim} is not a "
+                    f"multiple of {heads}; pass {near}, or {given('--method', 'cp')} (any key dim)")
         return None
 
     def module_weights(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
