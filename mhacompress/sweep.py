@@ -5,6 +5,7 @@ top-level function, so an executor can run them anywhere (this process, or Ray w
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -203,17 +204,31 @@ def run_cell(cell: dict) -> dict:
 
 
 def usable(cell: dict, value) -> bool:
-    """Whether ``value`` has the shape ``run_cell`` returns for ``cell``: a resume file edited by hand or written by
-    another version is run again rather than breaking the table."""
+    """Whether ``value`` is what ``run_cell`` can return for ``cell``: a resume file edited by hand, damaged or
+    written by another version is run again rather than breaking the table or putting numbers in it that no run
+    measured. Every GLUE metric lies in [-1, 1] (nan where it is undefined, as for constant predictions); counts are
+    positive integers, seconds and errors finite and not negative."""
     from .eval.tasks import get_task
 
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-    keys = ("qk_params", "seconds") + (() if cell["method"] is None else ("mean_relative_error",))
-    return (isinstance(value, dict) and isinstance(value.get("metrics"), dict)
-            and number(value["metrics"].get(get_task(cell["task"]).main)) and isinstance(value.get("examples"), int)
-            and all(number(value.get(k)) for k in keys))
+    def score(x) -> bool:
+        return number(x) and (math.isnan(x) or -1.0 - 1e-9 <= x <= 1.0 + 1e-9)  # a correlation rounds past 1
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    def amount(x) -> bool:
+        return number(x) and math.isfinite(x) and x >= 0
+
+    if not isinstance(value, dict) or not isinstance(value.get("metrics"), dict):
+        return False
+    metrics = value["metrics"]
+    amounts = ("seconds",) + (() if cell["method"] is None else ("mean_relative_error",))
+    return (get_task(cell["task"]).main in metrics and all(score(x) for x in metrics.values())
+            and count(value.get("examples")) and count(value.get("qk_params"))
+            and all(amount(value.get(k)) for k in amounts))
 
 
 def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:

@@ -241,6 +241,44 @@ def test_a_resume_file_with_a_damaged_result_is_run_again_not_a_traceback(tiny_e
     assert a["original"] == b["original"] and a["results"][0]["score"] == b["results"][0]["score"]
 
 
+def test_a_resumed_cell_with_numbers_no_run_can_give_is_run_again(tiny_encoder, glue_dir, tmp_path):
+    """A cell edited to spearman 123.0 (and qk_params 1) was put in the table as measured: drop -122.76, exit 0."""
+    args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "8", "--key-dims",
+            "8", "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
+    first = CliRunner().invoke(main, args)
+    for path in (tmp_path / "cells").glob("*.json"):
+        stored = json.loads(path.read_text())
+        stored["result"]["metrics"]["spearman"] = 123.0
+        path.write_text(json.dumps(stored))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert a["original"] == b["original"] and a["results"][0]["score"] == b["results"][0]["score"]
+
+
+@pytest.mark.parametrize("edit,kept", [
+    (lambda r: r, True),
+    (lambda r: r["metrics"].update(spearman=float("nan")), True),  # constant predictions: undefined, as measured
+    (lambda r: r["metrics"].update(pearson=-1.0), True),
+    (lambda r: r["metrics"].update(spearman=123.0), False),
+    (lambda r: r["metrics"].update(pearson=-1.5), False),
+    (lambda r: r["metrics"].update(spearman=float("inf")), False),
+    (lambda r: r["metrics"].update(spearman="0.5"), False),
+    (lambda r: r.update(qk_params=0), False),
+    (lambda r: r.update(qk_params=2.5), False),
+    (lambda r: r.update(examples=0), False),
+    (lambda r: r.update(seconds=-1.0), False),
+    (lambda r: r.update(mean_relative_error=float("nan")), False),
+])
+def test_a_resumed_value_is_usable_only_if_a_run_could_have_given_it(edit, kept):
+    from mhacompress.sweep import usable
+
+    value = {"metrics": {"pearson": 0.8, "spearman": 0.79}, "examples": 8, "qk_params": 2048, "seconds": 1.5,
+             "mean_relative_error": 0.3}
+    edit(value)
+    assert usable({"method": "cp", "task": "stsb"}, value) is kept
+
+
 @pytest.mark.slow
 def test_sweep_on_a_real_local_ray_instance_gives_the_local_numbers(tiny_encoder, glue_dir):
     pytest.importorskip("ray")
