@@ -160,7 +160,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub ($HF_ENDPOINT) accepts a connection within ``timeout`` seconds."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
             return True
     except OSError:
         return False
@@ -712,10 +713,11 @@ def quiet_progress():
 
 
 @contextlib.contextmanager
-def _loading(name):
+def _loading(name, remote: bool = False):
     """Errors of transformers' loading code as one line, and its reports of skipped weights and torch's warnings
     while the model is built ("Initializing zero-element tensors is a no-op") kept off stderr (we check the weights
-    ourselves)."""
+    ourselves). ``remote``: ``name`` is a hub id being downloaded, where a failure to read is more often the network
+    (a proxy that takes the connection and drops it) or the id than a broken checkpoint."""
     import warnings
 
     from transformers.utils import logging
@@ -733,6 +735,12 @@ def _loading(name):
                          f"use the default") from None
     except (OSError, ValueError, RuntimeError, LookupError, AssertionError, AttributeError, TypeError,
             ArithmeticError, pickle.UnpicklingError, _strict_config_error()) as err:
+        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely: not ours to give
+            raise UsageError(f"cannot load {name}: its pickled weights hold objects that a safe load refuses "
+                             f"(torch.load with weights_only); pass a checkpoint saved as safetensors") from None
+        if remote and isinstance(err, OSError):  # transformers' download errors are OSErrors
+            raise UsageError(f"cannot download {name}: {_first_line(err)}; check the model id and the network "
+                             f"(HF_ENDPOINT, a proxy), or pass a local model folder") from None
         raise UsageError(f"cannot load {name}: {_first_line(err)}; "
                          "pass a complete checkpoint written by save_pretrained") from None
     except Exception as err:
@@ -745,8 +753,14 @@ def _loading(name):
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first line (with the next where it ends in ':', "field 'x':" and its reason), at most 200
+    characters, cut after a sentence or a word, never inside one."""
     lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
-    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:200]  # "field 'x':" and its reason
+    text = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])
+    if len(text) <= 200:
+        return text
+    sentence = text.rfind(". ", 0, 200)
+    return text[:sentence + 1] if sentence >= 20 else text[:200].rsplit(" ", 1)[0] + " ..."
 
 
 def _strict_config_error() -> type:
@@ -784,7 +798,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         return model, tok, source
     if raw:  # before transformers, which checks the fields against the type's class (t5: "classifier_dropout ...")
         _architecture(SimpleNamespace(model_type=raw["model_type"]))
-    with _loading(name):
+    with _loading(name, remote=not source.local):
         config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **cache_only)
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
@@ -805,7 +819,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     head = any("ForSequenceClassification" in a for a in names)
     cls = AutoModelForSequenceClassification if head else AutoModel
     kwargs = _attention(cls._model_mapping[type(config)], attn_implementation)
-    with _loading(name), torch.random.fork_rng(devices=[]):
+    with _loading(name, remote=not source.local), torch.random.fork_rng(devices=[]):
         # weights the checkpoint lacks (a masked-LM checkpoint's pooler: roberta-base, mpnet-base) are initialised at
         # random by transformers: from a fixed seed, so that the same command saves the same weights, bit for bit,
         # and without drawing from the caller's generator
@@ -825,7 +839,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
     model.initialised = sorted(k for k in info.get("missing_keys") or [] if TOLERATED_MISSING.fullmatch(k))
     if not names:  # named heads that would be dropped (token classification...) are refused by compress
         _check_no_classifier_dropped(info, config, name)
-    tok = _tokenizer(source.location, name, **cache_only) if tokenizer else None
+    tok = _tokenizer(source.location, name, remote=not source.local, **cache_only) if tokenizer else None
     _check_tokenizer_size(model, tok, name)
     if not source.local and not cache_only:
         fetch_sentence_files(source.location)
@@ -897,13 +911,13 @@ def _attention(cls: type, attn_implementation: str | None) -> dict:
     return {"attn_implementation": attn_implementation}
 
 
-def _tokenizer(location, name, config=None, **options):
+def _tokenizer(location, name, config=None, remote: bool = False, **options):
     """The folder's tokenizer; for a reduced folder pass its (remote-code) config, so that transformers neither asks
     to run the folder's code nor guesses from the model type. ``options`` go to ``from_pretrained``
     (``local_files_only``)."""
     from transformers import AutoTokenizer
 
-    with _loading(name):
+    with _loading(name, remote):
         kwargs = {"config": config} if config is not None else {}
         return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs, **options)
 

@@ -207,6 +207,36 @@ def test_hub_ids_fail_fast_offline_with_a_hint(env, tmp_path):
     assert time.perf_counter() - start < 15
 
 
+def test_a_hub_that_takes_the_connection_and_drops_it_is_a_download_error_not_a_broken_checkpoint(tmp_path):
+    """A proxy that accepts and then fails was answered 'pass a complete checkpoint written by save_pretrained'. A
+    fresh process: huggingface_hub reads HF_ENDPOINT when imported."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def drop():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            connection.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}", "PATH": "/usr/bin:/bin"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "mhacompress", "reduce", "owner/model", "-k", "8"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: cannot download owner/model") and "network" in lines[0], lines[0]
+    assert "save_pretrained" not in lines[0]
+
+
 def test_a_missing_folder_under_a_local_folder_is_named_as_a_folder_offline(tmp_path, monkeypatch):
     """OUT/NAME with one slash is also a hub id: a mistyped local folder was answered 'cannot download', as if the
     user had meant the hub."""

@@ -357,6 +357,33 @@ def test_a_reduced_folder_with_pickled_weights_is_refused_without_advice_that_ca
     assert "allow_pickle" not in str(refusal.value)
 
 
+class _NotATensor:
+    pass
+
+
+def test_a_pickle_that_a_safe_load_refuses_is_refused_without_torchs_advice_to_load_it_unsafely(original):
+    """torch's message was cut to '... Re-running `torch.load` with `weights_only` set to `False`; pass a complete
+    checkpoint', which reads as advice to run the pickle."""
+    (original / "model.safetensors").unlink()
+    torch.save({"embeddings.word_embeddings.weight": _NotATensor()}, original / "pytorch_model.bin")
+    with pytest.raises(UsageError, match=r"its pickled weights hold objects that a safe load refuses .*safetensors$") \
+            as refusal:
+        load_pretrained(str(original), allow_pickle=True)
+    assert "False" not in str(refusal.value)
+
+
+@pytest.mark.parametrize("message,shown", [
+    ("short.", "short."),
+    ("First sentence, long enough to keep. " + "x " * 120, "First sentence, long enough to keep."),
+    ("word " * 60, ("word " * 40).strip() + " ..."),
+    ("word " * 10 + "x" * 300, ("word " * 10).strip() + " ..."),
+])
+def test_a_long_error_is_cut_after_a_sentence_or_a_word(message, shown):
+    from mhacompress.hub import _first_line
+
+    assert _first_line(OSError(message)) == shown
+
+
 @pytest.mark.parametrize("name,fragment", [
     ("x" * 300, "more than a file name can be"),
     ("/tmp/" + "a/" * 2100, "more than a path can be"),
