@@ -539,8 +539,8 @@ def check_weights(folder: Path, *, allow_pickle: bool = False, reduced: bool = F
     elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         if reduced:  # `load` reads safetensors only: --allow-pickle would not help
             raise UsageError(f"{folder}: a reduced model without safetensors weights; mhacompress saves and reads "
-                             f"reduced models as model.safetensors only (pickled weights can run code when loaded), so reduce "
-                             f"the original again and save that")
+                             f"reduced models as model.safetensors only (pickled weights can run code when loaded), "
+                             f"so reduce the original again and save that")
         if allow_pickle:
             return None  # read by transformers; nothing to check without unpickling
         raise UsageError(f"{folder}: no safetensors weights; pickled weights can run code when loaded, so pass "
@@ -576,17 +576,25 @@ def _json_file(path: Path, kind: type = dict):
 
 
 def _check_safetensors(path: Path) -> set[str]:
-    """``path`` opens as safetensors; the set of its floating-point tensors' dtypes (safetensors' names: F32...)."""
+    """``path`` opens as safetensors; the set of its floating-point tensors' dtypes (safetensors' names: F32...).
+    A weight (a ``*.weight`` tensor) stored otherwise, as integers or 8-bit floats (a quantized checkpoint), is
+    refused: transformers would cast it to float32 without a word, and the reduction would factor the quantized
+    codes as if they were the weights."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise UsageError(f"{path} is missing; save the checkpoint again")
     try:
         with safe_open(str(path), framework="pt") as file:
-            return {d for d in (str(file.get_slice(k).get_dtype()) for k in file.keys()) if d.startswith(("F", "BF"))}
+            dtypes = {k: str(file.get_slice(k).get_dtype()) for k in file.keys()}
     except Exception as err:  # safetensors raises its own error type for every kind of damage
         why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise UsageError(f"{path} is corrupt or truncated ({why}); download or save the checkpoint again") from None
+    odd = next((k for k, d in dtypes.items() if k.endswith(".weight") and d not in STORED_DTYPES), None)
+    if odd is not None:
+        raise UsageError(f"{path}: {odd} is stored as {dtypes[odd]}, not as floating point (a quantized or integer "
+                         f"checkpoint), which cannot be reduced; pass the checkpoint in float32, float16 or bfloat16")
+    return {d for d in dtypes.values() if d in STORED_DTYPES}
 
 
 def check_tokenizer(folder: Path) -> None:

@@ -161,6 +161,20 @@ def test_a_model_is_loaded_in_the_dtype_its_weights_are_stored_in_not_its_config
             assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float8_e4m3fn])
+def test_weights_stored_as_integers_or_8_bit_floats_are_refused_not_cast_to_float32(original, reduced, dtype):
+    """A quantized checkpoint's codes were cast to float32 by transformers and reduced as if they were weights."""
+    for folder in (original, reduced):
+        edit_weights(folder, lambda w: w.update({k: v.to(dtype) for k, v in w.items() if "intermediate.dense" in k}))
+        refused(folder, "dense.weight is stored as", "not as floating point", "float32, float16 or bfloat16")
+
+
+def test_integer_buffers_beside_floating_weights_are_loaded_as_before(original):
+    edit_weights(original, lambda w: w.update({"embeddings.position_ids": torch.arange(16)[None]}))
+    model = load_pretrained(str(original))[0]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_a_tokenizer_with_more_tokens_than_the_embedding_table_is_refused_at_load(original, reduced):
     """A tokenizer that is not the model's was found only when some text reached a high id: `eval --limit 16`
     scored, the full split failed, and a calibration that never reached one saved a folder eval then refused."""
