@@ -743,7 +743,8 @@ def _loading(name, remote: bool = False):
                          f"use the default") from None
     except (OSError, ValueError, RuntimeError, LookupError, AssertionError, AttributeError, TypeError,
             ArithmeticError, pickle.UnpicklingError, _strict_config_error()) as err:
-        if isinstance(err, pickle.UnpicklingError):  # torch's advice is to load it unsafely: not ours to give
+        if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
+            # torch's advice, cut to one line, reads as 'load it unsafely': not ours to give (a damaged pickle: below)
             raise UsageError(f"cannot load {name}: its pickled weights hold objects that a safe load refuses "
                              f"(torch.load with weights_only); pass a checkpoint saved as safetensors") from None
         if remote and isinstance(err, OSError):  # transformers' download errors are OSErrors
