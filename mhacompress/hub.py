@@ -212,9 +212,10 @@ def source_paths(sources) -> list[Path]:
 
 
 def linked_files(folders: list[Path], depth: int = 2) -> list[Path]:
-    """What the symbolic links inside ``folders`` (and their subfolders, ``depth`` levels: a sentence-transformers
-    folder's 1_Pooling/) point to, resolved: a hub cache snapshot's files, or a folder of links to another copy, are
-    read from there, so an output there would overwrite the source as surely as one in its folder."""
+    """The files that the symbolic links inside ``folders`` (and their subfolders, ``depth`` levels: a
+    sentence-transformers folder's 1_Pooling/) point to, resolved: a hub cache snapshot's files, or a folder of links
+    to another copy, are read from there, so an output there would overwrite the source as surely as one in its
+    folder. Linked folders are neither read from nor followed (``up -> ..`` would make every sibling a source)."""
     found = []
     for folder in folders:
         try:
@@ -225,7 +226,8 @@ def linked_files(folders: list[Path], depth: int = 2) -> list[Path]:
             path = Path(entry.path)
             try:
                 if entry.is_symlink():
-                    found.append(path.resolve())
+                    if entry.is_file():  # a linked folder (`up -> ..`) is not read from: only files are
+                        found.append(path.resolve())
                 elif depth > 1 and entry.is_dir(follow_symlinks=False):
                     found += linked_files([path], depth - 1)
             except (OSError, RuntimeError):  # a link loop: nothing is read through it
@@ -323,6 +325,12 @@ def _check_not_a_link(output, option: str, kind: str) -> None:
     among the parents."""
     path = Path(output).expanduser()
     if not path.is_symlink() or (kind != "file" and path.exists()):
+        return
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:  # dangling
+        pass
+    except (OSError, RuntimeError):  # a loop: check_output's resolve says so
         return
     try:
         to = os.readlink(path)
