@@ -97,9 +97,12 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         target = check_output(output, force, sources=[*models, *data_sources(config, data_dir, evaluate, calibration)],
                               argument="output")
     try:
-        result = _compress(model_or_name, config, tokenizer=tokenizer, calibration=calibration,
-                           on_progress=on_progress, device=device, allow_pickle=allow_pickle, data_dir=data_dir,
-                           evaluate=evaluate, eval_batch_size=eval_batch_size, max_drop=max_drop)
+        import torch
+
+        with torch.inference_mode(False):  # a call inside inference_mode: the refinement needs autograd
+            result = _compress(model_or_name, config, tokenizer=tokenizer, calibration=calibration,
+                               on_progress=on_progress, device=device, allow_pickle=allow_pickle, data_dir=data_dir,
+                               evaluate=evaluate, eval_batch_size=eval_batch_size, max_drop=max_drop)
         if output is not None:
             result._save(output, force, "output")
         return result
@@ -125,16 +128,19 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
         device = str(resolve_device(device))
     texts = _calibration_texts(config, calibration, data_dir)
     scorer = _scorer(evaluate, data_dir, eval_batch_size, device)
-    model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)
+    training = not isinstance(model_or_name, (str, Path)) and bool(getattr(model_or_name, "training", False))
+    model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)  # in eval mode
     if scorer is not None:
         scorer.device = str(next(model.parameters()).device)
     if tokenizer is None and (texts is not None or scorer is not None):
         raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
                           "compress(model, config, tokenizer=tokenizer)")
     from .reduction.modeling import is_classifier
-    from .reduction.surgery import check_reducible, model_shape, require_classifier
+    from .reduction.surgery import check_loaded_weights, check_reducible, model_shape, require_classifier
 
     check_reducible(model)
+    if config.calibration is not None:
+        check_loaded_weights(model, in_place=True)
     if config.first_token_only:
         require_classifier(model, name)
     warnings = []
@@ -180,6 +186,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,
                      time.perf_counter() - start, sequences)
     inputs = data_sources(config, data_dir, evaluate, calibration)
+    model.train(training)  # a model handed over in training mode is given back in it (calibrated with dropout off)
     return Compressed(model, tokenizer, report, config, source=source, inputs=inputs)
 
 
@@ -335,6 +342,7 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
         _check_no_head_dropped(model, name)
         return model, tokenizer or loaded_tokenizer, source.location, name
     model = model_or_name
+    _own_config(model)
     if device is not None:
         model.to(device)
     path = getattr(model.config, "_name_or_path", "") or ""
@@ -342,6 +350,18 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
     if source is not None and not hasattr(model, "sentence_head"):
         _read_sentence_head(model, Path(source))
     return model.eval(), tokenizer, source, path or type(model).__name__
+
+
+def _own_config(model) -> None:
+    """Give the model a config of its own before the reduction writes to it (model type, compression block): models
+    built from one config object share it, and the others would save as reduced models without reduced layers."""
+    import copy
+
+    shared = model.config
+    own = copy.deepcopy(shared)
+    for module in model.modules():  # the encoder inside a classifier keeps a reference of its own
+        if getattr(module, "config", None) is shared:
+            module.config = own
 
 
 def _read_sentence_head(model, folder: Path) -> None:

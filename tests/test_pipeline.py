@@ -256,3 +256,81 @@ def test_reduce_in_place_with_a_budget_names_the_call_that_allocates():
 
     with pytest.raises(ConfigError, match=r"which reduce_ does not do: call mhacompress.compress"):
         reduce_(tiny_model("bert"), ReductionConfig(budget=0.5))
+
+
+# ---- a model object is the caller's: reduced in place, nothing else of theirs changed ---------------------------
+
+TEXTS = ["a text", "another one", "a third text to calibrate on"]
+
+
+def _calibrated(tiny_bert_dir, model):
+    from transformers import AutoTokenizer
+
+    config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python", refine_steps=3))
+    return mhacompress.compress(model, config, tokenizer=AutoTokenizer.from_pretrained(tiny_bert_dir),
+                                calibration=TEXTS)
+
+
+def test_a_calibrated_reduction_called_inside_inference_mode_gives_the_same_model(tiny_bert_dir):
+    """Inside torch.inference_mode() the refinement raised torch's 'Inference tensors do not track version counter'
+    and left the caller's model half-reduced, for good."""
+    from transformers import AutoModel
+
+    outside = _calibrated(tiny_bert_dir, AutoModel.from_pretrained(tiny_bert_dir)).model.state_dict()
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    with torch.inference_mode():
+        inside = _calibrated(tiny_bert_dir, model).model.state_dict()
+    assert outside.keys() == inside.keys()
+    assert all(torch.equal(outside[k], inside[k]) for k in outside)
+
+
+def test_weights_that_are_not_there_or_cannot_change_are_refused_before_any_layer_is_touched(tiny_bert_dir):
+    from transformers import AutoConfig, AutoModel
+
+    from mhacompress.reduction.modeling.attention import CollaborativeSelfAttention
+
+    with torch.device("meta"):
+        empty = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
+    with torch.inference_mode():
+        built = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))  # inference tensors
+    for call in (lambda: mhacompress.compress(empty, ReductionConfig(key_dim=8)),
+                 lambda: mhacompress.reduce_(empty, ReductionConfig(key_dim=8))):
+        with pytest.raises(UsageError, match="on the meta device"):
+            call()
+    with pytest.raises(UsageError, match="inference tensors .* cannot change in place"):
+        _calibrated(tiny_bert_dir, built)
+    for model in (empty, built):
+        assert not any(isinstance(m, CollaborativeSelfAttention) for m in model.modules())
+
+
+def test_a_config_shared_with_another_model_is_left_to_that_model(tiny_bert_dir):
+    """Two models built on one config object: reducing one made the other save as a reduced model without reduced
+    layers (a folder neither transformers nor mhacompress could load)."""
+    from transformers import AutoModel, BertModel
+
+    a = AutoModel.from_pretrained(tiny_bert_dir)
+    b = BertModel(a.config)
+    _calibrated(tiny_bert_dir, a)
+    assert a.config.compression and type(a.config).__name__.startswith("Collaborative")
+    assert not getattr(b.config, "compression", None) and type(b.config).__name__ == "BertConfig"
+    assert all(getattr(m, "config", a.config) is a.config for m in a.modules())  # one config inside the model
+
+
+def test_the_callers_training_mode_frozen_weights_and_random_state_are_kept(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).train().requires_grad_(False)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    reduced = _calibrated(tiny_bert_dir, model).model
+    assert torch.equal(torch.get_rng_state(), state)  # new modules' initial weights drew from it
+    assert reduced.training  # calibrated in eval mode, given back as handed over
+    assert [n for n, p in reduced.named_parameters() if p.requires_grad] == []  # the new query/key ones were trainable
+
+
+def test_a_wrapper_is_refused_naming_the_encoder_inside_it(tiny_bert_dir):
+    from transformers import AutoModel
+
+    compiled = torch.compile(AutoModel.from_pretrained(tiny_bert_dir))
+    with pytest.raises(UsageError, match=r"reduce its encoder, model\._orig_mod, instead"):
+        mhacompress.compress(compiled, ReductionConfig(key_dim=8))

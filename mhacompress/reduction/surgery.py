@@ -61,8 +61,32 @@ def check_reducible(model: nn.Module) -> None:
     name = type(model).__name__
     if not (name.endswith("Model") or is_classifier(model)):  # what a saved folder can be (hub.check_block)
         raise UnsupportedArchitectureError(f"a {name} cannot be reduced: only encoders (e.g. BertModel) and sequence "
-                                           f"classifiers are supported; reduce its encoder, model.base_model, instead")
+                                           f"classifiers are supported; reduce its encoder, {_inner(model)}, instead")
+    check_loaded_weights(model)
     check_finite_weights(model)
+
+
+def _inner(model: nn.Module) -> str:
+    """Where a wrapper keeps the encoder to reduce: a SentenceTransformer its first module's ``auto_model``, a
+    ``torch.compile``d model the original module, anything else (a masked-LM model) its ``base_model``."""
+    name = type(model).__name__
+    if name == "SentenceTransformer":
+        return "model[0].auto_model"
+    return "model._orig_mod" if name == "OptimizedModule" else "model.base_model"
+
+
+def check_loaded_weights(model: nn.Module, in_place: bool = False) -> None:
+    """Weights that are not there (the meta device: a model built empty) are refused before any layer is touched,
+    and so are weights that cannot be changed in place (inference tensors: a model built inside
+    torch.inference_mode) where the reduction changes some (``in_place``: the compensation refits the output
+    projections)."""
+    params = list(model.parameters())
+    if any(p.is_meta for p in params):
+        raise UsageError("the model's weights are on the meta device (built without its weights); load them first, "
+                         "e.g. AutoModel.from_pretrained(...), then reduce it")
+    if in_place and any(p.is_inference() for p in params):
+        raise UsageError("the model's weights are inference tensors (built inside torch.inference_mode()), which "
+                         "the calibrated reduction cannot change in place; build it outside inference_mode")
 
 
 def check_not_partly_reduced(model: nn.Module) -> None:
@@ -179,6 +203,8 @@ def install_(model: nn.Module, index: int, config: ReductionConfig, key_dim: int
     parent, name, old = attention_modules(model)[index]
     new = collaborative_module(old, model.config, methods.get(config.method).layout, key_dim)
     fill_(new, config.method, factors, bias)
+    if not any(p.requires_grad for p in old.parameters()):  # a frozen encoder stays frozen
+        new.requires_grad_(False)
     setattr(parent, name, new)
     return new
 
@@ -248,7 +274,8 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
         raise ConfigError(f"{len(moments)} second moments given for {n_layers} layers; pass one per layer "
                           f"(calibrate.second_moments(model, batches))")
     _check_moments(model, moments)
-    layers = reduce_layers_(model, config, dims, moments, on_layer)
+    with torch.inference_mode(False):  # called inside inference_mode, the installed modules' caches would fail
+        layers = reduce_layers_(model, config, dims, moments, on_layer)
     return finish_(model, config, layers, source=source, tool_version=tool_version)
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .architectures import COMPRESSION_KEY, FORMAT_VERSION, REDUCED_TYPE_PREFIX, arch_for, attention_modules, layers
@@ -63,10 +64,11 @@ def collaborate_(model: nn.Module, compression: dict) -> nn.Module:
 def collaborative_module(old: nn.Module, config, layout: str, key_dim: int) -> CollaborativeSelfAttention:
     """An uninitialised collaborative module that takes over ``old``'s values (and output projection)."""
     arch = arch_for(config)
-    new = collaborative_class(type(old))(
-        arch=arch, config=config, layout=layout, key_dim=key_dim, value=getattr(old, arch.value),
-        output=getattr(old, arch.output) if arch.output else None,
-    )
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing from the caller's RNG
+        new = collaborative_class(type(old))(
+            arch=arch, config=config, layout=layout, key_dim=key_dim, value=getattr(old, arch.value),
+            output=getattr(old, arch.output) if arch.output else None,
+        )
     ref = getattr(old, arch.value).weight
     new.train(old.training)  # a fresh module is in training mode: keep eval models deterministic (dropout off)
     return new.to(device=ref.device, dtype=ref.dtype)
