@@ -64,7 +64,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
              on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
              allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,
              eval_batch_size: int = 64, max_drop: float | None = None, output: str | Path | None = None,
-             force: bool = False, weights_only: bool = False) -> Compressed:
+             force: bool = False, weights_only: bool = False, pooling: str | None = None) -> Compressed:
     """Reduce a model's self-attention as ``config`` says; everything ``mhacompress reduce`` does, in one call.
 
     model_or_name: a transformers model (reduced IN PLACE; pass a copy to keep the original) with ``tokenizer``, or
@@ -83,9 +83,13 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     output: a folder to write the reduced model to (``reduce --output``), checked before any work (never the source
       or the data read; an existing non-empty folder only with ``force=True``, which replaces a model folder) and
       written atomically at the end; report["output"] names it (None: nothing written, a dry run).
+    pooling: how a sentence encoder's embedding is read, "mean", "cls" or "max": calibrated at the tokens it reads
+      (a CLS-pooled encoder at its first token). By default what the model's sentence-transformers folder says
+      (modules.json), else the mean; give it for a model object built in memory or loaded without that folder.
     on_progress: called with ``Progress`` events.
     """
     _check_arguments(model_or_name, config, tokenizer)
+    _check_pooling(pooling)
     check_gate(max_drop, evaluate)
     config = eval_calibration(config, evaluate, weights_only, data_dir, calibration)
     target = None
@@ -102,7 +106,8 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
         with torch.inference_mode(False):  # a call inside inference_mode: the refinement needs autograd
             result = _compress(model_or_name, config, tokenizer=tokenizer, calibration=calibration,
                                on_progress=on_progress, device=device, allow_pickle=allow_pickle, data_dir=data_dir,
-                               evaluate=evaluate, eval_batch_size=eval_batch_size, max_drop=max_drop)
+                               evaluate=evaluate, eval_batch_size=eval_batch_size, max_drop=max_drop,
+                               pooling=pooling)
         if output is not None:
             result._save(output, force, "output")
         return result
@@ -114,7 +119,7 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
 
 
 def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration, on_progress, device, allow_pickle,
-              data_dir, evaluate, eval_batch_size, max_drop) -> Compressed:
+              data_dir, evaluate, eval_batch_size, max_drop, pooling=None) -> Compressed:
     """``compress`` without its output: load, calibrate, allocate, reduce, refine, evaluate."""
     start = time.perf_counter()
     if evaluate is not None:  # by its own name: the scorer would refuse it as batch_size
@@ -130,6 +135,8 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     scorer = _scorer(evaluate, data_dir, eval_batch_size, device)
     training = not isinstance(model_or_name, (str, Path)) and bool(getattr(model_or_name, "training", False))
     model, tokenizer, source, name = _load(model_or_name, tokenizer, allow_pickle, device, notify)  # in eval mode
+    if pooling is not None:
+        _set_pooling(model, pooling)
     if scorer is not None:
         scorer.device = str(next(model.parameters()).device)
     if tokenizer is None and (texts is not None or scorer is not None):
@@ -350,6 +357,22 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
     if source is not None and not hasattr(model, "sentence_head"):
         _read_sentence_head(model, Path(source))
     return model.eval(), tokenizer, source, path or type(model).__name__
+
+
+def _check_pooling(pooling) -> None:
+    from .reduction.objectives import POOLING
+
+    if pooling is not None and pooling not in POOLING:
+        raise ConfigError(f"pooling must be one of {', '.join(map(repr, POOLING))} (how the sentence embedding is "
+                          f"read), or None to read it from the model's folder; got {pooling!r}")
+
+
+def _set_pooling(model, pooling: str) -> None:
+    """The sentence embedding read as ``pooling`` says, in place of what the folder said (its Dense layer kept)."""
+    from .hub import SentenceHead
+
+    head = getattr(model, "sentence_head", None)
+    model.sentence_head = replace(head, pooling=pooling) if head is not None else SentenceHead(pooling)
 
 
 def _own_config(model) -> None:

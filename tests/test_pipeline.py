@@ -334,3 +334,26 @@ def test_a_wrapper_is_refused_naming_the_encoder_inside_it(tiny_bert_dir):
     compiled = torch.compile(AutoModel.from_pretrained(tiny_bert_dir))
     with pytest.raises(UsageError, match=r"reduce its encoder, model\._orig_mod, instead"):
         mhacompress.compress(compiled, ReductionConfig(key_dim=8))
+
+
+def test_a_model_built_in_memory_is_calibrated_at_the_tokens_its_given_pooling_reads(tiny_bert_dir):
+    """Without a sentence-transformers folder to read, a CLS-pooled encoder object was calibrated as mean pooled
+    (at every token, with the steps of a model read there), and Python had no way to say otherwise."""
+    from transformers import AutoModel, AutoTokenizer, BertModel
+
+    from mhacompress.reduction.config import REFINE_STEPS, TOKEN_REFINE_STEPS
+
+    def built():
+        model = BertModel(AutoModel.from_pretrained(tiny_bert_dir).config)
+        model.load_state_dict(AutoModel.from_pretrained(tiny_bert_dir).state_dict())
+        model.config._name_or_path = ""
+        return model.eval()
+
+    config = ReductionConfig(key_dim=4, n_iter_max=3, calibration=mhacompress.Calibration("python"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    steps = {pooling: mhacompress.compress(built(), config, tokenizer=tokenizer, calibration=TEXTS,
+                                           pooling=pooling).config.calibration.refine_steps
+             for pooling in (None, "mean", "cls")}
+    assert steps == {None: TOKEN_REFINE_STEPS, "mean": TOKEN_REFINE_STEPS, "cls": REFINE_STEPS}
+    with pytest.raises(mhacompress.ConfigError, match=r"pooling must be one of 'mean', 'cls', 'max'.*got 'CLS'"):
+        mhacompress.compress(built(), config, tokenizer=tokenizer, calibration=TEXTS, pooling="CLS")
