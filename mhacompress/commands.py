@@ -69,7 +69,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
 
 
 def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
-           method: str = "cp", repeats: int = 7, latency: bool = True, first_token_only: bool = False,
+           method: str | None = None, repeats: int = 7, latency: bool = True, first_token_only: bool = False,
            attn_implementation: str = "sdpa", device: str = "auto", allow_pickle: bool = False,
            on_progress: OnProgress = None) -> dict:
     """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
@@ -92,7 +92,7 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
         _int(option, value, 1)  # --seq-len etc. are IntRange(1)
     if attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
-    if method not in methods.names():  # --method is a choice: refused for a reduced folder too, not ignored
+    if method is not None and method not in methods.names():  # a choice: refused for a reduced folder too
         raise ConfigError(f"method must be one of {', '.join(methods.names())}; got {method!r}")
     from .devices import resolve_device
 
@@ -319,9 +319,9 @@ def checked_call(on_progress: OnProgress, flags: dict | None = None, **models) -
 
 
 
-def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa", allow_pickle: bool = False):
-    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory; pickled
-    weights (an original's) only with ``allow_pickle``."""
+def load_pair(name: str, *, key_dim=None, method=None, attn_implementation="sdpa", allow_pickle: bool = False):
+    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory by
+    ``method`` (default cp); pickled weights (an original's) only with ``allow_pickle``."""
     import copy
 
     from .hub import load_pretrained
@@ -337,6 +337,8 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
         if key_dim is not None:
             raise ConfigError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop "
                               f"{named('--key-dim')}")
+        if method is not None and method != block.get("method"):  # it was reported as the folder's, unsaid
+            raise ConfigError(f"{name} is already reduced, by {block.get('method')}; drop {named('--method')}")
         source = block.get("source_model") or ""
         try:
             original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False,
@@ -360,6 +362,7 @@ def load_pair(name: str, *, key_dim=None, method="cp", attn_implementation="sdpa
     if key_dim is None:
         raise ConfigError(f"{name} is an original model: pass {named('--key-dim')} to reduce it in memory, or give a "
                           f"folder written by `mhacompress reduce`")
+    method = method or "cp"
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}

@@ -758,6 +758,8 @@ REPORT = [
     case("report-original-without-key-dim", "report {src} --no-latency", "is an original model", "pass --key-dim"),
     case("report-reduced-with-key-dim", "report {reduced} --key-dim 8 --no-latency", "already reduced",
          "drop --key-dim"),
+    case("report-reduced-with-another-method", "report {reduced} --method svd --no-latency", "already reduced, by cp",
+         "drop --method"),
     case("report-key-dim-too-big", "report {src} --key-dim 64 --no-latency", "out of range", "1..32"),
     case("report-first-token-on-encoder", "report {reduced} --first-token-only --no-latency",
          "for sequence classifiers", "holds a"),
@@ -943,7 +945,7 @@ API = [  # (call, fragment of the message)
      "attn_implementation must be one of sdpa, eager"),
     # report --method is a choice, for a reduced folder too: an unknown method was silently ignored
     ("mhacompress.report(reduced, seq_len=16, latency=False, method='pca')", "method must be one of cp, tucker, svd"),
-    ("mhacompress.report(reduced, seq_len=16, latency=False, method=None)", "method must be one of cp, tucker, svd"),
+    ("mhacompress.report(reduced, seq_len=16, latency=False, method='CP')", "method must be one of cp, tucker, svd"),
     ("mhacompress.report(None, latency=False)", "model must be a model folder"),
     ("mhacompress.report(reduced, seq_len=16, latency=False, on_progress=5)", "on_progress must be a function"),
     ("mhacompress.evaluate(None, 'stsb', data_dir=glue, limit=4)", "model must be a model folder"),

@@ -23,8 +23,8 @@ from ._common import (
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Sequences per batch.")
 @click.option("--key-dim", "-k", type=click.IntRange(1), help="With an ORIGINAL model: reduce it in memory to this "
               "key dim for the comparison (a reduced folder already has one).")
-@click.option("--method", type=method_choice(), default="cp", show_default=True,
-              help="With --key-dim: the reduction method.")
+@click.option("--method", type=method_choice(), default=None,
+              help="With --key-dim: the reduction method (default: cp).")
 @click.option("--repeats", type=click.IntRange(1), default=7, show_default=True,
               help="Timed runs of each side (median reported), after 2 warm-up runs.")
 @click.option("--no-latency", is_flag=True, help="Counts only; skip the timing.")
