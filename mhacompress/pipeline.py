@@ -90,6 +90,10 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     """
     _check_arguments(model_or_name, config, tokenizer)
     _check_pooling(pooling)
+    from .reduction.config import _flag, _int
+
+    _int("eval_batch_size", eval_batch_size, 1)  # by its own name (the scorer's is batch_size); checked even when
+    _flag("force", force)  # unused, as the command line's options are: a typo there is not silently ignored
     check_gate(max_drop, evaluate)
     config = eval_calibration(config, evaluate, weights_only, data_dir, calibration)
     target = None
@@ -122,10 +126,6 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
               data_dir, evaluate, eval_batch_size, max_drop, pooling=None) -> Compressed:
     """``compress`` without its output: load, calibrate, allocate, reduce, refine, evaluate."""
     start = time.perf_counter()
-    if evaluate is not None:  # by its own name: the scorer would refuse it as batch_size
-        from .reduction.config import _int
-
-        _int("eval_batch_size", eval_batch_size, 1)
     notify = notifier(on_progress)
     if device is not None:
         from .devices import resolve_device

@@ -375,3 +375,13 @@ def test_a_callback_that_takes_no_event_is_refused_before_any_model_loads(call, 
                          ids=["builtin", "bound-method", "varargs", "a-default"])
 def test_a_callback_that_takes_one_event_is_accepted(callback, tiny_bert_dir):
     mhacompress.compress(str(tiny_bert_dir), mhacompress.ReductionConfig(key_dim=8, n_iter_max=2), on_progress=callback)
+
+
+@pytest.mark.parametrize("bad,fragment", [({"eval_batch_size": "8"}, "eval_batch_size"),
+                                          ({"eval_batch_size": 0}, "eval_batch_size"), ({"force": "yes"}, "force")])
+def test_compress_checks_an_argument_even_when_nothing_uses_it(tiny_bert_dir, bad, fragment):
+    """eval_batch_size='8' without evaluate, force='yes' without output: accepted and ignored."""
+    from mhacompress import ReductionConfig
+
+    with pytest.raises(mhacompress.ConfigError, match=fragment):
+        mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=8), **bad)
