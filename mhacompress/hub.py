@@ -281,6 +281,9 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
         raise UsageError(f"{option} is empty; pass the path to write, e.g. {example}")
     if not isinstance(output, (str, os.PathLike)):
         raise UsageError(f"{option} must be a path (a str or Path); got {type(output).__name__}, e.g. {example}")
+    if str(output) == "-":  # the usual name of standard output: a script's `-o -` made a folder called '-'
+        raise UsageError(f"{option} - would make a {'file' if kind == 'file' else 'folder'} named '-' (it does not "
+                         f"mean standard output here); give a path, e.g. {example}")
     check_path_length(str(output), option)
     _check_no_control_character(str(output), option)
     from .reduction.config import _flag

@@ -293,6 +293,15 @@ def test_export_through_a_linked_file_is_refused_in_one_line(tiny_reduced_dir, t
     assert (tmp_path / "data.tsv").read_text() == "precious"
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_dash_is_not_taken_for_a_name(tmp_path, monkeypatch, kind):
+    """`-o -` (standard output, in most tools) made a folder named '-'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="named '-' .*does not mean standard output"):
+        check_output("-", kind=kind)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_file_planted_as_a_link_is_never_opened_through(tmp_path):
     """The lock was opened with O_CREAT and truncated: a link planted at its name (in a shared /tmp, by anyone)
     emptied the file it pointed to, without --force."""
