@@ -357,3 +357,18 @@ def test_a_model_built_in_memory_is_calibrated_at_the_tokens_its_given_pooling_r
     assert steps == {None: TOKEN_REFINE_STEPS, "mean": TOKEN_REFINE_STEPS, "cls": REFINE_STEPS}
     with pytest.raises(mhacompress.ConfigError, match=r"pooling must be one of 'mean', 'cls', 'max'.*got 'CLS'"):
         mhacompress.compress(built(), config, tokenizer=tokenizer, calibration=TEXTS, pooling="CLS")
+
+
+def test_hooks_on_a_replaced_attention_module_are_reported_not_lost_without_a_word(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    model.encoder.layer[1].attention.self.register_forward_hook(lambda *args: None)
+    model.encoder.layer[0].attention.output.register_forward_hook(lambda *args: None)  # kept: not replaced
+    warnings = mhacompress.compress(model, ReductionConfig(key_dim=8, n_iter_max=3)).report["warnings"]
+    assert [w for w in warnings if "hooks" in w] == [
+        "the self-attention modules of layers [1] had hooks, which do not carry over to the collaborative modules "
+        "that replace them; register them again on the reduced model's attention modules"]
+    assert not [w for w in mhacompress.compress(AutoModel.from_pretrained(tiny_bert_dir),
+                                                ReductionConfig(key_dim=8, n_iter_max=3)).report["warnings"]
+                if "hooks" in w]
