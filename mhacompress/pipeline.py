@@ -143,11 +143,9 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
         raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
                           "compress(model, config, tokenizer=tokenizer)")
     from .reduction.modeling import is_classifier
-    from .reduction.surgery import check_loaded_weights, check_reducible, model_shape, require_classifier
+    from .reduction.surgery import check_reducible, model_shape, require_classifier
 
-    check_reducible(model)
-    if config.calibration is not None:
-        check_loaded_weights(model, in_place=True)
+    check_reducible(model, in_place=config.calibration is not None)  # the compensation refits output projections
     if config.first_token_only:
         require_classifier(model, name)
     warnings = _hook_warnings(model)

@@ -49,8 +49,9 @@ class UnsupportedArchitectureError(UsageError, UnsupportedModelError):
     cannot import mhacompress)."""
 
 
-def check_reducible(model: nn.Module) -> None:
-    """A model of an unsupported architecture, or one already reduced (wholly or partly), is refused."""
+def check_reducible(model: nn.Module, in_place: bool = False) -> None:
+    """A model of an unsupported architecture, or one already reduced (wholly or partly), is refused, and so are
+    weights the reduction cannot read or (``in_place``) change: ``check_loaded_weights``."""
     try:
         arch_for(model.config)
     except UnsupportedModelError as err:
@@ -62,7 +63,7 @@ def check_reducible(model: nn.Module) -> None:
     if not (name.endswith("Model") or is_classifier(model)):  # what a saved folder can be (hub.check_block)
         raise UnsupportedArchitectureError(f"a {name} cannot be reduced: only encoders (e.g. BertModel) and sequence "
                                            f"classifiers are supported; reduce its encoder, {_inner(model)}, instead")
-    check_loaded_weights(model)
+    check_loaded_weights(model, in_place)
     check_finite_weights(model)
 
 
