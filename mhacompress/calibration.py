@@ -88,6 +88,8 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         raise UsageError(f"{path}:{n} is not valid JSON ({err.msg}); {JSONL_HINT}") from None
     except RecursionError:
         raise UsageError(f"{path}:{n} is not valid JSON (nested too deeply); {JSONL_HINT}") from None
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise UsageError(f"{path}:{n} is not valid JSON (a number too long to read); {JSONL_HINT}") from None
     if isinstance(record, str):
         return (record,) if record.strip() else ()
     if not isinstance(record, dict):

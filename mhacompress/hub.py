@@ -523,6 +523,9 @@ def _json_object(file: Path) -> dict:
     except RecursionError:  # nested deeper than the parser recurses
         raise UsageError(f"{file}: not valid JSON (nested too deeply); fix it or restore it from the original "
                          f"checkpoint") from None
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise UsageError(f"{file}: not valid JSON (a number too long to read); fix it or restore it from the "
+                         f"original checkpoint") from None
     if not isinstance(config, dict):
         raise UsageError(f"{file} holds a JSON {type(config).__name__}, not an object; restore it from the original "
                          f"checkpoint")
@@ -578,7 +581,7 @@ def _check_shard_name(index: Path, tensor: str, name: str) -> None:
 def _json_file(path: Path, kind: type = dict):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a number too long to read, nested too deeply
         data = None
     if not isinstance(data, kind):
         raise UsageError(f"{path} is not a JSON {'object' if kind is dict else kind.__name__}; save the checkpoint "

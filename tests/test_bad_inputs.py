@@ -156,6 +156,7 @@ MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 BINARY = b"\x00\x01\x02PK\x03\x04" * 40
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested deeper than Python's parser recurses (RecursionError)
+LONG_NUMBER = "9" * 5000  # valid JSON, more digits than int() converts (ValueError, not JSONDecodeError)
 
 def _labelled_from(path: Path, first: int) -> None:
     """``_classifier`` (2 labels) whose config.json numbers its labels from ``first``."""
@@ -241,10 +242,15 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("config-latin1", "reduce {src} -k 8", "not UTF-8", "restore it", setup=write("src/config.json", NOT_UTF8)),
     case("config-nested-too-deep", "reduce {src} -k 8", "not valid JSON", "restore it",
          setup=write("src/config.json", DEEP)),
+    case("config-number-too-long", "reduce {src} -k 8", "not valid JSON (a number too long to read)", "restore it",
+         setup=write("src/config.json", '{"model_type": "bert", "x": ' + LONG_NUMBER + "}")),
     case("reduced-config-nested-too-deep", "eval {reduced} --task stsb --limit 4", "not valid JSON", "restore it",
          setup=write("reduced/config.json", '{"model_type": "bert", "x": ' + DEEP + "}")),
     case("weights-index-nested-too-deep", "reduce {src} -k 8", "is not a JSON object", "save the checkpoint again",
          setup=both(remove("src/model.safetensors"), write("src/model.safetensors.index.json", DEEP))),
+    case("weights-index-number-too-long", "reduce {src} -k 8", "is not a JSON object", "save the checkpoint again",
+         setup=both(remove("src/model.safetensors"),
+                    write("src/model.safetensors.index.json", '{"metadata": ' + LONG_NUMBER + "}"))),
     case("config-no-model-type", "reduce {src} -k 8", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
     case("config-unsupported-type", "reduce {src} -k 8", "model_type 'gpt2' is not supported", "supported: bert",
@@ -500,6 +506,9 @@ CALIBRATION = [
          "one JSON object a line", setup=write("c.jsonl", "{text: oops}\n")),
     case("calibrate-jsonl-nested-too-deep", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "c.jsonl:2 is not valid JSON",
          "one JSON object a line", setup=write("c.jsonl", '{"text": "fine"}\n' + DEEP + "\n")),
+    case("calibrate-jsonl-number-too-long", "reduce {src} -k 8 --calibrate {ws}/c.jsonl",
+         "c.jsonl:2 is not valid JSON (a number too long to read)", "one JSON object a line",
+         setup=write("c.jsonl", '{"text": "fine"}\n{"text": "x", "n": ' + LONG_NUMBER + "}\n")),
     case("calibrate-jsonl-no-text", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no text field",
          "one JSON object a line", setup=write("c.jsonl", '{"n": 1}\n')),
     case("calibrate-jsonl-empty-texts", "reduce {src} -k 8 --calibrate {ws}/c.jsonl", "no calibration text",
