@@ -206,29 +206,37 @@ def run_cell(cell: dict) -> dict:
 def usable(cell: dict, value) -> bool:
     """Whether ``value`` is what ``run_cell`` can return for ``cell``: a resume file edited by hand, damaged or
     written by another version is run again rather than breaking the table or putting numbers in it that no run
-    measured. Every GLUE metric lies in [-1, 1] (nan where it is undefined, as for constant predictions); counts are
-    positive integers, seconds and errors finite and not negative."""
+    measured. Only the keys ``run_cell`` writes (a stored "method" or "score" would overwrite the row's own), the
+    task's own metrics, each in [-1, 1] (nan where it is undefined, as for constant predictions); counts are positive
+    integers a float holds exactly, seconds and errors finite and not negative."""
     from .eval.tasks import get_task
 
     def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and not abs(x) >= 2 ** 53  # nan passes
 
     def score(x) -> bool:
         return number(x) and (math.isnan(x) or -1.0 - 1e-9 <= x <= 1.0 + 1e-9)  # a correlation rounds past 1
 
     def count(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+        return number(x) and isinstance(x, int) and x >= 1
 
     def amount(x) -> bool:
         return number(x) and math.isfinite(x) and x >= 0
 
     if not isinstance(value, dict) or not isinstance(value.get("metrics"), dict):
         return False
-    metrics = value["metrics"]
-    amounts = ("seconds",) + (() if cell["method"] is None else ("mean_relative_error",))
-    return (get_task(cell["task"]).main in metrics and all(score(x) for x in metrics.values())
+    task, metrics = get_task(cell["task"]), value["metrics"]
+    required = ("seconds",) + (() if cell["method"] is None else ("mean_relative_error",))
+    optional = () if cell["method"] is None else ("mean_expected_score_error", "mean_expected_output_error")
+    if not set(value) <= {"metrics", "examples", "qk_params", *required, *optional,
+                          *(("refine_steps", "allocate") if cell["method"] is not None else ())}:
+        return False
+    return (task.main in metrics and set(metrics) <= set(task.metrics) and all(score(x) for x in metrics.values())
             and count(value.get("examples")) and count(value.get("qk_params"))
-            and all(amount(value.get(k)) for k in amounts))
+            and all(amount(value.get(k)) for k in required)
+            and all(amount(value[k]) for k in optional if k in value)
+            and (value.get("refine_steps", 0) == 0 or count(value.get("refine_steps")))
+            and isinstance(value.get("allocate", False), bool))
 
 
 def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:

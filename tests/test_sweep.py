@@ -269,6 +269,16 @@ def test_a_resumed_cell_with_numbers_no_run_can_give_is_run_again(tiny_encoder, 
     (lambda r: r.update(examples=0), False),
     (lambda r: r.update(seconds=-1.0), False),
     (lambda r: r.update(mean_relative_error=float("nan")), False),
+    (lambda r: r.update(qk_params=10 ** 400), False),  # broke the figure: int too large to convert to float
+    (lambda r: r.update(score=0.99), False),  # the table's own columns: a stored one overwrote the measured
+    (lambda r: r.update(method="fake"), False),
+    (lambda r: r.update(key_dim=9999), False),
+    (lambda r: r.update(nested={"a": 1}), False),
+    (lambda r: r["metrics"].update(accuracy=0.5), False),  # not one of STS-B's metrics
+    (lambda r: r.update(refine_steps=200, allocate=False, mean_expected_output_error=0.2), True),
+    (lambda r: r.update(refine_steps=-5), False),
+    (lambda r: r.update(allocate="yes"), False),
+    (lambda r: r.update(mean_expected_output_error=-1.0), False),
 ])
 def test_a_resumed_value_is_usable_only_if_a_run_could_have_given_it(edit, kept):
     from mhacompress.sweep import usable
