@@ -2,6 +2,7 @@
 a reduced model keeps its collaborative layers through fine-tuning and saving."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,19 @@ def test_head_that_does_not_fit_is_refused():
     model = F.with_head(tiny_encoder(), get_task("mnli"))
     with pytest.raises(UsageError, match="3-label head; rte needs 2"):
         F.with_head(model, get_task("rte"))
+
+
+@pytest.mark.parametrize("stored", ["regression", "multi_label_classification"])
+def test_the_task_decides_the_loss_whatever_problem_type_the_checkpoint_says(tokenizer, stored):
+    """A 2-label head whose config.json said problem_type "regression" failed inside mse_loss with a shape error."""
+    task = get_task("qnli")
+    model = F.with_head(tiny_encoder(), task)
+    model.config.problem_type = stored
+    same = F.with_head(model, task)
+    assert same is model and model.config.problem_type == "single_label_classification"
+    losses = F.train(model, tokenizer, load_examples(task, "train", data_dir=FIXTURES), epochs=1, batch_size=4,
+                     lr=1e-3)["losses"]
+    assert all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

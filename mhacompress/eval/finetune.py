@@ -16,13 +16,20 @@ from .runner import check_vocabulary, encode, head_order, input_keys, is_classif
 from .tasks import Task
 
 
+def _problem_type(task: Task) -> str:
+    """The loss transformers' heads compute for ``task`` (config.problem_type)."""
+    return "regression" if task.regression else "single_label_classification"
+
+
 def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
     """``model`` itself when it already has a head that fits ``task``; for a plain encoder (original or reduced), a
     sequence-classification model around the same encoder weights with a fresh head (num_labels of the task, one
-    regression output for STS-B), labelled with the task's label names."""
+    regression output for STS-B), labelled with the task's label names. The task decides the loss: a config.json
+    whose ``problem_type`` says otherwise (multi-label, or regression on a 2-label head) is set to the task's."""
     if is_classifier(model):
         head_order(model, task, name, fix="finetune keeps an existing head, so start from the encoder it was "
                                           "fine-tuned from (a checkpoint without this head)")  # not: run finetune
+        model.config.problem_type = _problem_type(task)
         return model
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -34,7 +41,7 @@ def with_head(model, task: Task, *, seed: int = 0, name: str = "the model"):
     names = task.labels or ("score",)
     config.id2label = dict(enumerate(names))
     config.label2id = {n: i for i, n in enumerate(names)}
-    config.problem_type = "regression" if task.regression else "single_label_classification"
+    config.problem_type = _problem_type(task)
     config.architectures = [cls_name]
     block = getattr(config, COMPRESSION_KEY, None)
     if block:
