@@ -580,6 +580,12 @@ EVAL = [
          "official GLUE", setup=write("data/STS-B/dev.tsv", STSB_HEADER)),
     case("eval-wrong-columns", "eval {src} --task mrpc --data-dir {data}", "no column '#1 String'",
          "official GLUE file", setup=write("data/MRPC/dev.tsv", "a\tb\n1\t2\n")),
+    # a dev file whose label column is misnamed was read as unlabelled: "has no labels ... evaluate --split validation"
+    case("eval-dev-label-column-misnamed", "eval {src} --task mrpc --data-dir {data}", "no column 'Quality'",
+         "official GLUE file", setup=write("data/MRPC/dev.tsv", " " + MRPC_HEADER + "1\t1\t2\tA man.\tA man.\n")),
+    # old Mac line ends: one line, and the whole file quoted as the header (7.5 KB)
+    case("eval-cr-line-ends", "eval {src} --task mrpc --data-dir {data}", "carriage return alone", "tr '\\r' '\\n'",
+         setup=write("data/MRPC/dev.tsv", (MRPC_HEADER + "1\t1\t2\tA man.\tA man.\n" * 300).replace("\n", "\r"))),
     case("eval-bad-label", "eval {src} --task stsb --data-dir {data}", "label 'high' is not a number",
          "official GLUE STS-B file",
          setup=write("data/STS-B/dev.tsv", STSB_HEADER + "0\tg\tf\t2012\t0\ts\ts\ta\tb\thigh\n")),

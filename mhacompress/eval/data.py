@@ -91,14 +91,18 @@ def read_tsv(task: Task, split: str, path: Path) -> Examples:
     """Official GLUE TSV: tab-separated, quoting off (quote characters are text), UTF-8 with or without a BOM,
     CoLA without a header row."""
     hint = f"pass the official GLUE {task.folder}/{path.name} (tab-separated UTF-8 text)"
-    lines = read_text(path, hint=hint).split("\n")
+    text = read_text(path, hint=hint)
+    if "\r" in text.rstrip("\r") and "\n" not in text:
+        raise UsageError(f"{path} ends its lines with a carriage return alone (old Mac line ends); convert them to "
+                         f"newlines (e.g. tr '\\r' '\\n') or {hint}")
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # final newline (CoLA dev has none, as in GLUE)
     rows = [line.rstrip("\r").split("\t") for line in lines]
     if task.header:
         header, rows = rows[0], rows[1:]
         text_cols = [_column(header, c, path) for c in task.text]
-        label_col = _column(header, task.label, path, required=False)
+        label_col = _column(header, task.label, path, required=split != "test")  # unlabelled: test files alone
     else:
         header, text_cols, label_col = None, list(task.text), task.label
         if split == "test":  # CoLA test.tsv: index, sentence (with a header, unlike train and dev)
@@ -129,8 +133,9 @@ def _column(header: list[str], name, path: Path, required: bool = True):
     if name == "gold_label" and header and header[-1] == "gold_label":
         return len(header) - 1
     if required:
-        raise UsageError(f"{path}: no column {name!r} in the header ({', '.join(header)}); "
-                         f"is this the official GLUE file?")
+        columns = ", ".join(header)
+        columns = columns if len(columns) <= 200 else columns[:200].rsplit(" ", 1)[0] + " ..."
+        raise UsageError(f"{path}: no column {name!r} in the header ({columns}); is this the official GLUE file?")
     return None
 
 
