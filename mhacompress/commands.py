@@ -400,13 +400,16 @@ EPOCHS_MAX = 1e6  # far past any useful run, and epochs x batches stays a step c
 def check_training(**settings) -> None:
     """finetune's settings, refused in one line as its command's options are: --epochs in 0..EPOCHS_MAX (0
     excluded); --lr > 0; --warmup in 0..1; --weight-decay >= 0 (all finite); --batch-size, --limit >= 1;
-    --max-length >= 8; --seed 0..2**32-1."""
+    --max-length >= 8; --seed 0..2**32-1; --weight-decay x --lr < 1."""
     from .reduction.config import SEED_MAX, _int, _number
 
     _number("epochs", settings["epochs"], 0, EPOCHS_MAX, above=True)
     _number("lr", settings["lr"], 0, above=True)
     _number("warmup", settings["warmup"], 0, 1)
     _number("weight_decay", settings["weight_decay"], 0)
+    if settings["lr"] * settings["weight_decay"] >= 1:  # AdamW's decoupled decay: w <- w (1 - lr wd) every step
+        raise ConfigError(f"{named('--weight-decay')} times {named('--lr')} must be below 1 (AdamW shrinks every "
+                          f"weight by that share a step); got {settings['weight_decay']:g} x {settings['lr']:g}")
     _int("batch_size", settings["batch_size"], 1)
     _int("max_length", settings["max_length"], 8)
     _int("seed", settings["seed"], 0, SEED_MAX)

@@ -594,6 +594,9 @@ EVAL = [
          "official GLUE STS-B file", setup=write("data/STS-B/dev.tsv", STSB_HEADER
                                                  + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t1.5\n"
                                                  + "1\tg\tf\t2012\t0\ts\ts\tc\td\tnan\n")),
+    # AdamW shrinks every weight by lr x weight_decay a step: past 1 the weights blew up, and the message blamed --lr
+    case("finetune-weight-decay-past-one-step", "finetune {src} --task stsb -o {ws}/ft --weight-decay 1e300",
+         "--weight-decay times --lr must be below 1", "got 1e+300 x 2e-05"),
     case("finetune-label-inf", "finetune {src} --task stsb -o {ws}/ft --data-dir {data}", "label 'inf' is not a number",
          "official GLUE STS-B file", setup=write("data/STS-B/train.tsv", STSB_HEADER
                                                  + "0\tg\tf\t2012\t0\ts\ts\ta\tb\tinf\n")),
@@ -1054,6 +1057,8 @@ API = [  # (call, fragment of the message)
     ("mhacompress.evaluate(str(src), 'stsb', data_dir='', limit=4)", "data_dir is empty"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir='')", "data_dir is empty"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, epochs=0)", "epochs must be a finite number > 0"),
+    ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, lr=0.1, weight_decay=10)",
+     "weight_decay times lr must be below 1"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, limit=8, batch_size=4, epochs=1e308)",
      "epochs must be a finite number > 0 and <= 1e+06; got 1e+308"),
     ("mhacompress.finetune(str(src), 'stsb', 'new/ft', data_dir=glue, lr=float('nan'))", "lr must be a finite"),

@@ -31,7 +31,8 @@ from .eval import data_options
 @click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--warmup", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Fraction of steps of linear warm-up (then linear decay to 0).")
-@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.01, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.01, show_default=True,
+              help="AdamW's decoupled decay; times --lr it must stay below 1.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the head, data order and dropout.")
 @click.option("--limit", type=click.IntRange(min=1), help="Train on a seeded random sample of N examples.")
