@@ -168,9 +168,14 @@ class _Store:
         self.folder = folder
 
     def load(self, cell: Cell) -> Result | None:
-        """The stored result of ``cell``, or None when absent or not trusted (unreadable, another cell, failed)."""
+        """The stored result of ``cell``, or None when absent or not trusted (unreadable, another cell, failed). A
+        folder (or pipe...) in the cell file's place is refused now, not once the cell has run and cannot be saved."""
+        path = self.folder / f"{cell_key(cell)}.json"
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path} is not a file, so the cell cannot be stored; remove it, or pass another "
+                             f"{named('--resume')} folder")
         try:
-            stored = json.loads((self.folder / f"{cell_key(cell)}.json").read_text())
+            stored = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
             return None
         valid = (isinstance(stored, dict) and stored.get("ok") is True and "result" in stored

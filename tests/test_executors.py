@@ -120,6 +120,14 @@ def test_a_resume_path_that_is_a_file_is_a_one_line_error_saying_what_to_pass(tm
         run_cells(cells(2), square, resume=tmp_path / "f")
 
 
+def test_a_folder_in_a_cell_files_place_is_refused_before_any_cell_runs(tmp_path):
+    """It was found only when the finished cell could not be saved, naming a temporary file, the cell's work lost."""
+    (tmp_path / f"{cell_key({'x': 1})}.json").mkdir()
+    with pytest.raises(UsageError, match=f"{cell_key({'x': 1})}.json is not a file.*remove it, or pass another"):
+        run_cells(cells(3), square, resume=tmp_path)
+    assert not CALLS
+
+
 def test_cell_names_are_stable_under_key_order():
     assert cell_key({"a": 1, "b": [2, 3]}) == cell_key({"b": [2, 3], "a": 1})
     assert cell_key({"a": 1}) != cell_key({"a": 2})
