@@ -614,6 +614,10 @@ EVAL = [
     case("eval-test-split-without-labels", "eval {src} --task stsb --split test --data-dir {data}", "has no labels",
          "--reference ORIGINAL", setup=write("data/STS-B/test.tsv", STSB_HEADER.replace("\tscore", "")
                                              + "0\tg\tf\t2012\t0\ts\ts\tA man.\tA woman.\n" * 2)),
+    # every model scored null (undefined correlations), exit 0, without a word
+    case("eval-stsb-constant-labels", "eval {src} --task stsb --data-dir {data}", "every label is 2.5",
+         "examples whose labels differ", setup=write("data/STS-B/dev.tsv", STSB_HEADER
+                                                      + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t2.5\n" * 3)),
     case("eval-stsb-one-example", "eval {src} --task stsb --limit 1", "need at least 2 examples", "--limit 2 or more"),
     # a damaged checkpoint was scored: exit 0 with null (NaN) metrics
     case("eval-weights-nan", "eval {src} --task stsb --limit 4", "holds NaN or infinite values", "download or save it",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..errors import UsageError, given
+from ..errors import UsageError, given, named
 from ..reduction.config import _int
 from .data import Examples, load_examples
 from .runner import Outputs, fidelity, is_classifier, run, score
@@ -41,6 +41,11 @@ class Scorer:
             raise UsageError(f"{self.task.name}'s correlations (Pearson, Spearman) need at least 2 examples, got "
                              f"{len(self.examples)} from {self.examples.source}; pass {given('--limit', 2)} or more "
                              f"(on a split that has 2)")
+        labels = self.examples.labels
+        if self.task.regression and labels is not None and len(set(labels)) == 1:  # every model would score null
+            raise UsageError(f"{self.examples.source}: every label is {labels[0]:g}, so {self.task.name}'s "
+                             f"correlations are undefined for any model; score on examples whose labels differ (another "
+                             f"split, or a larger {named('--limit')})")
 
     @classmethod
     def for_task(cls, task: str | Task, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":
