@@ -44,8 +44,8 @@ class Scorer:
         labels = self.examples.labels
         if self.task.regression and labels is not None and len(set(labels)) == 1:  # every model would score null
             raise UsageError(f"{self.examples.source}: every label is {labels[0]:g}, so {self.task.name}'s "
-                             f"correlations are undefined for any model; score on examples whose labels differ (another "
-                             f"split, or a larger {named('--limit')})")
+                             f"correlations are undefined for any model; score on examples whose labels differ "
+                             f"(another split, or a larger {named('--limit')})")
 
     @classmethod
     def for_task(cls, task: str | Task, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":
