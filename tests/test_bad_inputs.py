@@ -653,20 +653,26 @@ FINETUNE = [
     case("finetune-weights-nan", "finetune {src} --task stsb -o {ws}/ft --limit 4 --epochs 1", "holds NaN or infinite",
          "download or save it again", setup=edit_weights(
              "src", lambda w: w["encoder.layer.0.attention.self.value.weight"].fill_(float("nan")))),
-    # training that diverged saved a NaN model, then scoring it failed naming the SOURCE model
-    case("finetune-diverges", "finetune {src} --task stsb -o {ws}/ft --limit 64 --epochs 1 --lr 1e6",
+    # training that diverged saved a NaN model, then scoring it failed naming the SOURCE model (no weight decay:
+    # times such a rate it is refused before training)
+    case("finetune-diverges",
+         "finetune {src} --task stsb -o {ws}/ft --limit 64 --epochs 1 --weight-decay 0 --lr 1e6",
          "training diverged", "lower --lr"),
-    case("finetune-diverges-no-eval", "finetune {src} -t stsb -o {ws}/ft --limit 64 --epochs 1 --lr 1e6 --no-eval",
+    case("finetune-diverges-no-eval",
+         "finetune {src} -t stsb -o {ws}/ft --limit 64 --epochs 1 --weight-decay 0 --lr 1e6 --no-eval",
          "training diverged", "fewer --epochs"),
-    case("finetune-diverges-forced", "finetune {src} --task stsb -o {prev} --force --limit 64 --epochs 1 --lr 1e6",
+    case("finetune-diverges-forced",
+         "finetune {src} --task stsb -o {prev} --force --limit 64 --epochs 1 --weight-decay 0 --lr 1e6",
          "training diverged", "check the starting checkpoint"),
-    case("finetune-diverges-in-one-step", "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --lr 1e6 --no-eval",
+    case("finetune-diverges-in-one-step",
+         "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --weight-decay 0 --lr 1e6 --no-eval",
          "training diverged", "lower --lr"),  # finite weights, but so large that the outputs overflow
     case("finetune-diverges-huge-weights", "finetune {src} --task stsb -o {ws}/ft --limit 8 --epochs 1 --no-eval",
          "training diverged", "check the starting checkpoint", setup=edit_weights("src", overflowing)),
     # a rate float32 cannot hold: the optimizer's RuntimeError ("cannot be converted to type float without
     # overflow"), a traceback
-    case("finetune-lr-past-float32", "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --lr 1e300 --no-eval",
+    case("finetune-lr-past-float32",
+         "finetune {src} -t stsb -o {ws}/ft --limit 8 --epochs 1 --weight-decay 0 --lr 1e300 --no-eval",
          "training diverged", "lower --lr"),
     case("finetune-epochs-0", "finetune {src} --task stsb -o {ws}/ft --epochs 0", "--epochs", "0<x<=1000000"),
     case("finetune-epochs-nan", "finetune {src} --task stsb -o {ws}/ft --epochs nan", "'nan' is not a finite",
@@ -1173,13 +1179,15 @@ def test_python_api_refuses_a_finetune_that_diverged(glue_dir, tiny_bert_dir, tm
     before = tree(tmp_path)
     for output, force in ((tmp_path / "ft", False), (previous, True)):
         with pytest.raises(UsageError, match=r"^training diverged: .*try a lower lr \(got 1e\+06\) or fewer epochs"):
-            mhacompress.finetune(str(src), "stsb", str(output), force=force, lr=1e6, epochs=1, limit=64,
+            mhacompress.finetune(str(src), "stsb", str(output), force=force, lr=1e6, weight_decay=0, epochs=1,
+                                 limit=64,
                                  data_dir=glue_dir)
         assert tree(tmp_path) == before
     # one step at that rate leaves finite weights whose outputs overflow: refused before saving too (it was saved and
     # then failed scoring)
     with pytest.raises(UsageError, match=r"^training diverged: after 1 steps the model's outputs .* hold NaN"):
-        mhacompress.finetune(str(src), "stsb", str(tmp_path / "one"), lr=1e6, epochs=1, limit=8, data_dir=glue_dir)
+        mhacompress.finetune(str(src), "stsb", str(tmp_path / "one"), lr=1e6, weight_decay=0, epochs=1, limit=8,
+                             data_dir=glue_dir)
     assert tree(tmp_path) == before
 
 
