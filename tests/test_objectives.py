@@ -11,6 +11,7 @@ from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (
+    QUERY_MAP_RIDGE,
     SHRINKAGE,
     OutputMoments,
     centred_content_bias,
@@ -296,7 +297,7 @@ def test_the_output_moments_are_the_weighted_sums_of_both_streams():
     """Against sums written out token by token: the weighted means of x and x~, the centred query metric, the key
     metric Y~^T S Y~ per real token; the query map is the centred weighted least-squares map x - mu ~ Pq (x~ - mu~)
     and the key map the least-squares map y ~ Pk y~ in the S metric (rows R^T Y~ for S = R R^T), both with the
-    ridge towards the identity."""
+    ridge towards the identity: 1e-3 for the keys, QUERY_MAP_RIDGE x d / rows for the 16 query rows."""
     d = 4
     m, data = drifted(d)
     tok = [(x[b, j], xr[b, j], w[b, j]) for x, xr, tokens, w, _ in data for b in range(2) for j in range(5)
@@ -315,17 +316,46 @@ def test_the_output_moments_are_the_weighted_sums_of_both_streams():
 
     eye = torch.eye(d, dtype=f64)
 
-    def ridge_lstsq(rows, targets, count, metric):
-        r = 1e-3 * metric.trace() / d * count  # ridge_map's default, in sums rather than means
+    def ridge_lstsq(rows, targets, count, metric, ridge=1e-3):
+        r = ridge * metric.trace() / d * count  # in sums rather than means
         return torch.linalg.lstsq(torch.cat([rows, r.sqrt() * eye]), torch.cat([targets, r.sqrt() * eye])).solution.T
 
     root = torch.tensor([float(w) ** 0.5 for _, _, w in tok], dtype=f64)[:, None]
     pq = ridge_lstsq(root * torch.stack([xr - mu_r for _, xr, _ in tok]),
-                     root * torch.stack([x - mu for x, _, _ in tok]), n, cq)
+                     root * torch.stack([x - mu for x, _, _ in tok]), n, cq, QUERY_MAP_RIDGE * d / len(tok))
     torch.testing.assert_close(m.query_map(), pq)
     key_rows = torch.cat([R[b].T @ xr[b] for _, xr, _, _, R in data for b in range(2)])  # R^T Y~
     key_targets = torch.cat([R[b].T @ x[b] for x, _, _, _, R in data for b in range(2)])  # R^T Y
     torch.testing.assert_close(m.key_map(), ridge_lstsq(key_rows, key_targets, n_key, ck))
+
+
+def test_a_query_map_fitted_on_few_rows_is_pulled_to_the_identity_as_width_over_rows():
+    """A classifier's last layer is queried at one token a sequence: 512 rows for MiniLM's 384-wide map. Where the
+    streams differ by noise alone (the true map is the identity), the plain least-squares map fits that noise; the
+    ridge QUERY_MAP_RIDGE x d / rows keeps the map near the truth, and with rows in the thousands (every token) it
+    falls to ridge_map's 1e-3."""
+    gen = torch.Generator().manual_seed(5)
+    d = 32
+
+    def moments(rows, batch=40):
+        m = OutputMoments(d, 2)
+        for _ in range(rows // batch):
+            x = torch.randn(1, batch, d, generator=gen, dtype=f64)
+            xr = x + 0.5 * torch.randn(1, batch, d, generator=gen, dtype=f64)  # drift that no map explains
+            tokens, weights = torch.ones(1, batch, dtype=torch.bool), torch.ones(1, batch, dtype=f64)
+            m.add(x, xr, tokens, weights, torch.zeros(1, batch, batch, dtype=f64), torch.ones(2, dtype=f64))
+        return m
+
+    few = moments(40)
+    mu_o, mu_r = few.means()
+    plain = ridge_map(few.query_metric(), few.cross / few.n - torch.outer(mu_o, mu_r))  # the 1e-3 of every map
+    eye = torch.eye(d, dtype=f64)
+    # the population map is C (C + 0.25 I)^-1 = 0.8 I; plain least squares on 40 rows strays far from it
+    assert (few.query_map() - 0.8 * eye).norm() < 0.7 * (plain - 0.8 * eye).norm()  # 2.59 against 4.54
+    many = moments(4_000)  # past the 3200 rows where QUERY_MAP_RIDGE x d / rows falls under 1e-3
+    mu_o, mu_r = many.means()
+    torch.testing.assert_close(many.query_map(), ridge_map(many.query_metric(),
+                                                           many.cross / many.n - torch.outer(mu_o, mu_r)))
 
 
 def test_off_the_identity_the_whitened_target_is_the_original_heads_carried_by_the_input_maps():
