@@ -180,11 +180,10 @@ class OutputMoments:
         """Pq (d, d) with x - mu ~ Pq (x~ - mu~) in weighted least squares, pulled towards the identity by a ridge of
         QUERY_MAP_RIDGE x d / rows where it has fewer than 10 rows a dimension (ridge_map's 1e-3 otherwise): a d x d
         map fitted on few rows fits their noise. A classifier's last layer is queried at one token a sequence, 512
-        rows for MiniLM's 384 x 384 map. On the RTE
-        model at key dim 96, a small change below it (a refinement step of 1e-2 instead of 3e-3) made that map put
-        the last layer's query/key product 18.8x the original's norm away in the weights, and the dev KL to the
-        original rose from 7.5 to 110 (x 1e-3); with this ridge it was 7.7 (docs/method.md). A layer queried at
-        every token has tens of thousands of rows, and keeps 1e-3."""
+        rows for MiniLM's 384 x 384 map. On the RTE model at key dim 96, a small change below it (a refinement step
+        of 1e-2 instead of 3e-3) made that map put the last layer's query/key product 18.8x the original's norm away
+        in the weights, and the dev KL to the original rose from 7.5 to 110 (x 1e-3); with this ridge it was 7.7
+        (docs/method.md). A layer queried at every token has tens of thousands of rows, and keeps 1e-3."""
         mu_o, mu_r = self.means()
         ridge = QUERY_MAP_RIDGE * self.d / max(self.rows, 1) if self.rows < 10 * self.d else 1e-3
         return ridge_map(self.query_metric(), self.cross / self.n - torch.outer(mu_o, mu_r), ridge)
