@@ -226,10 +226,11 @@ def usable(cell: dict, value) -> bool:
     if not isinstance(value, dict) or not isinstance(value.get("metrics"), dict):
         return False
     task, metrics = get_task(cell["task"]), value["metrics"]
-    required = ("seconds",) + (() if cell["method"] is None else ("mean_relative_error",))
-    optional = () if cell["method"] is None else ("mean_expected_score_error", "mean_expected_output_error")
-    if not set(value) <= {"metrics", "examples", "qk_params", *required, *optional,
-                          *(("refine_steps", "allocate") if cell["method"] is not None else ())}:
+    reduced = cell["method"] is not None  # the original's cell has none of the reduction's keys
+    required = ("seconds",) + (("mean_relative_error",) if reduced else ())
+    optional = ("mean_expected_score_error", "mean_expected_output_error") if reduced else ()
+    settings = ("refine_steps", "allocate") if reduced else ()
+    if not set(value) <= {"metrics", "examples", "qk_params", *required, *optional, *settings}:
         return False
     return (task.main in metrics and set(metrics) <= set(task.metrics) and all(score(x) for x in metrics.values())
             and count(value.get("examples")) and count(value.get("qk_params"))
