@@ -594,6 +594,11 @@ EVAL = [
          "official GLUE STS-B file", setup=write("data/STS-B/dev.tsv", STSB_HEADER
                                                  + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t1.5\n"
                                                  + "1\tg\tf\t2012\t0\ts\ts\tc\td\tnan\n")),
+    # a score on another scale (0..100) or from another column was read as a similarity: fine-tuning learned it
+    case("eval-label-off-scale", "eval {src} --task stsb --data-dir {data}", "label 37 is outside STS-B's scale 0..5",
+         "the score column", setup=write("data/STS-B/dev.tsv", STSB_HEADER
+                                         + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t5.000\n"
+                                         + "1\tg\tf\t2012\t0\ts\ts\tc\td\t37\n")),
     # AdamW shrinks every weight by lr x weight_decay a step: past 1 the weights blew up, and the message blamed --lr
     case("finetune-weight-decay-past-one-step", "finetune {src} --task stsb -o {ws}/ft --weight-decay 1e300",
          "--weight-decay times --lr must be below 1", "got 1e+300 x 2e-05"),

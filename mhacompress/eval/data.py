@@ -146,6 +146,10 @@ def parse_label(task: Task, value: str, where: str):
         if task.regression:
             if not math.isfinite(float(value)):  # float() reads nan and inf: the scores would be NaN
                 raise ValueError(value)
+            low, high = task.scale or (-math.inf, math.inf)
+            if not low <= float(value) <= high:  # another scale or another column: fine-tuning would learn it
+                raise UsageError(f"{where}: label {value} is outside {task.folder}'s scale {low:g}..{high:g}; is "
+                                 f"this the official GLUE {task.folder} file (the score column)?")
             return float(value)
         if value.isdigit() and int(value) < task.num_labels:
             return int(value)

@@ -22,6 +22,7 @@ class Task:
                                                ("test", "test.tsv", "test"))  # (split, local file, hub split)
     header: bool = True
     skip_malformed: bool = False  # the official QQP train file has a few broken rows; the hub loader skips them too
+    scale: tuple[float, float] | None = None  # a regression label's range (STS-B: similarity 0..5)
 
     @property
     def main(self) -> str:
@@ -61,7 +62,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("mrpc", "MRPC", "mrpc", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"),
          ("not_equivalent", "equivalent"), ("f1", "accuracy")),
     Task("stsb", "STS-B", "stsb", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), None,
-         ("spearman", "pearson")),
+         ("spearman", "pearson"), scale=(0.0, 5.0)),
     Task("qqp", "QQP", "qqp", ("question1", "question2"), "is_duplicate", ("question1", "question2"),
          ("not_duplicate", "duplicate"), ("f1", "accuracy"), skip_malformed=True),
     Task("mnli", "MNLI", "mnli", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
