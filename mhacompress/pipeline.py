@@ -143,12 +143,12 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
         raise ConfigError("calibration and evaluation tokenize text: pass the model's tokenizer, "
                           "compress(model, config, tokenizer=tokenizer)")
     from .reduction.modeling import is_classifier
-    from .reduction.surgery import check_reducible, model_shape, require_classifier
+    from .reduction.surgery import check_reducible, hooked_attention, model_shape, require_classifier
 
     check_reducible(model, in_place=config.calibration is not None)  # the compensation refits output projections
     if config.first_token_only:
         require_classifier(model, name)
-    warnings = _hook_warnings(model)
+    warnings = [hooks] if (hooks := hooked_attention(model)) else []
     if config.calibration is None and is_classifier(model):
         warnings.append(f"{WEIGHTS_ONLY_CLASSIFIER} (compress: config.calibration)")
     if getattr(model, "initialised", None):  # transformers' own warning, which loading keeps off stderr
@@ -355,19 +355,6 @@ def _load(model_or_name, tokenizer, allow_pickle: bool, device, notify):
     if source is not None and not hasattr(model, "sentence_head"):
         _read_sentence_head(model, Path(source))
     return model.eval(), tokenizer, source, path or type(model).__name__
-
-
-def _hook_warnings(model) -> list[str]:
-    """Hooks the caller registered on a self-attention module, which the reduction replaces by a new module: they
-    would stop firing without a word."""
-    from .reduction.modeling import attention_modules
-
-    hooked = [i for i, (_, _, m) in enumerate(attention_modules(model))
-              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
-    if not hooked:
-        return []
-    return [f"the self-attention modules of layers {hooked} had hooks, which do not carry over to the collaborative "
-            f"modules that replace them; register them again on the reduced model's attention modules"]
 
 
 def _check_pooling(pooling) -> None:

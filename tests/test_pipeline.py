@@ -372,3 +372,15 @@ def test_hooks_on_a_replaced_attention_module_are_reported_not_lost_without_a_wo
     assert not [w for w in mhacompress.compress(AutoModel.from_pretrained(tiny_bert_dir),
                                                 ReductionConfig(key_dim=8, n_iter_max=3)).report["warnings"]
                 if "hooks" in w]
+
+
+def test_reduce_in_place_warns_of_hooks_on_the_attention_modules_it_replaces(tiny_bert_dir, recwarn):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    model.encoder.layer[0].attention.self.register_forward_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"layers \[0\] had hooks, which do not carry over"):
+        mhacompress.reduce_(model, ReductionConfig(key_dim=8, n_iter_max=3))
+    recwarn.clear()
+    mhacompress.reduce_(AutoModel.from_pretrained(tiny_bert_dir), ReductionConfig(key_dim=8, n_iter_max=3))
+    assert not [w for w in recwarn if "hooks" in str(w.message)]

@@ -4,6 +4,7 @@ style: ``reduce_(model, config)``), layer by layer so that the original query/ke
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Callable
 
@@ -268,6 +269,8 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     check_reducible(model)
     if config.first_token_only:
         require_classifier(model, "this model")
+    if hooks := hooked_attention(model):
+        warnings.warn(hooks, stacklevel=2)
     n_layers, heads, head_dim = model_shape(model)
     config = config.decided(heads * head_dim, n_layers)  # recorded as decided (allocate False: no data)
     dims = config.layer_key_dims(n_layers, heads, head_dim)
@@ -278,6 +281,17 @@ def reduce_(model: nn.Module, config: ReductionConfig, *, source: str | os.PathL
     with torch.inference_mode(False):  # called inside inference_mode, the installed modules' caches would fail
         layers = reduce_layers_(model, config, dims, moments, on_layer)
     return finish_(model, config, layers, source=source, tool_version=tool_version)
+
+
+def hooked_attention(model: nn.Module) -> str | None:
+    """What to tell the caller who registered hooks on a self-attention module, which the reduction replaces by a new
+    module: they would stop firing without a word. None when there are none."""
+    hooked = [i for i, (_, _, m) in enumerate(attention_modules(model))
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if not hooked:
+        return None
+    return (f"the self-attention modules of layers {hooked} had hooks, which do not carry over to the collaborative "
+            f"modules that replace them; register them again on the reduced model's attention modules")
 
 
 def _check_arguments(model, config, moments, on_layer) -> None:
