@@ -177,6 +177,14 @@ def test_reduce_bad_method_is_a_usage_error(tiny_dir):
     assert result.exit_code == 2 and "Invalid value for '--method'" in result.output
 
 
+def test_method_names_are_read_in_any_case_as_the_format_is(tiny_dir):
+    result = invoke("reduce", tiny_dir, "-k", "8", "--method", "Tucker", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["method"] == "tucker"
+    report = invoke("report", tiny_dir, "-k", "8", "--method", "SVD", "--seq-len", "16", "--no-latency", "--json")
+    assert report.exit_code == 0, report.output
+
+
 def test_reduce_missing_folder(tmp_path):
     assert_one_line_error(invoke("reduce", tmp_path / "nope", "-k", "8"), "no model folder at")
 

@@ -36,11 +36,12 @@ def test_sweep_json_and_plot(tiny_encoder, glue_dir, tmp_path):
 
 def test_sweep_calibrated(tiny_encoder, glue_dir):
     result = CliRunner().invoke(main, ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir),
-                                       "--limit", "20", "--key-dims", "12", "--methods", "cp",
+                                       "--limit", "20", "--key-dims", "12", "--methods", "CP",
                                        "--calibrate", "mrpc", "--samples", "16", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     row = report["results"][0]
+    assert row["method"] == "cp"  # method names are read in any case, as reduce --method takes them
     assert 0 < row["mean_expected_output_error"] < 1  # the default objective's error, averaged over layers
     # refinement left to its default is decided per cell (none above d/4, d = 32 here): each row says what it got
     assert report["calibration"]["refine_steps"] is None and row["refine_steps"] == 0

@@ -182,10 +182,10 @@ def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
 
 
 def method_choice():
-    """--method choices from the registry (which imports no torch)."""
+    """--method choices from the registry (which imports no torch), in any case (CP is cp), as --format is."""
     from ..reduction import methods
 
-    return click.Choice(methods.names())
+    return click.Choice(methods.names(), case_sensitive=False)
 
 
 def method_help() -> str:

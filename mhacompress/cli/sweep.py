@@ -66,7 +66,7 @@ def sweep(model, task, key_dims, methods, calibrate_source, samples, refine, dat
         from ..sweep import sweep as run_sweep
 
         dims = parse_dims(key_dims)
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        method_list = [m.strip().lower() for m in methods.split(",") if m.strip()]  # CP is cp
         unknown = [m for m in method_list if m not in registry.names()] or ([] if method_list else [methods])
         if unknown:
             raise ConfigError(f"--methods takes {', '.join(registry.names())}; got {unknown[0]!r}")
