@@ -11,6 +11,7 @@ from mhacompress.reduction.config import ReductionConfig
 from mhacompress.reduction.decompose import Factors
 from mhacompress.reduction.modeling import layers
 from mhacompress.reduction.objectives import (
+    QUERY_MAP_FEW_ROWS,
     QUERY_MAP_RIDGE,
     SHRINKAGE,
     OutputMoments,
@@ -331,9 +332,9 @@ def test_the_output_moments_are_the_weighted_sums_of_both_streams():
 
 def test_a_query_map_fitted_on_few_rows_is_pulled_to_the_identity_as_width_over_rows():
     """A classifier's last layer is queried at one token a sequence: 512 rows for MiniLM's 384-wide map. Where the
-    streams differ by noise alone (the true map is the identity), the plain least-squares map fits that noise; the
-    ridge QUERY_MAP_RIDGE x d / rows keeps the map near the truth. From 10 rows a dimension on (every token of a few
-    hundred sequences) the map is ridge_map's, with its 1e-3, as before."""
+    streams differ by noise alone (the true map is the identity), the plain least-squares map fits that noise; the ridge
+    QUERY_MAP_RIDGE x d / rows keeps the map near the truth. From QUERY_MAP_FEW_ROWS (10) rows a dimension on (every
+    token of a few hundred sequences) the map is ridge_map's, with its 1e-3, as before."""
     gen = torch.Generator().manual_seed(5)
     d = 32
 
@@ -352,7 +353,7 @@ def test_a_query_map_fitted_on_few_rows_is_pulled_to_the_identity_as_width_over_
     eye = torch.eye(d, dtype=f64)
     # the population map is C (C + 0.25 I)^-1 = 0.8 I; plain least squares on 40 rows strays far from it
     assert (few.query_map() - 0.8 * eye).norm() < 0.7 * (plain - 0.8 * eye).norm()  # 2.59 against 4.54
-    many = moments(320)  # 10 rows a dimension
+    many = moments(QUERY_MAP_FEW_ROWS * d)  # rows enough: the plain map
     mu_o, mu_r = many.means()
     torch.testing.assert_close(many.query_map(), ridge_map(many.query_metric(),
                                                            many.cross / many.n - torch.outer(mu_o, mu_r)))

@@ -37,7 +37,8 @@ from .decompose import Factors
 
 f64 = torch.float64
 SHRINKAGE = 0.3  # the query and key metrics are shrunk to C + 0.3 x their mean eigenvalue x I before whitening
-QUERY_MAP_RIDGE = 0.1  # a query input map fitted on under 10 rows a dimension: ridge 0.1 x d / rows (query_map)
+QUERY_MAP_RIDGE = 0.1  # a query input map fitted on few rows: ridge 0.1 x d / rows (query_map)
+QUERY_MAP_FEW_ROWS = 10  # ... fewer than this many rows a dimension (a classifier's last layer, one query a sequence)
 
 
 def head_gram(wo: Tensor, heads: int) -> Tensor:
@@ -178,14 +179,15 @@ class OutputMoments:
 
     def query_map(self) -> Tensor:
         """Pq (d, d) with x - mu ~ Pq (x~ - mu~) in weighted least squares, pulled towards the identity by a ridge of
-        QUERY_MAP_RIDGE x d / rows where it has fewer than 10 rows a dimension (ridge_map's 1e-3 otherwise): a d x d
-        map fitted on few rows fits their noise. A classifier's last layer is queried at one token a sequence, 512
-        rows for MiniLM's 384 x 384 map. On the RTE model at key dim 96, a small change below it (a refinement step
-        of 1e-2 instead of 3e-3) made that map put the last layer's query/key product 18.8x the original's norm away
-        in the weights, and the dev KL to the original rose from 7.5 to 110 (x 1e-3); with this ridge it was 7.7
-        (docs/method.md). A layer queried at every token has tens of thousands of rows, and keeps 1e-3."""
+        QUERY_MAP_RIDGE x d / rows where it has fewer than QUERY_MAP_FEW_ROWS (10) rows a dimension (ridge_map's 1e-3
+        otherwise): a d x d map fitted on few rows fits their noise. A classifier's last layer is queried at one token a
+        sequence, 512 rows for MiniLM's 384 x 384 map. On the RTE model at key dim 96, a small change below it (a
+        refinement step of 1e-2 instead of 3e-3) made that map put the last layer's query/key product 18.8x the
+        original's norm away in the weights, and the dev KL to the original rose from 7.5 to 110 (x 1e-3); with this
+        ridge it was 7.7 (docs/method.md). A layer queried at every token has tens of thousands of rows, and keeps
+        1e-3."""
         mu_o, mu_r = self.means()
-        ridge = QUERY_MAP_RIDGE * self.d / max(self.rows, 1) if self.rows < 10 * self.d else 1e-3
+        ridge = QUERY_MAP_RIDGE * self.d / max(self.rows, 1) if self.rows < QUERY_MAP_FEW_ROWS * self.d else 1e-3
         return ridge_map(self.query_metric(), self.cross / self.n - torch.outer(mu_o, mu_r), ridge)
 
     def key_map(self) -> Tensor:
