@@ -82,6 +82,18 @@ def test_json_to_a_full_stdout_is_one_line_saying_the_work_was_done(tiny_dir, tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_json_with_stdout_closed_is_one_line_saying_the_work_was_done(tiny_dir, tmp_path):
+    """--json >&-: Python starts with no sys.stdout, and the result's flush was an AttributeError traceback after the
+    output folder had been written."""
+    result = subprocess.run([sys.executable, "-m", "mhacompress", "reduce", str(tiny_dir), "-k", "8", "-o",
+                             str(tmp_path / "out"), "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.close(1))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "cannot write the JSON result: stdout is closed" in lines[0] and "written" in lines[0]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("args,code", [
     (["-k", "0"], 2),  # refused by the settings check
     (["-k", "8", "--refine", "2"], 2),  # needs --calibrate

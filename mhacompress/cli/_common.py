@@ -23,6 +23,9 @@ def emit_json(obj: dict, command: str, device=None) -> None:
     from ..schema import envelope, strict
 
     plain = json.loads(json.dumps({**envelope(command, device), **obj}, default=float))  # numpy / torch scalars too
+    if sys.stdout is None:  # started with stdout closed (>&-): Python has no stream, and click.echo drops the text
+        raise click.ClickException("cannot write the JSON result: stdout is closed (the command's work is done, and "
+                                   "any output it names was written); run it with stdout open or redirected to a file")
     try:
         click.echo(json.dumps(strict(plain), allow_nan=False))
         sys.stdout.flush()
