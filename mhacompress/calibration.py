@@ -24,10 +24,15 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
         raise UsageError(f"--samples must be at least 1, got {samples}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()  # c.JSONL is a jsonl file too (read as text, its lines were calibrated on as JSON)
-    if path.is_file() and suffix in TABLE_SUFFIXES:  # read as text, a .tsv's labels would be calibrated on
+    task = _task_named(source)
+    if task is not None:  # a task's name is the task, whatever the current folder holds (./rte for a folder named so)
+        from .eval.data import load_examples
+
+        texts = load_examples(task, "train", data_dir=data_dir, limit=samples, seed=seed).texts
+    elif path.is_file() and suffix in TABLE_SUFFIXES:  # read as text, a .tsv's labels would be calibrated on
         raise UsageError(f"{source} is a {suffix} file; calibration reads a .txt file (one sequence a line) or a "
                          f".jsonl file (one JSON object a line): convert it to one of those")
-    if path.is_file():
+    elif path.is_file():
         texts = _read_file(path)
     elif path.is_dir():
         raise UsageError(f"{source} is a folder; calibration reads a GLUE task name, a .txt file (one sequence a "
@@ -36,16 +41,14 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
         raise UsageError(f"{source} is not a regular file (a pipe or a device); pass a .txt or .jsonl file")
     elif suffix in (".txt", ".jsonl", ".json") or "/" in source:
         raise UsageError(f"no calibration file at {source!r}; pass a GLUE task name, a .txt or a .jsonl file")
-    else:
-        from .eval.data import load_examples
+    else:  # neither a path nor a task: get_task's refusal names the tasks
         from .eval.tasks import get_task
 
         try:
-            task = get_task(source)
+            get_task(source)
         except UsageError as err:
             raise UsageError(f"{err} (or pass a .txt / .jsonl file to "
                              f"{named('--calibrate', 'Calibration(source)')})") from None
-        texts = load_examples(task, "train", data_dir=data_dir, limit=samples, seed=seed).texts
     if not pairs:
         texts = [(t,) for pair in texts for t in pair]
     if not texts:
@@ -53,6 +56,19 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     if len(texts) > samples:
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), samples))]
     return texts
+
+
+def _task_named(source: str):
+    """The GLUE task ``source`` names (``mrpc``, ``SST-2``: a bare name, no folder), or None. A file or folder of that
+    name in the current folder (a model fine-tuned with ``-o rte``) does not hide the task: a path says ./rte."""
+    from .eval.tasks import get_task
+
+    if not source or "/" in source or os.sep in source:
+        return None
+    try:
+        return get_task(source)
+    except UsageError:
+        return None
 
 
 TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".arrow")

@@ -196,6 +196,18 @@ def test_calibration_sources(tmp_path, glue_dir):
     assert texts == calibration_texts("mrpc", 16, data_dir=str(glue_dir))  # seeded
 
 
+def test_a_task_name_means_the_task_whatever_the_current_folder_holds(tmp_path, glue_dir, monkeypatch):
+    """A file named mrpc in the current folder was calibrated on, recorded as 'mrpc' (the task); a folder named rte
+    (`finetune -t rte -o rte`) made `reduce rte --eval rte` fail. A path to such a file says ./mrpc."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mrpc").write_text("junk line\n" * 40)
+    (tmp_path / "rte").mkdir()
+    task = calibration_texts("mrpc", 16, data_dir=str(glue_dir))
+    assert len(task) == 16 and all(len(t) == 2 for t in task)  # MRPC's sentence pairs, not the junk
+    assert len(calibration_texts("RTE", 8, data_dir=str(glue_dir))) == 8
+    assert calibration_texts("./mrpc", 16) == [("junk line",)] * 16
+
+
 @pytest.mark.parametrize("source,message", [
     ("nope.txt", "no calibration file"), ("notatask", r"unknown task .notatask.*Calibration\(source\)"),
 ])
