@@ -96,7 +96,8 @@ def _read_file(path: Path) -> list[tuple[str, ...]]:
 
 def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
     """The text of one jsonl line: a string, or an object's ``text`` field, else its known text fields
-    (``TEXT_FIELDS``: sentence1 / sentence2, question / sentence, premise / hypothesis, ...), else its string fields
+    (``TEXT_FIELDS``: sentence1 / sentence2, question / sentence, premise / hypothesis, ...: strings, two at most), else
+    its string fields
     other than a label or an id (two at most); empty strings dropped (an empty tuple when nothing is left)."""
     try:
         record = json.loads(line)
@@ -113,7 +114,13 @@ def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
         raise UsageError(f"{path}:{n}: {kind}, not an object or a string; {JSONL_HINT}")
     if "text" in record and not isinstance(record["text"], str):
         raise UsageError(f"{path}:{n}: its text field is not a string; {JSONL_HINT}")
-    known = [k for k in record if k.lower() in TEXT_FIELDS and isinstance(record[k], str)]
+    known = [k for k in record if k.lower() in TEXT_FIELDS]
+    wrong = [k for k in known if not isinstance(record[k], str)]
+    if wrong and "text" not in record:  # a pair's second half as a number was calibrated on as a single sentence
+        raise UsageError(f"{path}:{n}: its {wrong[0]} field is not a string; {JSONL_HINT}")
+    if len(known) > 2 and "text" not in record:  # the first two in the record's order: the third was dropped
+        raise UsageError(f"{path}:{n}: {len(known)} text fields ({', '.join(known)}), where a sequence is one text or "
+                         f"a pair; keep the two to encode together, or give them as one \"text\" field")
     fields = [record["text"]] if "text" in record else [record[k] for k in known] if known else [
         v for k, v in record.items() if isinstance(v, str) and not _metadata(k)]
     if not fields:

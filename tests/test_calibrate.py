@@ -216,6 +216,16 @@ def test_bad_calibration_sources(source, message, tmp_path):
         calibration_texts(source, 8)
 
 
+@pytest.mark.parametrize("record,message", [
+    ({"sentence1": "The cat sat.", "sentence2": 5}, "its sentence2 field is not a string"),  # was a single sentence
+    ({"premise": "A", "question": "B", "hypothesis": "C"}, r"3 text fields \(premise, question, hypothesis\)"),
+])
+def test_a_jsonl_record_whose_text_fields_cannot_all_be_read_is_refused(tmp_path, record, message):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n' + json.dumps(record) + "\n")
+    with pytest.raises(UsageError, match="c.jsonl:2: " + message):
+        calibration_texts(str(tmp_path / "c.jsonl"), 8)
+
+
 def test_bad_jsonl_line(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(UsageError, match="c.jsonl:2 is not valid JSON"):
