@@ -97,8 +97,8 @@ def _read_file(path: Path) -> list[tuple[str, ...]]:
 def _record_texts(path: Path, n: int, line: str) -> tuple[str, ...]:
     """The text of one jsonl line: a string, or an object's ``text`` field, else its known text fields
     (``TEXT_FIELDS``: sentence1 / sentence2, question / sentence, premise / hypothesis, ...: strings, two at most), else
-    its string fields
-    other than a label or an id (two at most); empty strings dropped (an empty tuple when nothing is left)."""
+    its string fields other than a label or an id (two at most); empty strings dropped (an empty tuple when nothing is
+    left)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
