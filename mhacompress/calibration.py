@@ -78,12 +78,18 @@ TABLE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".arrow")
 TEXT_FIELDS = frozenset({field for task in TASKS.values() for field in task.hub_text}
                         | {"text_a", "text_b", "context", "passage", "query"})
 NOT_TEXT = frozenset({"label", "labels", "idx", "id", "guid"})  # string fields of a record that are not its text
+FILE_LIMIT = 256 * 2**20  # bytes: some two million sentences, thousands of times what calibration draws
 JSONL_HINT = 'a .jsonl file holds one JSON object a line, e.g. {"text": "..."}'
 TXT_HINT = "a calibration .txt file holds one sequence a line, as UTF-8 text"
 
 
 def _read_file(path: Path) -> list[tuple[str, ...]]:
     jsonl = path.suffix.lower() == ".jsonl"
+    size = path.stat().st_size
+    if size > FILE_LIMIT:  # read whole, at about 4x its size in memory, to draw a few hundred lines
+        raise UsageError(f"{path} is {size / 2**20:,.0f} MiB, and a calibration file is read whole (at most "
+                         f"{FILE_LIMIT // 2**20} MiB); draw a sample of its lines first, e.g. shuf -n 10000 {path} > "
+                         f"sample{path.suffix or '.txt'}")
     text = read_text(path, hint=JSONL_HINT if jsonl else TXT_HINT)
     # lines end at \n (\r\n, \r): not at str.splitlines' other breaks (form feed, U+2028, ...), which a sentence
     # may hold and a JSON string may hold raw

@@ -216,6 +216,19 @@ def test_bad_calibration_sources(source, message, tmp_path):
         calibration_texts(source, 8)
 
 
+def test_a_calibration_file_too_large_to_read_whole_is_refused_with_how_to_sample_it(tmp_path, monkeypatch):
+    """A file is read whole, at about 4x its size in memory (a 400 MB file: 1.5 GB more), to draw a few hundred lines:
+    a multi-GB corpus ended in an out-of-memory error that suggested options reduce does not have."""
+    import mhacompress.calibration as calibration
+
+    (tmp_path / "big.txt").write_text("a line of text\n" * 100)  # 1,500 bytes
+    monkeypatch.setattr(calibration, "FILE_LIMIT", 1000)
+    with pytest.raises(UsageError, match=r"big.txt is 0 MiB, .* read whole \(at most 0 MiB\); .*shuf -n 10000"):
+        calibration_texts(str(tmp_path / "big.txt"), 8)
+    monkeypatch.setattr(calibration, "FILE_LIMIT", 1500)
+    assert len(calibration_texts(str(tmp_path / "big.txt"), 8)) == 8
+
+
 @pytest.mark.parametrize("record,message", [
     ({"sentence1": "The cat sat.", "sentence2": 5}, "its sentence2 field is not a string"),  # was a single sentence
     ({"premise": "A", "question": "B", "hypothesis": "C"}, r"3 text fields \(premise, question, hypothesis\)"),

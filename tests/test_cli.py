@@ -94,6 +94,20 @@ def test_json_with_stdout_closed_is_one_line_saying_the_work_was_done(tiny_dir, 
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_out_of_memory_suggests_only_the_options_the_command_has(tiny_dir, tmp_path, monkeypatch):
+    """reduce has --samples, not --batch-size, --seq-len or --limit, which the message used to suggest to it."""
+    import mhacompress.pipeline as pipeline
+
+    def exhausted(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(pipeline, "_calibration_texts", exhausted)
+    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "-k", "8", "--calibrate", "mrpc"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == ("Error: out of memory (MemoryError); pass a smaller --samples, or use a device "
+                                     "with more memory")
+
+
 @pytest.mark.parametrize("args,code", [
     (["-k", "0"], 2),  # refused by the settings check
     (["-k", "8", "--refine", "2"], 2),  # needs --calibrate

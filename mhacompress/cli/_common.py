@@ -76,12 +76,23 @@ def user_errors():
         if not out_of_memory(err):
             raise
         raise click.ClickException(f"out of memory ({one_line(str(err)).split(': ')[-1][:120] or type(err).__name__});"
-                                   f" pass a smaller --batch-size (or --seq-len, --samples, "
-                                   f"--limit), or use a device with more memory") from None
+                                   f" {_smaller_options()}use a device with more memory") from None
     except OSError as err:  # the file system refused (disk full, permissions changed mid-run): nothing was replaced
         where = f" {err.filename}" if err.filename else ""
         raise click.ClickException(f"cannot access{where}: {err.strerror or err}; nothing was replaced (check the "
                                    f"path, its permissions and free space)") from None
+
+
+def _smaller_options() -> str:
+    """What the running command takes that lowers its memory ('pass a smaller --batch-size (or --samples), or '), so
+    that the out-of-memory line suggests no option the command lacks."""
+    ctx = click.get_current_context(silent=True)
+    names = {o for p in ctx.command.params for o in getattr(p, "opts", ())} if ctx else set()
+    have = [o for o in ("--batch-size", "--seq-len", "--samples", "--limit") if o in names]
+    if not have:
+        return ""
+    rest = f" (or {', '.join(have[1:])})" if have[1:] else ""
+    return f"pass a smaller {have[0]}{rest}, or "
 
 
 def out_of_memory(err: BaseException) -> bool:
