@@ -779,7 +779,9 @@ def _first_line(err: BaseException) -> str:
     """The error's first line (with the next where it ends in ':', "field 'x':" and its reason), at most 200
     characters, cut after a sentence or a word, never inside one."""
     lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
-    text = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])
+    text = " ".join(lines[:2] if lines[0].endswith(":") else lines[:1]).rstrip(",;")
+    if isinstance(err, KeyError):  # str() is the key's repr alone: "'added_tokens'"
+        text = f"KeyError {text} (a name in its files that this transformers version does not know, or a missing field)"
     if len(text) <= 200:
         return text
     sentence = text.rfind(". ", 0, 200)

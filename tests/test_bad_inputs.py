@@ -251,6 +251,9 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("weights-index-number-too-long", "reduce {src} -k 8", "is not a JSON object", "save the checkpoint again",
          setup=both(remove("src/model.safetensors"),
                     write("src/model.safetensors.index.json", '{"metadata": ' + LONG_NUMBER + "}"))),
+    # transformers' KeyError came through as its repr alone: "cannot load src: 'nonexistent_act'; pass ..."
+    case("config-unknown-activation", "reduce {src} -k 8", "KeyError 'nonexistent_act' (a name in its files",
+         "pass a complete checkpoint", setup=edit_config("src", lambda c: c.update(hidden_act="nonexistent_act"))),
     case("config-no-model-type", "reduce {src} -k 8", 'no "model_type"', "add the architecture's",
          setup=edit_config("src", lambda c: c.pop("model_type"))),
     case("config-unsupported-type", "reduce {src} -k 8", "model_type 'gpt2' is not supported", "supported: bert",
