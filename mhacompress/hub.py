@@ -492,7 +492,19 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise UsageError(f"{file} has no \"model_type\"; add the architecture's (e.g. \"model_type\": \"bert\") or "
                          f"restore it from the original checkpoint")
+    check_epsilons(config, file)
     return config
+
+
+def check_epsilons(config: dict, where) -> None:
+    """A LayerNorm's epsilon (``layer_norm_eps``...) that is not a small positive number: a negative one or NaN makes
+    every output NaN, which would be blamed on the weights."""
+    for key, value in config.items():
+        if key == "eps" or key.endswith("_eps") or key.endswith("_epsilon"):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < 1:  # NaN fails both
+                raise UsageError(f"{where}: {key} is {value!r}, not a LayerNorm epsilon (a small positive number such "
+                                 f"as 1e-12); restore it from the original checkpoint")
 
 
 def _transformer_subfolder(folder: Path) -> Path | None:
@@ -825,6 +837,7 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         _architecture(SimpleNamespace(model_type=raw["model_type"]))
     with _loading(name, remote=not source.local):
         config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **cache_only)
+    check_epsilons(config.to_dict(), f"{name}'s config")  # a hub download's too
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source

@@ -251,6 +251,11 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("weights-index-number-too-long", "reduce {src} -k 8", "is not a JSON object", "save the checkpoint again",
          setup=both(remove("src/model.safetensors"),
                     write("src/model.safetensors.index.json", '{"metadata": ' + LONG_NUMBER + "}"))),
+    # every output NaN, and eval blamed the weights ("float32 weights are finite but too large"); reduce saved it
+    case("config-layer-norm-eps-negative", "reduce {src} -k 8", "layer_norm_eps is -1.0, not a LayerNorm epsilon",
+         "restore it from the original", setup=edit_config("src", lambda c: c.update(layer_norm_eps=-1.0))),
+    case("config-layer-norm-eps-nan", "eval {src} --task stsb --limit 4", "layer_norm_eps is nan",
+         "restore it from the original", setup=edit_config("src", lambda c: c.update(layer_norm_eps=float("nan")))),
     # transformers' KeyError came through as its repr alone: "cannot load src: 'nonexistent_act'; pass ..."
     case("config-unknown-activation", "reduce {src} -k 8", "KeyError 'nonexistent_act' (a name in its files",
          "pass a complete checkpoint", setup=edit_config("src", lambda c: c.update(hidden_act="nonexistent_act"))),
