@@ -110,6 +110,9 @@ def resolve(name: str) -> Source:
     repo = ALIASES.get(name, name)
     if is_file:
         raise UsageError(f"{name} is a file; pass the model FOLDER that holds config.json and the weights")
+    if path.is_symlink():  # a link that leads nowhere (a loop, a moved target): not a hub id
+        raise UsageError(f"{name} is a link that leads to no folder (its target is missing, or links loop); pass the "
+                         f"model folder itself")
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path or Path(name).suffix in (".json", ".safetensors", ".bin"):
         raise UsageError(f"no model folder at {name!r}; pass a folder holding config.json and model weights")

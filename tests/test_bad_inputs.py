@@ -231,7 +231,8 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          "st/0_Transformer (then copy modules.json", setup=_sentence_transformers_1_layout),
     case("model-empty-folder", "reduce {ws}/empty -k 8", "no config.json", "save_pretrained",
          setup=lambda ws: (ws / "empty").mkdir()),
-    case("model-symlink-loop", "reduce {ws}/loop -k 8", "no model folder at", "pass a folder",
+    case("model-symlink-loop", "reduce {ws}/loop -k 8", "loop is a link that leads to no folder",
+         "pass the model folder",
          setup=lambda ws: (ws / "loop").symlink_to(ws / "loop")),
     case("config-empty", "reduce {src} -k 8", "config.json is empty", "restore it", setup=write("src/config.json", "")),
     case("config-invalid-json", "reduce {src} -k 8", "not valid JSON", "fix it or restore",
@@ -1275,6 +1276,18 @@ def run_case(bad: Bad, ws: Path, as_json: bool = True):
 def explain(result, verdict: str) -> str:
     return (f"{verdict}: exit {result.exit_code}\n--- stderr\n{result.stderr}\n--- stdout\n{result.stdout}\n"
             f"--- exception\n{result.exception!r}")
+
+
+def test_a_link_loop_named_bare_in_the_current_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`reduce loop1` where loop1 -> loop2 -> loop1 (or a link to a folder since moved) said "cannot download 'loop1':
+    the Hugging Face hub is unreachable"."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop2", "loop1")
+    os.symlink("loop1", "loop2")
+    result = CliRunner().invoke(main, ["reduce", "loop1", "-k", "8"])
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        "Error: loop1 is a link that leads to no folder (its target is missing, or links loop); pass the model "
+        "folder itself")
 
 
 @pytest.mark.parametrize("bad", CASES)
