@@ -583,6 +583,13 @@ EVAL = [
          "pass a local folder"),
     case("reduce-eval-no-dev-file", "reduce {src} -k 8 --eval stsb --data-dir {data}", "STS-B/dev.tsv",
          "glue_data layout", setup=write("data/STS-B/train.tsv", STSB_HEADER)),
+    # a folder or a pipe where the file belongs was reported missing ("no .../RTE/dev.tsv")
+    case("eval-tsv-is-a-folder", "eval {src} --task stsb --data-dir {data}", "dev.tsv is a folder",
+         "put the official GLUE STS-B/dev.tsv file there", setup=lambda ws: (ws / "data/STS-B/dev.tsv").mkdir(
+             parents=True)),
+    case("eval-tsv-is-a-pipe", "eval {src} --task stsb --data-dir {data}", "dev.tsv is not a regular file",
+         "put the official GLUE", setup=lambda ws: ((ws / "data/STS-B").mkdir(parents=True),
+                                                    os.mkfifo(ws / "data/STS-B/dev.tsv"))),
     case("eval-binary-tsv", "eval {src} --task stsb --data-dir {data}", "binary data", "official GLUE STS-B/dev.tsv",
          setup=write("data/STS-B/dev.tsv", BINARY)),
     case("eval-header-only-tsv", "eval {src} --task stsb --data-dir {data}", "a header but no examples",

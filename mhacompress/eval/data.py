@@ -77,14 +77,24 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
             raise UsageError(f"{named('--data-dir')} {data_dir} is not a folder; pass the folder in the official "
                              f"glue_data layout (<dir>/{task.folder}/{local_name})")
         path = Path(data_dir).expanduser() / task.folder / local_name
+        _check_regular(path, task, local_name)
         if not path.is_file():
             raise UsageError(f"no {path}: {named('--data-dir')} must hold the official glue_data layout "
                              f"(<dir>/{task.folder}/{local_name})")
         return read_tsv(task, split, path).subset(limit, seed=seed)
     env = os.environ.get(ENV_DIR)
+    if env:
+        _check_regular(Path(env).expanduser() / task.folder / local_name, task, local_name)
     if env and (Path(env).expanduser() / task.folder / local_name).is_file():
         return read_tsv(task, split, Path(env).expanduser() / task.folder / local_name).subset(limit, seed=seed)
     return load_hub(task, split, hub_split, missing_local=env).subset(limit, seed=seed)
+
+
+def _check_regular(path: Path, task: Task, local_name: str) -> None:
+    """A folder, pipe or device where a GLUE file belongs is named as such (it was reported missing)."""
+    if os.path.exists(path) and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe or a device)"
+        raise UsageError(f"{path} is {kind}; put the official GLUE {task.folder}/{local_name} file there")
 
 
 def read_tsv(task: Task, split: str, path: Path) -> Examples:
