@@ -485,6 +485,8 @@ def _check_writable(target: Path, option: str, kind: str) -> None:
 def read_config(folder: Path) -> dict:
     """config.json of a model folder, parsed and checked (a JSON object with a model_type)."""
     file = folder / "config.json"
+    if folder.is_file():  # the folder's config.json itself, or its weights: "no config.json" would contradict it
+        raise UsageError(f"{folder} is a file; pass the model FOLDER that holds config.json and the weights")
     if not file.is_file():
         inner = _transformer_subfolder(folder)
         if inner is not None:  # sentence-transformers 1.x saved its transformer in a module folder

@@ -911,6 +911,7 @@ API = [  # (call, fragment of the message)
     ("load_examples(None, data_dir=glue)", "the task must be a GLUE task name"),
     ("load_examples(get_task('mrpc'), data_dir=42)", "data_dir must be a folder path"),
     ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
+    ("mhacompress.load(reduced / 'config.json')", r"config.json is a file; pass the model FOLDER"),  # 'no config.json'
     ("mhacompress.load('')", "no model given"),
     ("mhacompress.load('  ')", "no model given"),
     ("mhacompress.load(reduced, device='gpu')", "gpu"),
