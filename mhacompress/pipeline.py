@@ -151,6 +151,11 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     warnings = [hooks] if (hooks := hooked_attention(model)) else []
     if config.calibration is None and is_classifier(model):
         warnings.append(f"{WEIGHTS_ONLY_CLASSIFIER} (compress: config.calibration)")
+    head = getattr(model, "sentence_head", None)
+    if config.calibration is not None and head is not None and head.unsupported:
+        warnings.append(f"{name}'s sentence embedding cannot be reproduced: mhacompress does not read "
+                        f"{head.unsupported}; the calibration fitted the transformer's token states, not the embedding "
+                        f"its users get: check the reduced model with sentence-transformers")
     if getattr(model, "initialised", None):  # transformers' own warning, which loading keeps off stderr
         warnings.append(f"{name} has no pooler weights ({model.initialised[0]}): its pooler, saved with the reduced "
                         f"model, was initialised from a fixed seed as transformers does, so pooler_output (and a head "

@@ -187,7 +187,15 @@ def test_an_embedding_mhacompress_cannot_reproduce_is_refused_for_scoring_but_re
     with pytest.raises(UsageError, match=r"sentence embedding cannot be reproduced: .*pooling 'lasttoken'.*score it "
                                          r"with sentence-transformers"):
         mhacompress.evaluate(str(tmp_path / "st"), "stsb", data_dir=glue_dir, limit=4)
-    mhacompress.compress(str(tmp_path / "st"), ReductionConfig(key_dim=8, n_iter_max=3), output=tmp_path / "out")
+    result = mhacompress.compress(str(tmp_path / "st"), ReductionConfig(key_dim=8, n_iter_max=3),
+                                  output=tmp_path / "out")
+    assert not [w for w in result.report["warnings"] if "cannot be reproduced" in w]  # the weights alone: no embedding
+    # calibrated, it fits token states under a pooling that is not the model's: said, not silent
+    config = ReductionConfig(key_dim=8, n_iter_max=3, calibration=mhacompress.Calibration("python", samples=8,
+                                                                                          refine_steps=0))
+    warnings = mhacompress.compress(str(tmp_path / "st"), config, calibration=SENTENCES).report["warnings"]
+    assert [w for w in warnings if "cannot be reproduced: mhacompress does not read its pooling 'lasttoken'" in w
+            and "the calibration fitted the transformer's token states" in w], warnings
 
 
 @pytest.mark.parametrize("pooling,first_token", [("cls", True), ("mean", False)])
