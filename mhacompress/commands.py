@@ -140,7 +140,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
 
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
-        raise UsageError(f"unsupported {named('--format', 'fmt')} {fmt!r}; supported: {', '.join(FORMATS)}")
+        raise ConfigError(f"unsupported {named('--format', 'fmt')} {fmt!r}; supported: {', '.join(FORMATS)}")
     check_settings(opset=opset, tol=tolerance)
     target = check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # first
     try:

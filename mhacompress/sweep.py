@@ -311,7 +311,7 @@ def check_plot(path, model, data_dir, force: bool = False):
         _flag("force", force)  # 'no' is a true value, checked here too when there is no figure to check it
         if force:
             force_ = named("--force", "force=True")
-            raise UsageError(f"{force_} replaces an existing {named('--plot')} figure; give "
+            raise ConfigError(f"{force_} replaces an existing {named('--plot')} figure; give "
                              f"{named('--plot FILE', 'plot=FILE')} or drop {force_}")
         return None
     from .eval.data import glue_folder

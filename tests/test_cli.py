@@ -123,6 +123,22 @@ def test_a_bad_command_line_exits_2_and_a_model_or_data_that_fails_exits_1(tiny_
     assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("Error: "), result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["eval", "{tiny}", "-t", "nosuch"],
+    ["eval", "{tiny}", "-t", "stsb", "--split", "foo"],
+    ["reduce", "{tiny}", "-k", "8", "--eval", "nosuch"],
+    ["sweep", "{tiny}", "-t", "stsb", "--key-dims", "8", "--limit", "4", "--force"],  # --force without --plot
+    ["export", "{tiny}", "-o", "{out}/m.onnx", "--format", "tflite"],
+], ids=["task", "split", "reduce-eval-task", "sweep-force-alone", "export-format"])
+def test_an_unknown_choice_or_an_option_without_its_partner_exits_2(tiny_dir, tmp_path, glue_dir, args):
+    """These exited 1, as a model or data set that cannot be used does; docs/usage.md gives 2 to a bad command
+    line (a value out of range, settings that do not go together), as click's own refusals."""
+    args = [a.format(tiny=tiny_dir, out=tmp_path) for a in args]
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(glue_dir)] if args[0] != "export" else args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+
+
 def test_a_sweep_whose_original_cannot_be_scored_exits_1_as_eval_does(tiny_dir, tmp_path, glue_dir):
     """sweep said 2, a bad setting, for a model that cannot be scored (here: a folder without a tokenizer), which eval
     answers with 1: a CI script read it as its own mistake."""

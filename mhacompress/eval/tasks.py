@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Task:
         for split, local, hub in self.files:
             if split == name:
                 return local, hub
-        raise UsageError(f"{self.name} has no split {name!r}; choose one of {', '.join(s for s, _, _ in self.files)}")
+        raise ConfigError(f"{self.name} has no split {name!r}; choose one of {', '.join(s for s, _, _ in self.files)}")
 
 
 def canonical_split(name: str) -> str:
@@ -82,8 +82,8 @@ def get_task(name: str | Task) -> Task:
     if isinstance(name, Task):
         return name
     if not isinstance(name, str):
-        raise UsageError(f"the task must be a GLUE task name ({', '.join(TASKS)}); got {type(name).__name__}")
+        raise ConfigError(f"the task must be a GLUE task name ({', '.join(TASKS)}); got {type(name).__name__}")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        raise UsageError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[key]
