@@ -94,6 +94,9 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
 
     _int("eval_batch_size", eval_batch_size, 1)  # by its own name (the scorer's is batch_size); checked even when
     _flag("force", force)  # unused, as the command line's options are: a typo there is not silently ignored
+    if force and output is None:  # nothing to replace: a dry run (or a save later, which takes its own force)
+        raise ConfigError(f"{named('--force', 'force=True')} replaces an existing {named('--output')} folder; give "
+                          f"{named('--output DIR', 'output=DIR')} or drop {named('--force', 'force=True')}")
     check_gate(max_drop, evaluate)
     config = eval_calibration(config, evaluate, weights_only, data_dir, calibration)
     target = None

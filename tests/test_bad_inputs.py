@@ -912,6 +912,7 @@ API = [  # (call, fragment of the message)
     ("load_examples(get_task('mrpc'), data_dir=42)", "data_dir must be a folder path"),
     ("load_examples(get_task('mrpc'), data_dir=glue, limit=3, seed='x')", "seed must be an integer"),
     ("mhacompress.load(reduced / 'config.json')", r"config.json is a file; pass the model FOLDER"),  # 'no config.json'
+    ("mhacompress.compress(str(src), ReductionConfig(key_dim=8), force=True)", "force=True replaces an existing"),
     ("mhacompress.load('')", "no model given"),
     ("mhacompress.load('  ')", "no model given"),
     ("mhacompress.load(reduced, device='gpu')", "gpu"),

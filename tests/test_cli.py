@@ -129,12 +129,16 @@ def test_a_bad_command_line_exits_2_and_a_model_or_data_that_fails_exits_1(tiny_
     ["reduce", "{tiny}", "-k", "8", "--eval", "nosuch"],
     ["sweep", "{tiny}", "-t", "stsb", "--key-dims", "8", "--limit", "4", "--force"],  # --force without --plot
     ["export", "{tiny}", "-o", "{out}/m.onnx", "--format", "tflite"],
-], ids=["task", "split", "reduce-eval-task", "sweep-force-alone", "export-format"])
+    ["reduce", "{tiny}", "-k", "8", "--force"],  # a dry run: nothing to replace (was accepted, and ignored)
+    ["report", "{tiny}", "-k", "8", "--seq-len", "16", "--repeats", "5", "--no-latency"],  # was ignored
+], ids=["task", "split", "reduce-eval-task", "sweep-force-alone", "export-format", "reduce-force-alone",
+        "report-repeats-without-latency"])
 def test_an_unknown_choice_or_an_option_without_its_partner_exits_2(tiny_dir, tmp_path, glue_dir, args):
     """These exited 1, as a model or data set that cannot be used does; docs/usage.md gives 2 to a bad command
     line (a value out of range, settings that do not go together), as click's own refusals."""
     args = [a.format(tiny=tiny_dir, out=tmp_path) for a in args]
-    result = CliRunner().invoke(main, [*args, "--data-dir", str(glue_dir)] if args[0] != "export" else args)
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(glue_dir)] if args[0] in ("eval", "sweep") or
+                                "--eval" in args else args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
 

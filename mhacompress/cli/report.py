@@ -11,6 +11,7 @@ from ._common import (
     device_option,
     emit_json,
     first_token_option,
+    given_on_command_line,
     method_choice,
     resolved_device,
     user_errors,
@@ -50,6 +51,11 @@ def report(model, seq_len, batch_size, key_dim, method, repeats, no_latency, fir
       mhacompress report minilm --key-dim 48 --method svd --json
     """
     with user_errors():
+        if no_latency and given_on_command_line("repeats"):
+            from ..errors import ConfigError
+
+            raise ConfigError("--repeats sets how many timed passes the latency is the median of; drop it with "
+                              "--no-latency")
         device = resolved_device(device)
         from ..commands import report as measure
 
