@@ -24,7 +24,7 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
         raise UsageError(f"--samples must be at least 1, got {samples}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()  # c.JSONL is a jsonl file too (read as text, its lines were calibrated on as JSON)
-    task = _task_named(source)
+    task = task_named(source)
     if task is not None:  # a task's name is the task, whatever the current folder holds (./rte for a folder named so)
         from .eval.data import load_examples
 
@@ -58,7 +58,7 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
     return texts
 
 
-def _task_named(source: str):
+def task_named(source: str):
     """The GLUE task ``source`` names (``mrpc``, ``SST-2``: a bare name, no folder), or None. A file or folder of that
     name in the current folder (a model fine-tuned with ``-o rte``) does not hide the task: a path says ./rte."""
     from .eval.tasks import get_task

@@ -131,8 +131,9 @@ def test_a_bad_command_line_exits_2_and_a_model_or_data_that_fails_exits_1(tiny_
     ["export", "{tiny}", "-o", "{out}/m.onnx", "--format", "tflite"],
     ["reduce", "{tiny}", "-k", "8", "--force"],  # a dry run: nothing to replace (was accepted, and ignored)
     ["report", "{tiny}", "-k", "8", "--seq-len", "16", "--repeats", "5", "--no-latency"],  # was ignored
+    ["reduce", "{tiny}", "-k", "8", "--data-dir", "{out}"],  # no GLUE task read: was ignored
 ], ids=["task", "split", "reduce-eval-task", "sweep-force-alone", "export-format", "reduce-force-alone",
-        "report-repeats-without-latency"])
+        "report-repeats-without-latency", "reduce-data-dir-unread"])
 def test_an_unknown_choice_or_an_option_without_its_partner_exits_2(tiny_dir, tmp_path, glue_dir, args):
     """These exited 1, as a model or data set that cannot be used does; docs/usage.md gives 2 to a bad command
     line (a value out of range, settings that do not go together), as click's own refusals."""

@@ -94,6 +94,7 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
     """
     with user_errors():
         device = resolved_device(device)
+        from ..calibration import task_named
         from ..pipeline import check_gate, compress
         from ..reduction.config import Calibration, ConfigError, ReductionConfig
 
@@ -102,6 +103,9 @@ def reduce(model, key_dim, allocate, key_dims, budget, calibrate_source, samples
                               f"{'--budget (which allocates)' if budget is not None else '--key-dims'}")
         check_gate(max_drop, eval_task)  # before --eval's data is read (compress checks it again)
         source = calibration_source(calibrate_source, eval_task, weights_only, data_dir)
+        if given_on_command_line("data_dir") and eval_task is None and (source is None or task_named(source) is None):
+            raise ConfigError("--data-dir is where GLUE tasks are read (--eval TASK, --calibrate TASK), and this run "
+                              "reads none; give one of those, or drop --data-dir")
         if source is None and given_on_command_line("samples", "sequential", "objective", "compensate", "refine"):
             fix = ("drop --weights-only, which reduces from the weights alone" if weights_only else
                    "give --calibrate SOURCE (or --eval TASK) too")
