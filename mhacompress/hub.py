@@ -960,9 +960,27 @@ def _tokenizer(location, name, config=None, remote: bool = False, **options):
     (``local_files_only``)."""
     from transformers import AutoTokenizer
 
-    with _loading(name, remote):
-        kwargs = {"config": config} if config is not None else {}
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs, **options)
+    try:
+        with _loading(name, remote):
+            kwargs = {"config": config} if config is not None else {}
+            return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs, **options)
+    except UsageError:
+        asked = _remote_tokenizer(Path(location))
+        if asked is None:
+            raise
+        raise UsageError(f"cannot load {name}'s tokenizer: its tokenizer_config.json asks for remote code ({asked}), "
+                         f"which mhacompress never runs; save a standard tokenizer (tokenizer.json) in the folder, "
+                         f"e.g. the base model's") from None
+
+
+def _remote_tokenizer(folder: Path) -> str | None:
+    """The class a folder's tokenizer_config.json asks remote code for (``auto_map``'s AutoTokenizer), or None."""
+    try:
+        asked = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["auto_map"]["AutoTokenizer"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    names = [asked] if isinstance(asked, str) else asked if isinstance(asked, list) else []
+    return next((n for n in names if isinstance(n, str) and n), None)
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: str | None = None,

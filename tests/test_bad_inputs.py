@@ -94,6 +94,13 @@ def truncate(relative: str):
     return setup
 
 
+def _bundled_vocab(ws: Path) -> None:
+    """A slow tokenizer's vocabulary (vocab.txt, the bundled MiniLM's) in src, which has only tokenizer.json."""
+    from mhacompress.hub import bundled_model_path
+
+    shutil.copy(Path(bundled_model_path()) / "vocab.txt", ws / "src" / "vocab.txt")
+
+
 def both(*setups):
     def setup(ws: Path) -> None:
         for s in setups:
@@ -218,6 +225,13 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
     case("model-missing-folder", "reduce ./nope -k 8", "no model folder at", "pass a folder"),
     case("model-empty-name", "reduce '' -k 8", "no model given", "pass a local folder"),
     case("model-is-a-file", "reduce {src}/config.json -k 8", "is a file", "pass the model FOLDER"),
+    # the message was transformers' list cut at its first item ("Couldn't instantiate the backend tokenizer from one
+    # of: (1) a `tokenizers` library serialization file,"); the file it names is never run
+    case("model-tokenizer-asks-for-remote-code", "reduce {src} -k 8", "tokenizer_config.json asks for remote code "
+         "(evil.EvilTokenizer), which mhacompress never runs", "save a standard tokenizer",
+         setup=both(remove("src/tokenizer.json"), write("src/evil.py", "raise SystemExit('ran')"), _bundled_vocab,
+                    write("src/tokenizer_config.json", '{"tokenizer_class": "EvilTokenizer", "auto_map": '
+                                                       '{"AutoTokenizer": ["evil.EvilTokenizer", null]}}'))),
     case("model-hub-id-offline", "reduce nobody/no-such-model -k 8", "cannot download", "pass a local model folder"),
     case("model-invalid-name", "reduce 'not a model!' -k 8", "neither a model folder nor a hub id", "pass a local"),
     case("model-with-a-foreign-tokenizer", "reduce {ws}/foreign -k 8 --calibrate stsb --samples 16",
