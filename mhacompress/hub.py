@@ -502,14 +502,14 @@ def read_config(folder: Path) -> dict:
 
 
 def check_epsilons(config: dict, where) -> None:
-    """A LayerNorm's epsilon (``layer_norm_eps``...) that is not a small positive number: a negative one or NaN makes
-    every output NaN, which would be blamed on the weights."""
+    """A LayerNorm's epsilon (``layer_norm_eps``...) that is not a small non-negative number: a negative one or NaN
+    makes every output NaN, which would be blamed on the weights."""
     for key, value in config.items():
         if key == "eps" or key.endswith("_eps") or key.endswith("_epsilon"):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not 0 < value < 1:  # NaN fails both
-                raise UsageError(f"{where}: {key} is {value!r}, not a LayerNorm epsilon (a small positive number such "
-                                 f"as 1e-12); restore it from the original checkpoint")
+            if not number or not 0 <= value < 1:  # NaN fails both
+                raise UsageError(f"{where}: {key} is {value!r}, not a LayerNorm epsilon (a small non-negative number "
+                                 f"such as 1e-12); restore it from the original checkpoint")
 
 
 def _transformer_subfolder(folder: Path) -> Path | None:
