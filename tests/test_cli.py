@@ -108,6 +108,16 @@ def test_out_of_memory_suggests_only_the_options_the_command_has(tiny_dir, tmp_p
                                      "with more memory")
 
 
+def test_a_refusal_before_any_work_is_the_one_line_alone_on_stderr(tiny_dir, tmp_path):
+    """Without --json, on a stderr that is not a terminal (a CI log): the progress display, stopped before it showed
+    anything, printed a blank line above the error."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("the user's")
+    result = CliRunner().invoke(main, ["reduce", str(tiny_dir), "-k", "8", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, \
+        repr(result.stderr)
+
+
 @pytest.mark.parametrize("args,code", [
     (["-k", "0"], 2),  # refused by the settings check
     (["-k", "8", "--refine", "2"], 2),  # needs --calibrate

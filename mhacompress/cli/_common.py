@@ -210,20 +210,25 @@ def method_help() -> str:
 
 class ProgressBars:
     """Render ``mhacompress.Progress`` events: one bar per stage family (the text before ':'), a spinner for steps
-    without a count. A context manager; hidden when ``enabled`` is False (--json)."""
+    without a count. A context manager; hidden when ``enabled`` is False (--json). The bars start at the first
+    event: a command refused before any work prints its one line alone (rich's display, stopped on a stderr that is
+    not a terminal, printed a blank line before it)."""
 
     def __init__(self, enabled: bool = True):
         self.bars = progress(enabled)
         self.tasks: dict[str, int] = {}
+        self.started = False
 
     def __enter__(self):
-        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.bars.__exit__(*exc)
+        return self.bars.__exit__(*exc) if self.started else None
 
     def __call__(self, event) -> None:
+        if not self.started:
+            self.bars.__enter__()
+            self.started = True
         family = event.stage.split(":")[0]
         if family not in self.tasks:
             self.tasks[family] = self.bars.add_task(event.stage, total=event.total or None)
