@@ -842,7 +842,8 @@ def load_pretrained(name: str, *, allow_pickle: bool = False, device: str = "cpu
         _architecture(SimpleNamespace(model_type=raw["model_type"]))
     with _loading(name, remote=not source.local):
         config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **cache_only)
-    check_epsilons(config.to_dict(), f"{name}'s config")  # a hub download's too
+    if not raw:  # a hub download's (a local folder's config.json was checked by read_config)
+        check_epsilons(config.to_dict(), f"{name}'s config")
     if getattr(config, COMPRESSION_KEY, None):
         model, tok = load(source.location, device=device, attn_implementation=attn_implementation, tokenizer=tokenizer)
         return model, tok, source
@@ -976,9 +977,10 @@ def _tokenizer(location, name, config=None, remote: bool = False, **options):
 def _remote_tokenizer(folder: Path) -> str | None:
     """The class a folder's tokenizer_config.json asks remote code for (``auto_map``'s AutoTokenizer), or None."""
     try:
-        asked = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["auto_map"]["AutoTokenizer"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        auto_map = _json_file(folder / "tokenizer_config.json").get("auto_map")
+    except (UsageError, OSError):  # none, or damaged: the load's own error stands
         return None
+    asked = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
     names = [asked] if isinstance(asked, str) else asked if isinstance(asked, list) else []
     return next((n for n in names if isinstance(n, str) and n), None)
 

@@ -312,7 +312,7 @@ def check_plot(path, model, data_dir, force: bool = False):
         if force:
             force_ = named("--force", "force=True")
             raise ConfigError(f"{force_} replaces an existing {named('--plot')} figure; give "
-                             f"{named('--plot FILE', 'plot=FILE')} or drop {force_}")
+                              f"{named('--plot FILE', 'plot=FILE')} or drop {force_}")
         return None
     from .eval.data import glue_folder
     from .figures import figure_format

@@ -83,10 +83,11 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
                              f"(<dir>/{task.folder}/{local_name})")
         return read_tsv(task, split, path).subset(limit, seed=seed)
     env = os.environ.get(ENV_DIR)
-    if env:
-        _check_regular(Path(env).expanduser() / task.folder / local_name, task, local_name)
-    if env and (Path(env).expanduser() / task.folder / local_name).is_file():
-        return read_tsv(task, split, Path(env).expanduser() / task.folder / local_name).subset(limit, seed=seed)
+    path = Path(env).expanduser() / task.folder / local_name if env else None
+    if path is not None:
+        _check_regular(path, task, local_name)
+    if path is not None and path.is_file():
+        return read_tsv(task, split, path).subset(limit, seed=seed)
     return load_hub(task, split, hub_split, missing_local=env).subset(limit, seed=seed)
 
 
