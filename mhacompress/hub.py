@@ -636,7 +636,23 @@ def check_tokenizer(folder: Path) -> None:
                          f"original checkpoint (tokenizer.save_pretrained(DIR))")
     for name in TOKENIZER_JSON:
         if (folder / name).is_file():
-            _json_object(folder / name)
+            data = _json_object(folder / name)
+            if name == "tokenizer.json":
+                _check_tokenizer_json(folder / name, data)
+
+
+def _check_tokenizer_json(file: Path, data: dict) -> None:
+    """tokenizer.json holds what every tokenizers-library file has: its added tokens (a list, read by transformers
+    itself) and its model. An object without them (a hand-edited or half-written copy) failed as "KeyError
+    'added_tokens'" or "Model missing.", naming no file."""
+    tokens = data.get("added_tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, dict) and {"id", "content"} <= t.keys() for t in tokens):
+        lacks = "'added_tokens' list of tokens, each with its id and content"
+    elif not isinstance(data.get("model"), dict):
+        lacks = "'model' object"
+    else:
+        return
+    raise UsageError(f"{file} is not a tokenizer file (no {lacks}); restore it from the original checkpoint")
 
 
 def check_block(block, where) -> None:

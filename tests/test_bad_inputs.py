@@ -364,12 +364,22 @@ MODELS = [  # missing, odd and damaged models (reduce, the first to load them)
          "list", "restore it", setup=write("src/tokenizer_config.json", "[1, 2]")),
     case("reduced-tokenizer-config-empty", "eval {reduced} --task stsb --limit 4", "tokenizer_config.json is empty",
          "restore it", setup=write("reduced/tokenizer_config.json", "")),
-    # tokenizer files that parse as JSON but that the tokenizers library cannot use: its errors are bare Exceptions
-    # ("Model missing."; "Missing [UNK] token from the vocabulary" once text is tokenized), and a tokenizer without a
-    # padding token failed at its first batch ("Asking to pad but the tokenizer does not have a padding token"):
-    # tracebacks, from loading, eval, a calibrated reduce and finetune
-    case("tokenizer-json-without-model", "reduce {src} -k 8", "Model missing", "pass a complete checkpoint",
+    # a tokenizer.json without the fields every tokenizers-library file has was "KeyError 'added_tokens' (a name in
+    # its files that this transformers version does not know, or a missing field)" or "Model missing.", naming no file
+    case("tokenizer-json-without-its-fields", "reduce {src} -k 8", "tokenizer.json is not a tokenizer file (no "
+         "'added_tokens' list", "restore it from the original checkpoint", setup=write("src/tokenizer.json", "{}")),
+    case("reduced-tokenizer-json-without-added-tokens", "eval {reduced} --task stsb --limit 4",
+         "tokenizer.json is not a tokenizer file (no 'added_tokens' list", "restore it from the original checkpoint",
+         setup=edit_json("reduced/tokenizer.json", lambda t: t.pop("added_tokens"))),
+    case("tokenizer-json-without-model", "reduce {src} -k 8", "tokenizer.json is not a tokenizer file (no 'model' "
+         "object)", "restore it from the original checkpoint",
          setup=edit_json("src/tokenizer.json", lambda t: t.pop("model"))),
+    case("tokenizer-json-truncated", "reduce {src} -k 8", "not valid JSON", "restore it from the original checkpoint",
+         setup=truncate("src/tokenizer.json")),
+    # tokenizer files that the tokenizers library cannot use: its errors are bare Exceptions ("Missing [UNK] token
+    # from the vocabulary" once text is tokenized), and a tokenizer without a padding token failed at its first batch
+    # ("Asking to pad but the tokenizer does not have a padding token"): tracebacks, from eval, a calibrated reduce
+    # and finetune
     case("tokenizer-vocabulary-without-unk", "eval {src} --task stsb --limit 4", "Missing [UNK] token",
          "restore the model's own tokenizer files", setup=edit_json("src/tokenizer.json",
                                                                     lambda t: t["model"].update(vocab={}))),
