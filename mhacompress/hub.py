@@ -385,6 +385,14 @@ def _reason(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
+def _write_reason(err: OSError, folder: Path, name: str = "it") -> str:
+    """Why nothing could be created in ``folder`` (called ``name``): ``_reason``, except for "No such file or
+    directory" from a folder that exists, which is what a virtual file system such as /proc answers to a new entry."""
+    if err.errno == errno.ENOENT and folder.is_dir():
+        return f"{name} takes no new files (a virtual file system?)"
+    return _reason(err)
+
+
 def _check_not_a_source(target: Path, sources: list[Path], option: str, contains: bool = True) -> None:
     for source in sources:
         if target == source:
@@ -472,12 +480,14 @@ def _check_writable(target: Path, option: str, kind: str) -> None:
     try:
         fsio.make_parents(target)
     except OSError as err:
-        raise UsageError(f"cannot create the folder {err.filename or target.parent} for {option}: {_reason(err)}; "
-                         f"choose another {option}") from None
+        folder = Path(err.filename or target.parent)
+        why = _write_reason(err, folder.parent, str(folder.parent))
+        raise UsageError(f"cannot create the folder {folder} for {option}: {why}; choose another {option}") from None
     try:
         fsio.probe(target)
     except OSError as err:
-        raise UsageError(f"cannot write in {target.parent}: {_reason(err)}; choose a writable {option}") from None
+        raise UsageError(f"cannot write in {target.parent}: {_write_reason(err, target.parent)}; choose a writable "
+                         f"{option}") from None
 
 
 # ---- strict loading -------------------------------------------------------------------------------------------------

@@ -565,6 +565,11 @@ OUTPUTS = [  # where reduce writes; {prev} must survive every refusal
          "choose a writable --output"),
     case("output-parent-uncreatable", "reduce {src} -k 8 -o /sys/no/out", "cannot create the folder /sys/no",
          "choose another --output"),
+    # /proc answers a new entry with "No such file or directory", which was the reason given for a folder that exists
+    case("output-in-a-virtual-file-system", "reduce {src} -k 8 -o /proc/mhacompress-out", "cannot write in /proc: it "
+         "takes no new files", "choose a writable --output"),
+    case("output-parent-in-a-virtual-file-system", "reduce {src} -k 8 -o /proc/no/out", "cannot create the folder "
+         "/proc/no for --output: /proc takes no new files", "choose another --output"),
     case("output-name-too-long", "reduce {src} -k 8 -o {ws}/" + "x" * 300, "more than a file name can be",
          "pass a shorter name"),
     # a newline or an escape in an output's name was accepted and written: a folder that ls, scripts and logs
@@ -867,6 +872,8 @@ EXPORT = [
     case("export-format-unknown", "export {reduced} -o {ws}/m.tflite --format tflite", "unsupported --format",
          "supported: onnx"),
     case("export-output-exists", "export {reduced} -o {file}", "exists", "--force"),
+    case("export-output-unwritable", "export {reduced} -o /proc/mhacompress.onnx", "cannot write in /proc: it takes "
+         "no new files", "choose a writable --output"),
     case("export-output-is-a-folder", "export {reduced} -o {prev} --force", "is a folder", "give a file name"),
     # a device, pipe or socket is no file to replace: as root, `-o /dev/null --force` renamed the export over the
     # device node (and sweep --plot, which always replaces its figure, did so without --force)
