@@ -118,6 +118,18 @@ def test_a_refusal_before_any_work_is_the_one_line_alone_on_stderr(tiny_dir, tmp
         repr(result.stderr)
 
 
+def test_a_refusal_after_the_work_began_is_the_one_line_alone_on_stderr(tiny_dir, tmp_path):
+    """Without --json, on a stderr that is not a terminal: the progress bars (started by "loading") printed a blank
+    line above the error when they stopped; off a terminal they are not shown at all."""
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["model_type"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["reduce", str(tmp_path / "m"), "-k", "8"])
+    assert result.exit_code == 1 and "model_type" in result.stderr, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, repr(result.stderr)
+
+
 @pytest.mark.parametrize("args,code", [
     (["-k", "0"], 2),  # refused by the settings check
     (["-k", "8", "--refine", "2"], 2),  # needs --calibrate

@@ -148,11 +148,13 @@ def status(text: str, enabled: bool = True):
 
 
 def progress(enabled: bool = True):
-    """A rich progress bar on stderr (hidden when stderr is not a terminal and nothing would be shown)."""
+    """A rich progress bar on stderr, shown only on a terminal: transient bars show nothing in a CI log, and stopping
+    them there printed a blank line (above the one-line error of a command refused after its work began)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    stderr = console()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console(), transient=True, disable=not enabled)
+                    console=stderr, transient=True, disable=not enabled or not stderr.is_terminal)
 
 
 class FiniteFloat(click.FloatRange):
