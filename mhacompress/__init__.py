@@ -12,6 +12,7 @@
     mhacompress.save(model, tokenizer, "out/minilm-w96")     # atomically, reloadable without mhacompress
 
     mhacompress.evaluate("out/minilm-cp96", "stsb", data_dir="glue_data")   # `mhacompress eval --json`
+    mhacompress.evaluate(result.model, "mrpc", tokenizer=result.tokenizer)  # a model in memory, as it is
     mhacompress.report("out/minilm-cp96")                                    # `mhacompress report --json`
     mhacompress.to_onnx("out/minilm-cp96", "out/minilm-cp96.onnx")           # `mhacompress export --json`
     mhacompress.run_sweep("minilm", "stsb", ["cp", "svd"], [192, 96], data_dir="glue_data")  # `sweep --json`

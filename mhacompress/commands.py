@@ -26,13 +26,17 @@ from .pipeline import Progress, notifier
 OnProgress = Callable[[Progress], None] | None
 
 
-def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", data_dir: str | None = None,
+def evaluate(model, task: str, *, split: str = "validation", data_dir: str | None = None,
              limit: int | None = None, batch_size: int = 64, max_length: int = 128, device: str = "auto",
-             reference: str | os.PathLike | None = None, first_token_only: bool = False, allow_pickle: bool = False,
-             on_progress: OnProgress = None) -> dict:
+             reference=None, first_token_only: bool = False, allow_pickle: bool = False,
+             tokenizer=None, on_progress: OnProgress = None) -> dict:
     """Score ``model`` (a folder, hub id or alias: original, fine-tuned or reduced) on a GLUE task's ``split`` with
     the task's official metrics; with ``reference``, also the label-free fidelity to that model. `mhacompress eval`
-    in one call: returns what ``eval --json`` prints, less the envelope."""
+    in one call: returns what ``eval --json`` prints, less the envelope.
+
+    ``model`` and ``reference`` may also be transformers models in memory (``compress(...).model``, a model reduced
+    by ``reduce_``), scored as they are, with ``tokenizer`` (a reference in memory shares it): where their weights
+    are, or moved to an explicit ``device``, as ``compress`` moves one."""
     from .devices import resolve_device
     from .eval.compare import Scorer
     from .eval.compare import evaluate as score
@@ -40,23 +44,35 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
     from .reduction.modeling import is_classifier
     from .reduction.surgery import check_finite_weights
 
-    notify = checked_call(on_progress, {"first_token_only": first_token_only}, model=model, reference=reference)
+    named_models = {"model": model, "reference": reference}
+    in_memory = check_in_memory(named_models, tokenizer, first_token_only)
+    notify = checked_call(on_progress, {"first_token_only": first_token_only}, in_memory=True,
+                          **{k: v for k, v in named_models.items() if k not in in_memory})
+    moved = device != "auto"  # a model in memory stays where it is unless a device is named
     device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
+    if "model" in in_memory and not moved:
+        device = str(next(model.parameters()).device)
     scorer = Scorer.for_task(task, split, data_dir=data_dir, limit=limit, batch_size=batch_size,
                              max_length=max_length, device=device)
     if scorer.examples.labels is None and reference is None:  # refused before any model loads
         raise UsageError(f"{scorer.examples.source} has no labels, so there is nothing to score; evaluate "
                          f"{given('--split', 'validation')}, or pass {given('--reference', 'ORIGINAL')} for "
                          f"label-free fidelity on these texts")
-    notify(Progress(f"loading {model}"))
-    loaded, tokenizer, _ = load_pretrained(str(model), allow_pickle=allow_pickle, device=device)
-    ref = None if reference is None else load_pretrained(str(reference), allow_pickle=allow_pickle, device=device)[:2]
-    for checked in (loaded, *(ref[:1] if ref else ())):  # NaN weights would score null metrics, exit 0
+
+    def loaded(option: str, value):  # (model, tokenizer, name)
+        if option in in_memory:
+            return value.to(device).eval(), tokenizer, in_memory[option]
+        notify(Progress(f"loading {value}"))
+        return (*load_pretrained(str(value), allow_pickle=allow_pickle, device=device)[:2], str(value))
+
+    scored, scored_tokenizer, name = loaded("model", model)
+    ref = None if reference is None else loaded("reference", reference)
+    for checked in (scored, *(ref[:1] if ref else ())):  # NaN weights would score null metrics, exit 0
         check_finite_weights(checked)
     if first_token_only:
-        first_token_shortcut(loaded, model)
+        first_token_shortcut(scored, name)
     stage = f"{scorer.task.name} [{scorer.examples.split}]"
-    total = len(scorer.examples) * (1 if is_classifier(loaded) else len(scorer.examples.texts[0])) * (2 if ref else 1)
+    total = len(scorer.examples) * (1 if is_classifier(scored) else len(scorer.examples.texts[0])) * (2 if ref else 1)
     done = [0]
 
     def batch_scored(n: int) -> None:
@@ -64,8 +80,7 @@ def evaluate(model: str | os.PathLike, task: str, *, split: str = "validation", 
         notify(Progress(stage, done[0], total))
 
     scorer.on_batch = batch_scored
-    return score(loaded, tokenizer, scorer, model_name=str(model),
-                 reference=(*ref, str(reference)) if ref else None)
+    return score(scored, scored_tokenizer, scorer, model_name=name, reference=ref)
 
 
 def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
@@ -301,10 +316,37 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
 # ---- shared steps ----------------------------------------------------------------------------------------------
 
 
-def checked_call(on_progress: OnProgress, flags: dict | None = None, **models) -> Callable[[Progress], None]:
+def check_in_memory(models: dict, tokenizer, first_token_only) -> dict[str, str]:
+    """The models given as transformers models in memory, each with the name it is reported by; refused in one line:
+    one without ``tokenizer``, a ``tokenizer`` beside folders only (each reads its own), and ``first_token_only``
+    (it would switch the caller's model: a reduction installs the shortcut, ``ReductionConfig(first_token_only=
+    True)``)."""
+    in_memory = {option: _in_memory_name(value) for option, value in models.items()
+                 if hasattr(getattr(value, "config", None), "model_type")}
+    if in_memory and (tokenizer is None or isinstance(tokenizer, type) or not callable(tokenizer)):
+        option = next(iter(in_memory))
+        raise UsageError(f"{option} is a model in memory: pass its tokenizer too (tokenizer=..., e.g. "
+                         f"AutoTokenizer.from_pretrained(...) of its checkpoint); got {type(tokenizer).__name__}")
+    if tokenizer is not None and not in_memory:
+        raise ConfigError("tokenizer is for a model in memory; a model folder, hub id or alias reads its own: drop "
+                          "tokenizer")
+    if in_memory and first_token_only is True:
+        raise ConfigError("first_token_only=True switches on the shortcut in a model evaluate loads; a model in "
+                          "memory is scored as it is (reduce it with ReductionConfig(first_token_only=True))")
+    return in_memory
+
+
+def _in_memory_name(model) -> str:
+    """How a model in memory is named in results: the folder it was read from, else its class."""
+    return f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} (in memory)"
+
+
+def checked_call(on_progress: OnProgress, flags: dict | None = None, in_memory: bool = False,
+                 **models) -> Callable[[Progress], None]:
     """The progress callback to use, after refusing arguments of the wrong kind in one line (not a TypeError from
-    deep inside): a model that is not a path or name (None counts only where it is optional), a flag that is not a
-    bool ('no' is a true value), a callback that cannot be called."""
+    deep inside): a model that is not a path or name (None counts only where it is optional; ``in_memory``: the call
+    takes transformers models too), a flag that is not a bool ('no' is a true value), a callback that cannot be
+    called."""
     from .reduction.config import _flag
 
     for option, value in (flags or {}).items():
@@ -314,7 +356,8 @@ def checked_call(on_progress: OnProgress, flags: dict | None = None, **models) -
             continue
         if not isinstance(value, (str, os.PathLike)):
             what = "the folder of a reduced model" if option == "directory" else "a model folder, hub id or alias"
-            raise UsageError(f"{option} must be {what} (a str or Path); got {type(value).__name__}")
+            also = ", or a transformers model with tokenizer=" if in_memory else ""
+            raise UsageError(f"{option} must be {what} (a str or Path){also}; got {type(value).__name__}")
     return notifier(on_progress)
 
 

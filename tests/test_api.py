@@ -50,6 +50,42 @@ def test_evaluate_reference_is_eval_reference(tiny_reduced_dir, tiny_bert_dir, g
     assert without(got) == cli and got["reference"]["model"] == str(tiny_bert_dir) and got["fidelity"]
 
 
+def test_evaluate_scores_a_model_in_memory_as_its_saved_folder(tiny_reduced_dir, tiny_bert_dir, glue_dir):
+    """compress(...).model or a reduce_d model, scored without saving it first: the same metrics and fidelity as the
+    folder it was read from, named as in memory; the model stays where it was."""
+    from mhacompress.hub import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(str(tiny_reduced_dir))
+    original = load_pretrained(str(tiny_bert_dir))[0]
+    got = mhacompress.evaluate(model, "stsb", data_dir=glue_dir, limit=8, tokenizer=tokenizer, reference=original)
+    saved = mhacompress.evaluate(tiny_reduced_dir, "stsb", data_dir=glue_dir, limit=8, reference=tiny_bert_dir)
+    assert got["metrics"] == saved["metrics"] and got["fidelity"] == saved["fidelity"], (got, saved)
+    assert got["model"] == f"{tiny_reduced_dir} (in memory)" and got["reference"]["model"].endswith("(in memory)")
+    assert str(next(model.parameters()).device) == "cpu"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "model is a model in memory: pass its tokenizer too"),
+    ({"tokenizer": "bert-base-uncased"}, "pass its tokenizer too"),
+    ({"tokenizer": "TOKENIZER", "first_token_only": True}, "a model in memory is scored as it is"),
+])
+def test_evaluate_of_a_model_in_memory_refuses_what_it_cannot_use(tiny_reduced_dir, glue_dir, kwargs, message):
+    from mhacompress.hub import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(str(tiny_reduced_dir))
+    kwargs = {k: tokenizer if v == "TOKENIZER" else v for k, v in kwargs.items()}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        mhacompress.evaluate(model, "stsb", data_dir=glue_dir, limit=8, **kwargs)
+
+
+def test_evaluate_of_a_folder_refuses_a_tokenizer_it_would_not_use(tiny_reduced_dir, glue_dir):
+    from mhacompress.hub import load_pretrained
+
+    tokenizer = load_pretrained(str(tiny_reduced_dir))[1]
+    with pytest.raises(UsageError, match="tokenizer is for a model in memory"):
+        mhacompress.evaluate(tiny_reduced_dir, "stsb", data_dir=glue_dir, limit=8, tokenizer=tokenizer)
+
+
 def test_report_returns_the_measured_latency_as_report_does(tiny_reduced_dir):
     """report --seq-len --batch-size times both models; the call returns the same block (timings differ)."""
     got = mhacompress.report(tiny_reduced_dir, seq_len=8, batch_size=2, repeats=1)
