@@ -268,12 +268,14 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
 
 
 def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int] | None = None, curve: bool = True,
-            plot: str | os.PathLike | None = None, allow_pickle: bool = False, on_progress: OnProgress = None) -> dict:
+            plot: str | os.PathLike | None = None, force: bool = False, allow_pickle: bool = False,
+            on_progress: OnProgress = None) -> dict:
     """Spectra, effective ranks and (``curve``) error-vs-key-dim curves of every self-attention layer of an original
     ``model``, with the layers whose heads are narrower than ``seq_len`` flagged (the low-rank bottleneck).
     ``key_dims``: where the curves are evaluated (default about 8 up to H*dh). ``plot``: a folder (created) to
-    write the figures into (``figures``: their paths). `mhacompress analyze` in one call (``curve=False`` is
-    ``--no-curve``): returns what ``analyze --json`` prints, less the envelope."""
+    write the figures into (``figures``: their paths); files there with the figures' names are replaced (and an
+    earlier run's cp_error.png removed when ``curve`` is False) only with ``force``. `mhacompress analyze` in one
+    call (``curve=False`` is ``--no-curve``): returns what ``analyze --json`` prints, less the envelope."""
     import time
 
     from .figures import ANALYSIS_FIGURES, analysis_figures, figure_format
@@ -283,13 +285,21 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
     from .reduction.config import _int
     from .reduction.surgery import model_shape
 
-    notify = checked_call(on_progress, {"curve": curve, "allow_pickle": allow_pickle}, model=model)
+    notify = checked_call(on_progress, {"curve": curve, "force": force, "allow_pickle": allow_pickle}, model=model)
     _int("seq_len", seq_len, 1)
     check_key_dims(key_dims, curve)
     target = None
+    if force and plot is None:
+        raise ConfigError(f"{named('--force', 'force=True')} replaces the figures in a {named('--plot DIR', 'plot')} "
+                          f"folder; give {named('--plot DIR', 'plot=DIR')} or drop {named('--force', 'force=True')}")
     if plot is not None:  # refused before the work: no matplotlib, the source, a file, an unwritable place
         figure_format(Path(str(plot)) / ANALYSIS_FIGURES[0])
         target = check_output(plot, sources=[model], kind="contents", option="--plot")
+        there = [name for name in ANALYSIS_FIGURES if os.path.lexists(target / name)]
+        if there and not force:  # the user's own files, maybe: replaced (or removed) only when asked
+            raise UsageError(f"{named('--plot')} {plot} already holds {', '.join(there)}; pass "
+                             f"{named('--force', 'force=True')} to replace the figures there, or choose another "
+                             f"{named('--plot')} folder")
     try:
         start, name = time.perf_counter(), str(model)
         notify(Progress(f"loading {name}"))

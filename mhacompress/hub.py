@@ -305,6 +305,8 @@ def check_output(output: str | os.PathLike, force: bool = False, *, sources=(), 
     except UnicodeEncodeError:
         raise UsageError(f"{option} {str(output)!r} is not valid UTF-8 (a byte of another encoding in the name), "
                          f"which the model writers cannot take; choose another {option}") from None
+    if target == Path(target.anchor):  # its lock and temporary files are named beside it, and nothing is beside /
+        raise UsageError(f"{option} {output} is the file-system root; choose a folder for it, e.g. {example}")
     found = source_paths(sources)
     _check_not_a_source(target, found + linked_files(found), option, contains=kind != "contents")
     if force and kind == "folder":

@@ -142,14 +142,28 @@ def test_plot_writes_pngs(tiny_dir, tmp_path):
 
 def test_a_plot_folder_holds_the_figures_of_one_run(tiny_dir, tmp_path):
     """A cp_error.png of an earlier run (another model, other key dims) is not left beside the figures of a run
-    --no-curve; the user's own files stay."""
+    --no-curve --force; the user's own files stay."""
     out = tmp_path / "figs"
     assert invoke(tiny_dir, "--plot", out, "--key-dims", "8").exit_code == 0
     (out / "notes.txt").write_text("mine")
-    result = invoke(tiny_dir, "--plot", out, "--no-curve", "--json")
+    result = invoke(tiny_dir, "--plot", out, "--no-curve", "--force", "--json")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["head_spectra.png", "notes.txt", "unfolding_spectra.png"]
     assert sorted(json.loads(result.stdout)["figures"]) == sorted(str(out / p) for p in FIGURES[:2])
+
+
+def test_figures_already_in_the_plot_folder_are_replaced_only_with_force(tiny_dir, tmp_path):
+    """A user's own head_spectra.png, or a cp_error.png that --no-curve would remove, was replaced or deleted
+    silently (exit 0): the run is refused and every file stays as it was."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "cp_error.png").write_text("my figure")
+    (out / "head_spectra.png").write_text("mine too")
+    result = invoke(tiny_dir, "--plot", out, "--no-curve")
+    one_line_error(result)
+    assert "already holds head_spectra.png, cp_error.png" in result.stderr and "pass --force" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cp_error.png", "head_spectra.png"]
+    assert (out / "cp_error.png").read_text() == "my figure" and (out / "head_spectra.png").read_text() == "mine too"
 
 
 def test_a_run_that_fails_leaves_no_plot_folder_behind(tiny_reduced_dir, tmp_path):

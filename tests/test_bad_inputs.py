@@ -820,6 +820,13 @@ ANALYZE = [
     case("analyze-key-dims-words", "analyze {src} --key-dims 8,x", "got '8,x'", "e.g. 48,96,192"),
     case("analyze-key-dims-empty", "analyze {src} --key-dims ''", "got ''", "e.g. 48,96,192"),
     case("analyze-plot-empty", "analyze {src} --plot ''", "--plot is empty", "pass the path"),
+    # --force without --plot would do nothing, silently; the root has no place beside it for the temporary files
+    case("analyze-force-without-plot", "analyze {src} --no-curve --force", "--force replaces the figures in a --plot "
+         "DIR folder", "give --plot DIR or drop --force"),
+    case("analyze-plot-at-the-root", "analyze {src} --no-curve --plot /", "--plot / is the file-system root",
+         "choose a folder for it"),
+    case("sweep-resume-at-the-root", SWEEP_ + "--resume /", "--resume / is the file-system root",
+         "choose a folder for it"),
     case("analyze-key-dims-0", "analyze {src} --key-dims 0", "key dims must be in 1..32", "1..32"),
     case("analyze-key-dims-too-big", "analyze {src} --key-dims 64", "key dims must be in 1..32", "1..32"),
     case("analyze-seq-len-0", "analyze {src} --seq-len 0", "--seq-len", ">=1"),

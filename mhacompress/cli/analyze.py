@@ -17,9 +17,12 @@ from ._common import ProgressBars, allow_pickle_option, console, emit_json, user
 @click.option("--no-curve", is_flag=True, help="Skip the CP error curve (the only slow part: a few ALS runs a layer).")
 @click.option("--plot", "plot_dir", type=click.Path(), metavar="DIR",
               help=f"Write PNG figures into DIR (created): {', '.join(FIGURES)}.")
+@click.option("--force", is_flag=True, help="Replace the figures of an earlier run in the --plot folder (files of "
+              "those names; a cp_error.png is removed with --no-curve). Without it such files are left and the "
+              "command refused.")
 @allow_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
-def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json):
+def analyze(model, seq_len, key_dims, no_curve, plot_dir, force, allow_pickle, as_json):
     """Spectra of every self-attention layer of MODEL: per head, the singular values of A_h = W_q^h^T W_k^h; for
     the stacked tensor (H, d, d), the singular values of its head, query and key unfoldings; their effective ranks;
     and the relative error of a collaborative (CP) reduction at each key dim, beside per-head SVD and a lower bound
@@ -37,7 +40,7 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, allow_pickle, as_json)
 
         dims = None if key_dims is None else _parse_dims(key_dims)
         with ProgressBars(not as_json) as bars:
-            result = run(model, seq_len=seq_len, key_dims=dims, curve=not no_curve, plot=plot_dir,
+            result = run(model, seq_len=seq_len, key_dims=dims, curve=not no_curve, plot=plot_dir, force=force,
                          allow_pickle=allow_pickle, on_progress=bars)
     if as_json:
         emit_json(result, "analyze", None)
