@@ -155,6 +155,12 @@ def cell_key(cell: Cell) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
+def _seconds(value) -> bool:
+    """Whether a stored cell's time is one (a finite number >= 0, not a bool): a hand-edited "slow" or null crashed
+    the rerun in round()."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
 class _Store:
     """One JSON file per successful cell: DIR/<cell_key>.json, written atomically."""
 
@@ -179,7 +185,8 @@ class _Store:
         except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
             return None
         valid = (isinstance(stored, dict) and stored.get("ok") is True and "result" in stored
-                 and stored.get("cell") == json.loads(json.dumps(cell)) and self._usable(cell, stored["result"]))
+                 and stored.get("cell") == json.loads(json.dumps(cell)) and self._usable(cell, stored["result"])
+                 and _seconds(stored.get("seconds", 0.0)))
         return {**_result(cell, True, stored["result"], None, stored.get("seconds", 0.0)), "resumed": True} \
             if valid else None
 

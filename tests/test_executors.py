@@ -95,7 +95,9 @@ def test_resume_files_follow_the_umask_like_every_other_output(tmp_path):
 
 @pytest.mark.parametrize("content", ["{\"ok\": tr", "[]", json.dumps({"cell": {"x": 99}, "ok": True, "result": 1}),
                                      json.dumps({"cell": {"x": 1}, "ok": False, "result": None}),
-                                     "[" * 100_000 + "]" * 100_000])  # nested too deep: RecursionError
+                                     "[" * 100_000 + "]" * 100_000,  # nested too deep: RecursionError
+                                     *(json.dumps({"cell": {"x": 1}, "ok": True, "result": {"square": 1},
+                                                   "seconds": s}) for s in ("slow", None, [1], -1, True, 1e400))])
 def test_a_corrupt_or_foreign_resume_file_is_redone_not_trusted(tmp_path, content):
     run_cells(cells(3), square, resume=tmp_path)
     (tmp_path / f"{cell_key({'x': 1})}.json").write_text(content)
