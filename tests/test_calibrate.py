@@ -247,10 +247,14 @@ def test_bad_jsonl_line(tmp_path):
 
 @pytest.mark.parametrize("moment,fragment", [(torch.eye(5), r"second moment 0 has shape \(5, 5\); .*\(32, 32\)"),
                                              (torch.ones(32), r"second moment 0 has shape \(32,\)"),
-                                             (torch.full((32, 32), float("nan")), "second moment 0 holds NaN")])
+                                             (torch.full((32, 32), float("nan")), "second moment 0 holds NaN"),
+                                             (torch.zeros(32, 32), "second moment 0 is zero"),
+                                             (torch.eye(32, dtype=torch.complex64), "is a torch.complex64 tensor"),
+                                             (torch.eye(32, dtype=torch.bool), "is a torch.bool tensor")])
 def test_reduce_refuses_moments_of_another_shape_or_not_finite_before_any_layer(moment, fragment):
     """They were a RuntimeError from the whitening's matmul ('mat1 and mat2 shapes cannot be multiplied') or the
-    solver's 'cp_als broke down', from inside the reduction."""
+    solver's 'cp_als broke down', from inside the reduction; a zero moment gave NaN weights without a word (and save
+    wrote them), a complex one lost its imaginary part with only a torch warning."""
     model = tiny_model("bert")
     with pytest.raises(UsageError, match=fragment) as err:
         reduce_(model, ReductionConfig(key_dim=8), moments=[moment, torch.eye(32)])

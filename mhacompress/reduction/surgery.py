@@ -323,9 +323,15 @@ def _check_moments(model: nn.Module, moments) -> None:
         if tuple(moment.shape) != (d, d):
             raise ConfigError(f"second moment {i} has shape {tuple(moment.shape)}; each is ({d}, {d}), of its layer's "
                               f"input (calibrate.second_moments(model, batches) of this model)")
+        if not moment.is_floating_point():  # a complex one lost its imaginary part; a bool one is no moment
+            raise ConfigError(f"second moment {i} is a {moment.dtype} tensor; each is a real floating-point (d, d) "
+                              f"tensor (calibrate.second_moments(model, batches))")
         if not torch.isfinite(moment).all():
             raise ConfigError(f"second moment {i} holds NaN or infinite values; compute it again with "
                               f"calibrate.second_moments(model, batches)")
+        if not moment.diagonal().sum() > 0:  # all zero (no tokens): its whitening divides by zero, NaN weights
+            raise ConfigError(f"second moment {i} is zero (or has no positive trace), the moment of no tokens; "
+                              f"compute it with calibrate.second_moments(model, batches) over real text")
 
 
 def finish_(model: nn.Module, config: ReductionConfig, layers: list[dict], *, source: str, tool_version: str,
