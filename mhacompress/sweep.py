@@ -48,7 +48,11 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
         raise ConfigError(f"{named('--key-dims')} is empty; give at least one key dim, e.g. "
                           f"{named('--key-dims 96,48', 'key_dims=[96, 48]')}")
     from .hub import fingerprint
+    from .reduction.config import _plain
 
+    # numpy integers (np.arange(...) key dims), which the config takes, as the Python numbers they hold: the cells
+    # are JSON (resume names, --json), which has no numpy types
+    key_dims, seed, limit = [_plain(k) for k in key_dims], _plain(seed), _plain(limit)
     calibration = calibration and calibration.seeded(seed)  # drawn with the sweep's seed unless it names its own
     model, data_dir = (os.fspath(x) if isinstance(x, os.PathLike) else x for x in (model, data_dir))  # cells are JSON
     common = {"model": model, "task": task, "seed": seed, "data_dir": data_dir, "limit": limit, "device": device,

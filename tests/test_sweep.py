@@ -361,3 +361,15 @@ def test_glue_data_replaced_at_the_same_path_is_not_given_the_old_datas_cells(ti
     unchanged = CliRunner().invoke(main, args)
     assert json.loads(unchanged.stdout)["results"] == json.loads(again.stdout)["results"]
     assert len(list((tmp_path / "cells").glob("*.json"))) == 4
+
+
+def test_numpy_key_dims_seed_and_limit_make_the_same_json_cells_as_python_numbers(tiny_encoder, glue_dir):
+    """The config takes numpy integers (np.arange(...) key dims); the cells kept them, and naming a cell for
+    resume= (json.dumps) failed in a TypeError, as did json.dumps of run_sweep's result."""
+    import numpy as np
+
+    def cells(key_dims, seed, limit):
+        return grid(str(tiny_encoder), "stsb", ["cp"], key_dims, seed=seed, data_dir=str(glue_dir), limit=limit)
+
+    got = cells(list(np.array([8, 16])), np.int64(1), np.int32(20))
+    assert json.dumps(got) == json.dumps(cells([8, 16], 1, 20))
