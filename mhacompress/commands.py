@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import fsio
-from .errors import ConfigError, UsageError, given, named
+from .errors import ConfigError, UsageError, given, memory_refused, named
 from .pipeline import Progress, notifier
 
 OnProgress = Callable[[Progress], None] | None
 
 
+@memory_refused("--batch-size", "--limit")  # OOM: the command's line, naming these
 def evaluate(model, task: str, *, split: str = "validation", data_dir: str | None = None,
              limit: int | None = None, batch_size: int = 64, max_length: int = 128, device: str = "auto",
              reference=None, first_token_only: bool = False, allow_pickle: bool = False,
@@ -83,6 +84,7 @@ def evaluate(model, task: str, *, split: str = "validation", data_dir: str | Non
     return score(scored, scored_tokenizer, scorer, model_name=name, reference=ref)
 
 
+@memory_refused("--batch-size", "--seq-len")
 def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
            method: str | None = None, repeats: int = 7, latency: bool = True, first_token_only: bool = False,
            attn_implementation: str = "sdpa", device: str = "auto", allow_pickle: bool = False,
@@ -143,6 +145,7 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     return result
 
 
+@memory_refused()
 def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str = "onnx", force: bool = False,
             opset: int = 18, tolerance: float = 1e-4, first_token_only: bool = False,
             on_progress: OnProgress = None) -> dict:
@@ -185,6 +188,7 @@ def _outputs_finite(model, tokenizer, texts, max_length: int) -> bool:
     return True
 
 
+@memory_refused("--batch-size", "--limit")
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, force: bool = False,
              epochs: float = 3, lr: float = 2e-5, batch_size: int = 32, max_length: int = 128, warmup: float = 0.1,
              weight_decay: float = 0.01, seed: int = 0, limit: int | None = None, data_dir: str | None = None,
@@ -267,6 +271,7 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     return result
 
 
+@memory_refused("--seq-len")
 def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int] | None = None, curve: bool = True,
             plot: str | os.PathLike | None = None, force: bool = False, allow_pickle: bool = False,
             on_progress: OnProgress = None) -> dict:

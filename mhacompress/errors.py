@@ -1,6 +1,7 @@
 """Errors that are the user's to fix: the CLI prints their message on one line and exits non-zero."""
 
 import contextvars
+import functools
 import inspect
 from contextlib import contextmanager
 
@@ -60,3 +61,36 @@ def given(option: str, value, argument: str | None = None) -> str:
     if _COMMAND_LINE.get():
         return f"{name} {value}"
     return f"{name}={value}" if not isinstance(value, str) or value.isupper() else f"{name}={value!r}"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's error."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def memory_line(err: BaseException, names: list[str]) -> str:
+    """The one line for an allocation that failed: what torch said (cut), then the settings that lower the memory
+    (``names``, as the user gives them), then a larger device."""
+    said = " ".join(str(err).split()).split(": ")[-1][:120] or type(err).__name__
+    rest = f" (or {', '.join(names[1:])})" if names[1:] else ""
+    smaller = f"pass a smaller {names[0]}{rest}, or " if names else ""
+    return f"out of memory ({said}); {smaller}use a device with more memory"
+
+
+def memory_refused(*options: str):
+    """A decorator: an allocation that fails inside the call is a UsageError with ``memory_line`` (a Python caller
+    gets the line the command prints), not a multi-line RuntimeError from torch's allocator."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (MemoryError, RuntimeError) as err:
+                if not out_of_memory(err):
+                    raise
+                raise UsageError(memory_line(err, [named(o) for o in options])) from None
+        return call
+    return wrap

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError, given, named
+from .errors import UsageError, given, memory_refused, named
 from .reduction.config import Calibration, ConfigError, ReductionConfig
 
 Texts = Sequence["str | tuple[str, ...]"]
@@ -60,6 +60,7 @@ class Compressed:
         return path
 
 
+@memory_refused("--samples")  # an allocation that fails: the line `reduce` prints
 def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibration: Texts | None = None,
              on_progress: Callable[[Progress], None] | None = None, device: str | None = None,
              allow_pickle: bool = False, data_dir: str | None = None, evaluate: str | None = None,

@@ -421,3 +421,27 @@ def test_compress_checks_an_argument_even_when_nothing_uses_it(tiny_bert_dir, ba
 
     with pytest.raises(mhacompress.ConfigError, match=fragment):
         mhacompress.compress(tiny_bert_dir, ReductionConfig(key_dim=8), **bad)
+
+
+def test_an_allocation_that_fails_is_the_commands_one_line_in_python_too(tiny_reduced_dir, tiny_bert_dir,
+                                                                        monkeypatch):
+    """report(batch_size=10**12) raised torch's multi-line RuntimeError in Python, where the command prints one line
+    naming the options that lower its memory; in Python they are named as the call's arguments."""
+    import mhacompress.bench as bench
+    import mhacompress.pipeline as pipeline
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 64000000000000 bytes.\nError code 12")
+
+    monkeypatch.setattr(bench, "inputs", exhausted)
+    with pytest.raises(UsageError) as err:
+        mhacompress.report(tiny_reduced_dir, seq_len=8, batch_size=10**6, repeats=1)
+    assert str(err.value) == ("out of memory (you tried to allocate 64000000000000 bytes. Error code 12); pass a "
+                              "smaller batch_size (or seq_len), or use a device with more memory")
+    result = CliRunner().invoke(main, ["report", str(tiny_reduced_dir), "--seq-len", "8", "--batch-size", "1000000"])
+    assert result.exit_code == 1 and "pass a smaller --batch-size (or --seq-len)" in result.stderr, result.output
+    monkeypatch.setattr(pipeline, "_calibration_texts", exhausted)
+    with pytest.raises(UsageError, match="pass a smaller samples, or use a device with more memory"):
+        mhacompress.compress(str(tiny_bert_dir), mhacompress.ReductionConfig(
+            key_dim=8, calibration=mhacompress.Calibration("mrpc")))

@@ -52,7 +52,7 @@ def user_errors():
     for a bad setting, ``BadSetting``), no traceback. Ctrl-C and SIGTERM pass through to the command group, which
     reports them (see cli.main). A current folder that was deleted is refused first: torch's libraries would fail to
     load, ending the process."""
-    from ..errors import ConfigError, UsageError, command_line
+    from ..errors import ConfigError, UsageError, command_line, memory_line, out_of_memory
 
     try:
         os.getcwd()
@@ -75,32 +75,19 @@ def user_errors():
     except (MemoryError, RuntimeError) as err:
         if not out_of_memory(err):
             raise
-        raise click.ClickException(f"out of memory ({one_line(str(err)).split(': ')[-1][:120] or type(err).__name__});"
-                                   f" {_smaller_options()}use a device with more memory") from None
+        raise click.ClickException(memory_line(err, _smaller_options())) from None
     except OSError as err:  # the file system refused (disk full, permissions changed mid-run): nothing was replaced
         where = f" {err.filename}" if err.filename else ""
         raise click.ClickException(f"cannot access{where}: {err.strerror or err}; nothing was replaced (check the "
                                    f"path, its permissions and free space)") from None
 
 
-def _smaller_options() -> str:
-    """What the running command takes that lowers its memory ('pass a smaller --batch-size (or --samples), or '), so
-    that the out-of-memory line suggests no option the command lacks."""
+def _smaller_options() -> list[str]:
+    """What the running command takes that lowers its memory (--batch-size, --samples...), so that the
+    out-of-memory line suggests no option the command lacks."""
     ctx = click.get_current_context(silent=True)
     names = {o for p in ctx.command.params for o in getattr(p, "opts", ())} if ctx else set()
-    have = [o for o in ("--batch-size", "--seq-len", "--samples", "--limit") if o in names]
-    if not have:
-        return ""
-    rest = f" (or {', '.join(have[1:])})" if have[1:] else ""
-    return f"pass a smaller {have[0]}{rest}, or "
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU allocator's error."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    text = str(err).lower()
-    return "can't allocate memory" in text or "out of memory" in text
+    return [o for o in ("--batch-size", "--seq-len", "--samples", "--limit") if o in names]
 
 
 def one_line(text: str) -> str:
