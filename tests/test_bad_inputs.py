@@ -991,6 +991,10 @@ API = [  # (call, fragment of the message)
      "ReductionConfig(key_dim=8, first_token_only=True))", "first_token_only is for sequence classifiers"),
     ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
      "moments=[1, 2])", "moments must be a list of tensors"),
+    # torch.ao dynamic quantization: weight is a method there, and the reduction ended in an AttributeError
+    ("mhacompress.reduce_(__import__('torch').ao.quantization.quantize_dynamic(__import__('transformers').AutoModel."
+     "from_pretrained(src), {__import__('torch').nn.Linear}), ReductionConfig(key_dim=8))",
+     "the model is quantized"),
     ("mhacompress.reduce_(__import__('transformers').AutoModel.from_pretrained(src), ReductionConfig(key_dim=8), "
      "on_layer=5)", "on_layer must be a function"),
     # run_sweep checks what `sweep` checks, before any cell runs: its cell files never go into the source

@@ -82,6 +82,12 @@ def check_loaded_weights(model: nn.Module, in_place: bool = False) -> None:
     and so are weights that cannot be changed in place (inference tensors: a model built inside
     torch.inference_mode) where the reduction changes some (``in_place``: the compensation refits the output
     projections)."""
+    quantized = next((name for name, m in model.named_modules() if isinstance(m, nn.Module)
+                      and not isinstance(getattr(m, "weight", None), (torch.Tensor, type(None)))), None)
+    if quantized is not None:  # torch.ao's dynamic quantization: weight() is a method, packed int8 inside
+        raise UsageError(f"the model is quantized ({quantized} holds packed weights, not a weight tensor), and the "
+                         f"reduction reads and writes floating-point weights; reduce the float model, then quantize "
+                         f"the reduced one")
     params = list(model.parameters())
     if any(p.is_meta for p in params):
         raise UsageError("the model's weights are on the meta device (built without its weights); load them first, "
