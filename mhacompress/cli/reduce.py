@@ -26,11 +26,12 @@ from .eval import check_drop, data_options, render_eval
 @click.command()
 @click.argument("model")
 @click.option("--key-dim", "-k", type=int, help="Shared query/key width D~k: 1..H*dh (H*dh is exact for cp). "
-              "With --calibrate at key dims <= d/8, the average: per-layer widths share its Q/K parameters "
-              "(see --allocate).")
+              "With --calibrate where it is allocated (see --allocate), the average: per-layer widths share its Q/K "
+              "parameters.")
 @click.option("--allocate/--uniform", default=None, help="With --calibrate: spread the Q/K parameters of --key-dim "
-              "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays; "
-              "a few forward passes per layer), or keep --key-dim in every layer (default above d/8).")
+              "over the layers by their measured effect on the output (default at key dims <= d/8, where it pays, "
+              "and for a classifier at <= d/4 on models of MiniLM size, in place of refinement; a few forward passes "
+              "per layer), or keep --key-dim in every layer (default otherwise).")
 @click.option("--key-dims", help="One key dim per layer, comma-separated (e.g. 64,96,96,128,128,192).")
 @click.option("--budget", type=float, help="Instead of key dims: keep this fraction (0 < F <= 1) of the original Q/K "
               "parameters, with per-layer key dims chosen where they cost least.")
@@ -48,8 +49,8 @@ from .eval import check_drop, data_options, render_eval
 @click.option("--refine", type=click.IntRange(min=0), metavar="STEPS", help="With --calibrate: Adam steps per layer "
               "fitting the reduced layer to the original's output. Default: 200, or 400 for a sentence encoder read at "
               "every token (mean or max pooled), at key dims <= d/8 (where the closed form alone loses the most) and "
-              "at <= d/4 on models where the steps are cheap (MiniLM size, not BERT-base); else 0; --refine 0 for "
-              "the closed form alone (faster).")
+              "at <= d/4 on models where the steps are cheap (MiniLM size, not BERT-base) unless a classifier is "
+              "allocated there; else 0; --refine 0 for the closed form alone (faster).")
 @click.option("--weights-only", is_flag=True, help="Reduce from the weights alone, even with --eval (which otherwise "
               "calibrates on the task's train sentences).")
 @click.option("--method", type=method_choice(), default="cp", show_default=True, help=method_help())

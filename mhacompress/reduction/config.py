@@ -24,10 +24,12 @@ REFINE_STEPS = 200  # refinement steps per layer by default (ReductionConfig.ref
 # (dev, train and eight text sets, on every seed measured) and at d/4 (the eight-set distance on every one of six
 # seeds, dev and train on average; docs/results.md)
 TOKEN_REFINE_STEPS = 400
-REFINE_RULE = 2  # ReductionConfig.refines' rule, counted up when it changes (2: TOKEN_REFINE_STEPS at d/4 too)
-# the costliest refinement that is the default at key dims in (d/8, d/4]: multiply-adds per token of one step, summed
-# over the layers (ReductionConfig.step_cost). MiniLM-L6 at d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC);
-# MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where 200 steps would more than double its 63 s
+REFINE_RULE = 3  # the refines / allocates rule, counted up when it changes (2: TOKEN_REFINE_STEPS at d/4 too; 3: a
+# classifier at d/4 where cheap is allocated, not refined)
+# the costliest model whose d/4 default spends more than the closed form (refinement, or a classifier's allocation):
+# multiply-adds per token of one refinement step, summed over the layers (ReductionConfig.step_cost). MiniLM-L6 at
+# d/4: 1.3 M (the steps add ~35 s on 2 cores, MRPC); MiniLM-L12: 2.7 M; DistilBERT: 5.3 M; BERT-base: 10.6 M, where
+# 200 steps would more than double its 63 s
 REFINE_COST = 3_000_000
 
 SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger seed; torch's generators 2**64 - 1
@@ -92,7 +94,8 @@ class Calibration:
                   for one read at its first token (a classifier, a CLS-pooled encoder), at key dims <= d/8, where
                   the closed form alone leaves the most (docs/results.md), and at key dims <= d/4 where the steps
                   are cheap (MiniLM-sized models, ``REFINE_COST``), not where they would more than double the d/4
-                  path (BERT-base size: 63 s); 0 above d/4.
+                  path (BERT-base size: 63 s); 0 above d/4, and 0 for a classifier that is allocated there
+                  instead (``ReductionConfig.allocates``).
     """
 
     source: str
@@ -155,9 +158,11 @@ class ReductionConfig:
                  are chosen under the Q/K parameters of ``key_dim`` everywhere by the measured effect of each layer on
                  the model's output (reduction/sensitivity.py). False: ``key_dim`` in every layer (``--uniform``).
                  None (default): decided for the model by ``allocates``: on at key dims <= d/8, where it pays
-                 (docs/results.md: fine-tuned MiniLM average drop 4.17 -> 1.74 at d/8), off above, where it is
-                 neutral and costs several times the reduction. With ``budget``: None, always (a budget is always
-                 allocated); with ``key_dims``: False.
+                 (docs/results.md: fine-tuned MiniLM average drop 4.17 -> 1.74 at d/8), and for a classifier at key
+                 dims <= d/4 where the model is small (``REFINE_COST``), in place of refinement: it lowered the dev
+                 KL to the original on four of five fine-tuned MiniLM models at no more time (docs/method.md); off
+                 above, and on larger models, where it costs several times the reduction. With ``budget``: None,
+                 always (a budget is always allocated); with ``key_dims``: False.
     first_token_only: the exact [CLS] shortcut for sequence classifiers (see modeling.first_token_only_).
     """
 
@@ -247,15 +252,22 @@ class ReductionConfig:
             if problem:
                 raise ConfigError(problem)
 
-    def allocates(self, width: int) -> bool:
-        """Whether the key dims are allocated per layer for a model of ``width`` = H*dh: as set, or by default at
-        key dims <= width / 8 with a sequential calibration; always for a budget."""
+    def allocates(self, width: int, layers: int | None = None, first_token: bool = False) -> bool:
+        """Whether the key dims are allocated per layer for a model of ``layers`` layers of ``width`` = H*dh, read at
+        its last layer's ``first_token`` alone or at every token: as set; by default with a sequential calibration,
+        at key dims <= width / 8, and for a model read at its first token (a classifier) at key dims <= width / 4
+        where the model is small (``cheap``), in place of refinement; always for a budget."""
         if self.budget is not None:
             return True
         if self.allocate is not None:
             return self.allocate
         bottom_up = self.calibration is not None and self.calibration.sequential  # else nothing to measure by
-        return bottom_up and self.deep(width)
+        return bottom_up and (self.deep(width) or (first_token and self.cheap(width, layers)))
+
+    def cheap(self, width: int, layers: int | None) -> bool:
+        """Whether this is a key dim <= width / 4 on a model small enough (``step_cost`` <= ``REFINE_COST``) that the
+        d/4 default spends more than the closed form on it: refinement steps, or a classifier's allocation."""
+        return layers is not None and self.deep(width, 4) and self.step_cost(width, layers) <= REFINE_COST
 
     def deep(self, width: int, part: int = 8) -> bool:
         """Whether this reduction keeps at most 1/``part`` of a ``width`` = H*dh model's query/key width (on average
@@ -285,14 +297,18 @@ class ReductionConfig:
         if c.refine_steps is not None:
             return c.refine_steps
         steps = REFINE_STEPS if first_token else TOKEN_REFINE_STEPS
-        cheap = self.deep(width, 4) and self.step_cost(width, layers) <= REFINE_COST
-        return steps if self.deep(width) or cheap else 0
+        if self.deep(width):
+            return steps
+        if not self.cheap(width, layers) or (first_token and self.allocates(width, layers, first_token)):
+            return 0  # a classifier allocated at d/4: the allocation takes the steps' time, and gains more
+        return steps
 
     def decided(self, width: int, layers: int, first_token: bool = False) -> ReductionConfig:
         """This config with what it leaves to the model decided for one of ``layers`` layers of ``width`` = H*dh,
         read at its last layer's ``first_token`` or at every token (``allocates``, ``refines``): what the reduction
         did, as it is saved with the weights."""
-        config = self if self.budget is not None else replace(self, allocate=self.allocates(width))  # a budget's: None
+        config = self if self.budget is not None else \
+            replace(self, allocate=self.allocates(width, layers, first_token))  # a budget's: None
         if config.calibration is None:
             return config
         steps = self.refines(width, layers, first_token)
