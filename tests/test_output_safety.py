@@ -532,7 +532,7 @@ def test_analyze_figures_stopped_midway_leave_no_partial_folder_and_no_mix_of_ru
 
     monkeypatch.setattr(Figure, "savefig", stopped_at_the_second)
     with pytest.raises(KeyboardInterrupt):
-        mhacompress.analyze(str(tiny_bert_dir), key_dims=[4], plot=figs)
+        mhacompress.analyze(str(tiny_bert_dir), key_dims=[4], plot=figs, force=existing)
     if existing:
         assert tree(figs) == before
     else:
