@@ -38,7 +38,7 @@ def evaluate(model, task: str, *, split: str = "validation", data_dir: str | Non
     ``model`` and ``reference`` may also be transformers models in memory (``compress(...).model``, a model reduced
     by ``reduce_``), scored as they are, with ``tokenizer`` (a reference in memory shares it): where their weights
     are, or moved to an explicit ``device``, as ``compress`` moves one."""
-    from .devices import resolve_device
+    from .devices import is_auto, resolve_device
     from .eval.compare import Scorer
     from .eval.compare import evaluate as score
     from .hub import load_pretrained
@@ -49,7 +49,7 @@ def evaluate(model, task: str, *, split: str = "validation", data_dir: str | Non
     in_memory = check_in_memory(named_models, tokenizer, first_token_only)
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, in_memory=True,
                           **{k: v for k, v in named_models.items() if k not in in_memory})
-    moved = device != "auto"  # a model in memory stays where it is unless a device is named
+    moved = not is_auto(device)  # a model in memory stays where it is unless a device is named
     device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
     if "model" in in_memory and not moved:
         device = str(next(model.parameters()).device)

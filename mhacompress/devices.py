@@ -33,11 +33,16 @@ def available_devices() -> list[str]:
     return found + ["cpu"]
 
 
+def is_auto(spec) -> bool:
+    """Whether ``spec`` leaves the device to mhacompress (``auto`` in any case, or None)."""
+    return spec is None or str(spec).strip().lower() == "auto"
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch device for ``spec``: ``auto`` (or None) picks CUDA, then MPS, then CPU; ``cpu``, ``cuda``,
     ``cuda:N`` and ``mps`` are checked against this machine. A device that does not exist raises a one-line
     ``UsageError`` naming what was asked, what exists and what to pass instead."""
-    if spec is None or str(spec).strip().lower() == "auto":
+    if is_auto(spec):
         return torch.device(available_devices()[0])
     text = str(spec).strip().lower()
     try:

@@ -199,9 +199,8 @@ def method_help() -> str:
 
 class ProgressBars:
     """Render ``mhacompress.Progress`` events: one bar per stage family (the text before ':'), a spinner for steps
-    without a count. A context manager; hidden when ``enabled`` is False (--json). The bars start at the first
-    event: a command refused before any work prints its one line alone (rich's display, stopped on a stderr that is
-    not a terminal, printed a blank line before it)."""
+    without a count. A context manager; hidden when ``enabled`` is False (--json) and off a terminal (``progress``).
+    The bars start at the first event: a command refused before any work shows no empty display."""
 
     def __init__(self, enabled: bool = True):
         self.bars = progress(enabled)
