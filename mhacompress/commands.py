@@ -16,6 +16,7 @@ CLI shows.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Callable
 
@@ -105,8 +106,8 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
     from .reduction import methods
     from .reduction.config import _int
 
-    for option, value in (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)):
-        _int(option, value, 1)  # --seq-len etc. are IntRange(1)
+    seq_len, batch_size, repeats = (_int(option, value, 1) for option, value in  # --seq-len etc. are IntRange(1)
+                                    (("seq_len", seq_len), ("batch_size", batch_size), ("repeats", repeats)))
     if attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
     if method is not None and method not in methods.names():  # a choice: refused for a reduced folder too
@@ -159,7 +160,7 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
     notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
         raise ConfigError(f"unsupported {named('--format', 'fmt')} {fmt!r}; supported: {', '.join(FORMATS)}")
-    check_settings(opset=opset, tol=tolerance)
+    opset, tolerance = check_settings(opset=opset, tol=tolerance)
     target = check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # first
     try:
         notify(Progress(f"loading {directory}"))
@@ -210,8 +211,9 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
     from .reduction.surgery import check_finite_weights, nonfinite_weight
 
     notify = checked_call(on_progress, {"evaluate": evaluate, "allow_pickle": allow_pickle}, model=model)
-    check_training(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
-                   weight_decay=weight_decay, seed=seed, limit=limit)
+    epochs, lr, batch_size, max_length, warmup, weight_decay, seed, limit = check_training(
+        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, warmup=warmup,
+        weight_decay=weight_decay, seed=seed, limit=limit).values()
     device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any work
     spec, name = get_task(task), str(model)
     target = check_output(output, force, sources=[model, glue_folder(data_dir), recorded_source(model)])
@@ -291,8 +293,8 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
     from .reduction.surgery import model_shape
 
     notify = checked_call(on_progress, {"curve": curve, "force": force, "allow_pickle": allow_pickle}, model=model)
-    _int("seq_len", seq_len, 1)
-    check_key_dims(key_dims, curve)
+    seq_len = _int("seq_len", seq_len, 1)
+    key_dims = check_key_dims(key_dims, curve)
     target = None
     if force and plot is None:
         raise ConfigError(f"{named('--force', 'force=True')} replaces the figures in a {named('--plot DIR', 'plot')} "
@@ -455,24 +457,26 @@ def first_token_shortcut(model, name) -> None:
 EPOCHS_MAX = 1e6  # far past any useful run, and epochs x batches stays a step count (1e308 epochs overflowed)
 
 
-def check_training(**settings) -> None:
+def check_training(**settings) -> dict:
     """finetune's settings, refused in one line as its command's options are: --epochs in 0..EPOCHS_MAX (0
     excluded); --lr > 0; --warmup in 0..1; --weight-decay >= 0 (all finite); --batch-size, --limit >= 1;
-    --max-length >= 8; --seed 0..2**32-1; --weight-decay x --lr < 1."""
+    --max-length >= 8; --seed 0..2**32-1; --weight-decay x --lr < 1. Returns them, in the order given, as Python
+    numbers (a numpy scalar as the int or float it holds)."""
     from .reduction.config import SEED_MAX, _int, _number
 
-    _number("epochs", settings["epochs"], 0, EPOCHS_MAX, above=True)
-    _number("lr", settings["lr"], 0, above=True)
-    _number("warmup", settings["warmup"], 0, 1)
-    _number("weight_decay", settings["weight_decay"], 0)
-    if settings["lr"] * settings["weight_decay"] >= 1:  # AdamW's decoupled decay: w <- w (1 - lr wd) every step
+    checks = {"epochs": lambda v: _number("epochs", v, 0, EPOCHS_MAX, above=True),
+              "lr": lambda v: _number("lr", v, 0, above=True),
+              "warmup": lambda v: _number("warmup", v, 0, 1),
+              "weight_decay": lambda v: _number("weight_decay", v, 0),
+              "batch_size": lambda v: _int("batch_size", v, 1),
+              "max_length": lambda v: _int("max_length", v, 8),
+              "seed": lambda v: _int("seed", v, 0, SEED_MAX),
+              "limit": lambda v: None if v is None else _int("limit", v, 1)}
+    out = {name: checks[name](value) for name, value in settings.items()}
+    if out["lr"] * out["weight_decay"] >= 1:  # AdamW's decoupled decay: w <- w (1 - lr wd) every step
         raise ConfigError(f"{named('--weight-decay')} times {named('--lr')} must be below 1 (AdamW shrinks every "
-                          f"weight by that share a step); got {settings['weight_decay']:g} x {settings['lr']:g}")
-    _int("batch_size", settings["batch_size"], 1)
-    _int("max_length", settings["max_length"], 8)
-    _int("seed", settings["seed"], 0, SEED_MAX)
-    if settings["limit"] is not None:
-        _int("limit", settings["limit"], 1)
+                          f"weight by that share a step); got {out['weight_decay']:g} x {out['lr']:g}")
+    return out
 
 
 def dev_scorer(task, data_dir, max_length: int, device: str):
@@ -486,20 +490,24 @@ def dev_scorer(task, data_dir, max_length: int, device: str):
         return None, str(err)
 
 
-def check_key_dims(key_dims, curve: bool) -> None:
-    """analyze's key dims: None, or a non-empty list of integers (their range is the model's to check), and only
-    with the curve they are for."""
+def check_key_dims(key_dims, curve: bool) -> list[int] | None:
+    """analyze's key dims: None, or a non-empty sequence of integers (their range is the model's to check), and only
+    with the curve they are for; returned as a list of Python ints."""
     from .reduction.config import _flag
 
     _flag("curve", curve)
     if key_dims is None:
         return
-    if not isinstance(key_dims, (list, tuple)) or not key_dims or \
-            not all(isinstance(k, int) and not isinstance(k, bool) for k in key_dims):
+    from .reduction.config import _plain
+
+    ordered = isinstance(key_dims, Iterable) and not isinstance(key_dims, (str, bytes, Set, Mapping))
+    dims = [_plain(k) for k in key_dims] if ordered else []  # a numpy array or integers: as Python ints
+    if not dims or not all(isinstance(k, int) and not isinstance(k, bool) for k in dims):
         raise ConfigError(f"key_dims must be a list of integers, e.g. [48, 96, 192]; got {key_dims!r:.40}")
     if not curve:
         raise ConfigError(f"{named('--key-dims')} sets the key dims of the error curve, which "
                           f"{named('--no-curve', 'curve=False')} skips; drop one")
+    return dims
 
 
 def _mean(xs):

@@ -49,7 +49,7 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     ``usable(cell, value)``: whether a stored value has the shape ``fn`` returns (a file edited by hand or written by
     another version fails it, and the cell runs again).
     """
-    check_settings(executor, address, num_cpus, num_gpus)
+    num_cpus, num_gpus = check_settings(executor, address, num_cpus, num_gpus)
     check_callback("on_result", on_result, "one result")
     path = function_path(fn)
     if resume is not None and not str(resume).strip():  # Path("") is the current folder
@@ -76,11 +76,13 @@ def run_cells(cells: list[Cell], fn: Callable[[Cell], dict] | str, *, executor: 
     return results  # type: ignore[return-value]
 
 
-def check_settings(executor: str, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0) -> None:
+def check_settings(executor: str, address: str | None = None, num_cpus: float = 1,
+                   num_gpus: float = 0) -> tuple[float, float]:
     """Refuse in one line, before any cell runs, what the executor would ignore or fail on late (one rule for
     run_cells, run_sweep and sweep's options): an unknown executor, an address that is empty or given without the
     Ray executor (the local one ignored it), CPUs per cell that are not a finite number > 0, GPUs that are not a
-    finite number >= 0, and either given without the Ray executor."""
+    finite number >= 0, and either given without the Ray executor. Returns the CPUs and GPUs as Python numbers (a
+    numpy scalar as the int or float it holds)."""
     from .reduction.config import ConfigError, _number
 
     if executor not in EXECUTORS:
@@ -94,12 +96,12 @@ def check_settings(executor: str, address: str | None = None, num_cpus: float = 
     if address is not None and executor != "ray":
         raise ConfigError(f"{named('--address')} needs {given('--executor', 'ray')}, which runs the cells on that "
                           f"cluster; drop the address to run them here")
-    _number("num_cpus", num_cpus, 0, above=True)
-    _number("num_gpus", num_gpus, 0)
+    num_cpus, num_gpus = _number("num_cpus", num_cpus, 0, above=True), _number("num_gpus", num_gpus, 0)
     if executor != "ray" and (num_cpus != 1 or num_gpus != 0):  # the local executor ignored them
         raise ConfigError(f"{named('--cpus-per-cell', 'num_cpus')} and {named('--gpus-per-cell', 'num_gpus')} are "
                           f"what each cell asks of Ray: they need {given('--executor', 'ray')}; drop them to run the "
                           f"cells here")
+    return num_cpus, num_gpus
 
 
 def function_path(fn: Callable | str) -> str:

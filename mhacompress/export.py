@@ -80,11 +80,15 @@ def max_opset() -> int:
     return int(SUPPORTED_MAX_ONNX_OPSET)
 
 
-def check_settings(*, opset, tol) -> None:
+def check_settings(*, opset, tol) -> tuple[int, float]:
     """--opset and --tolerance, refused in one line before anything loads: an opset the exporter cannot write, a
-    tolerance that is not a finite number >= 0 (inf would let any graph pass the check)."""
+    tolerance that is not a finite number >= 0 (inf would let any graph pass the check). Returns them as Python
+    numbers (a numpy scalar as the int or float it holds)."""
     import math
 
+    from .reduction.config import _plain
+
+    opset, tol = _plain(opset), _plain(tol)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise ConfigError(f"{named('--tolerance')} must be a finite non-negative number (e.g. 1e-4), got {tol!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
@@ -94,6 +98,7 @@ def check_settings(*, opset, tol) -> None:
     if opset > top:
         raise ConfigError(f"{given('--opset', opset)} is newer than the installed exporter can write (17..{top}); "
                           f"pass {given('--opset', top)} or less")
+    return opset, tol
 
 
 def _onnxruntime():
@@ -159,7 +164,7 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
 
     from .hub import check_output
 
-    check_settings(opset=opset, tol=tol)
+    opset, tol = check_settings(opset=opset, tol=tol)
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:

@@ -93,12 +93,14 @@ def compress(model_or_name, config: ReductionConfig, *, tokenizer=None, calibrat
     _check_pooling(pooling)
     from .reduction.config import _flag, _int
 
-    _int("eval_batch_size", eval_batch_size, 1)  # by its own name (the scorer's is batch_size); checked even when
-    _flag("force", force)  # unused, as the command line's options are: a typo there is not silently ignored
+    # by its own name (the scorer's is batch_size); both checked even when unused, as the command line's options
+    # are: a typo there is not silently ignored
+    eval_batch_size = _int("eval_batch_size", eval_batch_size, 1)
+    _flag("force", force)
     if force and output is None:  # nothing to replace: a dry run (or a save later, which takes its own force)
         raise ConfigError(f"{named('--force', 'force=True')} replaces an existing {named('--output')} folder; give "
                           f"{named('--output DIR', 'output=DIR')} or drop {named('--force', 'force=True')}")
-    check_gate(max_drop, evaluate)
+    max_drop = check_gate(max_drop, evaluate)
     config = eval_calibration(config, evaluate, weights_only, data_dir, calibration)
     target = None
     if output is not None:  # refused before any work, as `reduce --output` is, and held until written
@@ -241,16 +243,18 @@ def _check_arguments(model_or_name, config, tokenizer) -> None:
                          f"{type(tokenizer).__name__}")
 
 
-def check_gate(max_drop, evaluate) -> None:
-    """``max_drop`` bounds the drop on the ``evaluate`` task: a finite number, and only with a task."""
+def check_gate(max_drop, evaluate) -> float | None:
+    """``max_drop`` bounds the drop on the ``evaluate`` task: a finite number, and only with a task. Returned as a
+    Python number."""
     if max_drop is None:
-        return
+        return None
     from .reduction.config import _number
 
-    _number(named("--max-drop"), max_drop, 0)  # a negative bound asks the reduced model to beat the original
+    max_drop = _number(named("--max-drop"), max_drop, 0)  # a negative bound asks the reduced model to beat the original
     if evaluate is None:
         needs = named("--max-drop needs --eval TASK (compress: evaluate=TASK)", "max_drop needs evaluate=TASK")
         raise ConfigError(f"{needs}, the task whose metric it bounds")
+    return max_drop
 
 
 def eval_calibration(config: ReductionConfig, evaluate: str | None, weights_only, data_dir,

@@ -289,7 +289,8 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     from .executors import check_settings
 
     start = time.perf_counter()
-    check_settings(executor, address, num_cpus, num_gpus)  # before any work: run_cells would refuse them only later
+    # before any work: run_cells would refuse them only later
+    num_cpus, num_gpus = check_settings(executor, address, num_cpus, num_gpus)
     _flag("allow_pickle", allow_pickle)  # 'no' is a true value: it would read pickles, which can run code
     check_callback("on_result", on_result, "one result")  # not after the model has loaded (run_cells checks it too)
     device = cell_device(device, executor, address, num_gpus)

@@ -280,6 +280,8 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
                                      calibration=Calibration("mrpc", samples=64, refine_steps=5))
     assert ReductionConfig(key_dim=np.int64(8)).key_dim == 8 and ReductionConfig(budget=np.float32(0.5)).budget == 0.5
     json.dumps(config.to_dict())  # saved with the weights: plain numbers only
+    # numpy's float64 subclasses float: kept as it was, it printed as np.float64(0.001) in reprs and reports
+    assert type(ReductionConfig(key_dim=8, tol=np.float64(1e-3)).tol) is float
     with pytest.raises(ConfigError, match="positive integers"):
         ReductionConfig(key_dim=np.float64(8.0))  # a float is still not a key dim
 

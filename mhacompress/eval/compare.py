@@ -28,8 +28,8 @@ class Scorer:
     def __post_init__(self):
         """Settings that would fail deep inside a run (an IndexError for batch_size=-1, a shape error for
         max_length=0), refused in one line before any model runs."""
-        _int("batch_size", self.batch_size, 1)
-        _int("max_length", self.max_length, 8)
+        self.batch_size = _int("batch_size", self.batch_size, 1)
+        self.max_length = _int("max_length", self.max_length, 8)
         if not isinstance(self.task, Task) or not isinstance(self.examples, Examples):
             raise UsageError("Scorer takes a Task and its Examples; build one with Scorer.for_task('mrpc', ...)")
         if self.on_batch is not None and not callable(self.on_batch):

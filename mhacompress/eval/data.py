@@ -64,7 +64,9 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
 
     An explicit ``data_dir`` is never bypassed: a file missing there is an error. ``limit`` keeps the first N
     examples (a seeded random sample when ``seed`` is given)."""
-    task = get_task(task)  # a name is taken too
+    from ..reduction.config import _plain
+
+    task, limit, seed = get_task(task), _plain(limit), _plain(seed)  # a name too; a numpy integer as its int
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ConfigError(f"limit must be a positive number of examples (or None for all); got {limit!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):

@@ -38,8 +38,8 @@ SEED_MAX = 2**32 - 1  # numpy's RandomState (tensorly's solvers) takes no larger
 def _plain(value):
     """A numpy (or other registered) integer or real scalar as the Python int or float it holds; anything else as
     it is. A config is saved as JSON with the weights, and its checks are written for Python numbers."""
-    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
-        return value
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value  # (numpy's float64 is a float subclass: made a plain float too, so its repr is a number's)
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
@@ -48,20 +48,27 @@ def _plain_fields(config, names: tuple[str, ...]) -> None:
         object.__setattr__(config, name, _plain(getattr(config, name)))
 
 
-def _int(name: str, value, low: int = 0, high: int | None = None) -> None:
+def _int(name: str, value, low: int = 0, high: int | None = None) -> int:
+    """``value`` as a Python int (a numpy integer taken as the int it holds), refused unless an integer in
+    ``low`` .. ``high``."""
+    value = _plain(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         upto = f" and <= {high}" if high is not None else ""
         raise ConfigError(f"{name} must be an integer >= {low}{upto}; got {value!r}")
+    return value
 
 
-def _number(name: str, value, low: float | None = None, high: float | None = None, *, above: bool = False) -> None:
-    """A finite real number >= ``low`` (> with ``above``) and <= ``high``: nan and inf are refused too (every
-    comparison with nan is False, so a range check alone lets it through)."""
+def _number(name: str, value, low: float | None = None, high: float | None = None, *, above: bool = False) -> float:
+    """``value`` as a Python number (a numpy scalar taken as the int or float it holds), refused unless a finite real
+    number >= ``low`` (> with ``above``) and <= ``high``: nan and inf are refused too (every comparison with nan is
+    False, so a range check alone lets it through)."""
+    value = _plain(value)
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
         bounds = ([] if low is None else [f"{'>' if above else '>='} {low:g}"]) + \
             ([] if high is None else [f"<= {high:g}"])
         raise ConfigError(f"{name} must be a finite number{' ' if bounds else ''}{' and '.join(bounds)}; got {value!r}")
+    return value
 
 
 def _flag(name: str, value) -> None:
