@@ -115,6 +115,19 @@ def test_env_dir_without_the_task_falls_back_to_the_hub(glue_dir, monkeypatch):
         D.load_examples(get_task("qqp"))
 
 
+@pytest.mark.parametrize("value,problem", [(" ", "is blank"), ("file", "is not a folder")])
+def test_env_dir_that_cannot_be_a_glue_folder_is_named_as_such(value, problem, tmp_path, monkeypatch):
+    """Was read as a folder named ' ', or reported as 'has no STS-B/ file' for a file: both then blamed the hub."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(D.ENV_DIR, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for read in (lambda: D.load_examples(get_task("stsb")), D.glue_folder):
+        with pytest.raises(UsageError, match=f"MHACOMPRESS_GLUE_DIR.* {problem}.*; set it to the folder") as err:
+            read()
+        assert "\n" not in str(err.value)
+
+
 def test_bad_rows_and_labels(tmp_path):
     (tmp_path / "RTE").mkdir()
     (tmp_path / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")

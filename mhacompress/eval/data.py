@@ -51,11 +51,26 @@ def check_data_dir(data_dir) -> None:
                          f"glue_data layout (DIR/STS-B/dev.tsv, ...), or drop it to use ${ENV_DIR} or the hub copy")
 
 
+def env_folder() -> str | None:
+    """$MHACOMPRESS_GLUE_DIR (None when unset or empty, like any empty variable), refused in one line when it is
+    blank or names something that is not a folder (a file was reported as 'has no RTE/ file', and ' ' was read as a
+    folder of that name)."""
+    env = os.environ.get(ENV_DIR) or None
+    if env is None:
+        return None
+    fix = "set it to the folder that holds the GLUE tasks in the official glue_data layout, or unset it"
+    if not env.strip():
+        raise UsageError(f"${ENV_DIR} is blank ({env!r}); {fix}")
+    if os.path.exists(os.path.expanduser(env)) and not os.path.isdir(os.path.expanduser(env)):
+        raise UsageError(f"${ENV_DIR}={env} is not a folder; {fix}")
+    return env
+
+
 def glue_folder(data_dir=None):
     """The local GLUE folder ``load_examples`` reads: ``data_dir``, else $MHACOMPRESS_GLUE_DIR (None: neither). A
     source like the model: no output may be, contain or lie inside it."""
     check_data_dir(data_dir)
-    return data_dir if data_dir is not None else os.environ.get(ENV_DIR) or None
+    return data_dir if data_dir is not None else env_folder()
 
 
 def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.PathLike | None = None,
@@ -84,7 +99,7 @@ def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.P
             raise UsageError(f"no {path}: {named('--data-dir')} must hold the official glue_data layout "
                              f"(<dir>/{task.folder}/{local_name})")
         return read_tsv(task, split, path).subset(limit, seed=seed)
-    env = os.environ.get(ENV_DIR)
+    env = env_folder()
     path = Path(env).expanduser() / task.folder / local_name if env else None
     if path is not None:
         _check_regular(path, task, local_name)
