@@ -138,6 +138,14 @@ def test_bad_rows_and_labels(tmp_path):
         D.load_examples(get_task("rte"), data_dir=tmp_path)
 
 
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    """The first 'sentence1' (here the example ids) was read silently, and the ids scored as sentences."""
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "dev.tsv").write_text("sentence1\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    with pytest.raises(UsageError, match="names column 'sentence1' 2 times \\(columns 1, 2\\)"):
+        D.load_examples(get_task("rte"), data_dir=tmp_path)
+
+
 @pytest.mark.parametrize("typed", ["validation", "dev", "DEV", " Validation "])
 def test_split_names_are_read_in_any_case(typed):
     assert get_task("rte").split(typed) == get_task("rte").split("validation")

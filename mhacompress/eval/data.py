@@ -156,6 +156,10 @@ def read_tsv(task: Task, split: str, path: Path) -> Examples:
 def _column(header: list[str], name, path: Path, required: bool = True):
     if isinstance(name, int):
         return name
+    if header.count(name) > 1:  # the first was read silently (an index column renamed: ids scored as sentences)
+        raise UsageError(f"{path}: the header names column {name!r} {header.count(name)} times (columns "
+                         f"{', '.join(str(i + 1) for i, h in enumerate(header) if h == name)}); is this the official "
+                         f"GLUE file?")
     if name in header:
         return header.index(name)
     if name == "gold_label" and header and header[-1] == "gold_label":
