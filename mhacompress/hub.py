@@ -636,7 +636,8 @@ def _check_safetensors(path: Path) -> set[str]:
     odd = next((k for k, d in dtypes.items() if k.endswith(".weight") and d not in STORED_DTYPES), None)
     if odd is not None:
         raise UsageError(f"{path}: {odd} is stored as {dtypes[odd]}, not as floating point (a quantized or integer "
-                         f"checkpoint), which cannot be reduced; pass the checkpoint in float32, float16 or bfloat16")
+                         f"checkpoint), which mhacompress does not read (its codes are not the weights); pass the "
+                         f"checkpoint in float32, float16 or bfloat16")
     return {d for d in dtypes.values() if d in STORED_DTYPES}
 
 
