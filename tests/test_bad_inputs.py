@@ -1119,6 +1119,9 @@ API = [  # (call, fragment of the message)
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=str(src / 's.png'))",
      "lies inside the source"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/')", "ends in '/'"),
+    # bytes were shown as the name "b'new/s.png'" and refused as a format matplotlib cannot write (".png'")
+    ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot=b'new/s.png')",
+     "plot must be a path (a str or Path); got bytes, e.g. plot='out.png'"),
     ("mhacompress.to_onnx(reduced, 'm\\n.onnx')", "output 'm\\n.onnx' contains the control character '\\n' "
      "(U+000A); choose an output without control characters"),
     ("mhacompress.run_sweep(str(src), 'stsb', ['cp'], [8], data_dir=glue, limit=4, plot='new/s.png', force='no')",
