@@ -48,7 +48,8 @@ def evaluate(model, task: str, *, split: str = "validation", data_dir: str | Non
 
     named_models = {"model": model, "reference": reference}
     in_memory = check_in_memory(named_models, tokenizer, first_token_only)
-    notify = checked_call(on_progress, {"first_token_only": first_token_only}, in_memory=True,
+    notify = checked_call(on_progress, {"first_token_only": first_token_only},
+                          in_memory="a transformers model with tokenizer=",
                           **{k: v for k, v in named_models.items() if k not in in_memory})
     moved = not is_auto(device)  # a model in memory stays where it is unless a device is named
     device = str(resolve_device(device))  # 'auto' (the command's default) too; a device this machine lacks fails now
@@ -86,23 +87,31 @@ def evaluate(model, task: str, *, split: str = "validation", data_dir: str | Non
 
 
 @memory_refused("--batch-size", "--seq-len")
-def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
+def report(model, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | None = None,
            method: str | None = None, repeats: int = 7, latency: bool = True, first_token_only: bool = False,
            attn_implementation: str = "sdpa", device: str = "auto", allow_pickle: bool = False,
-           on_progress: OnProgress = None) -> dict:
+           reference=None, on_progress: OnProgress = None) -> dict:
     """Q/K parameters and multiply-adds of a reduced ``model`` against its original, per layer and in total, and
     (``latency``) their measured medians side by side with ratios. ``model`` is a reduced folder (its original is
     reloaded from the source it records), or an original with ``key_dim`` to reduce it in memory.
     `mhacompress report` in one call (``latency=False`` is ``--no-latency``): returns what ``report --json`` prints,
-    less the envelope."""
+    less the envelope.
+
+    ``model`` may also be a transformers model in memory: a reduced one (``compress(...).model``, a model reduced
+    by ``reduce_``), compared with ``reference`` (its original, in memory or a folder; default: the source its
+    compression block records), or an original with ``key_dim``, reduced in a copy. A model in memory is timed as
+    it is, where its weights are (or moved to an explicit ``device``), with its own attention implementation."""
     import torch
 
     from . import bench
     from .reduction import cost
     from .reduction.modeling import max_tokens
 
+    named_models = {"model": model, "reference": reference}
+    in_memory = {option: _in_memory_name(value) for option, value in named_models.items() if _is_model(value)}
     notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only,
-                                        "allow_pickle": allow_pickle}, model=model)
+                                        "allow_pickle": allow_pickle}, in_memory="a transformers model",
+                          **{k: v for k, v in named_models.items() if k not in in_memory})
     from .reduction import methods
     from .reduction.config import _int
 
@@ -112,14 +121,24 @@ def report(model: str | os.PathLike, *, seq_len: int = 128, batch_size: int = 32
         raise ConfigError(f"attn_implementation must be one of sdpa, eager; got {attn_implementation!r}")
     if method is not None and method not in methods.names():  # a choice: refused for a reduced folder too
         raise ConfigError(f"method must be one of {', '.join(methods.names())}; got {method!r}")
-    from .devices import resolve_device
+    from .devices import is_auto, resolve_device
 
+    moved = not is_auto(device)  # a model in memory stays where it is unless a device is named
     device = str(resolve_device(device))  # 'auto' too; a device this machine lacks fails before any model loads
-    name = str(model)
-    notify(Progress(f"loading {name}"))
-    original, reduced, info = load_pair(name, key_dim=key_dim, method=method, attn_implementation=attn_implementation,
-                                        allow_pickle=allow_pickle)
+    if "model" in in_memory:
+        attn_implementation = _own_attention(model, attn_implementation)
+        device = device if moved else str(next(model.parameters()).device)
+    name = in_memory.get("model") or str(model)
+    if "model" not in in_memory:
+        notify(Progress(f"loading {name}"))
+    original, reduced, info = load_pair(model if "model" in in_memory else name, key_dim=key_dim, method=method,
+                                        attn_implementation=attn_implementation, allow_pickle=allow_pickle,
+                                        reference=reference, name=name)
     if first_token_only:
+        if reduced is model:  # switching on the shortcut would change the caller's model
+            raise ConfigError("first_token_only=True switches on the shortcut in a model report reduces or loads; "
+                              "a reduced model in memory is timed as it is (reduce it with "
+                              "ReductionConfig(first_token_only=True))")
         first_token_shortcut(reduced, name)
     limit = max_tokens(original)
     if limit is not None and seq_len > limit:
@@ -358,12 +377,12 @@ def _in_memory_name(model) -> str:
     return f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} (in memory)"
 
 
-def checked_call(on_progress: OnProgress, flags: dict | None = None, in_memory: bool = False,
+def checked_call(on_progress: OnProgress, flags: dict | None = None, in_memory: str = "",
                  **models) -> Callable[[Progress], None]:
     """The progress callback to use, after refusing arguments of the wrong kind in one line (not a TypeError from
-    deep inside): a model that is not a path or name (None counts only where it is optional; ``in_memory``: the call
-    takes transformers models too), a flag that is not a bool ('no' is a true value), a callback that cannot be
-    called."""
+    deep inside): a model that is not a path or name (None counts only where it is optional; ``in_memory``: the
+    transformers models the call takes too, in words), a flag that is not a bool ('no' is a true value), a callback
+    that cannot be called."""
     from .reduction.config import _flag
 
     for option, value in (flags or {}).items():
@@ -373,15 +392,17 @@ def checked_call(on_progress: OnProgress, flags: dict | None = None, in_memory: 
             continue
         if not isinstance(value, (str, os.PathLike)):
             what = "the folder of a reduced model" if option == "directory" else "a model folder, hub id or alias"
-            also = ", or a transformers model with tokenizer=" if in_memory else ""
+            also = f", or {in_memory}" if in_memory else ""
             raise UsageError(f"{option} must be {what} (a str or Path){also}; got {type(value).__name__}")
     return notifier(on_progress)
 
 
 
-def load_pair(name: str, *, key_dim=None, method=None, attn_implementation="sdpa", allow_pickle: bool = False):
-    """(original, reduced, description): a reduced folder and its source, or an original reduced in memory by
-    ``method`` (default cp); pickled weights (an original's) only with ``allow_pickle``."""
+def load_pair(model, *, key_dim=None, method=None, attn_implementation="sdpa", allow_pickle: bool = False,
+              reference=None, name: str | None = None):
+    """(original, reduced, description): a reduced model (a folder, or in memory) and its original (``reference``,
+    a folder or in memory, else the source its block records), or an original (a folder, or in memory) reduced in
+    a copy by ``method`` (default cp); pickled weights (an original's) only with ``allow_pickle``."""
     import copy
 
     from .hub import load_pretrained
@@ -390,34 +411,50 @@ def load_pair(name: str, *, key_dim=None, method=None, attn_implementation="sdpa
     from .reduction.modeling import COMPRESSION_KEY, base_model_type
     from .reduction.surgery import model_shape
 
-    model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False,
-                                  allow_pickle=allow_pickle)
+    name, in_memory = name or str(model), _is_model(model)
+    if not in_memory:
+        model, _, _ = load_pretrained(name, attn_implementation=attn_implementation, tokenizer=False,
+                                      allow_pickle=allow_pickle)
     block = getattr(model.config, COMPRESSION_KEY, None)
+    if not block and reference is not None:
+        raise ConfigError(f"reference is the original of a reduced model; {name} is an original, compared with "
+                          f"itself reduced to key_dim: drop reference")
     if block:
         if key_dim is not None:
             raise ConfigError(f"{name} is already reduced (key dim {block.get('key_dim')}); drop "
                               f"{named('--key-dim')}")
         if method is not None and method != block.get("method"):  # it was reported as the folder's, unsaid
             raise ConfigError(f"{name} is already reduced, by {block.get('method')}; drop {named('--method')}")
-        source = block.get("source_model") or ""
+        source = block.get("source_model") or "" if reference is None else \
+            _in_memory_name(reference) if _is_model(reference) else str(reference)
+        if not source and in_memory:  # reduce_ records none: the caller has it
+            raise UsageError(f"{name} records no original to compare with; pass it as reference (the original "
+                             f"model in memory, or its folder)")
         try:
-            original, _, _ = load_pretrained(source, attn_implementation=attn_implementation, tokenizer=False,
-                                             allow_pickle=allow_pickle)
+            original = reference if _is_model(reference) else load_pretrained(
+                source, attn_implementation=attn_implementation, tokenizer=False, allow_pickle=allow_pickle)[0]
         except UsageError as err:  # its own fix ("pass a folder ...") is not one report can take
+            if reference is not None:
+                raise
             raise UsageError(f"cannot load the original {source!r} recorded in {name} ({str(err).split('; ')[0]}); "
                              f"put the original back there, or report the original with "
                              f"{named('--key-dim')}") from None
+        what, fix = (f"the original {source!r} recorded in {name}", f"restore the original checkpoint there, or "
+                     f"report an original with {named('--key-dim')}") if reference is None else \
+            (f"reference {source}", f"pass the original {name} was reduced from as reference")
         if getattr(original.config, COMPRESSION_KEY, None):  # replaced since: the counts would compare two reductions
-            raise UsageError(f"the original {source!r} recorded in {name} is itself a reduced model; restore the "
-                             f"original checkpoint there, or report an original with {named('--key-dim')}")
+            raise UsageError(f"{what} is itself a reduced model; {fix}")
         shapes = [model_shape(m) for m in (original, model)]  # (layers, heads, head dim): another model since
         types = [base_model_type(m.config) for m in (original, model)]
         if shapes[0] != shapes[1] or types[0] != types[1]:
             original_shape, reduced_shape = (f"{kind}, {shape[0]} layers x {shape[1]} heads of {shape[2]}"
                                              for kind, shape in zip(types, shapes))
-            raise UsageError(f"the original {source!r} recorded in {name} is not the model it was reduced from "
-                             f"({original_shape}; the reduced model: {reduced_shape}); restore the original "
-                             f"checkpoint there, or report an original with {named('--key-dim')}")
+            raise UsageError(f"{what} is not the model it was reduced from ({original_shape}; the reduced model: "
+                             f"{reduced_shape}); {fix}")
+        if _is_model(reference) and _attention_of(reference) != attn_implementation:
+            raise ConfigError(f"reference runs with {_attention_of(reference)!r} attention and {name} with "
+                              f"{attn_implementation!r}: the timings would compare kernels, not the reduction; set "
+                              f"one implementation on both (model.set_attn_implementation)")
         return original, model, {"method": block["method"], "key_dim": block.get("key_dim"), "original": source}
     if key_dim is None:
         raise ConfigError(f"{name} is an original model: pass {named('--key-dim')} to reduce it in memory, or give a "
@@ -426,6 +463,26 @@ def load_pair(name: str, *, key_dim=None, method=None, attn_implementation="sdpa
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
+
+
+def _is_model(value) -> bool:
+    """Whether ``value`` is a transformers model in memory (not a folder, hub id or alias)."""
+    return hasattr(getattr(value, "config", None), "model_type")
+
+
+def _attention_of(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _own_attention(model, asked: str) -> str:
+    """The attention implementation of a model in memory, which report times as it is: ``asked`` (the option's
+    value) may only name it, or be the default."""
+    own = _attention_of(model)
+    if asked not in ("sdpa", own):
+        raise ConfigError(f"attn_implementation={asked!r}: a model in memory runs with its own attention "
+                          f"implementation ({own!r}); drop attn_implementation, or set it on the model "
+                          f"(model.set_attn_implementation({asked!r}))")
+    return own
 
 
 def recorded_source(directory) -> str | None:

@@ -96,6 +96,61 @@ def test_report_returns_the_measured_latency_as_report_does(tiny_reduced_dir):
     assert without(got, ("latency",)) == without(cli, ("latency",))
 
 
+def test_report_compares_a_model_in_memory_as_its_saved_folder(tiny_reduced_dir, tiny_bert_dir):
+    """compress(...).model, a reduce_d model or an original with key_dim, reported without saving: the same counts as
+    the folders, the caller's models untouched (a reduced one is timed as it is, an original reduced in a copy)."""
+    import copy
+
+    import torch
+
+    from mhacompress.hub import load_pretrained
+
+    reduced, original = load_pretrained(str(tiny_reduced_dir))[0], load_pretrained(str(tiny_bert_dir))[0]
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    on = dict(seq_len=16, batch_size=2, latency=False)
+    saved = without(mhacompress.report(tiny_reduced_dir, **on), ("model", "original"))
+    for got in (mhacompress.report(reduced, **on),  # its original: the source its block records
+                mhacompress.report(reduced, reference=original, **on),
+                mhacompress.report(reduced, reference=str(tiny_bert_dir), **on)):
+        assert without(got, ("model", "original")) == saved
+        assert got["model"] == f"{tiny_reduced_dir} (in memory)"
+    reduced_here = copy.deepcopy(original)
+    mhacompress.reduce_(reduced_here, mhacompress.ReductionConfig(key_dim=8))  # records no original
+    assert without(mhacompress.report(reduced_here, reference=original, **on), ("model", "original")) == saved
+    got = mhacompress.report(original, key_dim=8, **on)
+    assert without(got, ("model", "original")) == without(mhacompress.report(tiny_bert_dir, key_dim=8, **on),
+                                                           ("model", "original"))
+    assert got["original"] == got["model"] == f"{tiny_bert_dir} (in memory)"
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in before.items())
+    assert not hasattr(original.config, "compression")
+
+
+@pytest.mark.parametrize("call,message", [
+    ("report(reduce_d)", "records no original to compare with; pass it as reference"),
+    ("report(original)", "is an original model: pass key_dim"),
+    ("report(original, key_dim=8, reference=original)", "reference is the original of a reduced model"),
+    ("report(reduced, reference=reduced)", "is itself a reduced model; pass the original"),
+    ("report(reduced, attn_implementation='eager')", "runs with its own attention implementation ('sdpa')"),
+    ("report(reduced, first_token_only=True)", "a reduced model in memory is timed as it is"),
+    ("report(reduced, key_dim=4)", "is already reduced (key dim 8); drop key_dim"),
+    ("report(reduced, reference=eager)", "the timings would compare kernels, not the reduction"),
+])
+def test_report_of_a_model_in_memory_refuses_what_it_cannot_use(tiny_reduced_dir, tiny_bert_dir, call, message):
+    import copy
+
+    from mhacompress.hub import load_pretrained
+
+    reduced, original = load_pretrained(str(tiny_reduced_dir))[0], load_pretrained(str(tiny_bert_dir))[0]
+    eager = load_pretrained(str(tiny_bert_dir), attn_implementation="eager")[0]
+    reduce_d = copy.deepcopy(original)
+    mhacompress.reduce_(reduce_d, mhacompress.ReductionConfig(key_dim=8))
+    scope = {"report": lambda m, **kw: mhacompress.report(m, seq_len=8, latency=False, **kw), "reduced": reduced,
+             "original": original, "reduce_d": reduce_d, "eager": eager}
+    with pytest.raises(UsageError, match=re.escape(message)) as err:
+        eval(call, scope)
+    assert "\n" not in str(err.value)
+
+
 def test_report_resolves_its_device_as_the_command_does(tiny_reduced_dir):
     """device='auto' (the command's default) is CUDA, then MPS, then the CPU: it was torch's 'Expected one of cpu,
     cuda, ...' error."""
