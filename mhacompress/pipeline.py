@@ -170,8 +170,9 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     sequences = None if batches is None else sum(len(b["attention_mask"]) for b in batches)
-    # texts handed in are what the caller chose to give, whatever samples says (by default 512): no warning there
-    if sequences is not None and sequences < config.calibration.samples and config.calibration.source != "python":
+    # texts handed in are what the caller chose to give, whatever samples says (by default 512) and whichever source
+    # the config names as theirs (a sample drawn from it by hand): no warning there
+    if sequences is not None and sequences < config.calibration.samples and calibration is None:
         warnings.append(f"calibrated on {sequences} sequences, fewer than the {config.calibration.samples} asked for "
                         f"({config.calibration.source} has no more); the fit may not carry to other text: calibrate "
                         f"on a larger source")

@@ -116,6 +116,19 @@ def test_the_calibration_length_recorded_is_the_one_used(tiny_bert_dir):
     assert result.model.config.compression["reduction"]["calibration"]["max_length"] == 64
 
 
+def test_texts_handed_in_under_a_named_source_are_not_called_all_that_source_holds(tiny_bert_dir, tmp_path):
+    """A sample drawn by hand from a source, handed in with that source as its provenance (benchmarks/encoder_seeds
+    does): the texts are what the caller chose, so no 'fewer than asked for (SOURCE has no more)' warning, which was
+    false (the file held more). The file read by the pipeline itself still warns."""
+    (tmp_path / "ten.txt").write_text("".join(f"sentence number {i} here\n" for i in range(10)))
+    config = ReductionConfig(key_dim=8, n_iter_max=3,
+                             calibration=mhacompress.Calibration(str(tmp_path / "ten.txt"), samples=16))
+    handed = mhacompress.compress(str(tiny_bert_dir), config, calibration=["a b c", "d e f", "g h"])
+    assert not any("fewer than" in w for w in handed.report["warnings"]), handed.report["warnings"]
+    read = mhacompress.compress(str(tiny_bert_dir), config)
+    assert any("calibrated on 10 sequences, fewer than the 16 asked for" in w for w in read.report["warnings"])
+
+
 @pytest.mark.parametrize("entry", ["compress", "reduce_"])
 def test_an_unsupported_architecture_is_a_usage_error_from_every_entry_point(entry):
     from transformers import GPT2Config, GPT2Model
