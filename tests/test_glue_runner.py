@@ -43,6 +43,44 @@ def examples(task, n=13):
     return Examples(spec, "validation", texts, labels, "synthetic")
 
 
+LONG = "antidisestablishmentarianism and the " + "quick brown fox jumps, over the lazy dog. " * 1500  # 63 kB
+
+
+PAIRED = LONG[:20_000]  # a pair's full encoding, the reference, holds every overflowing window of both: kept small
+
+
+@pytest.mark.parametrize("fields", [(LONG,), (PAIRED, "a short second sentence"), ("a short first one", PAIRED),
+                                    (PAIRED, ", " * 500), (", " * 500, PAIRED), ("x" * 9000 + " y",),
+                                    ("a" + " " * 20_000 + "b",)])
+@pytest.mark.parametrize("max_length", [16, 128])
+def test_a_very_long_field_encodes_as_the_whole_text_does_without_reading_all_of_it(tokenizer, fields, max_length):
+    """One 40 MB calibration line took 6 GB to tokenize before truncation threw it away: a long field is cut to a
+    prefix first, with the same truncated encoding (single texts and pairs, whichever is longer; a word of 9,000
+    letters; a run of spaces, which makes no tokens, where the text is read to its end)."""
+    seen = []
+
+    class Watched:
+        pad_token = tokenizer.pad_token
+
+        def __call__(self, *args, **kwargs):
+            seen.extend(len(t) for a in args for t in ([a] if isinstance(a, str) else a))
+            return tokenizer(*args, **kwargs)
+
+    got = runner.encode(Watched(), [fields], max_length)
+    want = tokenizer(*[[f] for f in fields], truncation=True, max_length=max_length)
+    assert got["input_ids"] == want["input_ids"] and got.get("token_type_ids") == want.get("token_type_ids")
+    assert max(seen) < len(PAIRED) if LONG in fields or PAIRED in fields else True  # never the whole field
+
+
+def test_a_pair_of_two_very_long_fields_keeps_the_start_of_each(tokenizer):
+    """Both fields cut: each keeps half of max_length, the first tokens of its text (which of the two keeps the odd
+    token is decided on the prefixes)."""
+    got = runner.encode(tokenizer, [(LONG, LONG[3:])], 16)["input_ids"][0]
+    sep = got.index(tokenizer.sep_token_id)
+    first, second = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (LONG[:200], LONG[3:200]))
+    assert len(got) == 16 and got[1:sep] == first[:sep - 1] and got[sep + 1:-1] == second[:len(got) - sep - 2]
+
+
 def test_sorted_batches_match_naive_padding(tokenizer):
     model, ex = tiny(["entailment", "not_entailment"]), examples("rte")
     fast = runner.forward_all(model, tokenizer, ex.texts, fn=runner._logits, batch_size=4)

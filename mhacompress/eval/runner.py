@@ -93,15 +93,49 @@ def check_vocabulary(input_ids: list[list[int]], model) -> None:
                          f"tokenizer is not this model's; use the model's own (saved beside it in its folder)")
 
 
+CHARS_PER_TOKEN = 64  # a field longer than max_length x this many characters is cut first (``bounded``)
+TOKEN_MARGIN = 16  # tokens a cut field keeps past max_length, so that the word cut in two lies beyond what is kept
+
+
+def bounded(tokenizer, fields: tuple[str, ...], max_length: int) -> tuple[str, ...]:
+    """``fields`` with each very long one cut to the shortest prefix (from max_length x CHARS_PER_TOKEN characters,
+    growing fourfold) that the tokenizer turns into at least max_length + TOKEN_MARGIN tokens: the same encoding once
+    truncated to max_length, without encoding the megabytes of a long line that truncation throws away (a 40 MB line
+    took 6 GB). A tokenizer splits words apart, and the word cut in two lies past the margin; a pair's longest-first
+    truncation keeps at most max_length of either, the longer one losing tokens first, so a cut field grows until
+    it is longer than an uncut partner it is longer than in full. Where BOTH fields of a pair are that long, which of
+    the two keeps the odd token is decided on their prefixes."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix(text: str, size: int, enough) -> str:
+        while size < len(text):
+            if enough(count(text[:size])):
+                return text[:size]
+            size *= 4
+        return text
+
+    start = max_length * CHARS_PER_TOKEN
+    cut = [prefix(f, start, lambda n: n >= max_length + TOKEN_MARGIN) for f in fields]
+    short = [i for i, f in enumerate(fields) if len(cut[i]) == len(f)]
+    if len(fields) == 2 and len(short) == 1:  # one field cut: it stays the longer, as in full
+        whole = count(fields[short[0]])
+        long = 1 - short[0]
+        cut[long] = prefix(fields[long], len(cut[long]), lambda n: n > whole and n >= max_length + TOKEN_MARGIN)
+    return tuple(cut)
+
+
 def encode(tokenizer, texts: list[tuple[str, ...]], max_length: int):
-    """The tokenizer's encoding of ``texts`` (one tuple of fields each), truncated to ``max_length``. A tokenizer that
-    cannot pad a batch, or fails on the text (the tokenizers library's bare Exception: "Missing [UNK] token from the
-    vocabulary"), is refused in one line: its folder's tokenizer files are damaged."""
+    """The tokenizer's encoding of ``texts`` (one tuple of fields each), truncated to ``max_length`` (a very long
+    field cut to a prefix first: ``bounded``). A tokenizer that cannot pad a batch, or fails on the text (the
+    tokenizers library's bare Exception: "Missing [UNK] token from the vocabulary"), is refused in one line: its
+    folder's tokenizer files are damaged."""
     fix = "restore the model's own tokenizer files (tokenizer.save_pretrained(DIR))"
     if tokenizer.pad_token is None:
         raise UsageError(f"the tokenizer has no padding token (tokenizer_config.json's pad_token), so batches "
                          f"cannot be padded; {fix}")
     try:
+        texts = [bounded(tokenizer, fields, max_length) for fields in texts]
         return tokenizer(*[list(c) for c in zip(*texts)], truncation=True, max_length=max_length)
     except Exception as err:
         if type(err) is not Exception:
