@@ -94,3 +94,27 @@ def memory_refused(*options: str):
                 raise UsageError(memory_line(err, [named(o) for o in options])) from None
         return call
     return wrap
+
+
+def imported(module: str, missing: str, install: str):
+    """``module`` imported; refused in one line when it is not installed (``missing``: that line) or installed but
+    broken (anything else raised at import: a version clash among its own dependencies, a shared library that will
+    not load), naming the error and ``install``, the command that reinstalls it. Either way, a user's setup
+    problem, not a traceback."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0]:  # a dependency of the installed package is missing: broken, not absent
+            raise UsageError(f"{module} is installed but fails to import ({_first_line(err)}); reinstall it: "
+                             f"{install}") from None
+        raise UsageError(missing) from None
+    except Exception as err:
+        raise UsageError(f"{module} is installed but fails to import ({_first_line(err)}); reinstall it: "
+                         f"{install}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__

@@ -275,8 +275,6 @@ def _ray_get(ray, ref, cell: Cell) -> Result:
 
 
 def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise UsageError(f"--executor ray needs Ray, which is not installed: {RAY_HINT}") from None
-    return ray
+    from .errors import imported
+
+    return imported("ray", f"--executor ray needs Ray, which is not installed: {RAY_HINT}", RAY_HINT)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import fsio
-from .errors import ConfigError, UsageError, given, named
+from .errors import ConfigError, UsageError, given, imported, named
 
 FORMATS = ("onnx",)
 INPUTS = ("input_ids", "attention_mask")  # every graph's; token_type_ids too where the model has segments
@@ -101,13 +101,12 @@ def check_settings(*, opset, tol) -> tuple[int, float]:
     return opset, tol
 
 
+EXPORT_HINT = "pip install 'mhacompress[export]'"
+
+
 def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsageError("cannot check the export: onnxruntime is not installed, so nothing was written; "
-                         "pip install 'mhacompress[export]'") from None
-    return onnxruntime
+    return imported("onnxruntime", f"cannot check the export: onnxruntime is not installed, so nothing was written; "
+                                   f"{EXPORT_HINT}", EXPORT_HINT)
 
 
 def check(path: str | os.PathLike, model, names: list[str], *, tol: float = 1e-4, shapes=CHECK_SHAPES) -> dict:
@@ -165,10 +164,7 @@ def export_onnx(model, output: str | os.PathLike, *, opset: int = 18, tol: float
     from .hub import check_output
 
     opset, tol = check_settings(opset=opset, tol=tol)
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError:
-        raise UsageError("ONNX export needs onnxscript: pip install 'mhacompress[export]'") from None
+    imported("onnxscript", f"ONNX export needs onnxscript: {EXPORT_HINT}", EXPORT_HINT)  # torch.onnx's exporter's
     _onnxruntime()  # an export that cannot be checked is not attempted
     target = check_output(output, force, kind="file",
                           sources=[source, getattr(model.config, "_name_or_path", None)])

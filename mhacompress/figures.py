@@ -13,18 +13,16 @@ def figure_format(path, option: str = "--plot") -> str:
     any work, what would fail only once the work is done: matplotlib missing, or a format it cannot write."""
     import os
 
-    from .errors import UsageError, given, named
+    from .errors import UsageError, given, imported, named
 
     shown = named(option)  # the option, or in a Python call its argument
     if not isinstance(path, (str, os.PathLike)):  # bytes were named "b'x.png'" and refused as a format
         raise UsageError(f"{shown} must be a path (a str or Path); got {type(path).__name__}, e.g. "
                          f"{given(option, 'out.png')}")
-    try:
-        import matplotlib  # noqa: F401  (first: what the figure code imports)
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:
-        raise UsageError(f"{shown} needs matplotlib, which is not installed: pip install 'mhacompress[plot]', or "
-                         f"drop {shown}") from None
+    # matplotlib first: what the figure code imports (a broken install is named too, not a traceback)
+    imported("matplotlib", f"{shown} needs matplotlib, which is not installed: pip install 'mhacompress[plot]', or "
+                           f"drop {shown}", "pip install 'mhacompress[plot]'")
+    from matplotlib.backend_bases import FigureCanvasBase
     fmt = os.path.splitext(str(path))[1][1:].lower() or "png"
     supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:

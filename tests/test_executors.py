@@ -173,6 +173,22 @@ def test_ray_missing_is_a_one_line_error_with_the_pip_command(monkeypatch):
         run_cells(cells(1), square, executor="ray")
 
 
+@pytest.mark.parametrize("body,why", [("raise RuntimeError('bad protobuf')", "RuntimeError: bad protobuf"),
+                                      ("import grpc_missing_dependency",
+                                       "ModuleNotFoundError: No module named 'grpc_missing_dependency'")])
+def test_a_broken_ray_is_a_one_line_error_naming_why_not_a_traceback(body, why, tmp_path, monkeypatch):
+    """A Ray install whose own dependencies clash raised a RuntimeError (or a missing module of its own) from
+    sweep --executor ray, with a full traceback; it was only handled when Ray itself was missing."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    with pytest.raises(UsageError) as err:
+        run_cells(cells(1), square, executor="ray")
+    assert str(err.value) == (f"ray is installed but fails to import ({why}); "
+                              f"reinstall it: pip install 'mhacompress[distributed]' (or: pip install 'ray[client]')")
+
+
 def closed_port() -> int:
     import socket
 

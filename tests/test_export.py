@@ -189,6 +189,22 @@ def test_an_export_that_cannot_be_checked_writes_nothing(tiny_dirs, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_broken_onnxruntime_is_named_not_blamed_on_the_output_path(tiny_dirs, tmp_path, monkeypatch):
+    """An onnxruntime whose shared library does not load raised OSError at import, reported as 'cannot access: ...
+    (check the path, its permissions and free space)', about the output."""
+    import sys
+
+    _, reduced = tiny_dirs
+    (tmp_path / "fake" / "onnxruntime").mkdir(parents=True)
+    (tmp_path / "fake" / "onnxruntime" / "__init__.py").write_text("raise OSError('libonnxruntime.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    result = invoke("export", reduced, "-o", tmp_path / "out" / "m.onnx")
+    assert_one_line_error(result, "onnxruntime is installed but fails to import (OSError: libonnxruntime.so: cannot "
+                                  "open)", "reinstall it: pip install 'mhacompress[export]'")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_during_the_export_names_the_output_and_writes_nothing(tiny_dirs, tmp_path, monkeypatch):
     """onnx's write error carries no file name: the one-line message said 'cannot access: No space left on device'
     without saying where."""

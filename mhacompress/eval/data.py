@@ -205,11 +205,11 @@ def load_hub(task: Task, split: str, hub_split: str, *, missing_local: str | Non
     if offline or not hub_reachable(timeout=2.0):
         why = "offline mode is set" if offline else "the Hugging Face hub is unreachable"
         raise UsageError(f"no GLUE data for {task.name}: {where} and {why}; {hint}")
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError(f"no GLUE data for {task.name}: {where} and the `datasets` package is not installed "
-                         f"(pip install 'mhacompress[hub]'); {hint}") from None
+    from ..errors import imported
+
+    install = "pip install 'mhacompress[hub]'"
+    datasets = imported("datasets", f"no GLUE data for {task.name}: {where} and the `datasets` package is not "
+                                    f"installed ({install}); {hint}", install)
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=hub_split)
     except Exception as err:  # network errors come in many types; all mean the same to the user
