@@ -138,6 +138,19 @@ def test_bad_rows_and_labels(tmp_path):
         D.load_examples(get_task("rte"), data_dir=tmp_path)
 
 
+def test_blank_lines_at_the_end_are_read_past_and_one_inside_is_named(glue_dir, tmp_path):
+    """One trailing blank line (an editor's, `echo >>`'s) made the whole file 'not the official GLUE file'."""
+    (tmp_path / "MRPC").mkdir()
+    official = (glue_dir / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig")
+    (tmp_path / "MRPC" / "dev.tsv").write_text(official.rstrip("\n") + "\n\n\r\n\n")
+    read = D.load_examples(get_task("mrpc"), data_dir=tmp_path)
+    assert read.texts == D.load_examples(get_task("mrpc"), data_dir=glue_dir).texts
+    lines = official.split("\n")
+    (tmp_path / "MRPC" / "dev.tsv").write_text("\n".join(lines[:3] + [""] + lines[3:]))
+    with pytest.raises(UsageError, match=r"dev.tsv:4 is blank; remove the blank line"):
+        D.load_examples(get_task("mrpc"), data_dir=tmp_path)
+
+
 def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     """The first 'sentence1' (here the example ids) was read silently, and the ids scored as sentences."""
     (tmp_path / "RTE").mkdir()

@@ -124,8 +124,8 @@ def read_tsv(task: Task, split: str, path: Path) -> Examples:
         raise UsageError(f"{path} ends its lines with a carriage return alone (old Mac line ends); convert them to "
                          f"newlines (e.g. tr '\\r' '\\n') or {hint}")
     lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # final newline (CoLA dev has none, as in GLUE)
+    while lines and not lines[-1].rstrip("\r"):
+        lines.pop()  # the final newline (CoLA dev has none, as in GLUE), and blank lines an editor or `echo >>` added
     rows = [line.rstrip("\r").split("\t") for line in lines]
     if task.header:
         header, rows = rows[0], rows[1:]
@@ -142,6 +142,8 @@ def read_tsv(task: Task, split: str, path: Path) -> Examples:
         if len(row) < width or (header is not None and len(row) != len(header)):
             if task.skip_malformed:
                 continue
+            if row == [""]:  # said as such: 'found 1' field did not tell a blank line from a line without tabs
+                raise UsageError(f"{path}:{number} is blank; remove the blank line, or {hint}")
             raise UsageError(f"{path}:{number}: expected {len(header) if header else width} tab-separated fields, "
                              f"found {len(row)}; is this the official GLUE file?")
         texts.append(tuple(row[c] for c in text_cols))
