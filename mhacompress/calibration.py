@@ -39,6 +39,9 @@ def calibration_texts(source: str, samples: int, *, seed: int = 0, pairs: bool =
                          f"line) or a .jsonl file: pass one of those")
     elif os.path.exists(path):  # a pipe or device: never read to its end
         raise UsageError(f"{source} is not a regular file (a pipe or a device); pass a .txt or .jsonl file")
+    elif os.path.islink(path):  # it was 'no calibration file at', though ls lists it
+        raise UsageError(f"{source} is a symbolic link to nothing (its target is missing, or the links loop); point "
+                         f"it at a .txt or .jsonl file, or pass the file itself")
     elif suffix in (".txt", ".jsonl", ".json") or "/" in source:
         raise UsageError(f"no calibration file at {source!r}; pass a GLUE task name, a .txt or a .jsonl file")
     else:  # neither a path nor a task: get_task's refusal names the tasks

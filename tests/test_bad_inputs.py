@@ -525,6 +525,13 @@ CALIBRATION = [
          "a .txt file", setup=lambda ws: (ws / "texts.txt").mkdir()),
     case("calibrate-a-pipe", "reduce {src} -k 8 --calibrate {ws}/texts.txt", "not a regular file",
          "pass a .txt or .jsonl file", setup=lambda ws: os.mkfifo(ws / "texts.txt")),
+    # both were 'no calibration file at', though ls lists the link
+    case("calibrate-a-dangling-link", "reduce {src} -k 8 --calibrate {ws}/texts.txt", "is a symbolic link to "
+         "nothing", "point it at a .txt or .jsonl file",
+         setup=lambda ws: os.symlink(ws / "gone.txt", ws / "texts.txt")),
+    case("calibrate-a-link-loop", "reduce {src} -k 8 --calibrate {ws}/a.txt", "the links loop",
+         "or pass the file itself", setup=lambda ws: (os.symlink(ws / "b.txt", ws / "a.txt"),
+                                                      os.symlink(ws / "a.txt", ws / "b.txt"))),
     case("calibrate-json-not-jsonl", "reduce {src} -k 8 --calibrate {ws}/c.json", "is a .json file", "convert it",
          setup=write("c.json", '["one sentence", "another"]')),
     case("calibrate-binary-txt", "reduce {src} -k 8 --calibrate {ws}/c.txt", "binary data", "one sequence a line",
