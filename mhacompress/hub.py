@@ -542,8 +542,11 @@ def _json_object(file: Path) -> dict:
     data = file.read_bytes()
     if not data.strip():
         raise UsageError(f"{file} is empty; restore it from the original checkpoint")
+    if data.startswith(b"\xef\xbb\xbf"):  # accepted here, then refused by transformers: "not a valid JSON file"
+        raise UsageError(f"{file} starts with a UTF-8 byte-order mark, which transformers cannot read; save it "
+                         f"without one (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {file})")
     try:
-        config = json.loads(data.decode("utf-8-sig"))
+        config = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise UsageError(f"{file} is not UTF-8 text; restore it from the original checkpoint") from None
     except json.JSONDecodeError as err:

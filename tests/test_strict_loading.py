@@ -88,7 +88,17 @@ DAMAGE = {
     "no model_type": (lambda f: edit_config(f, lambda c: c.pop("model_type")), ['no "model_type"', "bert"]),
     "no tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "vocab.txt") if (f / n).exists()],
                      ["no tokenizer files", "tokenizer.save_pretrained"]),
+    # transformers refuses a byte-order mark in any of its JSON files: "is not a valid JSON file.; pass a complete
+    # checkpoint", the wrong fix
+    "config with a BOM": (lambda f: _with_bom(f / "config.json"),
+                          ["config.json starts with a UTF-8 byte-order mark", "save it without one"]),
+    "tokenizer config with a BOM": (lambda f: _with_bom(f / "tokenizer_config.json"),
+                                    ["tokenizer_config.json starts with a UTF-8 byte-order mark"]),
 }
+
+
+def _with_bom(file) -> None:
+    file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
