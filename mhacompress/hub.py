@@ -420,7 +420,10 @@ def _check_existing(target: Path, force: bool, kind: str, option: str) -> None:
     if kind == "file" and not target.is_file():  # a device (/dev/null), pipe or socket: never replaced, even forced
         raise UsageError(f"{option} {target} exists and is not a regular file (a device, pipe or socket); choose "
                          f"another {option}")
-    if kind == "contents":
+    if kind == "contents":  # files go in beside the folder's own: never into a model's (a slip for its path)
+        if (target / "config.json").is_file():
+            raise UsageError(f"{option} {target} is a model folder (it holds config.json), which its files would "
+                             f"clutter; choose a folder of their own, e.g. {target.name}-{option.strip('-')}")
         return
     if force:
         if kind == "folder":

@@ -517,6 +517,11 @@ REDUCE = [  # reduction settings (the typed config) and reduce's own options
 ]
 
 CALIBRATION = [
+    # both wrote into the reduced model's folder, rc 0: the model's path typed in the wrong place
+    case("sweep-resume-in-a-model-folder", "sweep {src} -t stsb --limit 4 --key-dims 8 --methods cp --resume "
+         "{reduced}", "is a model folder (it holds config.json)", "choose a folder of their own"),
+    case("analyze-plot-in-a-model-folder", "analyze {src} --no-curve --plot {reduced}",
+         "is a model folder (it holds config.json)", "choose a folder of their own"),
     case("calibrate-missing-file", "reduce {src} -k 8 --calibrate {ws}/nope.txt", "no calibration file",
          "pass a GLUE task name"),
     case("calibrate-empty-source", "reduce {src} -k 8 --calibrate ''", "calibration source", "GLUE task name"),
