@@ -830,6 +830,11 @@ ANALYZE = [
     case("analyze-plot-name-with-a-newline", "analyze {src} --no-curve --plot 'figs\n'", "control character",
          "choose a --plot without control characters"),
     case("analyze-key-dims-words", "analyze {src} --key-dims 8,x", "got '8,x'", "e.g. 48,96,192"),
+    # int() reads other scripts' digits and underscores: both ran, at key dims 8 and 10
+    case("analyze-key-dims-not-ascii", "analyze {src} --key-dims \u0668,16", "got '\u0668,16'", "e.g. 48,96,192"),
+    case("reduce-key-dims-underscore", "reduce {src} --key-dims 1_0,8", "got '1_0,8'", "e.g. 48,96,192"),
+    case("sweep-key-dims-not-ascii", "sweep {src} -t stsb --limit 4 --methods cp --key-dims \u0668",
+         "got '\u0668'", "e.g. 48,96,192"),
     case("analyze-key-dims-empty", "analyze {src} --key-dims ''", "got ''", "e.g. 48,96,192"),
     case("analyze-plot-empty", "analyze {src} --plot ''", "--plot is empty", "pass the path"),
     # --force without --plot would do nothing, silently; the root has no place beside it for the temporary files

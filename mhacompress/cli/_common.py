@@ -171,14 +171,22 @@ def given_on_command_line(*names: str) -> bool:
     return any(context.get_parameter_source(name) is ParameterSource.COMMANDLINE for name in names)
 
 
+def integers(text: str) -> list[int] | None:
+    """Comma-separated decimal integers written in ASCII digits (an optional sign, spaces around), else None: int()
+    alone also reads '٨' (an Arabic-Indic eight) and '1_0' as numbers."""
+    import re
+
+    parts = text.split(",")
+    if not all(re.fullmatch(r"\s*[+-]?[0-9]+\s*", part) for part in parts):
+        return None
+    return [int(part) for part in parts]
+
+
 def parse_dims(text: str, option: str = "--key-dims") -> list[int]:
     """Comma-separated positive integers (``--key-dims``), one line of error otherwise."""
     from ..errors import ConfigError
 
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        dims = []
+    dims = integers(text) or []
     if not dims or any(k < 1 for k in dims):
         raise ConfigError(f"{option} takes comma-separated positive integers, e.g. 48,96,192; got {text!r}")
     return dims

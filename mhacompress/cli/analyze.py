@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..figures import ANALYSIS_FIGURES as FIGURES
-from ._common import ProgressBars, allow_pickle_option, console, emit_json, user_errors
+from ._common import ProgressBars, allow_pickle_option, console, emit_json, integers, user_errors
 
 
 @click.command()
@@ -51,10 +51,10 @@ def analyze(model, seq_len, key_dims, no_curve, plot_dir, force, allow_pickle, a
 def _parse_dims(text: str) -> list[int]:
     from ..errors import ConfigError
 
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}") from None
+    dims = integers(text)
+    if dims is None:
+        raise ConfigError(f"--key-dims takes comma-separated integers, e.g. 48,96,192; got {text!r}")
+    return dims
 
 
 # ---- rich summary -----------------------------------------------------------------------------------------------
