@@ -408,7 +408,7 @@ def load_pair(model, *, key_dim=None, method=None, attn_implementation="sdpa", a
     from .hub import load_pretrained
     from .pipeline import compress
     from .reduction.config import ReductionConfig
-    from .reduction.modeling import COMPRESSION_KEY, base_model_type
+    from .reduction.modeling import COMPRESSION_KEY, base_model_type, is_classifier
     from .reduction.surgery import model_shape
 
     name, in_memory = name or str(model), _is_model(model)
@@ -446,9 +446,11 @@ def load_pair(model, *, key_dim=None, method=None, attn_implementation="sdpa", a
             raise UsageError(f"{what} is itself a reduced model; {fix}")
         shapes = [model_shape(m) for m in (original, model)]  # (layers, heads, head dim): another model since
         types = [base_model_type(m.config) for m in (original, model)]
-        if shapes[0] != shapes[1] or types[0] != types[1]:
-            original_shape, reduced_shape = (f"{kind}, {shape[0]} layers x {shape[1]} heads of {shape[2]}"
-                                             for kind, shape in zip(types, shapes))
+        heads = [("a classifier" if is_classifier(m) else "an encoder") for m in (original, model)]
+        if shapes[0] != shapes[1] or types[0] != types[1] or heads[0] != heads[1]:  # (eval --reference refuses
+            # a classifier against an encoder too: the whole model's counts and latency would compare two things)
+            original_shape, reduced_shape = (f"{head} {kind}, {shape[0]} layers x {shape[1]} heads of {shape[2]}"
+                                             for head, kind, shape in zip(heads, types, shapes))
             raise UsageError(f"{what} is not the model it was reduced from ({original_shape}; the reduced model: "
                              f"{reduced_shape}); {fix}")
         if _is_model(reference) and _attention_of(reference) != attn_implementation:

@@ -875,8 +875,13 @@ REPORT = [
     case("report-source-is-another-model", "report {reduced} --no-latency --seq-len 16", "is not the model",
          "restore the original", setup=block(source_model="minilm")),
     # of the same shape, but another architecture: was measured against it without a word
-    case("report-source-is-another-architecture", "report {reduced} --no-latency --seq-len 16", "(roberta, 2 layers",
-         "restore the original", setup=_roberta_as_source),
+    case("report-source-is-another-architecture", "report {reduced} --no-latency --seq-len 16",
+         "(an encoder roberta, 2 layers", "restore the original", setup=_roberta_as_source),
+    # a classifier of the same shape for the reduced encoder: compared without a word (eval --reference refuses it)
+    case("report-source-is-a-classifier", "report {reduced} --no-latency --seq-len 16",
+         "(a classifier bert, 2 layers", "restore the original",
+         setup=lambda ws: (_classifier(ws / "clf", 2), edit_config("reduced", lambda c: c["compression"].update(
+             source_model=str(ws / "clf")))(ws))),
     case("report-seq-len-0", "report {reduced} --seq-len 0", "--seq-len", ">=1"),
     case("report-seq-len-too-long", "report {reduced} --seq-len 100", "--seq-len 100 is more than",
          "--seq-len 64 or less"),
