@@ -357,8 +357,7 @@ def check_in_memory(models: dict, tokenizer, first_token_only) -> dict[str, str]
     one without ``tokenizer``, a ``tokenizer`` beside folders only (each reads its own), and ``first_token_only``
     (it would switch the caller's model: a reduction installs the shortcut, ``ReductionConfig(first_token_only=
     True)``)."""
-    in_memory = {option: _in_memory_name(value) for option, value in models.items()
-                 if hasattr(getattr(value, "config", None), "model_type")}
+    in_memory = {option: _in_memory_name(value) for option, value in models.items() if _is_model(value)}
     if in_memory and (tokenizer is None or isinstance(tokenizer, type) or not callable(tokenizer)):
         option = next(iter(in_memory))
         raise UsageError(f"{option} is a model in memory: pass its tokenizer too (tokenizer=..., e.g. "
