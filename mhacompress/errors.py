@@ -105,12 +105,10 @@ def imported(module: str, missing: str, install: str):
 
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module.split(".")[0]:  # a dependency of the installed package is missing: broken, not absent
-            raise UsageError(f"{module} is installed but fails to import ({_first_line(err)}); reinstall it: "
-                             f"{install}") from None
-        raise UsageError(missing) from None
     except Exception as err:
+        # a missing dependency of the installed package is a broken install, not an absent one
+        if isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0]:
+            raise UsageError(missing) from None
         raise UsageError(f"{module} is installed but fails to import ({_first_line(err)}); reinstall it: "
                          f"{install}") from None
 
