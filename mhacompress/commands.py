@@ -16,7 +16,6 @@ CLI shows.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Callable
 
@@ -556,10 +555,9 @@ def check_key_dims(key_dims, curve: bool) -> list[int] | None:
     _flag("curve", curve)
     if key_dims is None:
         return
-    from .reduction.config import _plain
+    from .reduction.config import _plain, ordered
 
-    ordered = isinstance(key_dims, Iterable) and not isinstance(key_dims, (str, bytes, Set, Mapping))
-    dims = [_plain(k) for k in key_dims] if ordered else []  # a numpy array or integers: as Python ints
+    dims = [_plain(k) for k in key_dims] if ordered(key_dims) else []  # a numpy array or integers: as Python ints
     if not dims or not all(isinstance(k, int) and not isinstance(k, bool) for k in dims):
         raise ConfigError(f"key_dims must be a list of integers, e.g. [48, 96, 192]; got {key_dims!r:.40}")
     if not curve:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import UsageError, given, memory_refused, named
-from .reduction.config import Calibration, ConfigError, ReductionConfig
+from .reduction.config import Calibration, ConfigError, ReductionConfig, ordered
 
 Texts = Sequence["str | tuple[str, ...]"]
 
@@ -310,8 +309,8 @@ def _calibration_texts(config: ReductionConfig, texts: Texts | None, data_dir) -
             raise ConfigError("calibration texts were given but the config has no calibration: pass "
                               "ReductionConfig(..., calibration=Calibration(source='python'))")
         hint = "pass a list of strings (or of sentence pairs: tuples of two strings), e.g. calibration=['a text', ...]"
-        if isinstance(texts, (str, bytes, Set, Mapping)) or not isinstance(texts, Iterable):  # not a list of letters,
-            # nor one without an order (a set: another sample under another PYTHONHASHSEED) or of a dict's keys
+        if not ordered(texts):  # not a list of letters, nor one without an order (a set: another sample under
+            # another PYTHONHASHSEED) or of a dict's keys
             raise ConfigError(f"calibration texts must be a list of texts; got {type(texts).__name__} {texts!r:.40}; "
                               f"{hint}")
         texts = [(t,) if isinstance(t, str) else tuple(t) if isinstance(t, (tuple, list)) else t for t in texts]

@@ -43,6 +43,12 @@ def _plain(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+def ordered(value) -> bool:
+    """Whether ``value`` is a sequence whose order means something (a list, tuple, numpy array, generator), not a
+    str or bytes (read letter by letter), a set (another order under another PYTHONHASHSEED) or a mapping."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Set, Mapping))
+
+
 def _plain_fields(config, names: tuple[str, ...]) -> None:
     for name in names:
         object.__setattr__(config, name, _plain(getattr(config, name)))
@@ -199,8 +205,7 @@ class ReductionConfig:
                               "or budget=), e.g. --key-dim 96 (key_dim=96)")
         if self.key_dims is not None:  # in layer order: a list, tuple or other sequence (not a set, not one int)
             dims = self.key_dims
-            ordered = isinstance(dims, Iterable) and not isinstance(dims, (str, bytes, Set, Mapping))
-            dims = tuple(map(_plain, dims)) if ordered else ()
+            dims = tuple(map(_plain, dims)) if ordered(dims) else ()
             if not dims:
                 raise ConfigError(f"{named('--key-dims')} takes one positive integer per layer, in layer order (a list "
                                   f"or tuple); got {self.key_dims!r}")
