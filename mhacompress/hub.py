@@ -694,7 +694,15 @@ def check_block(block, where) -> None:
     dims = [layer.get("key_dim") if isinstance(layer, dict) else None for layer in block["layers"]]
     if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in dims):
         raise UsageError(f"{where}: every layer of the compression block needs a positive integer key_dim; {fix}")
+    numbers = [layer.get("index", i) for i, layer in enumerate(block["layers"])]  # reports show them as the layer
+    if any(not isinstance(n, int) or isinstance(n, bool) or n != i for i, n in enumerate(numbers)):
+        shown = ", ".join(map(repr, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+        raise UsageError(f"{where}: the compression block's layers are numbered {shown}, not 0 to "
+                         f"{len(numbers) - 1} in order; {fix}")
     top = block.get("key_dim")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool)):  # 8.0 == 8: it would pass below
+        raise UsageError(f"{where}: the compression block's key_dim {top!r} is not a whole number (or null, for "
+                         f"per-layer key dims); {fix}")
     if top is not None and any(k != top for k in dims):
         raise UsageError(f"{where}: the compression block says key_dim {top!r} but its layers have "
                          f"{sorted(set(dims))}; {fix}")
@@ -731,6 +739,22 @@ def check_block(block, where) -> None:
     if config.method != block["method"] or (config.budget is None and not config.allocate and saved != dims):
         raise UsageError(f"{where}: the compression block's reduction settings (method {config.method}, key dims "
                          f"{saved}) disagree with its layers (method {block['method']}, key dims {dims}); {fix}")
+
+
+def _check_block_names(block: dict, arch, model_type: str, where) -> None:
+    """The block's names that only the model's architecture can check: its base_model_type is the model's, and
+    every weight it says was changed beyond query/key (``modified``) is one a reduction changes, the attention
+    output projection of one of its layers (what ``compensate_`` records)."""
+    fix = f"restore {where}/config.json as mhacompress saved it"
+    said = block.get("base_model_type", model_type)
+    if said != model_type:
+        raise UsageError(f"{where}: the compression block says base_model_type {said!r} but config.json describes a "
+                         f"{model_type} model; {fix}")
+    changeable = {f"{arch.layers}.{i}.{arch.out_proj}" for i in range(len(block["layers"]))}
+    unknown = [name for name in block.get("modified", []) if name not in changeable]
+    if unknown:
+        raise UsageError(f"{where}: the compression block's modified list names {unknown[0]!r}, not the attention "
+                         f"output projection of one of its layers (e.g. {min(changeable)!r}); {fix}")
 
 
 def check_coverage(info: dict, name, *, allow_unexpected: bool = True, layers: str | None = None) -> None:
@@ -1063,6 +1087,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu", attn_implementation: s
         raise UsageError(f"{path}: the compression block's base architecture {block['base_architecture']} is not a "
                          f"{base_model_type(hf_config)} model (config.json's model_type {config['model_type']!r}); "
                          f"restore {path}/config.json as mhacompress saved it")
+    _check_block_names(block, arch, base_model_type(hf_config), path)
     with _loading(path):
         model, info = cls.from_pretrained(path, config=hf_config, output_loading_info=True, use_safetensors=True,
                                           ignore_mismatched_sizes=True, **_dtype(stored),

@@ -316,6 +316,14 @@ def test_a_layer_key_dim_that_disagrees_with_the_saved_reduction_settings_is_ref
     (lambda b: b.pop("base_architecture"), "base architecture"),
     (lambda b: b["reduction"].update(n_iter_max=0), "n_iter_max (--iterations) must be an integer >= 1"),
     (lambda b: b["reduction"].update(shiny=True), "unknown reduction settings"),
+    (lambda b: b["layers"][1].update(index=0), "layers are numbered 0, 0, not 0 to 1 in order"),
+    (lambda b: b["layers"][1].update(index=-1), "layers are numbered 0, -1"),
+    (lambda b: b["layers"][1].update(index=True), "layers are numbered 0, True"),
+    (lambda b: b.update(key_dim=8.0), "key_dim 8.0 is not a whole number"),
+    (lambda b: b.update(base_model_type="gpt2"), "says base_model_type 'gpt2' but config.json describes a bert model"),
+    (lambda b: b.update(modified=["zzz"]), "modified list names 'zzz', not the attention output projection"),
+    (lambda b: b.update(modified=["encoder.layer.2.attention.output.dense"]), "names 'encoder.layer.2.attention"),
+    (lambda b: b.update(modified=["encoder.layer.0.attention.self.query"]), "not the attention output projection"),
 ])
 def test_broken_compression_blocks_are_refused(reduced, change, fragment):
     edit_config(reduced, lambda c: change(c["compression"]))
