@@ -167,6 +167,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
                         f"that reads it) means nothing; read last_hidden_state instead")
     params_before = sum(p.numel() for p in model.parameters())
     original_scores = scorer(model, tokenizer, "the original") if scorer else None
+    original_outputs = scorer.last if scorer else None
     batches = _batches(model, tokenizer, texts, config.calibration) if texts is not None else None
     sequences = None if batches is None else sum(len(b["attention_mask"]) for b in batches)
     # texts handed in are what the caller chose to give, whatever samples says (by default 512) and whichever source
@@ -196,7 +197,9 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
     if scorer:
         from .eval.compare import gated, side_by_side
 
-        evaluated = side_by_side(scorer.task, original_scores, scorer(model, tokenizer, "the reduced model"))
+        reduced_scores = scorer(model, tokenizer, "the reduced model")
+        evaluated = side_by_side(scorer.task, original_scores, reduced_scores,
+                                 scorer.drop_interval(original_outputs, scorer.last))
         if max_drop is not None:
             evaluated = gated(evaluated, max_drop)
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,

@@ -97,8 +97,10 @@ def render(result: dict) -> None:
 
 
 def render_eval(block: dict) -> None:
+    interval = block.get("interval")
+    spread = f" (95% interval {interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""
     console().print(f"{block['task']} {block['metric']}: original {block['original']:.4f}, reduced "
-                    f"{block['reduced']:.4f}, drop {block['drop']:+.4f}")
+                    f"{block['reduced']:.4f}, drop {block['drop']:+.4f}{spread}")
 
 
 def check_drop(result: dict) -> None:

@@ -60,6 +60,14 @@ class Scorer:
     def __call__(self, model, tokenizer, name: str = "the model") -> dict[str, float]:
         return score(self.examples, self.outputs(model, tokenizer, name))
 
+    def drop_interval(self, original: Outputs, reduced: Outputs) -> list[float] | None:
+        """The 95% paired bootstrap interval of the main metric's drop from ``original`` to ``reduced`` (both
+        models' outputs on this split; ``metrics.drop_interval``), or None on a split without labels."""
+        from .metrics import drop_interval
+
+        labels = self.examples.labels
+        return None if labels is None else drop_interval(self.task.main, original.preds, reduced.preds, labels)
+
 
 def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=None) -> dict:
     """The `eval --json` object: model, task, split, examples, metrics, seconds (and fidelity with a reference,
@@ -95,11 +103,16 @@ def _width(model) -> int:
     return getattr(model.config, arch_for(model.config).hidden)
 
 
-def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, float]) -> dict:
-    """The `reduce --json` "eval" block: the main metric before and after, and the drop (positive = worse)."""
+def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, float],
+                 interval: list[float] | None = None) -> dict:
+    """The `reduce --json` "eval" block: the main metric before and after, the drop (positive = worse) and, given,
+    its 95% paired bootstrap interval (``Scorer.drop_interval``)."""
     metric = task.main
-    return {"task": task.name, "metric": metric, "original": original[metric], "reduced": reduced[metric],
-            "drop": original[metric] - reduced[metric], "all": {"original": original, "reduced": reduced}}
+    block = {"task": task.name, "metric": metric, "original": original[metric], "reduced": reduced[metric],
+             "drop": original[metric] - reduced[metric]}
+    if interval is not None:
+        block["interval"] = interval
+    return {**block, "all": {"original": original, "reduced": reduced}}
 
 
 def gated(block: dict, max_drop: float) -> dict:
