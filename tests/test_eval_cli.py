@@ -71,6 +71,21 @@ def test_eval_classifier_and_reference(mnli_classifier):
     obj = json.loads(result.stdout)
     assert obj["examples"] == 1 and set(obj["metrics"]) == {"accuracy"}
     assert obj["fidelity"]["agreement"] == 1.0 and obj["fidelity"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert obj["reference"]["drop"] == 0 and "interval" not in obj["reference"]  # one example: nothing to resample
+
+
+def test_eval_reference_reports_the_drop_and_its_interval_as_reduce_does(encoder, tmp_path):
+    reduced = tmp_path / "reduced"
+    assert invoke("reduce", encoder, "-k", "4", "--weights-only", "-o", reduced).exit_code == 0
+    result = invoke("eval", reduced, "-t", "stsb", "--data-dir", FIXTURES, "--reference", encoder, "--json")
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    ref = obj["reference"]
+    assert ref["drop"] == pytest.approx(ref["metrics"]["spearman"] - obj["metrics"]["spearman"])
+    low, high = ref["interval"]
+    assert low <= high
+    table = invoke("eval", reduced, "-t", "stsb", "--data-dir", FIXTURES, "--reference", encoder)
+    assert "drop in spearman from the reference" in table.output and "95% interval" in table.output
 
 
 def test_a_reference_of_the_other_kind_is_refused_before_either_model_runs(mnli_classifier, encoder, monkeypatch):

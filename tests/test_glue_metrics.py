@@ -148,3 +148,4 @@ def test_the_drop_interval_is_paired_not_two_independent_samples():
 def test_an_undefined_drop_has_no_interval():
     collapsed, working, labels = [0.5] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 3.0, 2.0, 5.0, 4.0, 6.0]
     assert M.drop_interval("spearman", collapsed, working, labels) is None
+    assert M.drop_interval("accuracy", [1], [0], [1]) is None  # one example: nothing to resample

@@ -88,6 +88,9 @@ def render(result: dict) -> None:
         out.print(table)
     else:
         out.print("no metrics: the split has no labels, or an encoder was compared on a classification task")
+    if ref and "drop" in ref:
+        main = next(iter(result["metrics"]))  # the task's main metric comes first
+        out.print(f"drop in {main} from the reference: {ref['drop']:+.4f}{_spread(ref.get('interval'))}")
     for name, value in result.get("fidelity", {}).items():
         out.print(f"fidelity {name}: {value:.4f}")
     out.print(f"{result['seconds']:.1f} s")
@@ -97,10 +100,13 @@ def render(result: dict) -> None:
 
 
 def render_eval(block: dict) -> None:
-    interval = block.get("interval")
-    spread = f" (95% interval {interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""
     console().print(f"{block['task']} {block['metric']}: original {block['original']:.4f}, reduced "
-                    f"{block['reduced']:.4f}, drop {block['drop']:+.4f}{spread}")
+                    f"{block['reduced']:.4f}, drop {block['drop']:+.4f}{_spread(block.get('interval'))}")
+
+
+def _spread(interval: list[float] | None) -> str:
+    """A drop's 95% bootstrap interval, as the tables show it beside the drop."""
+    return f" (95% interval {interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""
 
 
 def check_drop(result: dict) -> None:

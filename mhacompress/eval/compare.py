@@ -91,6 +91,12 @@ def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=Non
         ref_model, ref_tokenizer, ref_name = reference
         ref = scorer.outputs(ref_model, ref_tokenizer, ref_name, allow_encoder_any_task=True)
         result["reference"] = {"model": ref_name, "metrics": scored(ref)}
+        main = scorer.task.main
+        if main in result["metrics"] and main in result["reference"]["metrics"]:  # as reduce --eval's block says it
+            result["reference"]["drop"] = result["reference"]["metrics"][main] - result["metrics"][main]
+            interval = scorer.drop_interval(ref, outputs)
+            if interval is not None:
+                result["reference"]["interval"] = interval
         result["fidelity"] = fidelity(outputs, ref)
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result

@@ -108,13 +108,15 @@ def drop_interval(metric: str, original, reduced, labels, *, confidence: float =
     ``reduced`` are both models' predictions on the same examples): the examples are drawn with replacement, the
     same draw for both models, ``resamples`` times (percentile method, scipy.stats.bootstrap, seeded: the same
     inputs give the same interval). It says how much of a drop the split's size alone could make or hide. None where
-    the drop is undefined on some resample (constant predictions)."""
+    the drop is undefined on some resample (constant predictions), or for a single example."""
     import warnings
 
     from scipy.stats import bootstrap
 
     statistic = BATCHED[metric]
     data = tuple(np.asarray(x, dtype=float) for x in (original, reduced, labels))
+    if len(data[2]) < 2:  # one example: nothing to resample
+        return None
     with warnings.catch_warnings():  # a degenerate distribution: reported as None below, not as scipy's warning
         warnings.simplefilter("ignore")
         result = bootstrap(data, lambda o, r, y, axis=-1: statistic(o, y) - statistic(r, y), paired=True,
