@@ -133,6 +133,10 @@ def report(model, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | No
     original, reduced, info = load_pair(model if "model" in in_memory else name, key_dim=key_dim, method=method,
                                         attn_implementation=attn_implementation, allow_pickle=allow_pickle,
                                         reference=reference, name=name)
+    from .reduction.surgery import check_finite_weights
+
+    for checked, who in ((reduced, name), (original, info["original"])):  # timed, a NaN model looks as fast as any
+        check_finite_weights(checked, who)
     if first_token_only:
         if reduced is model:  # switching on the shortcut would change the caller's model
             raise ConfigError("first_token_only=True switches on the shortcut in a model report reduces or loads; "

@@ -109,12 +109,12 @@ def check_not_partly_reduced(model: nn.Module) -> None:
                                   "that")
 
 
-def check_finite_weights(model: nn.Module) -> None:
+def check_finite_weights(model: nn.Module, name: str = "the model") -> None:
     """NaN or infinite weights (a damaged or diverged checkpoint) are refused before any work: the solvers would
     fail deep inside their linear algebra."""
-    name = nonfinite_weight(model)
-    if name is not None:
-        raise UsageError(f"the model's weight {name} holds NaN or infinite values: the checkpoint is damaged (or "
+    weight = nonfinite_weight(model)
+    if weight is not None:
+        raise UsageError(f"{name}'s weight {weight} holds NaN or infinite values: the checkpoint is damaged (or "
                          f"its training diverged); download or save it again")
 
 
