@@ -174,27 +174,64 @@ def to_onnx(directory: str | os.PathLike, output: str | os.PathLike, *, fmt: str
             on_progress: OnProgress = None) -> dict:
     """Export the reduced model in ``directory`` to ``output``, run in onnxruntime on padded batches and compared
     with PyTorch before the file is written (a file that fails the check is never written). `mhacompress export`
-    in one call: returns what ``export --json`` prints, less the envelope."""
+    in one call: returns what ``export --json`` prints, less the envelope.
+
+    ``directory`` may also be a reduced model in memory (``compress(...).model``, or the ``Compressed`` itself),
+    exported as it is, on the CPU, without saving it first; it is left as it was (its training mode included)."""
     from .export import FORMATS, check_settings, export_onnx
     from .hub import check_output, load
+    from .pipeline import Compressed
     from .reduction.surgery import check_finite_weights
 
-    notify = checked_call(on_progress, {"first_token_only": first_token_only}, directory=directory)
+    directory = directory.model if isinstance(directory, Compressed) else directory
+    in_memory = _is_model(directory)
+    notify = checked_call(on_progress, {"first_token_only": first_token_only},
+                          in_memory="a reduced model in memory (compress(...).model)",
+                          **({} if in_memory else {"directory": directory}))
     if (fmt.lower() if isinstance(fmt, str) else fmt) not in FORMATS:  # --format ONNX is onnx
         raise ConfigError(f"unsupported {named('--format', 'fmt')} {fmt!r}; supported: {', '.join(FORMATS)}")
     opset, tolerance = check_settings(opset=opset, tol=tolerance)
-    target = check_output(output, force, kind="file", sources=[directory, recorded_source(directory)])  # first
+    name = _in_memory_name(directory) if in_memory else str(directory)
+    source = _exportable(directory, first_token_only) if in_memory else recorded_source(directory)
+    target = check_output(output, force, kind="file", sources=[None if in_memory else directory, source])  # first
     try:
-        notify(Progress(f"loading {directory}"))
-        model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
-        check_finite_weights(model)  # else onnxruntime "differs from PyTorch by nan"
+        if in_memory:
+            model = directory
+        else:
+            notify(Progress(f"loading {directory}"))
+            model, _ = load(directory, attn_implementation="sdpa", tokenizer=False)
+        check_finite_weights(model, name)  # else onnxruntime "differs from PyTorch by nan"
         if first_token_only:
             first_token_shortcut(model, directory)
         notify(Progress(f"exporting to {output} and checking it in onnxruntime"))
-        result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+        training = model.training
+        try:
+            result = export_onnx(model, output, opset=opset, tol=tolerance, force=force)
+        finally:
+            model.train(training)  # export_onnx runs it in eval mode; a caller's model is given back as it came
     finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
         fsio.release(target)
-    return {"model": str(directory), "first_token_only": first_token_only, **result}
+    return {"model": name, "first_token_only": first_token_only, **result}
+
+
+def _exportable(model, first_token_only: bool) -> str | None:
+    """A model in memory that ``to_onnx`` can export as it is: reduced, on the CPU, and not to be changed by the
+    [CLS] shortcut. Returns the original its block records (an output must not overwrite it)."""
+    from .reduction.modeling import COMPRESSION_KEY
+
+    block = getattr(model.config, COMPRESSION_KEY, None)
+    if not block:
+        raise UsageError(f"{_in_memory_name(model)} is not a reduced model: reduce it first "
+                         f"(mhacompress.compress(model, ReductionConfig(key_dim=...)).model) and export that")
+    device = next(model.parameters()).device
+    if device.type != "cpu":  # exported and checked on the CPU: moving it would move the caller's model
+        raise UsageError(f"{_in_memory_name(model)} is on {device}; ONNX export runs on the CPU: pass model.cpu(), "
+                         f"or save it and export the folder")
+    if first_token_only:  # switching on the shortcut would change the caller's model
+        raise ConfigError("first_token_only=True switches on the shortcut in a model to_onnx loads; a model in memory "
+                          "is exported as it is (reduce it with ReductionConfig(first_token_only=True))")
+    source = block.get("source_model")
+    return source if isinstance(source, str) else None
 
 
 def _outputs_finite(model, tokenizer, texts, max_length: int) -> bool:

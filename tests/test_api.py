@@ -167,6 +167,40 @@ def test_to_onnx_is_export(tiny_reduced_dir, tmp_path):
     assert strip(got) == strip(cli) and (tmp_path / "a.onnx").is_file()
 
 
+def test_to_onnx_exports_a_reduced_model_in_memory_as_it_would_its_saved_folder(tiny_bert_dir, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    import torch
+
+    result = mhacompress.compress(str(tiny_bert_dir), mhacompress.ReductionConfig(key_dim=8))
+    result.model.train()  # given back as it came
+    from_memory = mhacompress.to_onnx(result, tmp_path / "memory.onnx")
+    assert result.model.training and from_memory["passed"] and "(in memory)" in from_memory["model"]
+    assert mhacompress.to_onnx(result.model, tmp_path / "model.onnx")["passed"]
+    from_folder = mhacompress.to_onnx(result.save(tmp_path / "saved"), tmp_path / "folder.onnx")
+    same = lambda d: {k: v for k, v in d.items() if k not in ("model", "output", "bytes", "runs")}  # noqa: E731
+    assert same(from_memory) == same(from_folder)
+    feed = {"input_ids": torch.tensor([[2, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+            "token_type_ids": torch.zeros(1, 4, dtype=torch.long)}
+    feed = {k: feed[k].numpy() for k in from_memory["inputs"]}
+    outputs = [ort.InferenceSession(str(tmp_path / f)).run(None, feed)[0]
+               for f in ("memory.onnx", "folder.onnx")]
+    assert abs(outputs[0] - outputs[1]).max() == 0  # the same graph and weights
+
+
+def test_to_onnx_refuses_a_model_in_memory_it_cannot_export_as_it_is(tiny_bert_dir, tmp_path):
+    from transformers import AutoModel
+
+    original = AutoModel.from_pretrained(tiny_bert_dir)
+    with pytest.raises(mhacompress.UsageError, match="is not a reduced model: reduce it first"):
+        mhacompress.to_onnx(original, tmp_path / "m.onnx")
+    reduced = mhacompress.compress(original, mhacompress.ReductionConfig(key_dim=8)).model
+    with pytest.raises(mhacompress.ConfigError, match="a model in memory is exported as it is"):
+        mhacompress.to_onnx(reduced, tmp_path / "m.onnx", first_token_only=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_run_sweep_is_sweep_and_survives_the_submodule_import(tiny_bert_dir, glue_dir):
     import mhacompress.sweep  # noqa: F401  (the submodule of the same stem must not shadow the function)
 
