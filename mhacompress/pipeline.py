@@ -199,7 +199,7 @@ def _compress(model_or_name, config: ReductionConfig, *, tokenizer, calibration,
 
         reduced_scores = scorer(model, tokenizer, "the reduced model")
         evaluated = side_by_side(scorer.task, original_scores, reduced_scores,
-                                 scorer.drop_interval(original_outputs, scorer.last))
+                                 scorer.drop_intervals(original_outputs, scorer.last))
         if max_drop is not None:
             evaluated = gated(evaluated, max_drop)
     report = _report(name, source, config, block, params_before, model, curves, evaluated, warnings,

@@ -174,12 +174,14 @@ def test_reduce_eval_and_max_drop(encoder, monkeypatch):
     assert block["drop"] == pytest.approx(block["original"] - block["reduced"])
     low, high = block["interval"]  # the drop's paired bootstrap interval over the split's pairs
     assert low <= high and -2 <= low and high <= 2
+    assert set(block["all"]["intervals"]) == {"spearman", "pearson"}  # one for each metric
+    assert block["all"]["intervals"]["spearman"] == block["interval"]
     assert invoke(*args, "--max-drop", 2).exit_code == 0  # no Spearman falls by more than 2
     import mhacompress.eval.compare as compare  # the fixture's 6 pairs rank alike after reduction (drop 0): worsen
 
     real = compare.side_by_side  # the reduced model's score, so that the gate has a drop to bound
-    monkeypatch.setattr(compare, "side_by_side", lambda task, original, reduced, interval: real(
-        task, original, {**reduced, task.main: reduced[task.main] - 0.25}, interval))
+    monkeypatch.setattr(compare, "side_by_side", lambda task, original, reduced, intervals: real(
+        task, original, {**reduced, task.main: reduced[task.main] - 0.25}, intervals))
     gate = invoke(*args, "--max-drop", 0.2)
     one_line_error(gate, "more than --max-drop 0.2")
     assert gate.exit_code == 1

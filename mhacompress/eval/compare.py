@@ -60,13 +60,19 @@ class Scorer:
     def __call__(self, model, tokenizer, name: str = "the model") -> dict[str, float]:
         return score(self.examples, self.outputs(model, tokenizer, name))
 
-    def drop_interval(self, original: Outputs, reduced: Outputs) -> list[float] | None:
-        """The 95% paired bootstrap interval of the main metric's drop from ``original`` to ``reduced`` (both
-        models' outputs on this split; ``metrics.drop_interval``), or None on a split without labels."""
+    def drop_interval(self, original: Outputs, reduced: Outputs, metric: str | None = None) -> list[float] | None:
+        """The 95% paired bootstrap interval of ``metric``'s (default: the main metric's) drop from ``original`` to
+        ``reduced`` (both models' outputs on this split; ``metrics.drop_interval``), or None on a split without
+        labels."""
         from .metrics import drop_interval
 
-        labels = self.examples.labels
-        return None if labels is None else drop_interval(self.task.main, original.preds, reduced.preds, labels)
+        labels, metric = self.examples.labels, metric or self.task.main
+        return None if labels is None else drop_interval(metric, original.preds, reduced.preds, labels)
+
+    def drop_intervals(self, original: Outputs, reduced: Outputs) -> dict[str, list[float]]:
+        """``drop_interval`` of each of the task's metrics that has one (MRPC: F1 and accuracy)."""
+        intervals = {m: self.drop_interval(original, reduced, m) for m in self.task.metrics}
+        return {m: interval for m, interval in intervals.items() if interval is not None}
 
 
 def evaluate(model, tokenizer, scorer: Scorer, *, model_name: str, reference=None) -> dict:
@@ -110,15 +116,17 @@ def _width(model) -> int:
 
 
 def side_by_side(task: Task, original: dict[str, float], reduced: dict[str, float],
-                 interval: list[float] | None = None) -> dict:
+                 intervals: dict[str, list[float]] | None = None) -> dict:
     """The `reduce --json` "eval" block: the main metric before and after, the drop (positive = worse) and, given,
-    its 95% paired bootstrap interval (``Scorer.drop_interval``)."""
-    metric = task.main
+    its 95% paired bootstrap interval; ``all`` holds every metric of both and, given, each one's drop interval
+    (``Scorer.drop_intervals``)."""
+    metric, intervals = task.main, intervals or {}
     block = {"task": task.name, "metric": metric, "original": original[metric], "reduced": reduced[metric],
              "drop": original[metric] - reduced[metric]}
-    if interval is not None:
-        block["interval"] = interval
-    return {**block, "all": {"original": original, "reduced": reduced}}
+    if metric in intervals:
+        block["interval"] = intervals[metric]
+    return {**block, "all": {"original": original, "reduced": reduced, **({"intervals": intervals} if intervals
+                                                                           else {})}}
 
 
 def gated(block: dict, max_drop: float) -> dict:
