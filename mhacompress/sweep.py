@@ -190,12 +190,13 @@ def run_cell(cell: dict) -> dict:
         from .reduction.cost import layer_shapes, qk_params
 
         scores = scorer(model, tokenizer, "the original")
-        return {"metrics": scores, "examples": len(scorer.examples),
+        return {"metrics": scores, "examples": len(scorer.examples), "preds": scorer.last.preds,
                 "qk_params": sum(map(qk_params, layer_shapes(model))), "seconds": round(time.perf_counter() - start, 3)}
     result = compress(model, tokenizer=tokenizer, config=cell_config(cell), data_dir=cell["data_dir"], device=device)
     scores = scorer(result.model, tokenizer, f"{cell['method']} at key dim {cell['key_dim']}")
     layers = result.report["layers"]
-    row = {"metrics": scores, "examples": len(scorer.examples), "qk_params": result.report["params"]["after"],
+    row = {"metrics": scores, "examples": len(scorer.examples), "preds": scorer.last.preds,  # for the drop's interval
+           "qk_params": result.report["params"]["after"],
            "mean_relative_error": sum(x["relative_error"] for x in layers) / len(layers),
            "seconds": round(time.perf_counter() - start, 3)}
     if result.config.calibration is not None:  # as decided for the model: the sweep's calibration says None then
@@ -234,7 +235,11 @@ def usable(cell: dict, value) -> bool:
     required = ("seconds",) + (("mean_relative_error",) if reduced else ())
     optional = ("mean_expected_score_error", "mean_expected_output_error") if reduced else ()
     settings = ("refine_steps", "allocate") if reduced else ()
-    if not set(value) <= {"metrics", "examples", "qk_params", *required, *optional, *settings}:
+    if not set(value) <= {"metrics", "examples", "preds", "qk_params", *required, *optional, *settings}:
+        return False
+    preds = value.get("preds", [])  # optional: a cell file from before the intervals has none
+    if not isinstance(preds, list) or not all(number(x) and math.isfinite(x) for x in preds) or \
+            ("preds" in value and len(preds) != value.get("examples")):
         return False
     return (task.main in metrics and set(metrics) <= set(task.metrics) and all(score(x) for x in metrics.values())
             and count(value.get("examples")) and count(value.get("qk_params"))
@@ -244,9 +249,11 @@ def usable(cell: dict, value) -> bool:
             and isinstance(value.get("allocate", False), bool))
 
 
-def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float) -> dict:
+def table(cells: list[dict], outcomes: list[dict], model: str, task: str, seconds: float, labels=None) -> dict:
     """The `sweep --json` object from the outcomes (in cell order): the original, one row per reduction (its drop
-    is original minus reduced on the task's main metric: positive = worse), and the failed cells."""
+    is original minus reduced on the task's main metric: positive = worse; with the split's ``labels``, the drop's
+    95% paired bootstrap interval, ``metrics.drop_interval``), and the failed cells."""
+    from .eval.metrics import drop_interval
     from .eval.tasks import get_task
 
     metric = get_task(task).main
@@ -260,9 +267,14 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
             failed.append({"method": cell["method"], "key_dim": cell["key_dim"], "error": out["error"]})
             continue
         r = out["result"]
-        rows.append({"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
-                     "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
-                     **{k: v for k, v in r.items() if k != "examples"}})
+        row = {"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
+               "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
+               **{k: v for k, v in r.items() if k not in ("examples", "preds")}}
+        if labels is not None and "preds" in base and "preds" in r:
+            interval = drop_interval(metric, base["preds"], r["preds"], labels)
+            if interval is not None:
+                row["interval"] = interval
+        rows.append(row)
     from .schema import envelope
 
     return {**envelope("sweep", cells[0]["device"]), "model": model, "task": get_task(task).name, "metric": metric,
@@ -301,7 +313,12 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
                                           allow_pickle=allow_pickle)
         outcomes = run_or_give_back(cells, folder, executor=executor, address=address, resume=resume,
                                     num_cpus=num_cpus, num_gpus=num_gpus, on_result=on_result)
-        result = {**table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start), "warnings": warnings}
+        from .eval.data import load_examples
+        from .eval.tasks import get_task
+
+        labels = load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit).labels
+        result = {**table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start, labels),
+                  "warnings": warnings}
         return result if plot is None else plotted(result, plot)
     finally:  # a refusal leaves no lock or parent folder behind (the CLI's process ends; a Python session goes on)
         if figure is not None:

@@ -30,6 +30,7 @@ def test_sweep_json_and_plot(tiny_encoder, glue_dir, tmp_path):
     assert [(r["method"], r["key_dim"]) for r in report["results"]] == [("cp", 32), ("cp", 8), ("svd", 32), ("svd", 8)]
     full = report["results"][0]
     assert full["score"] == pytest.approx(report["original"]["score"], abs=1e-4)  # full key dim is exact
+    assert all(r["interval"][0] <= r["interval"][1] for r in report["results"])
     assert report["results"][1]["qk_params"] < report["original"]["qk_params"]
     assert plot.stat().st_size > 10_000
 
@@ -150,6 +151,24 @@ def test_drop_is_the_original_score_minus_the_reduced_one():
     assert result["original"]["score"] == 0.80
     assert [(r["key_dim"], r["score"]) for r in result["results"]] == [(8, 0.70), (16, 0.85)]
     assert [r["drop"] for r in result["results"]] == pytest.approx([0.10, -0.05])
+
+
+def test_each_row_has_its_drops_bootstrap_interval_when_the_cells_kept_their_predictions():
+    from mhacompress.eval.metrics import drop_interval
+
+    cells = grid("tiny", "sst2", ["cp"], [8, 16])
+    labels = [0, 1, 1, 0, 1, 0, 1, 1]
+    preds = [[0, 1, 1, 0, 1, 0, 1, 1], [0, 1, 0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 1, 1]]
+    outcomes = [{"ok": True, "result": {"metrics": {"accuracy": sum(p == y for p, y in zip(ps, labels)) / 8},
+                                        "examples": 8, "qk_params": 10, "seconds": 1.0, "mean_relative_error": 0.1,
+                                        "preds": ps}} for ps in preds]
+    outcomes[0]["result"].pop("mean_relative_error")
+    rows = table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"]
+    assert rows[0]["interval"] == drop_interval("accuracy", preds[0], preds[1], labels)  # the original vs cp at 8
+    assert rows[1]["interval"] == [0.0, 0.0]  # the same predictions: no drop on any draw
+    assert all("preds" not in r for r in rows)  # kept in the cell files, not printed
+    del outcomes[1]["result"]["preds"]  # a cell file from before the intervals
+    assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"][0]
 
 
 def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder, glue_dir, tmp_path):
@@ -280,6 +299,11 @@ def test_a_resumed_cell_with_numbers_no_run_can_give_is_run_again(tiny_encoder, 
     (lambda r: r.update(refine_steps=-5), False),
     (lambda r: r.update(allocate="yes"), False),
     (lambda r: r.update(mean_expected_output_error=-1.0), False),
+    (lambda r: r.update(preds=[0.5] * 8), True),  # each example's prediction, for the drop's interval
+    (lambda r: r.update(preds=[0.5] * 7), False),  # not one per example
+    (lambda r: r.update(preds=[0.5] * 7 + [float("nan")]), False),
+    (lambda r: r.update(preds=[0.5] * 7 + ["x"]), False),
+    (lambda r: r.update(preds="0.5"), False),
 ])
 def test_a_resumed_value_is_usable_only_if_a_run_could_have_given_it(edit, kept):
     from mhacompress.sweep import usable

@@ -97,13 +97,14 @@ def render(result: dict) -> None:
 
     metric = result["metric"]
     table = Table(title=f"{result['model']} on {result['task']} ({result['examples']} examples)", title_justify="left")
-    for col in ("method", "key dim", metric, "drop", "Q/K params", "mean rel. error", "seconds"):
+    for col in ("method", "key dim", metric, "drop", "95% interval", "Q/K params", "mean rel. error", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row("original", "", f"{result['original']['score']:.4f}", "", f"{result['original']['qk_params']:,}",
+    table.add_row("original", "", f"{result['original']['score']:.4f}", "", "", f"{result['original']['qk_params']:,}",
                   "", "")
     for r in result["results"]:
-        table.add_row(r["method"], str(r["key_dim"]), f"{r['score']:.4f}", f"{r['drop']:+.4f}", f"{r['qk_params']:,}",
-                      f"{r['mean_relative_error']:.3f}", f"{r['seconds']:.1f}")
+        interval = f"{r['interval'][0]:+.4f} to {r['interval'][1]:+.4f}" if "interval" in r else ""
+        table.add_row(r["method"], str(r["key_dim"]), f"{r['score']:.4f}", f"{r['drop']:+.4f}", interval,
+                      f"{r['qk_params']:,}", f"{r['mean_relative_error']:.3f}", f"{r['seconds']:.1f}")
     out = console()
     out.print(table)
     for f in result["failed"]:
