@@ -90,6 +90,11 @@ def _smaller_options() -> list[str]:
     return [o for o in ("--batch-size", "--seq-len", "--samples", "--limit") if o in names]
 
 
+def interval_text(interval: list[float] | None) -> str:
+    """A drop's 95% bootstrap interval as the tables show it ('' where there is none)."""
+    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else ""
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 

@@ -11,6 +11,7 @@ from ._common import (
     device_option,
     emit_json,
     first_token_option,
+    interval_text,
     resolved_device,
     task_names,
     user_errors,
@@ -105,8 +106,8 @@ def render_eval(block: dict) -> None:
 
 
 def _spread(interval: list[float] | None) -> str:
-    """A drop's 95% bootstrap interval, as the tables show it beside the drop."""
-    return f" (95% interval {interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""
+    """A drop's 95% bootstrap interval, in brackets after the drop."""
+    return f", 95% interval {interval_text(interval)}" if interval else ""
 
 
 def check_drop(result: dict) -> None:

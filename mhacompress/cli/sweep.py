@@ -11,6 +11,7 @@ from ._common import (
     device_option,
     emit_json,
     given_on_command_line,
+    interval_text,
     parse_dims,
     progress,
     user_errors,
@@ -98,12 +99,12 @@ def render(result: dict) -> None:
     metric = result["metric"]
     table = Table(title=f"{result['model']} on {result['task']} ({result['examples']} examples)", title_justify="left")
     for col in ("method", "key dim", metric, "drop", "95% interval", "Q/K params", "mean rel. error", "seconds"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=col == "95% interval")
     table.add_row("original", "", f"{result['original']['score']:.4f}", "", "", f"{result['original']['qk_params']:,}",
                   "", "")
     for r in result["results"]:
-        interval = f"{r['interval'][0]:+.4f} to {r['interval'][1]:+.4f}" if "interval" in r else ""
-        table.add_row(r["method"], str(r["key_dim"]), f"{r['score']:.4f}", f"{r['drop']:+.4f}", interval,
+        table.add_row(r["method"], str(r["key_dim"]), f"{r['score']:.4f}", f"{r['drop']:+.4f}",
+                      interval_text(r.get("interval")),
                       f"{r['qk_params']:,}", f"{r['mean_relative_error']:.3f}", f"{r['seconds']:.1f}")
     out = console()
     out.print(table)
