@@ -362,7 +362,8 @@ def cell_device(device: str, executor: str = "local", address: str | None = None
 
 
 def plot(result: dict, path) -> None:
-    """Score vs key dim and vs Q/K parameters, one line per method, the original as a dashed line."""
+    """Score vs key dim and vs Q/K parameters, one line per method (with the drop's 95% interval as error bars
+    where the rows have one), the original as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,8 +373,11 @@ def plot(result: dict, path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in result["results"]))
     for method in methods:
         rows = sorted((r for r in result["results"] if r["method"] == method), key=lambda r: r["key_dim"])
-        axes[0].plot([r["key_dim"] for r in rows], [r["score"] for r in rows], "o-", label=method)
-        axes[1].plot([r["qk_params"] / 1e6 for r in rows], [r["score"] for r in rows], "o-", label=method)
+        # score = original - drop: the score is as far below its interval's top as the drop is above its low end
+        spread = [[max(r["interval"][1] - r["drop"], 0) if "interval" in r else 0 for r in rows],
+                  [max(r["drop"] - r["interval"][0], 0) if "interval" in r else 0 for r in rows]]
+        for ax, x in zip(axes, ([r["key_dim"] for r in rows], [r["qk_params"] / 1e6 for r in rows])):
+            ax.errorbar(x, [r["score"] for r in rows], yerr=spread, fmt="o-", capsize=3, label=method)
     original = result["original"]
     for ax, xlabel in zip(axes, ("key dim D~k", "Q/K parameters (millions)")):
         ax.axhline(original["score"], color="gray", ls="--", label="original")

@@ -171,6 +171,23 @@ def test_each_row_has_its_drops_bootstrap_interval_when_the_cells_kept_their_pre
     assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"][0]
 
 
+def test_the_plot_draws_each_rows_interval_as_error_bars_around_its_score(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from mhacompress.sweep import plot
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    rows = [{"method": "cp", "key_dim": 8, "score": 0.7, "drop": 0.1, "interval": [0.04, 0.13], "qk_params": 10},
+            {"method": "cp", "key_dim": 16, "score": 0.8, "drop": 0.0, "qk_params": 20}]  # resumed: no interval
+    plot({"task": "stsb", "metric": "spearman", "examples": 8, "original": {"score": 0.8, "qk_params": 40},
+          "results": rows}, tmp_path / "p.png")
+    bars = [c for ax in drawn[0].axes for c in ax.containers]
+    assert len(bars) == 2  # one line of error bars in each panel
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 1]  # the first row's bar: 0.8 - 0.13 to 0.8 - 0.04
+    assert (low, high) == pytest.approx((0.67, 0.76))
+
+
 def test_sweep_resume_skips_finished_cells_and_gives_the_same_table(tiny_encoder, glue_dir, tmp_path):
     args = ["sweep", str(tiny_encoder), "-t", "stsb", "--data-dir", str(glue_dir), "--limit", "20", "--key-dims",
             "8", "--methods", "cp", "--resume", str(tmp_path / "cells"), "--json"]
