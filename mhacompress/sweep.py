@@ -270,7 +270,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
         row = {"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
                "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
                **{k: v for k, v in r.items() if k not in ("examples", "preds")}}
-        if labels is not None and "preds" in base and "preds" in r:
+        if labels is not None and len(base.get("preds", ())) == len(r.get("preds", ())) == len(labels):
             interval = drop_interval(metric, base["preds"], r["preds"], labels)
             if interval is not None:
                 row["interval"] = interval

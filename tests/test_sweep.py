@@ -167,6 +167,7 @@ def test_each_row_has_its_drops_bootstrap_interval_when_the_cells_kept_their_pre
     assert rows[0]["interval"] == drop_interval("accuracy", preds[0], preds[1], labels)  # the original vs cp at 8
     assert rows[1]["interval"] == [0.0, 0.0]  # the same predictions: no drop on any draw
     assert all("preds" not in r for r in rows)  # kept in the cell files, not printed
+    assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels[:7])["results"][0]
     del outcomes[1]["result"]["preds"]  # a cell file from before the intervals
     assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"][0]
 
