@@ -109,10 +109,14 @@ def imported(module: str, missing: str, install: str):
         # a missing dependency of the installed package is a broken install, not an absent one
         if isinstance(err, ModuleNotFoundError) and err.name == module.split(".")[0]:
             raise UsageError(missing) from None
-        raise UsageError(f"{module} is installed but fails to import ({_first_line(err)}); reinstall it: "
+        raise UsageError(f"{module} is installed but fails to import ({first_line(err, 160)}); reinstall it: "
                          f"{install}") from None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of ``err`` (at most ``limit`` characters of it): a UsageError (ConfigError too) by its
+    message alone, which names the problem and the fix; anything else, a bug worth naming, with its type in front."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+    if isinstance(err, UsageError) and text:
+        return text[0][:limit]
+    return f"{type(err).__name__}: {text[0][:limit]}" if text else type(err).__name__

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import UsageError, check_callback, given, named
+from .errors import UsageError, check_callback, first_line, given, named
 
 EXECUTORS = ("local", "ray")
 RAY_HINT = "pip install 'mhacompress[distributed]' (or: pip install 'ray[client]')"
@@ -132,20 +132,11 @@ def run_cell(path: str, cell: Cell) -> Result:
         value = json.loads(json.dumps(_import(path)(cell)))  # JSON-able, and the types a resume file gives back
         return _result(cell, True, value, None, time.perf_counter() - start)
     except Exception as err:  # a failed cell is reported, never raised
-        return _result(cell, False, None, one_line(err), time.perf_counter() - start)
+        return _result(cell, False, None, first_line(err), time.perf_counter() - start)
 
 
 def _result(cell: Cell, ok: bool, value, error: str | None, seconds: float) -> Result:
     return {"cell": cell, "ok": ok, "result": value, "error": error, "seconds": round(seconds, 3), "resumed": False}
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of ``err``: a UsageError (ConfigError too) by its message alone, which names the problem and
-    the fix; anything else, a bug worth naming, with its type in front."""
-    text = str(err).strip().splitlines()
-    if isinstance(err, UsageError) and text:
-        return text[0]
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # ---- resume files ------------------------------------------------------------------------------------------
@@ -221,7 +212,7 @@ def _run_on_ray(path: str, cells: list[Cell], todo: list[int], finished: Callabl
                      include_dashboard=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            raise UsageError(f"cannot start or reach {where}: {one_line(err)}") from None
+            raise UsageError(f"cannot start or reach {where}: {first_line(err)}") from None
     try:
         task = ray.remote(run_cell).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
         pending = {task.remote(path, cells[i]): i for i in todo}
@@ -271,7 +262,7 @@ def _ray_get(ray, ref, cell: Cell) -> Result:
     try:
         return ray.get(ref)
     except Exception as err:
-        return _result(cell, False, None, one_line(err), 0.0)
+        return _result(cell, False, None, first_line(err), 0.0)
 
 
 def _ray():
