@@ -685,6 +685,10 @@ EVAL = [
          "examples whose labels differ", setup=write("data/STS-B/dev.tsv", STSB_HEADER
                                                       + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t2.5\n" * 3)),
     case("eval-stsb-one-example", "eval {src} --task stsb --limit 1", "need at least 2 examples", "--limit 2 or more"),
+    # the split itself holds one pair: the line said "pass --limit 2 or more", an option reduce does not have
+    case("reduce-eval-stsb-one-example-split", "reduce {src} -k 8 --eval stsb --weights-only --data-dir {data}",
+         "need at least 2 examples, got 1", "score on a split that has at least 2",
+         setup=write("data/STS-B/dev.tsv", STSB_HEADER + "0\tg\tf\ty\t0\tn\tn\tA man sings.\tHe sings.\t4.5\n")),
     # a damaged checkpoint was scored: exit 0 with null (NaN) metrics
     case("eval-weights-nan", "eval {src} --task stsb --limit 4", "holds NaN or infinite values", "download or save it",
          setup=edit_weights("src", lambda w: w["encoder.layer.1.output.dense.weight"].fill_(float("inf")))),

@@ -37,15 +37,17 @@ class Scorer:
         from ..devices import resolve_device
 
         self.device = str(resolve_device(self.device))
+        limited = self.examples.limited  # else the split itself is that short: --limit cannot help (reduce has none)
         if self.task.regression and len(self.examples) < 2:
+            fix = f"pass {given('--limit', 2)} or more" if limited else "score on a split that has at least 2"
             raise UsageError(f"{self.task.name}'s correlations (Pearson, Spearman) need at least 2 examples, got "
-                             f"{len(self.examples)} from {self.examples.source}; pass {given('--limit', 2)} or more "
-                             f"(on a split that has 2)")
+                             f"{len(self.examples)} from {self.examples.source}; {fix}")
         labels = self.examples.labels
         if self.task.regression and labels is not None and len(set(labels)) == 1:  # every model would score null
+            larger = f", or a larger {named('--limit')}" if limited else ""
             raise UsageError(f"{self.examples.source}: every label is {labels[0]:g}, so {self.task.name}'s "
                              f"correlations are undefined for any model; score on examples whose labels differ "
-                             f"(another split, or a larger {named('--limit')})")
+                             f"(another split{larger})")
 
     @classmethod
     def for_task(cls, task: str | Task, split: str = "validation", *, data_dir=None, limit=None, **kw) -> "Scorer":

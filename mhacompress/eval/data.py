@@ -26,6 +26,7 @@ class Examples:
     texts: list[tuple[str, ...]]
     labels: list | None
     source: str  # the file or hub split read
+    limited: bool = False  # a subset (--limit): the split itself has more
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -36,7 +37,7 @@ class Examples:
             return self
         idx = sorted(random.Random(seed).sample(range(len(self)), limit)) if seed is not None else range(limit)
         labels = None if self.labels is None else [self.labels[i] for i in idx]
-        return Examples(self.task, self.split, [self.texts[i] for i in idx], labels, self.source)
+        return Examples(self.task, self.split, [self.texts[i] for i in idx], labels, self.source, limited=True)
 
 
 def check_data_dir(data_dir) -> None:
