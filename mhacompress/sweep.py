@@ -238,7 +238,9 @@ def usable(cell: dict, value) -> bool:
     if not set(value) <= {"metrics", "examples", "preds", "qk_params", *required, *optional, *settings}:
         return False
     preds = value.get("preds", [])  # optional: a cell file from before the intervals has none
-    if not isinstance(preds, list) or not all(number(x) and math.isfinite(x) for x in preds) or \
+    prediction = (lambda x: number(x) and math.isfinite(x)) if task.regression else \
+        (lambda x: number(x) and isinstance(x, int) and 0 <= x < task.num_labels)  # a class index
+    if not isinstance(preds, list) or not all(prediction(x) for x in preds) or \
             ("preds" in value and len(preds) != value.get("examples")):
         return False
     return (task.main in metrics and set(metrics) <= set(task.metrics) and all(score(x) for x in metrics.values())
@@ -270,7 +272,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
         row = {"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
                "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
                **{k: v for k, v in r.items() if k not in ("examples", "preds")}}
-        if labels is not None and len(base.get("preds", ())) == len(r.get("preds", ())) == len(labels):
+        if labels is not None and _scored_from(base, metric, labels) and _scored_from(r, metric, labels):
             interval = drop_interval(metric, base["preds"], r["preds"], labels)
             if interval is not None:
                 row["interval"] = interval
@@ -282,6 +284,18 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
             "calibration": cells[0]["calibration"],
             "original": {"score": base["metrics"][metric], "metrics": base["metrics"], "qk_params": base["qk_params"]},
             "results": rows, "failed": failed, "seconds": round(seconds, 3)}
+
+
+def _scored_from(result: dict, metric: str, labels) -> bool:
+    """Whether a cell's stored predictions are the ones its score was measured on: one per example of the split,
+    giving that score again (a resume file's predictions edited, or written for another sample, are not used)."""
+    from .eval.metrics import METRICS
+
+    preds, score = result.get("preds"), result["metrics"][metric]
+    if not isinstance(preds, list) or len(preds) != len(labels):
+        return False
+    again = METRICS[metric](preds, labels)
+    return (math.isnan(again) and math.isnan(score)) or abs(again - score) <= 1e-9
 
 
 def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,

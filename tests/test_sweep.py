@@ -168,6 +168,9 @@ def test_each_row_has_its_drops_bootstrap_interval_when_the_cells_kept_their_pre
     assert rows[1]["interval"] == [0.0, 0.0]  # the same predictions: no drop on any draw
     assert all("preds" not in r for r in rows)  # kept in the cell files, not printed
     assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels[:7])["results"][0]
+    flipped = [1 - x for x in preds[1]]  # valid class indices, but not the ones cp at 8 was scored on
+    outcomes[1]["result"]["preds"] = flipped
+    assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"][0]
     del outcomes[1]["result"]["preds"]  # a cell file from before the intervals
     assert "interval" not in table(cells, outcomes, "tiny", "sst2", seconds=1.0, labels=labels)["results"][0]
 
@@ -292,6 +295,21 @@ def test_a_resumed_cell_with_numbers_no_run_can_give_is_run_again(tiny_encoder, 
     assert again.exit_code == 0, again.output
     a, b = json.loads(first.stdout), json.loads(again.stdout)
     assert a["original"] == b["original"] and a["results"][0]["score"] == b["results"][0]["score"]
+
+
+@pytest.mark.parametrize("preds,kept", [
+    ([1, 0] * 4, True),
+    ([0.5] * 8, False),  # a classifier predicts class indices
+    ([7] * 8, False),  # MRPC has two classes
+    ([-1] * 8, False),
+    ([True, False] * 4, False),
+])
+def test_a_classifiers_stored_predictions_must_be_its_class_indices(preds, kept):
+    from mhacompress.sweep import usable
+
+    value = {"metrics": {"f1": 0.8, "accuracy": 0.7}, "examples": 8, "qk_params": 2048, "seconds": 1.5,
+             "mean_relative_error": 0.3, "preds": preds}
+    assert usable({"method": "cp", "task": "mrpc"}, value) is kept
 
 
 @pytest.mark.parametrize("edit,kept", [
