@@ -99,7 +99,7 @@ def render(result: dict) -> None:
     metric = result["metric"]
     table = Table(title=f"{result['model']} on {result['task']} ({result['examples']} examples)", title_justify="left")
     for col in ("method", "key dim", metric, "drop", "95% interval", "Q/K params", "mean rel. error", "seconds"):
-        table.add_column(col, justify="right", no_wrap=col == "95% interval")
+        table.add_column(col, justify="right", no_wrap=col in (metric, "drop", "95% interval"))  # the figures
     table.add_row("original", "", f"{result['original']['score']:.4f}", "", "", f"{result['original']['qk_params']:,}",
                   "", "")
     for r in result["results"]:
