@@ -166,6 +166,19 @@ def test_figures_already_in_the_plot_folder_are_replaced_only_with_force(tiny_di
     assert (out / "cp_error.png").read_text() == "my figure" and (out / "head_spectra.png").read_text() == "mine too"
 
 
+def test_figures_are_never_written_into_the_glue_data_folder(tiny_dir, tmp_path, monkeypatch):
+    """analyze reads no GLUE data, but $MHACOMPRESS_GLUE_DIR is a data source like the model: its figures went into
+    it (probe 24), as no other command's output may."""
+    glue = tmp_path / "glue"
+    (glue / "RTE").mkdir(parents=True)
+    monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(glue))
+    message = one_line_error(invoke(tiny_dir, "--plot", glue / "RTE" / "figs", "--no-curve"))
+    assert "glue" in message and "--plot" in message
+    assert sorted(p.name for p in glue.rglob("*")) == ["RTE"]
+    monkeypatch.setenv("MHACOMPRESS_GLUE_DIR", str(tmp_path / "no-such-folder"))  # unusable: analyze does not need it
+    assert invoke(tiny_dir, "--plot", tmp_path / "figs", "--no-curve").exit_code == 0
+
+
 def test_a_run_that_fails_leaves_no_plot_folder_behind(tiny_reduced_dir, tmp_path):
     one_line_error(invoke(tiny_reduced_dir, "--plot", tmp_path / "new" / "figs", "--no-curve"))
     assert list(tmp_path.iterdir()) == []
