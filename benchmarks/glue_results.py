@@ -89,7 +89,9 @@ class Cache:
         if key not in self.data:
             t0 = time.perf_counter()
             self.data[key] = compute()
-            print(f"{key}: {self.data[key]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            entry = self.data[key]
+            shown = {k: v for k, v in entry.items() if k != "preds"} if isinstance(entry, dict) else entry
+            print(f"{key}: {shown} ({time.perf_counter() - t0:.0f} s)", flush=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.data, indent=1))
         return self.data[key]
@@ -134,8 +136,18 @@ def ladder_cell(args, folder: str, rung: str, dim: int, source: str, scorers: di
     result = compress(model, config, tokenizer=tok, data_dir=args.data_dir)
     _synchronizer(args.device)()  # the device's queued work is part of the reduction's time
     seconds = time.perf_counter() - t0
-    return {"scores": {name: scorer(result.model, tok) for name, scorer in scorers.items()},
-            "seconds": round(seconds, 1), "key_dims": result.report["key_dims"], "machine": machine(args.device)}
+    return {**scored(scorers, result.model, tok), "seconds": round(seconds, 1), "key_dims": result.report["key_dims"],
+            "machine": machine(args.device)}
+
+
+def scored(scorers: dict, model, tok) -> dict:
+    """Every metric of every scorer, and the predictions they were computed from (for the drops' bootstrap
+    intervals: ``preds`` per split)."""
+    scores, preds = {}, {}
+    for name, scorer in scorers.items():
+        scores[name] = scorer(model, tok)
+        preds[name] = scorer.last.preds
+    return {"scores": scores, "preds": preds}
 
 
 def machine(device: str) -> str:
@@ -161,16 +173,16 @@ def part_c(args, cache):
     train = Scorer.for_task("stsb", "train", **on)
     encoder = {"dev": dev, "train": train}
     if not args.no_encoder:
-        cells[("encoder", "original")] = cache.get("c/encoder/original", lambda: {
-            "scores": {n: s(*load_pretrained("minilm", device=args.device)[:2]) for n, s in encoder.items()}})
+        cells[("encoder", "original")] = cache.get("c/encoder/original", lambda: scored(
+            encoder, *load_pretrained("minilm", device=args.device)[:2]))
     tag = f"n{args.train_limit}-e{args.epochs:g}-lr{args.lr:g}-b{args.batch_size}"
     tasks = {}
     for task in filter(None, args.tasks.split(",")):
         folder = None if args.write_only else finetuned(args, task)
         scorers = {"dev": Scorer.for_task(task, **on)}
         tasks[task] = folder, scorers
-        cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda: {
-            "scores": {"dev": scorers["dev"](*load_pretrained(folder, device=args.device)[:2])}})
+        cells[(task, "original")] = cache.get(f"c/{tag}/{task}/original", lambda folder=folder, scorers=scorers:
+                                              scored(scorers, *load_pretrained(folder, device=args.device)[:2]))
     for dim in dims:  # key dim outermost: an interrupted run has whole tables
         # the default path is one of the rungs, as decided for a model read at every token (the encoder) ...
         same = {rung: _same_as(rung, dim, rungs, first_token=False) for rung in rungs}
@@ -370,7 +382,7 @@ def ladder_lines(args, c) -> list[str]:
             row += [f"{100 * score('encoder', enc, 'spearman', s):.2f}" if enc else "–" for s in ("dev", "train")]
             row[-2] += f" ({enc['seconds']:.0f} s)" if enc else ""
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", _summary(c, tasks, dim, "default", score, orig), ""]
+        lines += ["", _summary(c, tasks, dim, "default", score, orig, args.data_dir), ""]
     return lines
 
 
@@ -380,7 +392,7 @@ def _machines(c) -> str:
     return " and ".join(sorted(found)) or "not run"
 
 
-def _summary(c, tasks, dim, rung, score, orig) -> str:
+def _summary(c, tasks, dim, rung, score, orig, data_dir=None) -> str:
     """One line on the default path at ``dim``: average drop, the task that keeps least of its score, MRPC's drops,
     the encoder's drops on both metrics."""
     cells = {t: c.get((t, rung, dim)) for t in tasks + ["encoder"]}
@@ -392,8 +404,9 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     enc = [orig("encoder", "spearman", s) - score("encoder", cells["encoder"], "spearman", s) for s in ("dev", "train")]
     mrpc = ""
     if "mrpc" in tasks:
-        mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f} / "
-                f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}")
+        mrpc = (f"; MRPC F1 / accuracy drop {100 * drops['mrpc']:.2f}{_interval(c, cells['mrpc'], 'f1', data_dir)} / "
+                f"{100 * (orig('mrpc', 'accuracy') - score('mrpc', cells['mrpc'], 'accuracy')):.2f}"
+                f"{_interval(c, cells['mrpc'], 'accuracy', data_dir)}")
     config = rung_config(rung, dim, "source", 512, None)
     decided = config.decided(MINILM_WIDTH, MINILM_LAYERS, first_token=True)
     steps = decided.calibration.refine_steps
@@ -404,6 +417,20 @@ def _summary(c, tasks, dim, rung, score, orig) -> str:
     return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
             f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")
+
+
+def _interval(c, cell, metric: str, data_dir, task: str = "mrpc") -> str:
+    """' [low, high]': the 95% paired bootstrap interval (x100) of ``cell``'s drop on ``task``'s dev split, from the
+    predictions cached beside the scores ('' for cells cached before they were)."""
+    from mhacompress.eval.data import load_examples
+    from mhacompress.eval.metrics import drop_interval
+
+    original = c.get((task, "original")) or {}
+    if "preds" not in original or "preds" not in cell:
+        return ""
+    labels = load_examples(task, "validation", data_dir=data_dir).labels
+    interval = drop_interval(metric, original["preds"]["dev"], cell["preds"]["dev"], labels)
+    return "" if interval is None else f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
 
 
 LADDER = "## Keeping the scores without retraining: the ablation ladder"
