@@ -414,23 +414,26 @@ def _summary(c, tasks, dim, rung, score, orig, data_dir=None) -> str:
     how = ("allocated" if decided.allocate else "uniform") + (f", {steps} refinement steps" if steps else
                                                               ", closed form")
     how += f"; {encoder} for the encoder" if encoder != steps else ""
+    spread = lambda split: _interval(c, cells["encoder"], "spearman", data_dir, "encoder", split, scale=1)  # noqa: E731
     return (f"Default path (`-k {dim} --calibrate`, {how}): average drop {100 * sum(drops.values()) / len(drops):.2f} "
             f"points; the lowest share of an original score is {100 * kept[low]:.1f}% ({LABEL[low]}){mrpc}; encoder "
-            f"Spearman drop {enc[0]:.4f} on STS-B dev and {enc[1]:.4f} on STS-B train.")
+            f"Spearman drop {enc[0]:.4f}{spread('dev')} on STS-B dev and {enc[1]:.4f}{spread('train')} on STS-B train.")
 
 
-def _interval(c, cell, metric: str, data_dir, task: str = "mrpc") -> str:
-    """' [low, high]': the 95% paired bootstrap interval (x100) of ``cell``'s drop on ``task``'s dev split, from the
-    predictions cached beside the scores ('' for cells cached before they were)."""
+def _interval(c, cell, metric: str, data_dir, task: str = "mrpc", split: str = "dev", scale: int = 100) -> str:
+    """' [low, high]': the 95% paired bootstrap interval (x ``scale``) of ``cell``'s drop on ``task``'s ``split``
+    (the encoder's: STS-B's), from the predictions cached beside the scores ('' for cells cached before they were)."""
     from mhacompress.eval.data import load_examples
     from mhacompress.eval.metrics import drop_interval
 
     original = c.get((task, "original")) or {}
-    if "preds" not in original or "preds" not in cell:
+    if split not in original.get("preds", {}) or split not in cell.get("preds", {}):
         return ""
-    labels = load_examples(task, "validation", data_dir=data_dir).labels
-    interval = drop_interval(metric, original["preds"]["dev"], cell["preds"]["dev"], labels)
-    return "" if interval is None else f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+    glue_split = {"dev": "validation"}.get(split, split)
+    labels = load_examples("stsb" if task == "encoder" else task, glue_split, data_dir=data_dir).labels
+    interval = drop_interval(metric, original["preds"][split], cell["preds"][split], labels)
+    digits = 2 if scale == 100 else 4
+    return "" if interval is None else f" [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
 
 
 LADDER = "## Keeping the scores without retraining: the ablation ladder"
