@@ -98,9 +98,10 @@ def _distinct(values) -> list:
 
 def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, calibration: Calibration | None = None,
             seed: int = 0, data_dir=None, limit=None, device: str = "auto", resume=None, allow_pickle: bool = False):
-    """(the cells of a sweep, the resume folder reserved: None without one), after everything `sweep` checks before
-    any cell runs: the settings, the ``resume`` folder (never in a source), the task's data
-    and the model. A sweep that fails after this gives the folder back with ``give_back``."""
+    """(the cells of a sweep, the resume folder reserved: None without one, the warnings, the scored split's
+    labels), after everything `sweep` checks before any cell runs: the settings, the ``resume`` folder (never in a
+    source), the task's data and the model. A sweep that fails after this gives the folder back with
+    ``give_back``."""
     from .calibration import calibration_texts
     from .eval.data import glue_folder, load_examples
     from .eval.tasks import get_task
@@ -113,7 +114,7 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         target = check_output(resume, True, kind="contents", option="--resume", lock=False,
                               sources=[model, glue_folder(data_dir), calibration and calibration.source])
     try:
-        load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit)  # data problems show at once
+        labels = load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit).labels  # problems now
         if calibration is not None:  # a missing or broken --calibrate file too, not once per cell
             calibration_texts(calibration.source, calibration.samples, seed=calibration.seeded(seed).seed,
                               data_dir=data_dir)
@@ -123,7 +124,7 @@ def prepare(model: str, task: str, methods: list[str], key_dims: list[int], *, c
         if target is not None:  # the parent folders made for it go again (a Python session does not exit)
             fsio.release(target)
         raise
-    return cells, target, warnings
+    return cells, target, warnings, labels
 
 
 def run_or_give_back(cells: list[dict], folder, **options) -> list[dict]:
@@ -263,6 +264,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
     if not original["ok"]:
         raise UsageError(f"scoring the original failed: {original['error']}")  # a model or data problem: exit 1
     base = original["result"]
+    paired = labels is not None and _scored_from(base, metric, labels)  # the original's predictions, checked once
     rows, failed = [], []
     for cell, out in zip(cells[1:], outcomes[1:]):
         if not out["ok"]:
@@ -272,7 +274,7 @@ def table(cells: list[dict], outcomes: list[dict], model: str, task: str, second
         row = {"method": cell["method"], "key_dim": cell["key_dim"], "metric": metric,
                "score": r["metrics"][metric], "drop": base["metrics"][metric] - r["metrics"][metric],
                **{k: v for k, v in r.items() if k not in ("examples", "preds")}}
-        if labels is not None and _scored_from(base, metric, labels) and _scored_from(r, metric, labels):
+        if paired and _scored_from(r, metric, labels):
             interval = drop_interval(metric, base["preds"], r["preds"], labels)
             if interval is not None:
                 row["interval"] = interval
@@ -322,15 +324,11 @@ def sweep(model: str, task: str, methods: list[str], key_dims: list[int], *, cal
     device = cell_device(device, executor, address, num_gpus)
     figure = check_plot(plot, model, data_dir, force)
     try:
-        cells, folder, warnings = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
+        cells, folder, warnings, labels = prepare(model, task, methods, key_dims, calibration=calibration, seed=seed,
                                           data_dir=data_dir, limit=limit, device=device, resume=resume,
                                           allow_pickle=allow_pickle)
         outcomes = run_or_give_back(cells, folder, executor=executor, address=address, resume=resume,
                                     num_cpus=num_cpus, num_gpus=num_gpus, on_result=on_result)
-        from .eval.data import load_examples
-        from .eval.tasks import get_task
-
-        labels = load_examples(get_task(task), "validation", data_dir=data_dir, limit=limit).labels
         result = {**table(cells, outcomes, cells[0]["model"], task, time.perf_counter() - start, labels),
                   "warnings": warnings}
         return result if plot is None else plotted(result, plot)
