@@ -107,7 +107,7 @@ def report(model, *, seq_len: int = 128, batch_size: int = 32, key_dim: int | No
     from .reduction.modeling import max_tokens
 
     named_models = {"model": model, "reference": reference}
-    in_memory = {option: _in_memory_name(value) for option, value in named_models.items() if _is_model(value)}
+    in_memory = _in_memory(named_models)
     notify = checked_call(on_progress, {"latency": latency, "first_token_only": first_token_only,
                                         "allow_pickle": allow_pickle}, in_memory="a transformers model",
                           **{k: v for k, v in named_models.items() if k not in in_memory})
@@ -397,7 +397,7 @@ def check_in_memory(models: dict, tokenizer, first_token_only) -> dict[str, str]
     one without ``tokenizer``, a ``tokenizer`` beside folders only (each reads its own), and ``first_token_only``
     (it would switch the caller's model: a reduction installs the shortcut, ``ReductionConfig(first_token_only=
     True)``)."""
-    in_memory = {option: _in_memory_name(value) for option, value in models.items() if _is_model(value)}
+    in_memory = _in_memory(models)
     if in_memory and (tokenizer is None or isinstance(tokenizer, type) or not callable(tokenizer)):
         option = next(iter(in_memory))
         raise UsageError(f"{option} is a model in memory: pass its tokenizer too (tokenizer=..., e.g. "
@@ -409,6 +409,11 @@ def check_in_memory(models: dict, tokenizer, first_token_only) -> dict[str, str]
         raise ConfigError("first_token_only=True switches on the shortcut in a model evaluate loads; a model in "
                           "memory is scored as it is (reduce it with ReductionConfig(first_token_only=True))")
     return in_memory
+
+
+def _in_memory(models: dict) -> dict[str, str]:
+    """Of ``models`` (option: value), those given as transformers models in memory, each with its reported name."""
+    return {option: _in_memory_name(value) for option, value in models.items() if _is_model(value)}
 
 
 def _in_memory_name(model) -> str:
