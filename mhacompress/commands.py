@@ -344,6 +344,7 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
     call (``curve=False`` is ``--no-curve``): returns what ``analyze --json`` prints, less the envelope."""
     import time
 
+    from .eval.data import glue_folder_if_usable
     from .figures import ANALYSIS_FIGURES, analysis_figures, figure_format
     from .hub import check_output, load_pretrained
     from .reduction.allocate import candidate_dims
@@ -360,7 +361,8 @@ def analyze(model: str | os.PathLike, *, seq_len: int = 128, key_dims: list[int]
                           f"folder; give {named('--plot DIR', 'plot=DIR')} or drop {named('--force', 'force=True')}")
     if plot is not None:  # refused before the work: no matplotlib, the source, a file, an unwritable place
         figure_format(Path(str(plot)) / ANALYSIS_FIGURES[0])
-        target = check_output(plot, sources=[model, _glue_if_set()], kind="contents", option="--plot")
+        # $MHACOMPRESS_GLUE_DIR: analyze reads no GLUE data, but writes into it no more than any command does
+        target = check_output(plot, sources=[model, glue_folder_if_usable()], kind="contents", option="--plot")
         there = [name for name in ANALYSIS_FIGURES if os.path.lexists(target / name)]
         if there and not force:  # the user's own files, maybe: replaced (or removed) only when asked
             raise UsageError(f"{named('--plot')} {plot} already holds {', '.join(there)}; pass "
@@ -509,17 +511,6 @@ def load_pair(model, *, key_dim=None, method=None, attn_implementation="sdpa", a
     config = ReductionConfig(key_dim=key_dim, method=method)  # weights only: latency does not depend on the data
     reduced = compress(copy.deepcopy(model), config).model
     return model, reduced, {"method": method, "key_dim": key_dim, "original": name}
-
-
-def _glue_if_set():
-    """$MHACOMPRESS_GLUE_DIR, for a command that reads no GLUE data but must not write into it either (None where
-    it is unset or unusable: that command does not need it)."""
-    from .eval.data import glue_folder
-
-    try:
-        return glue_folder()
-    except UsageError:
-        return None
 
 
 def _is_model(value) -> bool:

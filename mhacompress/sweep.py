@@ -75,13 +75,10 @@ def grid(model: str, task: str, methods: list[str], key_dims: list[int], *, cali
 def _task_folders(data_dir, task: str, calibration: Calibration | None) -> list[Path]:
     """The local GLUE folders a sweep reads: the scored task's and a GLUE calibration task's (none from the hub, and
     none for a name that is no task or a bad ``data_dir``: ``prepare`` refuses those in one line)."""
-    from .eval.data import glue_folder
+    from .eval.data import glue_folder_if_usable
     from .eval.tasks import get_task
 
-    try:
-        root = glue_folder(data_dir)
-    except UsageError:
-        return []
+    root = glue_folder_if_usable(data_dir)
     if root is None:
         return []
     found = []

@@ -74,6 +74,15 @@ def glue_folder(data_dir=None):
     return data_dir if data_dir is not None else env_folder()
 
 
+def glue_folder_if_usable(data_dir=None):
+    """``glue_folder``, or None where it would be refused: for what reads no GLUE data itself but must still know
+    the folder (never written into; a resume key), and leaves refusing a bad one to the command that reads it."""
+    try:
+        return glue_folder(data_dir)
+    except UsageError:
+        return None
+
+
 def load_examples(task: Task, split: str = "validation", *, data_dir: str | os.PathLike | None = None,
                   limit: int | None = None, seed: int | None = None) -> Examples:
     """Read ``task``'s split from ``data_dir``, else from $MHACOMPRESS_GLUE_DIR, else from the hub.
